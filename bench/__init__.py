@@ -1,0 +1,1 @@
+"""The harness core. Imports neither torch nor tensorflow at module level."""

@@ -1,0 +1,88 @@
+"""The child process that runs one cell: `python -m bench.cell job.json`.
+
+It talks to the runner through marked JSON lines on stdout (everything else a library
+prints is the cell's log), so the child needs no MLflow client and the runner owns every
+tracking call. An exception becomes an `error` event with its traceback, exit status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+MARK = "\x1etlbench "
+
+
+def emit(event: str, **payload) -> None:
+    sys.stdout.write(MARK + json.dumps({"event": event, **payload}, default=float) + "\n")
+    sys.stdout.flush()
+
+
+class CellContext:
+    """What a backend reports through. Metric names follow DESIGN.md."""
+
+    def __init__(self, device: str, started: float):
+        self.device = device
+        self.started = started
+
+    def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
+        emit("metrics", step=step, metrics=_clean(metrics))
+
+    def log_final(self, metrics: dict[str, float]) -> None:
+        emit("metrics", step=None, metrics=_clean(metrics))
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        emit("tags", tags={k: str(v) for k, v in tags.items()})
+
+    def progress(self, **state) -> None:
+        emit("progress", **state)
+
+    def artifact(self, name: str, text: str) -> None:
+        emit("artifact", name=name, text=text)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+
+def _clean(metrics: dict) -> dict:
+    return {k: float(v) for k, v in metrics.items() if v is not None}
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to end this process if the runner dies (even by SIGKILL)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+def main(argv: list[str]) -> int:
+    started = time.perf_counter()
+    _die_with_parent()
+    with open(argv[0]) as fh:
+        job = json.load(fh)
+    from bench.spec import RunSpec
+    from strategies import backend
+
+    try:
+        spec = RunSpec.from_params(job["spec"])
+        ctx = CellContext(job["device"], started)
+        be = backend(spec.framework)
+        emit("startup", seconds=time.perf_counter() - started, pid=os.getpid())
+        be.run_cell(spec, job["card"], ctx)
+    except BaseException as e:  # noqa: BLE001 - every failure is recorded, then re-raised
+        emit("error", type=type(e).__name__, message=str(e) or type(e).__name__,
+             traceback=traceback.format_exc())
+        return 130 if isinstance(e, KeyboardInterrupt) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

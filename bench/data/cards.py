@@ -1,0 +1,65 @@
+"""Dataset cards: one TOML file per dataset in datasets/, or a [datasets.<name>] table in a
+grid file. A card names its source, and the split rule used by the split manifest.
+
+    source = "image_folder"        # see bench/data/sources.py for every source kind
+    root = "~/data/pets"           # image_folder only: root/<class>/<image>
+    [split]
+    val_fraction = 0.2             # the seeds' validation_split
+    test_fraction = 0.2            # or: test = "official" (the dataset's own test split)
+"""
+
+from __future__ import annotations
+
+import tomllib
+
+from bench.data.sources import SOURCES
+from bench.paths import datasets_dir
+
+CARD_KEYS = {"name", "description", "source", "root", "url", "split", "classes"}
+SPLIT_KEYS = {"val_fraction", "test_fraction", "test"}
+
+
+class CardError(ValueError):
+    pass
+
+
+def shipped_cards() -> dict[str, dict]:
+    cards = {}
+    for path in sorted(datasets_dir().glob("*.toml")):
+        with path.open("rb") as fh:
+            card = tomllib.load(fh)
+        card.setdefault("name", path.stem)
+        cards[card["name"]] = card
+    return cards
+
+
+def check_card(card: dict, where: str) -> dict:
+    """Validate a card's keys and values; return it with split defaults filled in."""
+    unknown = set(card) - CARD_KEYS
+    if unknown:
+        raise CardError(f"{where}: unknown key(s) {sorted(unknown)}; allowed: "
+                        f"{sorted(CARD_KEYS)}")
+    src = card.get("source")
+    if src not in SOURCES:
+        raise CardError(f"{where}.source = {src!r}: unknown source; allowed: "
+                        f"{', '.join(sorted(SOURCES))}")
+    if src == "image_folder" and not isinstance(card.get("root"), str):
+        raise CardError(f"{where}.root: an image_folder dataset needs root = "
+                        f"\"path/to/root\" (laid out root/<class>/<image>)")
+    split = dict(card.get("split", {}))
+    unknown = set(split) - SPLIT_KEYS
+    if unknown:
+        raise CardError(f"{where}.split: unknown key(s) {sorted(unknown)}; allowed: "
+                        f"{sorted(SPLIT_KEYS)}")
+    split.setdefault("val_fraction", 0.2)
+    if split.get("test") not in (None, "official"):
+        raise CardError(f"{where}.split.test = {split['test']!r}: only \"official\" is allowed")
+    if split.get("test") is None:
+        split.setdefault("test_fraction", 0.2)
+    for key in ("val_fraction", "test_fraction"):
+        v = split.get(key)
+        if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1):
+            raise CardError(f"{where}.split.{key} = {v!r}: must be a number in [0, 1)")
+    if split.get("val_fraction", 0) + split.get("test_fraction", 0) >= 1:
+        raise CardError(f"{where}.split: val_fraction + test_fraction must be below 1")
+    return {**card, "split": split}

@@ -1,0 +1,60 @@
+"""The split manifest: train / val / test indices, seeded and stratified, one per dataset,
+subset and seed. Written once under the cache and read by every framework, so both see the
+same images in the same splits."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+
+from bench.paths import atomic_write_text, cache_dir
+
+
+def _stratified_take(labels: np.ndarray, idx: np.ndarray, fraction: float,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Split `idx` into (taken, rest) with `fraction` of every class taken."""
+    taken, rest = [], []
+    for c in np.unique(labels[idx]):
+        members = rng.permutation(idx[labels[idx] == c])
+        k = int(round(fraction * len(members)))
+        if fraction > 0 and len(members) > 1:
+            k = min(max(k, 1), len(members) - 1)  # keep one of each class on both sides
+        taken.append(members[:k])
+        rest.append(members[k:])
+    return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
+
+
+def make_split(labels: np.ndarray, seed: int, subset: int, split: dict,
+               official_test: np.ndarray | None = None) -> dict[str, list[int]]:
+    labels = np.asarray(labels)
+    rng = np.random.default_rng([seed, 20141108])  # fixed salt: independent of training RNG
+    idx = np.arange(len(labels))
+    if split.get("test") == "official":
+        if official_test is None:
+            raise ValueError("split.test = 'official' but the source has no official test split")
+        test, pool = idx[official_test], idx[~official_test]
+    else:
+        test, pool = _stratified_take(labels, idx, split["test_fraction"], rng)
+    if subset and subset < len(pool):
+        # subset = the number of labelled training+validation samples (test kept whole),
+        # drawn per class so every class keeps its share
+        pool, _ = _stratified_take(labels, pool, subset / len(pool), rng)
+    val, train = _stratified_take(labels, pool, split["val_fraction"], rng)
+    return {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()}
+
+
+def manifest(name: str, labels: np.ndarray, seed: int, subset: int, split: dict,
+             official_test: np.ndarray | None = None) -> dict[str, list[int]]:
+    """The cached manifest, made on first use. Keyed by everything that determines it."""
+    key = hashlib.sha256(json.dumps(
+        [np.asarray(labels).tolist(), seed, subset, split,
+         None if official_test is None else np.asarray(official_test).tolist()],
+        sort_keys=True).encode()).hexdigest()[:12]
+    path = cache_dir() / "splits" / f"{name}-n{subset}-seed{seed}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    m = make_split(labels, seed, subset, split, official_test)
+    atomic_write_text(path, json.dumps(m))
+    return m

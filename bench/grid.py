@@ -1,0 +1,341 @@
+"""A grid file (TOML) -> a validated list of RunSpec. Nothing runs and nothing is written
+until every field of every cell is valid; a bad grid gets one message listing each bad field
+with its value and what is allowed.
+
+Schema (see bench/grids/default.toml for a commented example):
+
+    name = "default"                     # MLflow experiment name (smoke runs: "<name>-smoke")
+    description = "..."
+
+    [axes]                               # the cartesian product of these lists
+    framework = ["torch"]
+    backbone  = ["resnet18", "mobilenet_v3_small"]
+    weights   = ["imagenet", "none"]     # imagenet | none | path/to/weights.pt
+    strategy  = ["feature_extraction", "partial[depth=1,2,3]", "full", "two_stage[depth=2]"]
+    dataset   = ["digits"]               # a card in datasets/ or a [datasets.<name>] table
+    seed      = [0, 1, 2]
+    "backbone, image_size" = [["resnet50", 224], ["resnet18", 32]]   # coupled axes
+
+    [defaults]                           # scalars shared by every cell (any RunSpec field)
+    epochs = 4
+    batch_size = 64
+    lr = 1e-3
+
+    [smoke]                              # applied by --smoke: shrinks any grid
+    subset = 120
+    epochs = 1
+
+    [run]
+    device = "auto"                      # auto (GPU if present) | cpu | cuda | cuda:1 | mps
+
+    [datasets.mypets]                    # a grid-local dataset card
+    source = "image_folder"
+    root = "~/data/pets"
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from bench import spec as specmod
+from bench.data import CardError, DatasetError, check_card, scan_image_folder, shipped_cards
+from bench.paths import grids_dir
+from bench.spec import RunSpec, SelectorError, parse_selector
+from strategies import FRAMEWORKS
+from strategies import backbones as bb
+from strategies import registry
+
+TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets"}
+RUN_KEYS = {"device"}
+SMOKE_DEFAULTS = {"subset": 120, "epochs": 1}
+SPEC_FIELDS = {f.name: f for f in fields(RunSpec) if f.name != "strategy_params"}
+REQUIRED_AXES = ("framework", "backbone", "dataset")
+DEVICE_PREFIXES = ("auto", "cpu", "cuda", "mps")
+
+
+class GridError(ValueError):
+    """A grid file that cannot run. `problems` lists one line per bad field."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.problems = problems
+        super().__init__(f"grid {path} is invalid, nothing was run:\n  - "
+                         + "\n  - ".join(problems))
+
+
+@dataclass
+class Grid:
+    name: str
+    path: str
+    specs: list[RunSpec]
+    cards: dict[str, dict]
+    device: str = "auto"
+    varying: tuple[str, ...] = ()  # fields that take more than one value (for labels)
+    description: str = ""
+    smoke: bool = False
+    duplicates: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+    def label(self, s: RunSpec) -> str:
+        return s.label(self.varying)
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A path as given, or the name of a shipped grid (`default`, `gpu`)."""
+    p = Path(path)
+    if p.exists():
+        return p
+    shipped = grids_dir() / (p.name if p.suffix == ".toml" else f"{p.name}.toml")
+    if shipped.exists() and len(p.parts) == 1:
+        return shipped
+    available = ", ".join(sorted(q.stem for q in grids_dir().glob("*.toml")))
+    raise GridError(str(path), [f"file {str(path)!r} not found (shipped grids: {available})"])
+
+
+def load(path: str | os.PathLike, smoke: bool = False) -> Grid:
+    p = resolve_path(path)
+    try:
+        with p.open("rb") as fh:
+            doc = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as e:
+        raise GridError(str(p), [f"not valid TOML: {e}"]) from None
+    return from_dict(doc, str(p), smoke=smoke)
+
+
+def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
+    problems: list[str] = []
+    bad = sorted(set(doc) - TOP_KEYS)
+    if bad:
+        problems.append(f"unknown top-level key(s) {bad}; allowed: {sorted(TOP_KEYS)}")
+    name = doc.get("name") or Path(where).stem
+    if not isinstance(name, str):
+        problems.append(f"name = {name!r}: must be a string")
+        name = Path(where).stem
+
+    cards = _cards(doc.get("datasets", {}), problems)
+    axes = _axes(doc.get("axes", {}), problems)
+    defaults = _scalars(doc.get("defaults", {}), "defaults", problems)
+    smoke_over = {**SMOKE_DEFAULTS, **_scalars(doc.get("smoke", {}), "smoke", problems)}
+    run = doc.get("run", {})
+    bad = sorted(set(run) - RUN_KEYS)
+    if bad:
+        problems.append(f"run: unknown key(s) {bad}; allowed: {sorted(RUN_KEYS)}")
+    device = str(run.get("device", "auto"))
+    if not device.split(":")[0] in DEVICE_PREFIXES:
+        problems.append(f"run.device = {device!r}: allowed: auto, cpu, cuda, cuda:<i>, mps")
+    for req in REQUIRED_AXES:
+        if not any(req in k for k in axes) and req not in defaults:
+            problems.append(f"axes.{req} is missing: every grid names at least one {req}")
+    if problems:
+        raise GridError(where, problems)
+
+    specs, varying = _expand(axes, defaults, smoke_over if smoke else {}, cards, problems)
+    if problems:
+        raise GridError(where, _unique(problems))
+    unique, seen = [], set()
+    for s in specs:
+        if s.hash not in seen:
+            seen.add(s.hash)
+            unique.append(s)
+    used = {s.dataset for s in unique}
+    return Grid(name=f"{name}-smoke" if smoke else name, path=where, specs=unique,
+                cards={k: v for k, v in cards.items() if k in used}, device=device,
+                varying=varying, description=str(doc.get("description", "")), smoke=smoke,
+                duplicates=len(specs) - len(unique))
+
+
+# ---- pieces ------------------------------------------------------------------------------
+def _unique(items: list[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def _cards(local: dict, problems: list[str]) -> dict[str, dict]:
+    cards = {}
+    for n, c in {**shipped_cards(), **local}.items():
+        where = f"datasets.{n}" if n in local else f"datasets/{n}.toml"
+        try:
+            cards[n] = check_card({**c, "name": n}, where)
+        except CardError as e:
+            problems.append(str(e))
+    return cards
+
+
+def _axes(axes: dict, problems: list[str]) -> dict[tuple[str, ...], list]:
+    """{'backbone': [...], 'backbone, image_size': [[..], ..]} -> {(fields...): [tuples]}"""
+    out: dict[tuple[str, ...], list] = {}
+    for key, values in axes.items():
+        names = tuple(k.strip() for k in key.split(","))
+        for n in names:
+            if n not in SPEC_FIELDS:
+                problems.append(f"axes.{n}: unknown field; allowed: {', '.join(SPEC_FIELDS)}")
+        if not isinstance(values, list) or not values:
+            problems.append(f"axes.{key} = {values!r}: must be a non-empty list")
+            continue
+        rows = []
+        for i, v in enumerate(values):
+            if len(names) == 1:
+                rows.append((v,))
+            elif isinstance(v, list) and len(v) == len(names):
+                rows.append(tuple(v))
+            else:
+                problems.append(f"axes.{key}[{i}] = {v!r}: coupled axes take lists of "
+                                f"{len(names)} values")
+        out[names] = rows
+    return out
+
+
+def _scalars(table: dict, where: str, problems: list[str]) -> dict:
+    out = {}
+    for k, v in table.items():
+        if k not in SPEC_FIELDS:
+            problems.append(f"{where}.{k}: unknown field; allowed: {', '.join(SPEC_FIELDS)}")
+        elif isinstance(v, list):
+            problems.append(f"{where}.{k} = {v!r}: a list belongs under [axes]")
+        else:
+            out[k] = v
+    return out
+
+
+def _expand(axes, defaults, overrides, cards, problems) -> tuple[list[RunSpec], tuple]:
+    keys = list(axes)
+    varying = tuple(n for k in keys for n in k if len(axes[k]) > 1)
+    specs = []
+    for combo in itertools.product(*(axes[k] for k in keys)):
+        values = dict(defaults)
+        where = {}
+        for names, row in zip(keys, combo, strict=True):
+            for n, v in zip(names, row, strict=True):
+                values[n] = v
+                where[n] = f"axes.{', '.join(names) if len(names) > 1 else n}"
+        if "subset" in overrides and values.get("subset"):
+            overrides = {**overrides, "subset": min(values["subset"], overrides["subset"])}
+        values.update(overrides)
+        specs += _cells(values, where, cards, problems)
+    return specs, varying
+
+
+def _cells(values: dict, where: dict, cards: dict, problems: list[str]) -> list[RunSpec]:
+    """One combination of axis values -> its cells (a strategy selector may expand)."""
+    def loc(f):
+        return where.get(f, f"defaults.{f}")
+
+    ok = True
+    for f, v in values.items():
+        if f == "strategy":
+            continue
+        msg = _check_field(f, v, cards)
+        if msg:
+            problems.append(f"{loc(f)}: {f} = {v!r}: {msg}")
+            ok = False
+    if not ok:
+        return []
+    fw, backbone = values["framework"], values["backbone"]
+    info = bb.get(backbone)
+    if fw not in info.frameworks:
+        problems.append(f"{loc('backbone')}: backbone = {backbone!r} is not available in "
+                        f"framework {fw!r} (it has: {', '.join(info.frameworks)}); drop the "
+                        f"pair with coupled axes \"framework, backbone\"")
+        return []
+    selector = values.get("strategy", "feature_extraction")
+    combos = _strategy_params(str(selector), info, loc("strategy"), problems)
+    base = {k: v for k, v in values.items() if k != "strategy"}
+    for k in ("lr", "weight_decay"):
+        if k in base:
+            base[k] = float(base[k])
+    return [RunSpec(**base, strategy=sname, strategy_params=tuple(p.items()))
+            for sname, p in combos]
+
+
+def _check_field(f: str, v, cards: dict) -> str | None:
+    """None if `v` is a valid value of RunSpec field `f`, else what is allowed."""
+    typ = SPEC_FIELDS[f].type
+    if typ == "int" and (not isinstance(v, int) or isinstance(v, bool)):
+        return "must be an integer"
+    if typ == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+        return "must be a number"
+    if typ == "str" and not isinstance(v, str):
+        return "must be a string"
+    if f == "framework" and v not in FRAMEWORKS:
+        return f"unknown framework; allowed: {', '.join(sorted(FRAMEWORKS))}"
+    if f == "backbone" and v not in bb.BACKBONES:
+        return f"unknown backbone; allowed: {', '.join(sorted(bb.BACKBONES))}"
+    if f == "dataset":
+        if v not in cards:
+            return (f"unknown dataset; allowed: {', '.join(sorted(cards))} (or add a "
+                    f"[datasets.{v}] table)")
+        if cards[v]["source"] == "image_folder":
+            try:
+                scan_image_folder(cards[v]["root"], verify=True)
+            except DatasetError as e:
+                return str(e)
+    if f == "weights" and v not in ("imagenet", "none") and not Path(v).expanduser().is_file():
+        return "allowed: 'imagenet', 'none' or the path of an existing weights file"
+    choices = {"optimizer": specmod.OPTIMIZERS, "precision": specmod.PRECISIONS,
+               "augmentation": specmod.AUGMENTATIONS, "head": specmod.HEADS}
+    if f in choices and v not in choices[f]:
+        return f"allowed: {', '.join(choices[f])}"
+    minimum = {"image_size": 8, "batch_size": 1, "epochs": 1, "seed": 0, "subset": 0}
+    if f in minimum and v < minimum[f]:
+        return f"must be >= {minimum[f]}"
+    if f == "lr" and not v > 0:
+        return "must be > 0"
+    if f == "weight_decay" and v < 0:
+        return "must be >= 0"
+    return None
+
+
+def _strategy_params(selector: str, info: bb.BackboneInfo, where: str,
+                     problems: list[str]) -> list[tuple[str, dict]]:
+    try:
+        sname, given = parse_selector(selector)
+    except SelectorError as e:
+        problems.append(f"{where}: strategy = {selector!r}: {e}")
+        return []
+    if sname not in registry.STRATEGIES:
+        problems.append(f"{where}: strategy = {selector!r}: unknown strategy; allowed: "
+                        f"{', '.join(sorted(registry.STRATEGIES))}")
+        return []
+    strat = registry.get(sname)
+    allowed = [p.name for p in strat.params]
+    for k in given:
+        if k not in allowed:
+            problems.append(f"{where}: strategy = {selector!r}: unknown parameter {k!r} of "
+                            f"{sname}; allowed: {', '.join(allowed) or 'none'}")
+    lists = {}
+    for p in strat.params:
+        vals = given.get(p.name, [] if p.default is None else [p.default])
+        if not vals:
+            problems.append(f"{where}: strategy = {selector!r}: {sname} needs {p.name} "
+                            f"({p.help})")
+        for v in vals:
+            msg = _check_param(p, v, info)
+            if msg:
+                problems.append(f"{where}: strategy = {selector!r}: {p.name} = {v!r}: {msg}")
+        lists[p.name] = [float(v) if p.kind == "float" and not msg else v
+                         for v, msg in ((v, _check_param(p, v, info)) for v in vals)]
+    if any(k not in allowed for k in given) or not all(lists.values()):
+        return []
+    names = list(lists)
+    return [(sname, dict(zip(names, combo, strict=True)))
+            for combo in itertools.product(*(lists[n] for n in names))]
+
+
+def _check_param(p: registry.Param, v, info: bb.BackboneInfo) -> str | None:
+    if p.kind == "depth":
+        if v == "all":
+            return None
+        if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= info.n_blocks:
+            return (f"allowed: 1..{info.n_blocks} or 'all' ({info.name} has {info.n_blocks} "
+                    f"blocks: {', '.join(info.blocks)})")
+    elif p.kind in ("float", "int"):
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            return "must be a number"
+        if (p.minimum is not None and v < p.minimum) or (p.maximum is not None
+                                                         and v > p.maximum):
+            return f"allowed: {p.minimum}..{p.maximum}"
+    elif p.kind == "choice" and v not in p.choices:
+        return f"allowed: {', '.join(p.choices)}"
+    return None

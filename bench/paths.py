@@ -1,0 +1,29 @@
+"""Where things live. The repository root holds datasets/ (cards) and its .cache/."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def datasets_dir() -> Path:
+    return Path(os.environ.get("TLBENCH_DATASETS", ROOT / "datasets"))
+
+
+def cache_dir() -> Path:
+    """Split manifests, folder checks, downloaded datasets. TLBENCH_CACHE overrides."""
+    return Path(os.environ.get("TLBENCH_CACHE", datasets_dir() / ".cache"))
+
+
+def grids_dir() -> Path:
+    return ROOT / "bench" / "grids"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temporary file and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,235 @@
+"""Runs a grid's cells: skip finished ones, one child process per cell, failures recorded.
+
+One child process per cell because TensorFlow takes all GPU memory unless told otherwise, a
+crash or an out-of-memory in one cell must not end the grid, and the device's memory must be
+returned in full between cells. The child reports through marked lines (bench/cell.py); this
+process owns every MLflow call, so a cell that dies hard is still recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from bench import tracking
+from bench.cell import MARK
+from bench.grid import Grid
+from bench.paths import ROOT
+from bench.spec import RunSpec
+
+
+@dataclass
+class Outcome:
+    spec: RunSpec
+    status: str  # FINISHED | FAILED | KILLED | SKIPPED
+    run_id: str | None = None
+    error: str = ""
+    seconds: float = 0.0
+    metrics: dict = field(default_factory=dict)
+
+
+@dataclass
+class GridResult:
+    experiment_id: str
+    parent_run_id: str | None
+    outcomes: list[Outcome]
+
+    @property
+    def failed(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status in (tracking.FAILED, tracking.KILLED)]
+
+
+class Progress:
+    """One line per event when not on a terminal (CI logs); a live line on a terminal."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total = total
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.done_seconds: list[float] = []
+
+    def eta(self, remaining_cells: int, cell_left: float | None) -> str:
+        if not self.done_seconds:
+            return "?" if cell_left is None else _fmt_s(cell_left)
+        avg = sum(self.done_seconds) / len(self.done_seconds)
+        return _fmt_s((cell_left or avg) + avg * max(remaining_cells - 1, 0))
+
+    def line(self, text: str, live: bool = False) -> None:
+        if self.tty and live:
+            self.stream.write("\r\033[K" + text[: os.get_terminal_size().columns - 1])
+        else:
+            self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
+        self.stream.flush()
+
+
+def _fmt_s(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def run_grid(grid: Grid, grid_text: str, rerun: bool = False,
+             stream=sys.stderr) -> GridResult:
+    exp_id = tracking.experiment_id(grid.name)
+    closed = tracking.close_stale_runs(exp_id)
+    if closed:
+        print(f"marked {len(closed)} run(s) left RUNNING by a dead runner as KILLED",
+              file=stream)
+    done = set() if rerun else tracking.finished_hashes(exp_id)
+    todo = [s for s in grid.specs if s.hash not in done]
+    outcomes = [Outcome(s, "SKIPPED") for s in grid.specs if s.hash in done]
+    print(f"grid {grid.name!r}: {len(grid.specs)} cells, {len(outcomes)} already finished, "
+          f"{len(todo)} to run  (MLflow: {tracking.tracking_uri()}, experiment {exp_id})",
+          file=stream)
+    if not todo:
+        return GridResult(exp_id, None, outcomes)
+
+    parent = tracking.start_parent(exp_id, grid, len(todo), grid_text)
+    progress = Progress(len(todo), stream)
+    status = tracking.FINISHED
+    try:
+        for i, spec in enumerate(todo):
+            o = run_cell(exp_id, parent, grid, spec, i, progress)
+            outcomes.append(o)
+            progress.done_seconds.append(o.seconds)
+    except KeyboardInterrupt:
+        status = tracking.KILLED
+        raise
+    finally:
+        failed = [o for o in outcomes if o.status != tracking.FINISHED and o.status != "SKIPPED"]
+        tracking.set_tags(parent, {"failed": str(len(failed)),
+                                   "finished": str(sum(o.status == tracking.FINISHED
+                                                       for o in outcomes))})
+        tracking.end_run(parent, status if status == tracking.KILLED
+                         else (tracking.FAILED if failed else tracking.FINISHED))
+    return GridResult(exp_id, parent, outcomes)
+
+
+def run_cell(exp_id: str, parent: str, grid: Grid, spec: RunSpec, index: int,
+             progress: Progress) -> Outcome:
+    label = grid.label(spec)
+    head = f"[{index + 1}/{progress.total}] {label}"
+    run_id = tracking.start_cell(exp_id, parent, spec, label, grid.device)
+    started = time.perf_counter()
+    outcome = Outcome(spec, tracking.FAILED, run_id)
+    with tempfile.TemporaryDirectory(prefix="tlbench-") as tmp:
+        job = Path(tmp) / "job.json"
+        job.write_text(json.dumps({"spec": spec.to_params(), "card": grid.cards[spec.dataset],
+                                   "device": grid.device}))
+        log_path = Path(tmp) / "cell.log"
+        progress.line(f"{head}  starting", live=True)
+        try:
+            rc, error = _supervise(job, log_path, run_id, outcome, head, progress,
+                                   len(progress.done_seconds), started)
+        except KeyboardInterrupt:
+            outcome.status, outcome.error = tracking.KILLED, "interrupted (Ctrl-C / SIGTERM)"
+            tracking.set_tags(run_id, {"error": outcome.error})
+            tracking.end_run(run_id, tracking.KILLED)
+            _log_log(run_id, log_path)
+            raise
+        outcome.seconds = time.perf_counter() - started
+        if rc == 0 and error is None:
+            outcome.status = tracking.FINISHED
+        else:
+            if error is None:
+                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+                error = {"type": "ChildDied", "message":
+                         f"cell process exited with status {rc} "
+                         f"({_signal_name(rc)}) without reporting an error",
+                         "traceback": tail}
+            outcome.error = f"{error['type']}: {error['message']}"
+            tracking.set_tags(run_id, {"error": outcome.error[:5000]})
+            tracking.log_text(run_id, error.get("traceback", ""), "error.txt")
+        tracking.log_metrics(run_id, {"cell_seconds": outcome.seconds})
+        _log_log(run_id, log_path)
+        tracking.end_run(run_id, outcome.status)
+    acc = outcome.metrics.get("test_acc")
+    result = (f"test_acc {acc:.3f}" if acc is not None else "") if outcome.status == \
+        tracking.FINISHED else outcome.error.splitlines()[0][:200]
+    progress.line(f"{head}  {outcome.status}  {_fmt_s(outcome.seconds)}  {result}")
+    return outcome
+
+
+def _signal_name(rc: int) -> str:
+    if rc < 0:
+        try:
+            return signal.Signals(-rc).name
+        except ValueError:
+            return f"signal {-rc}"
+    return "error" if rc else "ok"
+
+
+def _log_log(run_id: str, log_path: Path) -> None:
+    if log_path.exists():
+        tracking.log_file(run_id, str(log_path))
+
+
+def _supervise(job: Path, log_path: Path, run_id: str, outcome: Outcome, head: str,
+               progress: Progress, cells_done: int, started: float):
+    """Run the child, stream its events into MLflow, tee the rest into the cell log."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    proc = subprocess.Popen([sys.executable, "-m", "bench.cell", str(job)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, bufsize=1, errors="replace")
+    error = None
+    try:
+        with log_path.open("w") as log:
+            for line in proc.stdout:
+                if not line.startswith(MARK):
+                    log.write(line)
+                    continue
+                ev = json.loads(line[len(MARK):])
+                kind = ev.pop("event")
+                if kind == "metrics":
+                    tracking.log_metrics(run_id, ev["metrics"], ev["step"])
+                    if ev["step"] is None:
+                        outcome.metrics.update(ev["metrics"])
+                elif kind == "tags":
+                    tracking.set_tags(run_id, ev["tags"])
+                elif kind == "artifact":
+                    tracking.log_text(run_id, ev["text"], ev["name"])
+                elif kind == "startup":
+                    tracking.log_metrics(run_id, {"startup_seconds": ev["seconds"]})
+                elif kind == "error":
+                    error = ev
+                    log.write(ev.get("traceback", ""))
+                elif kind == "progress":
+                    progress.line(_progress_text(head, ev, progress, cells_done, started),
+                                  live=True)
+        rc = proc.wait()
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
+    return rc, error
+
+
+def _progress_text(head: str, ev: dict, progress: Progress, cells_done: int,
+                   started: float) -> str:
+    elapsed = time.perf_counter() - started
+    frac = ev.get("fraction") or 0.0
+    cell_left = elapsed / frac - elapsed if frac > 0.02 else None
+    remaining = progress.total - cells_done
+    parts = [head, f"{ev.get('phase', '')} epoch {ev.get('epoch')}/{ev.get('epochs')}"]
+    if ev.get("val_acc") is not None:
+        parts.append(f"val_acc {ev['val_acc']:.3f}")
+    parts.append(f"ETA {progress.eta(remaining, cell_left)}")
+    return "  ".join(parts)
+
+
+def install_sigterm_handler() -> None:
+    """SIGTERM (a scheduler stopping the job) ends the grid like Ctrl-C: cell and parent
+    runs are marked KILLED, finished cells stay FINISHED."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, handler)

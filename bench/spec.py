@@ -1,0 +1,195 @@
+"""RunSpec: one grid cell, frozen. Its whole identity: everything that logs, resumes or
+reports goes through it.
+
+    >>> s = RunSpec(framework="torch", backbone="resnet50", strategy="partial",
+    ...             strategy_params=(("depth", 2),), dataset="flowers")
+    >>> s.name
+    'torch/resnet50/partial[depth=2]/flowers/seed0'
+    >>> RunSpec.from_params(s.to_params()) == s
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, fields
+
+SPEC_VERSION = 1  # bump when a field's meaning changes: old hashes then stop matching
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+AUGMENTATIONS = ("none", "flip", "flip_crop")
+HEADS = ("linear", "mlp")  # mlp = the VGG16 seed's head: 1024-ReLU-drop0.5-512-ReLU-drop0.5
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    framework: str
+    backbone: str
+    dataset: str
+    strategy: str = "feature_extraction"
+    strategy_params: tuple[tuple[str, object], ...] = ()
+    weights: str = "imagenet"
+    subset: int = 0  # samples drawn (stratified) from the dataset before splitting; 0 = all
+    image_size: int = 224
+    batch_size: int = 32
+    epochs: int = 10
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    head: str = "linear"
+    precision: str = "fp32"
+    augmentation: str = "none"
+    seed: int = 0
+
+    def __post_init__(self):
+        # canonical order, so equal cells compare and hash equal however they were written
+        object.__setattr__(self, "strategy_params", tuple(sorted(self.strategy_params)))
+
+    # ---- names -------------------------------------------------------------------------
+    @property
+    def strategy_label(self) -> str:
+        """`partial[depth=2]`: the strategy and its parameters that differ from defaults."""
+        from strategies import registry
+
+        strat = registry.get(self.strategy)
+        shown = []
+        for k, v in self.strategy_params:
+            try:
+                default = strat.param(k).default
+            except KeyError:
+                default = None
+            if default is None or v != default:
+                shown.append(f"{k}={_fmt(v)}")
+        return f"{self.strategy}[{','.join(shown)}]" if shown else self.strategy
+
+    @property
+    def name(self) -> str:
+        ds = self.dataset if not self.subset else f"{self.dataset}[n={self.subset}]"
+        return f"{self.framework}/{self.backbone}/{self.strategy_label}/{ds}/seed{self.seed}"
+
+    def label(self, fields_shown: tuple[str, ...] = ()) -> str:
+        """The name plus the fields a grid varies beyond the name's own (`[weights=none]`)."""
+        extra = [f"{f}={_fmt(getattr(self, f))}" for f in fields_shown
+                 if f not in _NAMED_FIELDS]
+        return self.name + (f" [{','.join(extra)}]" if extra else "")
+
+    # ---- identity ----------------------------------------------------------------------
+    def canonical(self) -> dict:
+        """Fields that differ from their defaults (required ones always): a field added
+        later with a default leaves every existing hash unchanged."""
+        d = {"spec_version": SPEC_VERSION}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.default is dataclasses.MISSING or v != f.default:
+                d[f.name] = dict(v) if f.name == "strategy_params" else v
+        return d
+
+    @property
+    def hash(self) -> str:
+        blob = json.dumps(self.canonical(), sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def params(self) -> dict:
+        return dict(self.strategy_params)
+
+    # ---- MLflow params -----------------------------------------------------------------
+    def to_params(self) -> dict[str, str]:
+        """Flat string params for MLflow: one key per field, `strategy.<k>` per parameter."""
+        out: dict[str, str] = {}
+        for f in fields(self):
+            if f.name != "strategy_params":
+                out[f.name] = _fmt(getattr(self, f.name))
+        for k, v in self.strategy_params:
+            out[f"strategy.{k}"] = _fmt(v)
+        out["strategy_label"] = self.strategy_label
+        return out
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> RunSpec:
+        kwargs: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name != "strategy_params" and f.name in params:
+                kwargs[f.name] = _parse(params[f.name], f.type)
+        sparams = tuple((k[len("strategy."):], _parse_value(v)) for k, v in params.items()
+                        if k.startswith("strategy."))
+        return cls(**kwargs, strategy_params=sparams)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_params(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunSpec:
+        return cls.from_params(json.loads(text))
+
+
+_NAMED_FIELDS = ("framework", "backbone", "strategy", "strategy_params", "dataset", "subset",
+                 "seed")
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, float):
+        return repr(v)
+    return str(v)
+
+
+def _parse(text: str, type_name: str) -> object:
+    if type_name == "int":
+        return int(text)
+    if type_name == "float":
+        return float(text)
+    return text
+
+
+def _parse_value(text: str) -> object:
+    """A strategy parameter from its string form: int, float, bool or str."""
+    if text in ("true", "false"):
+        return text == "true"
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+# ---- selectors: `partial[depth=1,2,3]`, `two_stage[depth=2,lr_scale=0.1,0.01]` ----------
+class SelectorError(ValueError):
+    pass
+
+
+def parse_selector(text: str) -> tuple[str, dict[str, list[object]]]:
+    """`name[k=v1,v2,k2=v3]` -> ('name', {'k': [v1, v2], 'k2': [v3]}).
+
+    A comma-separated token without '=' is one more value of the previous key, so
+    `partial[depth=1,2,3]` sweeps three depths (benchopt's selector syntax).
+    """
+    text = text.strip()
+    if "[" not in text:
+        if "]" in text or not text:
+            raise SelectorError(f"malformed selector {text!r}")
+        return text, {}
+    if not text.endswith("]") or text.count("[") != 1:
+        raise SelectorError(f"malformed selector {text!r}: expected name[key=value,...]")
+    name, body = text[:-1].split("[", 1)
+    values: dict[str, list[object]] = {}
+    key = None
+    for token in (t.strip() for t in body.split(",")):
+        if not token:
+            continue
+        if "=" in token:
+            key, val = (s.strip() for s in token.split("=", 1))
+            if not key:
+                raise SelectorError(f"malformed selector {text!r}: empty key")
+            values.setdefault(key, [])
+        elif key is None:
+            raise SelectorError(f"malformed selector {text!r}: value {token!r} has no key")
+        else:
+            val = token
+        values[key].append(_parse_value(val))
+    return name.strip(), values

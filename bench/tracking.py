@@ -1,0 +1,176 @@
+"""Every MLflow call lives here.
+
+One experiment per grid; one parent run per invocation of the grid, with one nested child
+run per cell (tag mlflow.parentRunId). The store is MLflow's default local one unless
+MLFLOW_TRACKING_URI points somewhere else (a shared server, another folder).
+
+Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbone,
+strategy, dataset, device, git_commit, versions, host, pid; on failure `error`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+from bench.paths import ROOT
+from bench.spec import RunSpec
+
+TAG = "tlbench."
+PARENT_TAG = "mlflow.parentRunId"
+FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient()
+
+
+def tracking_uri() -> str:
+    import mlflow
+
+    return mlflow.get_tracking_uri()
+
+
+def experiment_id(name: str, create: bool = True) -> str | None:
+    c = client()
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        if exp.lifecycle_stage == "deleted":
+            c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id
+    return c.create_experiment(name) if create else None
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "-uno"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def _host_tags() -> dict[str, str]:
+    return {TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()),
+            TAG + "git_commit": git_commit()}
+
+
+# ---- runs --------------------------------------------------------------------------------
+def start_parent(exp_id: str, grid, n_todo: int, grid_text: str) -> str:
+    c = client()
+    run = c.create_run(exp_id, run_name=f"{grid.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                       tags={TAG + "kind": "grid", TAG + "grid": grid.name,
+                             TAG + "grid_path": grid.path, TAG + "smoke": str(grid.smoke),
+                             TAG + "cells": str(len(grid.specs)), TAG + "todo": str(n_todo),
+                             "mlflow.note.content": grid.description, **_host_tags()})
+    c.log_text(run.info.run_id, grid_text, "grid.toml")
+    return run.info.run_id
+
+
+def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: str) -> str:
+    c = client()
+    tags = {PARENT_TAG: parent_id, TAG + "kind": "cell", TAG + "spec_hash": spec.hash,
+            TAG + "name": spec.name, TAG + "framework": spec.framework,
+            TAG + "backbone": spec.backbone, TAG + "strategy": spec.strategy_label,
+            TAG + "dataset": spec.dataset, TAG + "device_requested": device, **_host_tags()}
+    run = c.create_run(exp_id, run_name=label, tags=tags)
+    rid = run.info.run_id
+    from mlflow.entities import Param
+
+    c.log_batch(rid, params=[Param(k, v) for k, v in spec.to_params().items()])
+    c.log_text(rid, spec.to_json(), "spec.json")
+    return rid
+
+
+def log_metrics(run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
+    from mlflow.entities import Metric
+
+    ts = int(time.time() * 1000)
+    client().log_batch(run_id, metrics=[Metric(k, float(v), ts, step or 0)
+                                        for k, v in metrics.items()])
+
+
+def set_tags(run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    client().log_batch(run_id, tags=[RunTag(TAG + k if "." not in k else k, str(v)[:5000])
+                                     for k, v in tags.items()])
+
+
+def log_text(run_id: str, text: str, name: str) -> None:
+    client().log_text(run_id, text, name)
+
+
+def log_file(run_id: str, path: str) -> None:
+    client().log_artifact(run_id, path)
+
+
+def end_run(run_id: str, status: str) -> None:
+    client().set_terminated(run_id, status=status)
+
+
+# ---- resume ------------------------------------------------------------------------------
+def cell_runs(exp_id: str, status: str | None = None) -> list:
+    flt = f"tags.`{TAG}kind` = 'cell'"
+    if status:
+        flt += f" and attributes.status = '{status}'"
+    return _search(exp_id, flt)
+
+
+def _search(exp_id: str, flt: str) -> list:
+    c = client()
+    runs, token = [], None
+    while True:
+        page = c.search_runs([exp_id], filter_string=flt, max_results=1000, page_token=token)
+        runs += list(page)
+        token = page.token
+        if not token:
+            return runs
+
+
+def finished_hashes(exp_id: str) -> set[str]:
+    return {r.data.tags.get(TAG + "spec_hash") for r in cell_runs(exp_id, FINISHED)}
+
+
+def close_stale_runs(exp_id: str) -> list[str]:
+    """Runs left RUNNING by a runner that died (SIGKILL, power loss) on this host are marked
+    KILLED, so the store never shows a phantom cell in progress. Runs of live runners, or of
+    other hosts, are left alone."""
+    host = socket.gethostname()
+    closed = []
+    for r in _search(exp_id, "attributes.status = 'RUNNING'"):
+        tags = r.data.tags
+        if tags.get(TAG + "host") != host or _alive(tags.get(TAG + "pid", "")):
+            continue
+        set_tags(r.info.run_id, {"error": "runner died while the run was in progress; "
+                                          "marked KILLED when the grid was resumed"})
+        end_run(r.info.run_id, KILLED)
+        closed.append(r.info.run_id)
+    return closed
+
+
+def _alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def latest_parent(exp_id: str):
+    runs = client().search_runs([exp_id], filter_string=f"tags.`{TAG}kind` = 'grid'",
+                                order_by=["attributes.start_time DESC"], max_results=1)
+    return runs[0] if runs else None
+
+
+def dump(obj) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,28 @@
+"""Strategies and the framework backends that run them.
+
+registry.py and backbones.py are framework-free declarations; every module that imports
+torch or tensorflow lives in a backend package named in FRAMEWORKS and is imported only
+inside the child process that runs a cell.
+
+A backend module exposes:
+    run_cell(spec: RunSpec, card: dict, ctx: bench.cell.CellContext) -> None
+    versions() -> dict[str, str]
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+FRAMEWORKS: dict[str, str] = {
+    "torch": "strategies.torch_backend",
+}
+
+
+def backend(framework: str) -> ModuleType:
+    try:
+        module = FRAMEWORKS[framework]
+    except KeyError:
+        raise KeyError(f"unknown framework {framework!r}; available: "
+                       f"{', '.join(sorted(FRAMEWORKS))}") from None
+    return importlib.import_module(module)

@@ -1,0 +1,59 @@
+"""The backbone catalog, framework-free: every backbone's named blocks, input to output.
+
+Depth counts these blocks in every framework (never raw layers: Keras counts BatchNorm and
+activations as layers, PyTorch does not). Each framework backend maps the same names onto
+its own modules (`strategies/torch_backend/backbones.py`, ...), and a test checks that the
+names match this catalog and that the map covers every parameter exactly once.
+
+`frameworks` lists the backends that implement the backbone; a grid asking another one is
+refused at validation (resnet18 has no keras.applications counterpart).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    name: str
+    blocks: tuple[str, ...]
+    frameworks: tuple[str, ...]
+    family: str
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.blocks)
+
+
+_RESNET = ("stem", "stage1", "stage2", "stage3", "stage4")
+# MobileNet/EfficientNet stages are the runs of blocks at one resolution/width, as the
+# papers' tables group them; `top_conv` is the last 1x1 convolution before pooling.
+_MBV2 = ("stem", "stage1", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7",
+         "top_conv")
+_MBV3S = ("stem", "stage1", "stage2", "stage3", "stage4", "top_conv")
+_EFFNET = _MBV2
+
+BACKBONES: dict[str, BackboneInfo] = {
+    b.name: b
+    for b in [
+        BackboneInfo("resnet18", _RESNET, ("torch",), "resnet"),
+        BackboneInfo("resnet50", _RESNET, ("torch", "keras"), "resnet"),
+        BackboneInfo("vgg16", ("block1", "block2", "block3", "block4", "block5"),
+                     ("torch", "keras"), "vgg"),
+        BackboneInfo("mobilenet_v2", _MBV2, ("torch", "keras"), "mobilenet"),
+        BackboneInfo("mobilenet_v3_small", _MBV3S, ("torch", "keras"), "mobilenet"),
+        BackboneInfo("efficientnet_b0", _EFFNET, ("torch", "keras"), "efficientnet"),
+        BackboneInfo("convnext_tiny", ("stem", "stage1", "stage2", "stage3", "stage4"),
+                     ("torch", "keras"), "convnext"),
+    ]
+}
+
+
+def get(name: str) -> BackboneInfo:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise KeyError(
+            f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}"
+        ) from None

@@ -1,0 +1,148 @@
+"""The strategy registry: every transfer-learning strategy, declared once, framework-free.
+
+A strategy is a short list of phases. Each phase says how many of the backbone's top blocks
+are trainable (0 = the new head only, ALL = everything), what share of the cell's epochs it
+gets, the learning-rate scale relative to the cell's lr, and what BatchNorm does in the
+trainable blocks. BatchNorm in frozen blocks never updates: frozen means frozen.
+
+Adding a strategy (gradual unfreezing, BN-only tuning, ...) is one `register(...)` call here
+plus, at most, a small hook per framework backend.
+
+    feature_extraction            frozen backbone, new head            (seed: stage 1)
+    partial[depth=k]              top k named blocks + head trainable
+    full                          everything trainable
+    two_stage[depth=k,lr_scale=s] head first, then top k blocks at lr*s (seed: VGG16 recipe;
+                                  LP-FT in the literature)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+ALL = -1
+"""`trainable_blocks` value meaning every block of the backbone."""
+
+BN_POLICIES = ("train", "frozen")
+"""BatchNorm in *trainable* blocks: 'train' updates running statistics (PyTorch train mode,
+Keras training=True); 'frozen' keeps them in inference mode, as the Keras transfer-learning
+guide recommends after unfreezing."""
+
+
+@dataclass(frozen=True)
+class Phase:
+    trainable_blocks: int  # top blocks trainable besides the head; 0 = head only, ALL = all
+    epoch_share: float = 1.0  # share of the cell's epochs (each phase gets at least one)
+    lr_scale: float = 1.0
+    bn: str = "train"
+    name: str = "train"
+
+
+@dataclass(frozen=True)
+class Param:
+    """A strategy parameter. `kind` is 'depth' (an int in 1..n_blocks or 'all'), 'float',
+    'int' or 'choice'."""
+
+    name: str
+    kind: str
+    default: object = None  # None = required
+    choices: tuple = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    description: str
+    build_phases: Callable[[dict], list[Phase]]
+    params: tuple[Param, ...] = field(default=())
+
+    def param(self, name: str) -> Param:
+        for p in self.params:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    def phases(self, params: dict, epochs: int) -> list[tuple[Phase, int]]:
+        """The phases with their epoch counts for a cell of `epochs` epochs."""
+        phases = self.build_phases(params)
+        return [(ph, max(1, round(ph.epoch_share * epochs))) for ph in phases]
+
+
+class UnknownStrategy(KeyError):
+    pass
+
+
+STRATEGIES: dict[str, Strategy] = {}
+
+
+def register(strategy: Strategy) -> Strategy:
+    if strategy.name in STRATEGIES:
+        raise ValueError(f"strategy {strategy.name!r} is already registered")
+    STRATEGIES[strategy.name] = strategy
+    return strategy
+
+
+def get(name: str) -> Strategy:
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise UnknownStrategy(
+            f"unknown strategy {name!r}; registered: {', '.join(sorted(STRATEGIES))}"
+        ) from None
+
+
+def resolve_depth(depth: int | str, n_blocks: int) -> int:
+    """'all' -> n_blocks; an int stays as it is (validated elsewhere)."""
+    return n_blocks if depth == "all" else int(depth)
+
+
+_DEPTH = Param("depth", "depth", help="top named blocks to unfreeze (1..n_blocks or 'all')")
+_BN = Param("bn", "choice", default="train", choices=BN_POLICIES,
+            help="BatchNorm in the unfrozen blocks")
+
+register(Strategy(
+    name="feature_extraction",
+    description="Frozen backbone, new head trained on its features.",
+    build_phases=lambda p: [Phase(0, name="head")],
+))
+
+register(Strategy(
+    name="partial",
+    description="Top `depth` named blocks and the head trainable, the rest frozen.",
+    params=(_DEPTH, _BN),
+    build_phases=lambda p: [Phase(p["depth"], bn=p["bn"], name="finetune")],
+))
+
+register(Strategy(
+    name="full",
+    description="Every block trainable.",
+    params=(_BN,),
+    build_phases=lambda p: [Phase(ALL, bn=p["bn"], name="finetune")],
+))
+
+register(Strategy(
+    name="two_stage",
+    description=(
+        "Train the head on a frozen backbone, then unfreeze the top `depth` blocks at "
+        "lr*lr_scale (the seed's VGG16 recipe: Adam 1e-3, then 1e-5; LP-FT)."
+    ),
+    params=(
+        Param("depth", "depth", default="all", help="top blocks unfrozen in stage 2"),
+        Param("lr_scale", "float", default=0.01, minimum=1e-8, maximum=1.0,
+              help="stage-2 lr = lr * lr_scale (the seed: 1e-3 -> 1e-5)"),
+        Param("head_share", "float", default=0.5, minimum=0.05, maximum=0.95,
+              help="share of the epochs spent on the head-only stage"),
+        # The Keras guide keeps BatchNorm in inference mode after unfreezing so the head's
+        # input statistics do not shift under it; 'train' is the other arm of that choice.
+        Param("bn", "choice", default="frozen", choices=BN_POLICIES,
+              help="BatchNorm in the unfrozen blocks during stage 2"),
+    ),
+    build_phases=lambda p: [
+        Phase(0, epoch_share=p["head_share"], name="head"),
+        Phase(p["depth"], epoch_share=1 - p["head_share"], lr_scale=p["lr_scale"],
+              bn=p["bn"], name="finetune"),
+    ],
+))

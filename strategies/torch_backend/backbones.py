@@ -1,0 +1,162 @@
+"""torchvision backbones with their block maps and new heads.
+
+BLOCK_MAPS gives, per backbone, the named blocks of strategies/backbones.py (input to output)
+as module-name prefixes of the torchvision model, plus where its classifier sits. The
+classifier is replaced by a new head for the dataset's classes; torchvision's pre-logit
+layers that Keras' include_top=False also drops (VGG's fc6/fc7, MobileNetV3's 1024-wide
+layer) go with it, so both frameworks share the same backbone. A test checks that every
+parameter belongs to exactly one block or to the head.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from strategies import backbones as catalog
+
+
+@dataclass(frozen=True)
+class BlockMap:
+    blocks: dict[str, tuple[str, ...]]  # block name -> module-name prefixes
+    classifier: str  # the module replaced by the new head
+    features: int  # width of the pooled features the head sees
+
+
+def _seq(prefix: str, *groups: range | list[int]) -> tuple[tuple[str, ...], ...]:
+    return tuple(tuple(f"{prefix}.{i}" for i in g) for g in groups)
+
+
+_RESNET_STAGES = (("conv1", "bn1"), ("layer1",), ("layer2",), ("layer3",), ("layer4",))
+
+BLOCK_MAPS: dict[str, BlockMap] = {
+    "resnet18": BlockMap(dict(zip(catalog.BACKBONES["resnet18"].blocks, _RESNET_STAGES,
+                                  strict=True)), "fc", 512),
+    "resnet50": BlockMap(dict(zip(catalog.BACKBONES["resnet50"].blocks, _RESNET_STAGES,
+                                  strict=True)), "fc", 2048),
+    # VGG16 features: 5 conv blocks, each ending in a max-pool (indices 4, 9, 16, 23, 30)
+    "vgg16": BlockMap(dict(zip(catalog.BACKBONES["vgg16"].blocks,
+                               _seq("features", range(0, 5), range(5, 10), range(10, 17),
+                                    range(17, 24), range(24, 31)), strict=True)),
+                      "classifier", 512),
+    "mobilenet_v2": BlockMap(dict(zip(catalog.BACKBONES["mobilenet_v2"].blocks,
+                                      _seq("features", [0], [1], [2, 3], [4, 5, 6],
+                                           [7, 8, 9, 10], [11, 12, 13], [14, 15, 16], [17],
+                                           [18]), strict=True)), "classifier", 1280),
+    "mobilenet_v3_small": BlockMap(dict(zip(catalog.BACKBONES["mobilenet_v3_small"].blocks,
+                                            _seq("features", [0], [1], [2, 3],
+                                                 [4, 5, 6, 7, 8], [9, 10, 11], [12]),
+                                            strict=True)), "classifier", 576),
+    "efficientnet_b0": BlockMap(dict(zip(catalog.BACKBONES["efficientnet_b0"].blocks,
+                                         _seq("features", *([i] for i in range(9))),
+                                         strict=True)), "classifier", 1280),
+    # ConvNeXt: each stage owns the downsampling layer in front of it; the final LayerNorm
+    # (torchvision's classifier.0) belongs to the last stage, as in Keras' ConvNeXt.
+    "convnext_tiny": BlockMap({"stem": ("features.0",), "stage1": ("features.1",),
+                               "stage2": ("features.2", "features.3"),
+                               "stage3": ("features.4", "features.5"),
+                               "stage4": ("features.6", "features.7", "classifier.0")},
+                              "classifier.2", 768),
+}
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class WeightsUnavailable(RuntimeError):
+    pass
+
+
+@dataclass
+class TorchBackbone:
+    name: str
+    model: nn.Module
+    block_map: BlockMap
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def block_modules(self, block: str) -> list[nn.Module]:
+        return [self.model.get_submodule(p) for p in self.block_map.blocks[block]]
+
+    @property
+    def head(self) -> nn.Module:
+        return self.model.get_submodule(self.block_map.classifier)
+
+    def param_owner(self) -> dict[str, str]:
+        """parameter name -> its block ('head' for the new head); used by tests and counts."""
+        owners = {}
+        prefixes = [(p, b) for b, ps in self.block_map.blocks.items() for p in ps]
+        prefixes.append((self.block_map.classifier, "head"))
+        for n, _ in self.model.named_parameters():
+            hits = [b for p, b in prefixes if n == p or n.startswith(p + ".")]
+            owners[n] = hits[0] if len(hits) == 1 else f"<{len(hits)} owners>"
+        return owners
+
+
+def make_head(in_features: int, num_classes: int, kind: str) -> nn.Module:
+    if kind == "linear":
+        return nn.Linear(in_features, num_classes)
+    if kind == "mlp":  # the VGG16 seed's head, after global average pooling
+        return nn.Sequential(nn.Linear(in_features, 1024), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                             nn.Linear(1024, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
+                             nn.Linear(512, num_classes))
+    raise ValueError(f"unknown head {kind!r}; allowed: linear, mlp")
+
+
+def build(name: str, weights: str, num_classes: int, head: str = "linear") -> TorchBackbone:
+    """The torchvision model with its weights loaded and the new head in place."""
+    import torchvision
+
+    if name not in BLOCK_MAPS:
+        raise KeyError(f"backbone {name!r} has no PyTorch block map; have: "
+                       f"{', '.join(sorted(BLOCK_MAPS))}")
+    model = torchvision.models.get_model(name, weights=None)
+    if weights == "imagenet":
+        model.load_state_dict(imagenet_state_dict(name))
+    elif weights != "none":
+        model.load_state_dict(load_weights_file(weights), strict=True)
+    bmap = BLOCK_MAPS[name]
+    if name == "vgg16":
+        model.avgpool = nn.AdaptiveAvgPool2d(1)  # global average pooling, as the seed
+    if name == "mobilenet_v3_small":
+        # drop torchvision's 576->1024 pre-logit layer: Keras' include_top=False has none
+        model.classifier = nn.Sequential(nn.Identity())
+        bmap = BlockMap(bmap.blocks, "classifier.0", bmap.features)
+    parent_name, _, attr = bmap.classifier.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, attr, make_head(bmap.features, num_classes, head))
+    return TorchBackbone(name, model, bmap)
+
+
+def load_weights_file(path: str) -> dict:
+    """A state dict from a file, loaded safely (no pickled code)."""
+    p = Path(path).expanduser()
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{p}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def imagenet_state_dict(name: str) -> dict:
+    """torchvision's ImageNet weights from its normal cache ($TORCH_HOME/hub/checkpoints),
+    downloaded there when online. Offline with an empty cache: say which file goes where."""
+    import torchvision
+    from torch.hub import get_dir
+
+    w = torchvision.models.get_model_weights(name).DEFAULT
+    folder = Path(get_dir()) / "checkpoints"
+    filename = os.path.basename(w.url)
+    try:
+        return w.get_state_dict(progress=False, check_hash=True)
+    except Exception as e:  # URLError, socket errors, hash mismatch of a partial file
+        raise WeightsUnavailable(
+            f"ImageNet weights for {name} are not in torchvision's cache and could not be "
+            f"downloaded ({type(e).__name__}: {e}). Put {filename} (from {w.url}) into "
+            f"{folder}/ (TORCH_HOME moves it), or use weights = 'none' or a file path."
+        ) from e

@@ -1,0 +1,134 @@
+"""The PyTorch data adapter: split parts -> uint8 batches on the device -> normalised floats.
+
+Small array datasets are resized once and kept on the device as uint8 (no DataLoader, no
+per-epoch decoding); file lists and arrays too big for that go through a DataLoader with
+workers and pinned memory. Normalisation and augmentation run on the device, per batch, the
+same for both paths.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+IN_MEMORY_BYTES = 1 << 30  # resized uint8 tensors up to 1 GiB stay resident on the device
+
+
+def to_chw_uint8(images: np.ndarray, size: int) -> torch.Tensor:
+    """(N,H,W,C) uint8, C in {1,3} -> (N,3,size,size) uint8, bilinear with antialiasing."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if x.shape[-2:] != (size, size):
+        out = []
+        for chunk in x.split(2048):
+            out.append(F.interpolate(chunk.float(), size=(size, size), mode="bilinear",
+                                     antialias=True, align_corners=False)
+                       .round_().clamp_(0, 255).to(torch.uint8))
+        x = torch.cat(out)
+    return x.contiguous()
+
+
+class _ItemDataset(Dataset):
+    """Items decoded and resized one at a time (files, or arrays too large to pre-resize)."""
+
+    def __init__(self, items, labels: np.ndarray, size: int):
+        self.items, self.labels, self.size = items, labels, size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        if isinstance(item, str):
+            with Image.open(item) as im:
+                # the seeds' flow_from_directory(target_size=...) resizes without cropping
+                arr = np.asarray(im.convert("RGB").resize((self.size, self.size),
+                                                          Image.BILINEAR))
+            x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        else:
+            x = to_chw_uint8(item[None], self.size)[0]
+        return x, int(self.labels[i])
+
+
+class Batches:
+    """Batches of (uint8 images on the device, labels on the device) for one split part."""
+
+    def __init__(self, items, labels: np.ndarray, size: int, batch_size: int,
+                 device: torch.device, shuffle: bool, seed: int, workers: int | None = None):
+        self.n = len(labels)
+        self.batch_size = batch_size
+        self.device = device
+        self.shuffle = shuffle
+        self.gen = torch.Generator().manual_seed(seed)
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        resident = isinstance(items, np.ndarray) and self.n * 3 * size * size <= IN_MEMORY_BYTES
+        self.loader = None
+        if resident:
+            self.x = to_chw_uint8(items, size).to(device)
+            self.y = self.labels.to(device)
+        else:
+            if workers is None:
+                workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+            self.loader = DataLoader(
+                _ItemDataset(items, np.asarray(labels), size), batch_size=batch_size,
+                shuffle=shuffle, generator=self.gen, num_workers=workers,
+                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                drop_last=False)
+
+    @property
+    def resident(self) -> bool:
+        return self.loader is None
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self):
+        if self.loader is not None:
+            for x, y in self.loader:
+                yield (x.to(self.device, non_blocking=True),
+                       y.to(self.device, non_blocking=True))
+            return
+        order = (torch.randperm(self.n, generator=self.gen) if self.shuffle
+                 else torch.arange(self.n)).to(self.device)
+        for i in range(0, self.n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+class Preprocess:
+    """uint8 (N,3,H,W) -> float normalised with the weights' mean/std, plus augmentation."""
+
+    def __init__(self, mean, std, device: torch.device, augmentation: str = "none",
+                 channels_last: bool = False):
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.augmentation = augmentation
+        self.channels_last = channels_last
+
+    def __call__(self, x: torch.Tensor, train: bool) -> torch.Tensor:
+        if train and self.augmentation in ("flip", "flip_crop"):
+            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+        if train and self.augmentation == "flip_crop":
+            x = random_translate(x, max(1, x.shape[-1] // 8))
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def random_translate(x: torch.Tensor, pad: int) -> torch.Tensor:
+    """Pad by `pad` (reflect) and crop back at a random offset per image (CIFAR-style)."""
+    n, _, h, w = x.shape
+    padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # n,h
+    cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # n,w
+    idx_b = torch.arange(n, device=x.device).view(n, 1, 1)
+    out = padded.permute(0, 2, 3, 1)[idx_b, rows.view(n, h, 1), cols.view(n, 1, w)]
+    return out.permute(0, 3, 1, 2).contiguous()

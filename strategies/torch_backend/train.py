@@ -1,0 +1,144 @@
+"""The PyTorch training loop: apply a strategy's phases to a backbone, train, evaluate.
+
+Frozen means frozen: a frozen block has requires_grad=False, is left out of the optimizer,
+and runs in eval mode (so its BatchNorm running statistics never move) even while the rest
+of the model trains. `bn="frozen"` extends eval mode to the BatchNorm layers of the
+trainable blocks too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from bench.timing import StepMeter
+from strategies.registry import ALL, Phase
+from strategies.torch_backend.backbones import TorchBackbone
+
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
+
+
+def trainable_blocks(tb: TorchBackbone, phase: Phase) -> list[str]:
+    names = list(tb.block_map.blocks)
+    k = len(names) if phase.trainable_blocks in (ALL, "all") else int(phase.trainable_blocks)
+    return names[len(names) - k:] if k else []
+
+
+def apply_phase(tb: TorchBackbone, phase: Phase) -> list[nn.Parameter]:
+    """Set requires_grad for the phase; return the trainable parameters (head included)."""
+    tb.model.requires_grad_(False)
+    for block in trainable_blocks(tb, phase):
+        for m in tb.block_modules(block):
+            m.requires_grad_(True)
+    tb.head.requires_grad_(True)
+    return [p for p in tb.model.parameters() if p.requires_grad]
+
+
+def set_train_mode(tb: TorchBackbone, phase: Phase) -> None:
+    """model.train(), then eval mode for every frozen block (and, with bn='frozen', for the
+    norm layers of the trainable ones). Call at the start of every training epoch: a bare
+    model.train() would put frozen BatchNorm layers back into updating their statistics."""
+    tb.model.train()
+    unfrozen = set(trainable_blocks(tb, phase))
+    for block in tb.block_map.blocks:
+        for m in tb.block_modules(block):
+            if block not in unfrozen:
+                m.eval()
+            elif phase.bn == "frozen":
+                for sub in m.modules():
+                    if isinstance(sub, _NORMS):
+                        sub.eval()
+
+
+def make_optimizer(name: str, params, lr: float, weight_decay: float):
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
+
+
+def autocast(device: torch.device, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def sync_fn(device: torch.device):
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    if device.type == "mps":
+        return torch.mps.synchronize
+    return lambda: None
+
+
+class Trainer:
+    """One model, its loss and precision settings; `train_epoch` and `evaluate`."""
+
+    def __init__(self, tb: TorchBackbone, device: torch.device, precision: str = "fp32",
+                 preprocess=None):
+        self.tb = tb
+        self.device = device
+        self.precision = precision
+        self.preprocess = preprocess
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.sync = sync_fn(device)
+
+    def step(self, opt, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with autocast(self.device, self.precision):
+            logits = self.tb.model(x)
+            loss = self.loss_fn(logits, y)
+        opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(opt)
+        self.scaler.update()
+        return loss.detach(), logits.detach()
+
+    def train_epoch(self, phase: Phase, opt, batches, meter: StepMeter | None = None,
+                    on_step=None) -> dict[str, float]:
+        set_train_mode(self.tb, phase)
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        n = 0
+        if meter is not None:
+            meter.start()
+        for i, (x, y) in enumerate(batches):
+            x = self.preprocess(x, train=True) if self.preprocess else x
+            loss, logits = self.step(opt, x, y)
+            total_loss += loss * y.shape[0]
+            correct += (logits.argmax(1) == y).sum()
+            n += y.shape[0]
+            if meter is not None:
+                meter.step(y.shape[0])
+            if on_step is not None:
+                on_step(i)
+        return {"train_loss": (total_loss / max(n, 1)).item(),
+                "train_acc": correct.item() / max(n, 1)}
+
+    @torch.no_grad()
+    def evaluate(self, batches, topk: int = 1) -> dict[str, float]:
+        self.tb.model.eval()
+        total_loss = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        correct_k = torch.zeros((), device=self.device, dtype=torch.long)
+        n = 0
+        for x, y in batches:
+            x = self.preprocess(x, train=False) if self.preprocess else x
+            with autocast(self.device, self.precision):
+                logits = self.tb.model(x)
+            total_loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            if topk > 1:
+                top = logits.topk(topk, dim=1).indices
+                correct_k += (top == y[:, None]).any(1).sum()
+            n += y.shape[0]
+        out = {"loss": (total_loss / max(n, 1)).item(), "acc": correct.item() / max(n, 1)}
+        if topk > 1:
+            out[f"top{topk}"] = correct_k.item() / max(n, 1)
+        return out
