@@ -115,23 +115,30 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
         problems.append(f"name = {name!r}: must be a string")
         name = Path(where).stem
 
-    cards = _cards(doc.get("datasets", {}), problems)
-    axes = _axes(doc.get("axes", {}), problems)
-    defaults = _scalars(doc.get("defaults", {}), "defaults", problems)
-    smoke_over = {**SMOKE_DEFAULTS, **_scalars(doc.get("smoke", {}), "smoke", problems)}
-    run = doc.get("run", {})
+    sections = {}
+    for key in ("datasets", "axes", "defaults", "smoke", "run"):
+        sections[key] = doc.get(key, {})
+        if not isinstance(sections[key], dict):
+            problems.append(f"{key} = {sections[key]!r}: must be a table ([{key}])")
+            sections[key] = {}
+    cards = _cards(sections["datasets"], problems)
+    axes = _axes(sections["axes"], problems)
+    defaults = _scalars(sections["defaults"], "defaults", problems)
+    smoke_over = {**SMOKE_DEFAULTS, **_scalars(sections["smoke"], "smoke", problems)}
+    run = sections["run"]
     bad = sorted(set(run) - RUN_KEYS)
     if bad:
         problems.append(f"run: unknown key(s) {bad}; allowed: {sorted(RUN_KEYS)}")
     device = str(run.get("device", "auto"))
     if not device.split(":")[0] in DEVICE_PREFIXES:
         problems.append(f"run.device = {device!r}: allowed: auto, cpu, cuda, cuda:<i>, mps")
-    for req in REQUIRED_AXES:
-        if not any(req in k for k in axes) and req not in defaults:
-            problems.append(f"axes.{req} is missing: every grid names at least one {req}")
-    if problems:
+    missing = [r for r in REQUIRED_AXES if not any(r in k for k in axes) and r not in defaults]
+    for req in missing:
+        problems.append(f"axes.{req} is missing: every grid names at least one {req}")
+    if missing:
         raise GridError(where, problems)
 
+    # expansion checks every field of every cell, so one report lists every problem
     specs, varying = _expand(axes, defaults, smoke_over if smoke else {}, cards, problems)
     if problems:
         raise GridError(where, _unique(problems))
@@ -156,6 +163,9 @@ def _cards(local: dict, problems: list[str]) -> dict[str, dict]:
     cards = {}
     for n, c in {**shipped_cards(), **local}.items():
         where = f"datasets.{n}" if n in local else f"datasets/{n}.toml"
+        if not isinstance(c, dict):
+            problems.append(f"{where} = {c!r}: a dataset card is a table ([{where}])")
+            continue
         try:
             cards[n] = check_card({**c, "name": n}, where)
         except CardError as e:
@@ -168,9 +178,11 @@ def _axes(axes: dict, problems: list[str]) -> dict[tuple[str, ...], list]:
     out: dict[tuple[str, ...], list] = {}
     for key, values in axes.items():
         names = tuple(k.strip() for k in key.split(","))
-        for n in names:
-            if n not in SPEC_FIELDS:
-                problems.append(f"axes.{n}: unknown field; allowed: {', '.join(SPEC_FIELDS)}")
+        unknown = [n for n in names if n not in SPEC_FIELDS]
+        for n in unknown:
+            problems.append(f"axes.{n}: unknown field; allowed: {', '.join(SPEC_FIELDS)}")
+        if unknown:
+            continue
         if not isinstance(values, list) or not values:
             problems.append(f"axes.{key} = {values!r}: must be a non-empty list")
             continue
@@ -210,9 +222,10 @@ def _expand(axes, defaults, overrides, cards, problems) -> tuple[list[RunSpec], 
             for n, v in zip(names, row, strict=True):
                 values[n] = v
                 where[n] = f"axes.{', '.join(names) if len(names) > 1 else n}"
-        if "subset" in overrides and values.get("subset"):
-            overrides = {**overrides, "subset": min(values["subset"], overrides["subset"])}
-        values.update(overrides)
+        over = dict(overrides)
+        if "subset" in over and values.get("subset"):
+            over["subset"] = min(values["subset"], over["subset"])
+        values.update(over)
         specs += _cells(values, where, cards, problems)
     return specs, varying
 
@@ -230,7 +243,10 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str]) -> list[
         if msg:
             problems.append(f"{loc(f)}: {f} = {v!r}: {msg}")
             ok = False
+    selector = values.get("strategy", "feature_extraction")
     if not ok:
+        if values.get("backbone") not in bb.BACKBONES:  # still report a bad strategy name
+            _strategy_params(str(selector), None, loc("strategy"), problems)
         return []
     fw, backbone = values["framework"], values["backbone"]
     info = bb.get(backbone)
@@ -239,7 +255,6 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str]) -> list[
                         f"framework {fw!r} (it has: {', '.join(info.frameworks)}); drop the "
                         f"pair with coupled axes \"framework, backbone\"")
         return []
-    selector = values.get("strategy", "feature_extraction")
     combos = _strategy_params(str(selector), info, loc("strategy"), problems)
     base = {k: v for k, v in values.items() if k != "strategy"}
     for k in ("lr", "weight_decay"):
@@ -287,8 +302,10 @@ def _check_field(f: str, v, cards: dict) -> str | None:
     return None
 
 
-def _strategy_params(selector: str, info: bb.BackboneInfo, where: str,
+def _strategy_params(selector: str, info: bb.BackboneInfo | None, where: str,
                      problems: list[str]) -> list[tuple[str, dict]]:
+    """The (strategy, params) cells a selector expands to. `info` None: check the name and
+    parameter names only (the backbone is bad, so depths cannot be checked)."""
     try:
         sname, given = parse_selector(selector)
     except SelectorError as e:
@@ -304,6 +321,8 @@ def _strategy_params(selector: str, info: bb.BackboneInfo, where: str,
         if k not in allowed:
             problems.append(f"{where}: strategy = {selector!r}: unknown parameter {k!r} of "
                             f"{sname}; allowed: {', '.join(allowed) or 'none'}")
+    if info is None:
+        return []
     lists = {}
     for p in strat.params:
         vals = given.get(p.name, [] if p.default is None else [p.default])

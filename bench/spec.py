@@ -47,6 +47,8 @@ class RunSpec:
     def __post_init__(self):
         # canonical order, so equal cells compare and hash equal however they were written
         object.__setattr__(self, "strategy_params", tuple(sorted(self.strategy_params)))
+        for f in ("lr", "weight_decay"):  # lr=1 and lr=1.0 are one cell with one hash
+            object.__setattr__(self, f, float(getattr(self, f)))
 
     # ---- names -------------------------------------------------------------------------
     @property
@@ -177,6 +179,8 @@ def parse_selector(text: str) -> tuple[str, dict[str, list[object]]]:
     if not text.endswith("]") or text.count("[") != 1:
         raise SelectorError(f"malformed selector {text!r}: expected name[key=value,...]")
     name, body = text[:-1].split("[", 1)
+    if "[" in body or "]" in body:
+        raise SelectorError(f"malformed selector {text!r}: stray bracket")
     values: dict[str, list[object]] = {}
     key = None
     for token in (t.strip() for t in body.split(",")):

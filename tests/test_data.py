@@ -252,13 +252,6 @@ def test_subset_draws_stratified_train_and_val(digits):
     assert make_split(labels, 0, 10_000, SPLIT) == full
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: subset is drawn by rounding each class's share "
-                   "separately, so digits subset=300 gives 299 train+val samples (and a "
-                   "102-class dataset with subset=120 gives 102). Fix: largest-remainder "
-                   "apportionment in _stratified_take when a count is asked for: floor each "
-                   "class's share, then hand the remaining samples to the classes with the "
-                   "largest fractional parts")
 def test_subset_draws_exactly_that_many(digits):
     s = make_split(digits.labels, 0, 300, SPLIT)
     assert len(s["train"]) + len(s["val"]) == 300

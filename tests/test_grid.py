@@ -263,22 +263,11 @@ def test_several_errors_in_different_cells_are_all_reported():
     assert "'resnet19'" in msg and "'partiall'" in msg
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: errors are collected in two rounds; a problem "
-                   "in the first round (here a typo in [defaults]) hides the bad axis values "
-                   "of the second. Fix: in from_dict, do not raise before _expand when the "
-                   "required axes are present; expand, then raise once with all problems")
 def test_errors_in_defaults_and_axes_are_reported_together():
     msg = problems(doc({"backbone": ["resnet19"]}, defaults={"epoch": 3}))
     assert "defaults.epoch" in msg and "'resnet19'" in msg
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: when another field of a cell is invalid, "
-                   "_cells returns before the strategy is looked at, so an unknown strategy "
-                   "name in the same cell goes unreported. Fix: check the strategy name (and "
-                   "parse the selector) before returning; only the depth range needs a valid "
-                   "backbone")
 def test_unknown_strategy_reported_alongside_unknown_backbone():
     msg = problems(doc({"backbone": ["resnet19"], "strategy": ["partiall"]}))
     assert "'resnet19'" in msg and "'partiall'" in msg
@@ -292,11 +281,6 @@ def test_unknown_strategy_reported_alongside_unknown_backbone():
                   "datasets": {"p": {"source": "sklearn_digits", "split": 0.2}}},
                  id="card-split-not-a-table"),
 ])
-@pytest.mark.xfail(strict=True, raises=(AttributeError, TypeError),
-                   reason="BUG: a section of the wrong TOML type crashes with "
-                   "AttributeError/TypeError instead of a GridError naming it. Fix: check "
-                   "isinstance(..., dict) for axes/defaults/smoke/run/datasets tables (and a "
-                   "card's split in check_card) and add a problem line")
 def test_wrongly_typed_sections_are_grid_errors(d):
     with pytest.raises(GridError):
         from_dict(d, "x.toml")
@@ -368,12 +352,6 @@ def test_smoke_shrinks_any_grid():
     assert g.name == "x-smoke"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="BUG: _expand reassigns `overrides` inside the loop, "
-                   "so the smoke subset of one cell (min(50, 120) = 50) leaks into every "
-                   "later cell; subset=[50, 500] under --smoke gives one cell, not two. Fix: "
-                   "compute a per-combination copy (over = dict(overrides)) instead of "
-                   "rebinding overrides")
 def test_smoke_subset_is_per_cell():
     g = from_dict(doc({"subset": [50, 500, 0]}), "x.toml", smoke=True)
     assert sorted(s.subset for s in g.specs) == [50, 120]

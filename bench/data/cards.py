@@ -46,7 +46,10 @@ def check_card(card: dict, where: str) -> dict:
     if src == "image_folder" and not isinstance(card.get("root"), str):
         raise CardError(f"{where}.root: an image_folder dataset needs root = "
                         f"\"path/to/root\" (laid out root/<class>/<image>)")
-    split = dict(card.get("split", {}))
+    split = card.get("split", {})
+    if not isinstance(split, dict):
+        raise CardError(f"{where}.split = {split!r}: must be a table ([split])")
+    split = dict(split)
     unknown = set(split) - SPLIT_KEYS
     if unknown:
         raise CardError(f"{where}.split: unknown key(s) {sorted(unknown)}; allowed: "

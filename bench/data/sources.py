@@ -67,12 +67,12 @@ def load(card: dict) -> DataSource:
 # ---- shipped inside PyPI packages (offline) ------------------------------------------------
 @source("sklearn_digits")
 def _digits(card: dict) -> DataSource:
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    # 8x8 intensities 0..16 -> 0..255 grey
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-    return DataSource(card["name"], d.target.astype(np.int64), [str(c) for c in range(10)],
+    # the file behind sklearn.datasets.load_digits (64 pixels 0..16 + label per row), read
+    # directly: importing scikit-learn costs a cell ~3 s of start-up
+    path = package_file("scikit-learn", "datasets/data/digits.csv.gz")
+    raw = np.loadtxt(path, delimiter=",", dtype=np.float64)
+    images = np.round(raw[:, :-1] * (255.0 / 16.0)).astype(np.uint8).reshape(-1, 8, 8, 1)
+    return DataSource(card["name"], raw[:, -1].astype(np.int64), [str(c) for c in range(10)],
                       images=images)
 
 

@@ -14,15 +14,20 @@ from bench.paths import atomic_write_text, cache_dir
 
 def _stratified_take(labels: np.ndarray, idx: np.ndarray, fraction: float,
                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Split `idx` into (taken, rest) with `fraction` of every class taken."""
+    """Split `idx` into (taken, rest): round(fraction * len(idx)) samples in all, shared
+    between classes by largest remainder so each class gets its proportional share."""
+    classes, counts = np.unique(labels[idx], return_counts=True)
+    want = fraction * counts
+    k = np.floor(want).astype(int)
+    left = int(round(fraction * len(idx))) - k.sum()
+    k[np.argsort(-(want - k), kind="stable")[:max(left, 0)]] += 1
+    if fraction > 0:  # keep one of each class on both sides where the class allows it
+        k = np.where(counts > 1, np.clip(k, 1, counts - 1), k)
     taken, rest = [], []
-    for c in np.unique(labels[idx]):
+    for c, kc in zip(classes, k, strict=True):
         members = rng.permutation(idx[labels[idx] == c])
-        k = int(round(fraction * len(members)))
-        if fraction > 0 and len(members) > 1:
-            k = min(max(k, 1), len(members) - 1)  # keep one of each class on both sides
-        taken.append(members[:k])
-        rest.append(members[k:])
+        taken.append(members[:kc])
+        rest.append(members[kc:])
     return np.sort(np.concatenate(taken)), np.sort(np.concatenate(rest))
 
 
