@@ -61,7 +61,10 @@ class Progress:
         avg = sum(self.done_seconds) / len(self.done_seconds)
         return _fmt_s((cell_left or avg) + avg * max(remaining_cells - 1, 0))
 
-    def line(self, text: str, live: bool = False) -> None:
+    def line(self, text: str, live: bool = False, quiet: bool = False) -> None:
+        """`live`: overwrite the line on a terminal; `quiet`: skip it in a log."""
+        if quiet and not self.tty:
+            return
         if self.tty and live:
             self.stream.write("\r\033[K" + text[: os.get_terminal_size().columns - 1])
         else:
@@ -123,7 +126,7 @@ def run_cell(exp_id: str, parent: str, grid: Grid, spec: RunSpec, index: int,
         job.write_text(json.dumps({"spec": spec.to_params(), "card": grid.cards[spec.dataset],
                                    "device": grid.device}))
         log_path = Path(tmp) / "cell.log"
-        progress.line(f"{head}  starting", live=True)
+        progress.line(f"{head}  starting", live=True, quiet=True)
         try:
             rc, error = _supervise(job, log_path, run_id, outcome, head, progress,
                                    len(progress.done_seconds), started)
@@ -202,7 +205,7 @@ def _supervise(job: Path, log_path: Path, run_id: str, outcome: Outcome, head: s
                     log.write(ev.get("traceback", ""))
                 elif kind == "progress":
                     progress.line(_progress_text(head, ev, progress, cells_done, started),
-                                  live=True)
+                                  live=True, quiet="val_acc" not in ev)
         rc = proc.wait()
     except BaseException:
         proc.terminate()

@@ -135,7 +135,11 @@ def build(name: str, weights: str, num_classes: int, head: str = "linear") -> To
 def load_weights_file(path: str) -> dict:
     """A state dict from a file, loaded safely (no pickled code)."""
     p = Path(path).expanduser()
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, another format, a pickle with code in it
+        raise ValueError(f"weights file {str(p)!r} could not be loaded as a PyTorch state "
+                         f"dict with weights_only=True ({type(e).__name__}: {e})") from e
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):

@@ -1,0 +1,84 @@
+"""Sessions: tests, bench, report, ui, lint.
+
+    nox -s bench                      # the offline default grid (bench/grids/default.toml)
+    nox -s bench -- path/to/grid.toml # another grid; add --smoke, --dry-run, --device cuda:1
+    nox -s report                     # tables from MLflow (default: the default grid)
+    nox -s ui                         # the MLflow UI on http://127.0.0.1:5000
+    nox -s tests                      # the test suite
+    nox -s lint
+
+Every session shares one environment, .nox/tlbench, installed from pyproject.toml and
+re-installed only when pyproject.toml changes: PyTorch is several GB, and installing it once
+per session would make every command slow.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+ENV = ROOT / ".nox" / "tlbench"
+EXTRAS = "torch,test,lint"
+nox.options.sessions = ["tests"]
+
+
+def _python(session: nox.Session) -> str:
+    """The shared environment's python, created or updated as pyproject.toml requires."""
+    py = ENV / "bin" / "python"
+    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes() + EXTRAS.encode()).hexdigest()
+    stamp = ENV / ".installed"
+    if not py.exists():
+        session.run(sys.executable, "-m", "venv", str(ENV), external=True)
+    if not stamp.exists() or stamp.read_text() != want:
+        session.run(str(py), "-m", "pip", "install", "--quiet", "--upgrade", "pip",
+                    external=True)
+        session.run(str(py), "-m", "pip", "install", "--quiet", "-e", f".[{EXTRAS}]",
+                    external=True)
+        stamp.write_text(want)
+    return str(py)
+
+
+def _run(session: nox.Session, *args: str) -> None:
+    env = {"PYTHONPATH": str(ROOT)}
+    session.run(_python(session), *args, external=True, env=env)
+
+
+@nox.session(python=False)
+def tests(session: nox.Session) -> None:
+    """The test suite (pytest; pass pytest options after --)."""
+    _run(session, "-m", "pytest", *(session.posargs or ["-q"]))
+
+
+@nox.session(python=False)
+def bench(session: nox.Session) -> None:
+    """Run a grid (default: bench/grids/default.toml) and print the comparison table."""
+    args = session.posargs
+    if not args or args[0].startswith("-"):
+        args = ["default", *args]
+    _run(session, "-m", "bench", "run", *args)
+
+
+@nox.session(python=False)
+def report(session: nox.Session) -> None:
+    """Comparison tables from MLflow into reports/ (default: the default grid)."""
+    _run(session, "-m", "bench", "report", *session.posargs)
+
+
+@nox.session(python=False)
+def ui(session: nox.Session) -> None:
+    """The MLflow UI on 127.0.0.1 (MLFLOW_TRACKING_URI or the default local store)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI", f"sqlite:///{ROOT / 'mlflow.db'}")
+    _run(session, "-m", "mlflow", "ui", "--host", "127.0.0.1", "--port",
+         os.environ.get("MLFLOW_PORT", "5000"), "--backend-store-uri", uri,
+         *session.posargs)
+
+
+@nox.session(python=False)
+def lint(session: nox.Session) -> None:
+    """ruff on the code and tests."""
+    _run(session, "-m", "ruff", "check", "bench", "strategies", "tests", "noxfile.py")

@@ -1,0 +1,171 @@
+"""The runner end to end on tiny real cells: MLflow records, failures, resume, a killed grid.
+
+Each test gets its own MLflow store (sqlite in tmp) and dataset cache; cells are ResNet-18 on
+40 digits at 16 px for one epoch, a few seconds each on a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from bench import grid as gridmod
+from bench import runner, tracking
+from bench.paths import ROOT
+
+pytestmark = pytest.mark.slow
+
+GRID = """
+name = "{name}"
+[axes]
+framework = ["torch"]
+backbone = ["resnet18"]
+weights = {weights}
+strategy = {strategies}
+dataset = ["digits"]
+seed = [0]
+[defaults]
+subset = 40
+image_size = 16
+batch_size = 16
+epochs = 1
+device = "cpu"
+"""
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def write_grid(path: Path, name: str, weights='["none"]',
+               strategies='["feature_extraction", "full"]') -> Path:
+    text = GRID.format(name=name, weights=weights, strategies=strategies)
+    text = text.replace('device = "cpu"\n', "") + '[run]\ndevice = "cpu"\n'
+    path.write_text(text)
+    return path
+
+
+def runs_by_status(exp_name: str) -> dict[str, list]:
+    exp_id = tracking.experiment_id(exp_name, create=False)
+    out: dict[str, list] = {}
+    for r in tracking.cell_runs(exp_id):
+        out.setdefault(r.info.status, []).append(r)
+    return out
+
+
+def test_failing_cell_is_recorded_and_the_grid_goes_on(store):
+    bad = store / "broken.pt"
+    bad.write_bytes(b"this is not a checkpoint")
+    path = write_grid(store / "g.toml", "g1", weights=f'["none", "{bad}"]',
+                      strategies='["feature_extraction"]')
+    g = gridmod.load(path)
+    result = runner.run_grid(g, path.read_text(), stream=sys.stdout)
+    statuses = sorted(o.status for o in result.outcomes)
+    assert statuses == ["FAILED", "FINISHED"]
+    failed = result.failed[0]
+    assert failed.spec.weights == str(bad)
+    runs = runs_by_status("g1")
+    assert len(runs["FINISHED"]) == 1 and len(runs["FAILED"]) == 1
+    run = runs["FAILED"][0]
+    assert run.data.tags["tlbench.error"]  # the error as a tag, readable in the UI list
+    c = tracking.client()
+    arts = {a.path for a in c.list_artifacts(run.info.run_id)}
+    assert {"error.txt", "cell.log", "spec.json"} <= arts
+    tb = Path(c.download_artifacts(run.info.run_id, "error.txt", str(store))).read_text()
+    assert "Traceback" in tb and "could not be loaded" in tb and str(bad) in tb
+    ok = runs["FINISHED"][0]
+    m = ok.data.metrics
+    for key in ("test_acc", "best_val_acc", "train_loss", "val_acc", "trainable_params",
+                "total_params", "model_only_train_images_per_sec", "inference_images_per_sec",
+                "wall_seconds", "startup_seconds", "peak_memory_mb"):
+        assert key in m, key
+    assert 0 <= m["test_acc"] <= 1
+    assert ok.data.params["backbone"] == "resnet18"
+    assert ok.data.tags["tlbench.device"].startswith("cpu")
+    assert ok.data.tags["mlflow.parentRunId"] == result.parent_run_id
+    parent = c.get_run(result.parent_run_id)
+    assert parent.info.status == "FAILED" and parent.data.tags["tlbench.failed"] == "1"
+
+
+def test_resume_skips_finished_cells(store):
+    path = write_grid(store / "g.toml", "g2")
+    g = gridmod.load(path)
+    first = runner.run_grid(g, path.read_text(), stream=sys.stdout)
+    assert [o.status for o in first.outcomes] == ["FINISHED", "FINISHED"]
+    second = runner.run_grid(g, path.read_text(), stream=sys.stdout)
+    assert [o.status for o in second.outcomes] == ["SKIPPED", "SKIPPED"]
+    assert second.parent_run_id is None  # nothing to do: no empty parent run either
+    runs = runs_by_status("g2")
+    assert len(runs["FINISHED"]) == 2 and set(runs) == {"FINISHED"}
+
+
+def test_killed_grid_resumes_without_duplicates(store):
+    path = write_grid(store / "g.toml", "g3",
+                      strategies='["feature_extraction", "partial[depth=1]", "full"]')
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, "-m", "bench", "run", str(path)]
+    proc = subprocess.Popen(cmd, env=env, cwd=store, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # kill the runner once a cell is done, mid-grid
+            exp_id = tracking.experiment_id("g3", create=False)
+            if exp_id and tracking.cell_runs(exp_id, "FINISHED"):
+                break
+            time.sleep(0.5)
+        else:
+            pytest.fail("no cell finished in time")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    before = runs_by_status("g3")
+    n_finished_before = len(before.get("FINISHED", []))
+    assert 1 <= n_finished_before < 3
+    done = subprocess.run(cmd, env=env, cwd=store, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    after = runs_by_status("g3")
+    hashes = [r.data.tags["tlbench.spec_hash"] for r in after["FINISHED"]]
+    assert len(hashes) == 3 and len(set(hashes)) == 3  # each cell finished exactly once
+    assert "RUNNING" not in after  # the interrupted cell's run was closed as KILLED
+    assert len(after.get("KILLED", [])) == len(before.get("RUNNING", []))
+    assert f"{n_finished_before} already finished" in done.stderr
+
+
+def test_bad_grid_writes_nothing(store):
+    path = store / "bad.toml"
+    path.write_text(textwrap.dedent("""
+        [axes]
+        framework = ["torch"]
+        backbone = ["resnet19"]
+        dataset = ["digits"]
+    """))
+    done = subprocess.run([sys.executable, "-m", "bench", "run", str(path)], cwd=store,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert "resnet19" in done.stderr and "resnet18" in done.stderr
+    assert not (store / "mlflow.db").exists() and not (store / "mlruns").exists()
+
+
+def test_dry_run_lists_cells_without_running(store):
+    path = write_grid(store / "g.toml", "g4")
+    done = subprocess.run([sys.executable, "-m", "bench", "run", str(path), "--dry-run"],
+                          cwd=store, env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch/resnet18/feature_extraction/digits[n=40]/seed0" in done.stdout
+    assert "torch/resnet18/full/digits[n=40]/seed0" in done.stdout
+    assert not (store / "mlflow.db").exists()
