@@ -45,8 +45,14 @@ class RunSpec:
     seed: int = 0
 
     def __post_init__(self):
-        # canonical order, so equal cells compare and hash equal however they were written
-        object.__setattr__(self, "strategy_params", tuple(sorted(self.strategy_params)))
+        # defaults filled in and sorted, so equal cells compare and hash equal however they
+        # were written (`two_stage[depth=2]` with or without its lr_scale spelled out)
+        from strategies import registry
+
+        params = dict(self.strategy_params)
+        if self.strategy in registry.STRATEGIES:
+            params = registry.get(self.strategy).with_defaults(params)
+        object.__setattr__(self, "strategy_params", tuple(sorted(params.items())))
         for f in ("lr", "weight_decay"):  # lr=1 and lr=1.0 are one cell with one hash
             object.__setattr__(self, f, float(getattr(self, f)))
 

@@ -65,9 +65,13 @@ class Strategy:
                 return p
         raise KeyError(name)
 
+    def with_defaults(self, params: dict) -> dict:
+        """`params` with every parameter that has a default filled in."""
+        return {**{p.name: p.default for p in self.params if p.default is not None}, **params}
+
     def phases(self, params: dict, epochs: int) -> list[tuple[Phase, int]]:
         """The phases with their epoch counts for a cell of `epochs` epochs."""
-        phases = self.build_phases(params)
+        phases = self.build_phases(self.with_defaults(params))
         return [(ph, max(1, round(ph.epoch_share * epochs))) for ph in phases]
 
 

@@ -198,3 +198,13 @@ def test_parse_selector(text, expected):
 def test_parse_selector_refuses_malformed(text):
     with pytest.raises(SelectorError, match="malformed selector"):
         parse_selector(text)
+
+
+def test_strategy_defaults_are_filled_so_equal_cells_hash_equal():
+    short = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
+                    strategy="two_stage", strategy_params=(("depth", 2),))
+    spelled = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
+                      strategy="two_stage", strategy_params=(("depth", 2), ("lr_scale", 0.01),
+                                                             ("head_share", 0.5), ("bn", "frozen")))
+    assert short == spelled and short.hash == spelled.hash
+    assert short.name == "torch/resnet18/two_stage[depth=2]/digits/seed0"

@@ -157,7 +157,7 @@ def imagenet_state_dict(name: str) -> dict:
     folder = Path(get_dir()) / "checkpoints"
     filename = os.path.basename(w.url)
     try:
-        return w.get_state_dict(progress=False, check_hash=True)
+        return w.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except Exception as e:  # URLError, socket errors, hash mismatch of a partial file
         raise WeightsUnavailable(
             f"ImageNet weights for {name} are not in torchvision's cache and could not be "

@@ -48,7 +48,7 @@ class _ItemDataset(Dataset):
         if isinstance(item, str):
             with Image.open(item) as im:
                 # the seeds' flow_from_directory(target_size=...) resizes without cropping
-                arr = np.asarray(im.convert("RGB").resize((self.size, self.size),
+                arr = np.array(im.convert("RGB").resize((self.size, self.size),
                                                           Image.BILINEAR))
             x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         else:

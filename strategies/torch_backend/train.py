@@ -23,6 +23,9 @@ _NORMS = (nn.modules.batchnorm._BatchNorm,)
 def trainable_blocks(tb: TorchBackbone, phase: Phase) -> list[str]:
     names = list(tb.block_map.blocks)
     k = len(names) if phase.trainable_blocks in (ALL, "all") else int(phase.trainable_blocks)
+    if not 0 <= k <= len(names):
+        raise ValueError(f"{tb.name}: {k} trainable blocks asked, it has {len(names)}: "
+                         f"{', '.join(names)}")
     return names[len(names) - k:] if k else []
 
 

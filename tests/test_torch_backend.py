@@ -1,0 +1,604 @@
+"""The PyTorch backend (strategies/torch_backend/): block maps, frozen-means-frozen, weights,
+the data adapter and one cell end to end. Real tiny models and tensors, CPU only, offline."""
+
+from __future__ import annotations
+
+import json
+import math
+import pickle
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from bench.cell import CellContext
+from bench.data import check_card, shipped_cards
+from bench.spec import RunSpec
+from strategies import backbones as catalog
+from strategies import registry
+from strategies.torch_backend import run_cell
+from strategies.torch_backend.backbones import (
+    BLOCK_MAPS,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WeightsUnavailable,
+    build,
+    imagenet_state_dict,
+    load_weights_file,
+)
+from strategies.torch_backend.data import Batches, Preprocess, random_translate, to_chw_uint8
+from strategies.torch_backend.train import (
+    Trainer,
+    apply_phase,
+    set_train_mode,
+    trainable_blocks,
+)
+
+CPU = torch.device("cpu")
+NUM_CLASSES = 3
+SIZE = 32
+_BN = torch.nn.modules.batchnorm._BatchNorm
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: these models are tiny, and on a shared 2-core machine two OpenMP
+    threads spin against any other busy process (measured: a resnet18 step 0.23 s with one
+    thread, 4.2 s with two, next to a running grid)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def owner_of(tb, name: str) -> str:
+    """The block (or 'head') a parameter/buffer name belongs to, by the block map's prefixes."""
+    prefixes = [(p, b) for b, ps in tb.block_map.blocks.items() for p in ps]
+    prefixes.append((tb.block_map.classifier, "head"))
+    hits = [b for p, b in prefixes if name == p or name.startswith(p + ".")]
+    assert len(hits) == 1, f"{name}: owners {hits}"
+    return hits[0]
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def changed(before: dict, model: torch.nn.Module) -> set[str]:
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    return {k for k in before if not torch.equal(before[k], after[k])}
+
+
+def fake_batches(n_batches: int, batch: int = 8, size: int = SIZE, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=g),
+             torch.randint(0, NUM_CLASSES, (batch,), generator=g)) for _ in range(n_batches)]
+
+
+def test_params(strategy: registry.Strategy) -> dict:
+    """Defaults, plus a value for every required parameter (depth=2)."""
+    out = {}
+    for p in strategy.params:
+        if p.default is not None:
+            out[p.name] = p.default
+        elif p.kind == "depth":
+            out[p.name] = 2
+        elif p.kind == "choice":
+            out[p.name] = p.choices[0]
+        elif p.kind in ("int", "float"):
+            out[p.name] = (int if p.kind == "int" else float)(
+                p.minimum if p.minimum is not None else 1)
+        else:
+            pytest.fail(f"{strategy.name}: no test value for required param {p.name!r}")
+    return out
+
+
+test_params.__test__ = False  # a helper, not a test
+
+
+# ---- 1. block names match the catalog ---------------------------------------------------------
+def test_block_maps_match_catalog():
+    torch_backbones = {n for n, b in catalog.BACKBONES.items() if "torch" in b.frameworks}
+    assert set(BLOCK_MAPS) == torch_backbones
+    for name, bmap in BLOCK_MAPS.items():
+        assert tuple(bmap.blocks) == catalog.BACKBONES[name].blocks, name
+        assert all(bmap.blocks.values()), f"{name}: a block with no modules"
+
+
+def test_build_unknown_backbone():
+    with pytest.raises(KeyError, match="no PyTorch block map"):
+        build("resnet1000", "none", NUM_CLASSES)
+
+
+# ---- 2. every parameter has exactly one owner -------------------------------------------------
+@pytest.mark.parametrize("name", sorted(BLOCK_MAPS))
+def test_block_map_covers_every_parameter(name):
+    torch.manual_seed(0)
+    tb = build(name, "none", NUM_CLASSES)
+    owners = tb.param_owner()
+    blocks = list(tb.block_map.blocks)
+    assert set(owners) == {n for n, _ in tb.model.named_parameters()}
+    bad = {n: o for n, o in owners.items() if o not in blocks and o != "head"}
+    assert not bad, f"parameters without exactly one owner: {bad}"
+    for b in blocks:
+        assert any(o == b for o in owners.values()), f"block {b} owns no parameter"
+    # buffers (BN running stats) are covered by the same prefixes
+    for n, _ in tb.model.named_buffers():
+        owner_of(tb, n)
+
+    # the head is exactly the new one
+    head = tb.head
+    assert isinstance(head, torch.nn.Linear)
+    assert head.out_features == NUM_CLASSES and head.in_features == tb.block_map.features
+    head_params = {f"{tb.block_map.classifier}.{n}" for n, _ in head.named_parameters()}
+    assert {n for n, o in owners.items() if o == "head"} == head_params
+
+    tb.model.eval()
+    with torch.no_grad():
+        out = tb.model(torch.randn(2, 3, SIZE, SIZE))
+    assert out.shape == (2, NUM_CLASSES)
+
+
+def test_mlp_head_is_owned_by_head():
+    tb = build("resnet18", "none", NUM_CLASSES, head="mlp")
+    owners = tb.param_owner()
+    head_names = {n for n, o in owners.items() if o == "head"}
+    assert len(head_names) == 6  # three Linear layers, weight + bias each
+    assert all(n.startswith("fc.") for n in head_names)
+    assert set(owners.values()) == set(tb.block_map.blocks) | {"head"}
+    tb.model.eval()
+    with torch.no_grad():
+        assert tb.model(torch.randn(2, 3, SIZE, SIZE)).shape == (2, NUM_CLASSES)
+
+
+# ---- 3. every registered strategy trains ------------------------------------------------------
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v3_small"])
+@pytest.mark.parametrize("strategy_name", sorted(registry.STRATEGIES))
+def test_every_strategy_trains_one_step(strategy_name, backbone):
+    torch.manual_seed(0)
+    strategy = registry.get(strategy_name)
+    phases = strategy.phases(test_params(strategy), epochs=2)
+    assert phases
+    tb = build(backbone, "none", NUM_CLASSES)
+    trainer = Trainer(tb, CPU)
+    (x, y), = fake_batches(1, batch=4)
+    owners = tb.param_owner()
+    by_name = dict(tb.model.named_parameters())
+    for phase, n_epochs in phases:
+        assert n_epochs >= 1
+        params = apply_phase(tb, phase)
+        expected = set(trainable_blocks(tb, phase)) | {"head"}
+        assert {id(p) for p in params} == {id(by_name[n]) for n, o in owners.items()
+                                           if o in expected}
+        set_train_mode(tb, phase)
+        before = tb.head.weight.detach().clone()
+        opt = torch.optim.Adam(params, lr=1e-3 * phase.lr_scale)
+        loss, logits = trainer.step(opt, x, y)
+        assert math.isfinite(loss.item())
+        assert logits.shape == (4, NUM_CLASSES)
+        assert not torch.equal(before, tb.head.weight)
+
+
+def test_strategy_phases_fill_defaults():
+    phases = registry.get("two_stage").phases({"depth": 2}, epochs=2)
+    assert phases == registry.get("two_stage").phases(
+        test_params(registry.get("two_stage")) | {"depth": 2}, epochs=2)
+
+
+# ---- 4. frozen means frozen, bit for bit ------------------------------------------------------
+CASES = {
+    "partial": ("partial", {"depth": 2, "bn": "train"}),
+    "feature_extraction": ("feature_extraction", {}),
+    "partial_bn_frozen": ("partial", {"depth": 2, "bn": "frozen"}),
+}
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "mobilenet_v2"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_frozen_means_frozen(backbone, case):
+    torch.manual_seed(0)
+    strategy_name, params = CASES[case]
+    (phase, _), = registry.get(strategy_name).phases(params, epochs=1)
+    tb = build(backbone, "none", NUM_CLASSES)
+    trainer = Trainer(tb, CPU)
+    trainable = set(trainable_blocks(tb, phase))
+    if backbone == "resnet18" and case != "feature_extraction":
+        assert trainable == {"stage3", "stage4"}
+    opt = torch.optim.Adam(apply_phase(tb, phase), lr=1e-2)
+    before = snapshot(tb.model)
+    batches = fake_batches(3)
+    # the real loop: an epoch, an evaluation (eval mode), another epoch (train mode again)
+    trainer.train_epoch(phase, opt, batches[:2])
+    trainer.evaluate(batches[:1])
+    trainer.train_epoch(phase, opt, batches[2:])
+    diff = changed(before, tb.model)
+
+    by_owner: dict[str, list[str]] = {}
+    for k in before:
+        by_owner.setdefault(owner_of(tb, k), []).append(k)
+    params = {n for n, _ in tb.model.named_parameters()}
+    bn_prefixes = {n for n, m in tb.model.named_modules() if isinstance(m, _BN)}
+    for block, keys in by_owner.items():
+        moved = [k for k in keys if k in diff]
+        if block not in trainable and block != "head":
+            assert not moved, f"frozen block {block} changed: {moved[:5]}"
+            continue
+        assert any(k in params for k in moved), f"trainable {block} did not change"
+        if block == "head":
+            continue
+        stats = [k for k in keys if k.rpartition(".")[0] in bn_prefixes
+                 and k.rpartition(".")[2] in ("running_mean", "running_var",
+                                              "num_batches_tracked")]
+        assert stats, f"{block} has no BatchNorm"
+        conv_weights = [k for k in keys if k in params and before[k].dim() == 4]
+        assert any(k in diff for k in conv_weights), f"{block}: no conv weight changed"
+        if phase.bn == "frozen":
+            assert not [k for k in stats if k in diff], f"{block}: BN stats moved (bn=frozen)"
+        else:
+            assert any(k in diff for k in stats if k.endswith("running_mean"))
+            assert any(k in diff for k in stats if k.endswith("running_var"))
+            for k in stats:
+                if k.endswith("num_batches_tracked"):
+                    assert tb.model.state_dict()[k].item() == before[k].item() + 3
+    assert "head" in by_owner
+
+
+@pytest.mark.parametrize("bn", ["train", "frozen"])
+def test_set_train_mode_puts_frozen_bn_in_eval(bn):
+    tb = build("resnet18", "none", NUM_CLASSES)
+    phase = registry.Phase(2, bn=bn)
+    apply_phase(tb, phase)
+    tb.model.eval()  # as evaluate() leaves it
+    set_train_mode(tb, phase)
+    trainable = set(trainable_blocks(tb, phase))
+    assert trainable == {"stage3", "stage4"}
+    seen = set()
+    for block in tb.block_map.blocks:
+        for m in tb.block_modules(block):
+            for sub in m.modules():
+                if isinstance(sub, _BN):
+                    seen.add(block)
+                    want = block in trainable and bn == "train"
+                    assert sub.training is want, (block, bn)
+    assert seen == set(tb.block_map.blocks)
+    assert tb.head.training
+
+
+# ---- 5. two_stage -----------------------------------------------------------------------------
+def test_two_stage_phases_and_training():
+    torch.manual_seed(0)
+    strategy = registry.get("two_stage")
+    phases = strategy.phases(test_params(strategy) | {"depth": 2}, epochs=2)
+    assert [(ph.name, n) for ph, n in phases] == [("head", 1), ("finetune", 1)]
+    (head, _), (fine, _) = phases
+    assert head.trainable_blocks == 0 and head.lr_scale == 1.0
+    assert fine.lr_scale == 0.01 and fine.bn == "frozen"
+
+    tb = build("resnet18", "none", NUM_CLASSES)
+    assert trainable_blocks(tb, head) == []
+    assert trainable_blocks(tb, fine) == ["stage3", "stage4"]
+    trainer = Trainer(tb, CPU)
+    batches = fake_batches(2)
+    original = snapshot(tb.model)
+    lr = 1e-2
+
+    def blocks_changed(diff):
+        return {owner_of(tb, k) for k in diff}
+
+    opt = torch.optim.Adam(apply_phase(tb, head), lr=lr * head.lr_scale)
+    trainer.train_epoch(head, opt, batches[:1])
+    after_head = snapshot(tb.model)
+    assert blocks_changed(changed(original, tb.model)) == {"head"}
+    trainer.evaluate(batches[:1])
+
+    opt = torch.optim.Adam(apply_phase(tb, fine), lr=lr * fine.lr_scale)
+    trainer.train_epoch(fine, opt, batches[1:])
+    diff = changed(after_head, tb.model)
+    assert blocks_changed(diff) == {"stage3", "stage4", "head"}
+    assert not any(k.endswith(("running_mean", "running_var", "num_batches_tracked"))
+                   for k in diff), "bn='frozen' must keep the unfrozen blocks' statistics"
+    assert not {owner_of(tb, k) for k in changed(original, tb.model)} & {
+        "stem", "stage1", "stage2"}
+
+
+# ---- 6. weights -------------------------------------------------------------------------------
+_PWNED: list[str] = []
+
+
+def _record(what: str) -> str:
+    _PWNED.append(what)
+    return what
+
+
+class _Evil:
+    def __reduce__(self):
+        return (_record, ("unpickled code ran",))
+
+
+def _assert_backbone_equal(tb, sd: dict):
+    got = tb.model.state_dict()
+    for k, v in sd.items():
+        if k.startswith("fc."):
+            continue
+        assert torch.equal(got[k], v), k
+    assert tb.head.weight.shape == (NUM_CLASSES, 512)
+
+
+def test_weights_from_file(tmp_path):
+    torch.manual_seed(1)
+    sd = torchvision.models.resnet18().state_dict()
+    path = tmp_path / "w.pt"
+    torch.save(sd, path)
+    _assert_backbone_equal(build("resnet18", str(path), NUM_CLASSES), sd)
+    wrapped = tmp_path / "wrapped.pt"
+    torch.save({"state_dict": sd}, wrapped)
+    _assert_backbone_equal(build("resnet18", str(wrapped), NUM_CLASSES), sd)
+    # a fresh random init differs, so the equality above is not vacuous
+    fresh = build("resnet18", "none", NUM_CLASSES).model.state_dict()
+    assert not torch.equal(fresh["conv1.weight"], sd["conv1.weight"])
+
+
+def test_weights_file_not_a_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    with pytest.raises(ValueError, match="expected a state dict, got list"):
+        load_weights_file(str(path))
+    with pytest.raises(ValueError):
+        build("resnet18", str(path), NUM_CLASSES)
+
+
+def test_weights_file_is_loaded_weights_only(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"w": _Evil()}, path)
+    _PWNED.clear()
+    with pytest.raises((pickle.UnpicklingError, RuntimeError, ValueError)) as info:
+        load_weights_file(str(path))
+    assert "weights_only" in str(info.value) or "Weights only" in str(info.value)
+    assert _PWNED == []
+    # control: the same file unpickled unsafely does run the code
+    torch.load(path, weights_only=False)
+    assert _PWNED == ["unpickled code ran"]
+    _PWNED.clear()
+
+
+@pytest.fixture
+def offline(monkeypatch):
+    """Any download fails fast: every proxy points at a closed local port (urllib honours
+    them; checked: connection refused in ~0.1 s), no_proxy cannot bypass it, and a socket
+    timeout bounds any connect that slips through."""
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5)
+    yield
+    socket.setdefaulttimeout(old)
+
+
+RESNET18_FILE = Path(torchvision.models.ResNet18_Weights.DEFAULT.url).name
+
+
+def test_imagenet_weights_from_torch_cache(tmp_path, monkeypatch, offline):
+    assert RESNET18_FILE == "resnet18-f37072fd.pth"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    assert Path(torch.hub.get_dir()) == tmp_path / "th" / "hub"  # read at call time
+    folder = tmp_path / "th" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.manual_seed(2)
+    sd = torchvision.models.resnet18().state_dict()
+    torch.save(sd, folder / RESNET18_FILE)
+    got = imagenet_state_dict("resnet18")
+    assert got.keys() == sd.keys()
+    _assert_backbone_equal(build("resnet18", "imagenet", NUM_CLASSES), sd)
+
+
+def test_imagenet_weights_missing_offline(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    folder = tmp_path / "empty" / "hub" / "checkpoints"
+    t0 = time.perf_counter()
+    with pytest.raises(WeightsUnavailable) as info:
+        imagenet_state_dict("resnet18")
+    assert time.perf_counter() - t0 < 30
+    msg = str(info.value)
+    assert RESNET18_FILE in msg and str(folder) in msg
+    assert not (folder / RESNET18_FILE).exists()
+    with pytest.raises(WeightsUnavailable):
+        build("resnet18", "imagenet", NUM_CLASSES)
+
+
+def test_imagenet_cache_is_loaded_weights_only(tmp_path, monkeypatch, offline):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    folder = tmp_path / "th" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save({"w": _Evil()}, folder / RESNET18_FILE)
+    _PWNED.clear()
+    try:
+        imagenet_state_dict("resnet18")
+    except Exception:  # noqa: BLE001 - refusing the file is the right outcome
+        pass
+    ran = list(_PWNED)
+    _PWNED.clear()
+    assert ran == []
+
+
+# ---- 7. data adapter --------------------------------------------------------------------------
+def test_to_chw_uint8_grayscale():
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, (5, 8, 8, 1), dtype=np.uint8)
+    x = to_chw_uint8(imgs, 32)
+    assert x.shape == (5, 3, 32, 32) and x.dtype == torch.uint8
+    assert torch.equal(x[:, 0], x[:, 1]) and torch.equal(x[:, 1], x[:, 2])
+    same = to_chw_uint8(imgs, 8)  # no resize: the pixels themselves
+    assert torch.equal(same[:, 0], torch.from_numpy(imgs[..., 0]))
+
+
+def _constant_images(n: int, size: int = 6) -> np.ndarray:
+    return np.broadcast_to(np.arange(n, dtype=np.uint8)[:, None, None, None],
+                           (n, size, size, 3)).copy()
+
+
+def _epoch(b: Batches):
+    xs, ys = zip(*b, strict=True)
+    return torch.cat(xs), torch.cat(ys)
+
+
+def test_batches_resident_shuffled_epochs():
+    n = 21
+    imgs, labels = _constant_images(n), np.arange(n)
+    b = Batches(imgs, labels, 8, 4, CPU, shuffle=True, seed=3)
+    assert b.resident and b.loader is None and len(b) == 6
+    x1, y1 = _epoch(b)
+    assert x1.shape == (n, 3, 8, 8) and x1.dtype == torch.uint8
+    assert sorted(y1.tolist()) == list(range(n))
+    assert torch.equal(x1[:, 0, 0, 0].long(), y1)  # images stay with their labels
+    assert y1.tolist() != list(range(n))  # shuffled
+    x2, y2 = _epoch(b)
+    assert sorted(y2.tolist()) == list(range(n)) and y2.tolist() != y1.tolist()
+    again = Batches(imgs, labels, 8, 4, CPU, shuffle=True, seed=3)
+    assert _epoch(again)[1].tolist() == y1.tolist() and _epoch(again)[1].tolist() == y2.tolist()
+    other = Batches(imgs, labels, 8, 4, CPU, shuffle=True, seed=4)
+    assert _epoch(other)[1].tolist() != y1.tolist()
+    plain = Batches(imgs, labels, 8, 4, CPU, shuffle=False, seed=3)
+    assert _epoch(plain)[1].tolist() == list(range(n))
+
+
+def test_batches_from_png_files(tmp_path):
+    files, labels = [], []
+    for i in range(5):
+        p = tmp_path / f"img{i}.png"
+        Image.fromarray(np.full((10, 7, 3), (i * 40, 10, 200), dtype=np.uint8)).save(p)
+        files.append(str(p))
+        labels.append(i % 2)
+    b = Batches(files, np.array(labels), 12, 2, CPU, shuffle=False, seed=0, workers=0)
+    assert not b.resident and len(b) == 3
+    got = list(b)
+    assert [x.shape[0] for x, _ in got] == [2, 2, 1]
+    x = torch.cat([x for x, _ in got])
+    y = torch.cat([y for _, y in got])
+    assert x.shape == (5, 3, 12, 12) and x.dtype == torch.uint8
+    assert y.tolist() == labels
+    for i in range(5):
+        assert torch.equal(x[i, :, 0, 0], torch.tensor([i * 40, 10, 200], dtype=torch.uint8))
+
+
+def test_preprocess_normalises():
+    pre = Preprocess(IMAGENET_MEAN, IMAGENET_STD, CPU)
+    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    x = (mean * 255).round().to(torch.uint8).expand(2, 3, 4, 4).contiguous()
+    out = pre(x, train=False)
+    assert out.dtype == torch.float32 and out.shape == (2, 3, 4, 4)
+    assert out.abs().max() < 0.01
+    white = torch.full((1, 3, 4, 4), 255, dtype=torch.uint8)
+    assert torch.allclose(pre(white, train=True), ((1 - mean) / std).expand(1, 3, 4, 4),
+                          atol=1e-5)  # augmentation 'none' does nothing in training
+
+
+def test_preprocess_flip():
+    torch.manual_seed(0)
+    pre = Preprocess((0, 0, 0), (1 / 255,) * 3, CPU, augmentation="flip")
+    x = torch.randint(0, 256, (16, 3, 5, 5), dtype=torch.uint8)
+    out = pre(x, train=True)
+    flipped = [torch.equal(out[i], x[i].flip(-1).float()) for i in range(16)]
+    kept = [torch.equal(out[i], x[i].float()) for i in range(16)]
+    assert all(f or k for f, k in zip(flipped, kept, strict=True))
+    assert any(flipped) and any(kept)
+    assert torch.equal(pre(x, train=False), x.float())
+
+
+def test_random_translate_is_a_crop_of_the_reflect_padded_image():
+    torch.manual_seed(0)
+    pad, n, h, w = 2, 6, 7, 9
+    x = torch.randint(0, 256, (n, 3, h, w), dtype=torch.uint8)
+    out = random_translate(x, pad)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    padded = np.pad(x.numpy(), ((0, 0), (0, 0), (pad, pad), (pad, pad)), mode="reflect")
+    offsets = []
+    for i in range(n):
+        hits = [(dy, dx) for dy in range(2 * pad + 1) for dx in range(2 * pad + 1)
+                if np.array_equal(out[i].numpy(), padded[i, :, dy:dy + h, dx:dx + w])]
+        assert len(hits) == 1, f"image {i}: {hits}"
+        offsets.append(hits[0])
+    assert len(set(offsets)) > 1  # a random offset per image
+
+
+# ---- 8. one cell end to end -------------------------------------------------------------------
+class RecordingContext(CellContext):
+    def __init__(self):
+        super().__init__("cpu", time.perf_counter())
+        self.epochs, self.finals, self.tags, self.progresses, self.artifacts = [], [], {}, [], {}
+        self.elapsed_calls = 0
+
+    def log_epoch(self, step, metrics):
+        self.epochs.append((step, dict(metrics)))
+
+    def log_final(self, metrics):
+        self.finals.append(dict(metrics))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def progress(self, **state):
+        self.progresses.append(state)
+
+    def artifact(self, name, text):
+        self.artifacts[name] = text
+
+    def elapsed(self):
+        self.elapsed_calls += 1
+        return super().elapsed()
+
+
+def test_run_cell_digits(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    card = check_card(shipped_cards()["digits"], "digits")
+    # the grid fills every parameter's default into strategy_params (bench/grid.py)
+    params = test_params(registry.get("two_stage")) | {"depth": 2}
+    spec = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
+                   strategy="two_stage", strategy_params=tuple(params.items()), weights="none",
+                   subset=60, image_size=16, batch_size=16, epochs=2)
+    ctx = RecordingContext()
+    run_cell(spec, card, ctx)
+
+    assert [s for s, _ in ctx.epochs] == [1, 2]
+    for _, row in ctx.epochs:
+        assert {"train_loss", "train_acc", "val_loss", "val_acc", "epoch_seconds"} <= set(row)
+        assert math.isfinite(row["train_loss"]) and 0 <= row["val_acc"] <= 1
+    assert ctx.epochs[0][1]["lr"] == pytest.approx(1e-3)
+    assert ctx.epochs[1][1]["lr"] == pytest.approx(1e-5)
+
+    final = {}
+    for f in ctx.finals:
+        final.update(f)
+    assert final["num_classes"] == 10
+    assert final["n_train"] + final["n_val"] == 60  # subset = train+val; test kept whole
+    assert final["n_test"] > 0
+    assert 0 <= final["test_acc"] <= 1 and 0 <= final["test_top5"] <= 1
+    assert final["test_top5"] >= final["test_acc"]
+    assert final["best_val_acc"] == max(r["val_acc"] for _, r in ctx.epochs)
+    assert final["best_val_epoch"] in (1, 2)
+    tb = build("resnet18", "none", 10)
+    owners = tb.param_owner()
+    sizes = dict(tb.model.named_parameters())
+    assert final["total_params"] == sum(p.numel() for p in tb.model.parameters())
+    assert final["trainable_params"] == sum(sizes[n].numel() for n, o in owners.items()
+                                            if o in ("stage3", "stage4", "head"))
+    assert final["model_only_train_images_per_sec"] > 0
+    assert final["inference_images_per_sec"] > 0
+    assert final["wall_seconds"] > 0 and ctx.elapsed_calls >= 1
+    assert final["peak_memory_mb"] > 0
+    assert "device" in ctx.tags and ctx.tags["data_path"] == "resident"
+    assert ctx.progresses and ctx.progresses[-1]["fraction"] == pytest.approx(1.0)
+
+    history = json.loads(ctx.artifacts["history.json"])
+    assert len(history) == 2
+    assert [r["phase"] for r in history] == ["head", "finetune"]
+    assert [r["epoch"] for r in history] == [1, 2]
