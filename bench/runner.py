@@ -59,7 +59,8 @@ class Progress:
         if not self.done_seconds:
             return "?" if cell_left is None else _fmt_s(cell_left)
         avg = sum(self.done_seconds) / len(self.done_seconds)
-        return _fmt_s((cell_left or avg) + avg * max(remaining_cells - 1, 0))
+        left = avg if cell_left is None else cell_left
+        return _fmt_s(left + avg * max(remaining_cells - 1, 0))
 
     def line(self, text: str, live: bool = False, quiet: bool = False) -> None:
         """`live`: overwrite the line on a terminal; `quiet`: skip it in a log."""

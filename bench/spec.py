@@ -16,12 +16,14 @@ import hashlib
 import json
 from dataclasses import dataclass, fields
 
+from strategies import backbones as _backbones
+
 SPEC_VERSION = 1  # bump when a field's meaning changes: old hashes then stop matching
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
-HEADS = ("linear", "mlp")  # mlp = the VGG16 seed's head: 1024-ReLU-drop0.5-512-ReLU-drop0.5
+HEADS = tuple(_backbones.HEADS)  # declared in strategies/backbones.py
 
 
 @dataclass(frozen=True)
@@ -60,17 +62,7 @@ class RunSpec:
     @property
     def strategy_label(self) -> str:
         """`partial[depth=2]`: the strategy and its parameters that differ from defaults."""
-        from strategies import registry
-
-        strat = registry.get(self.strategy)
-        shown = []
-        for k, v in self.strategy_params:
-            try:
-                default = strat.param(k).default
-            except KeyError:
-                default = None
-            if default is None or v != default:
-                shown.append(f"{k}={_fmt(v)}")
+        shown = [f"{k}={_fmt(v)}" for k, v in self._non_default_params()]
         return f"{self.strategy}[{','.join(shown)}]" if shown else self.strategy
 
     @property
@@ -92,8 +84,26 @@ class RunSpec:
         for f in fields(self):
             v = getattr(self, f.name)
             if f.default is dataclasses.MISSING or v != f.default:
-                d[f.name] = dict(v) if f.name == "strategy_params" else v
+                d[f.name] = v
+        # strategy parameters likewise: only those that differ from the strategy's defaults
+        d["strategy_params"] = dict(self._non_default_params())
+        if not d["strategy_params"]:
+            del d["strategy_params"]
         return d
+
+    def _non_default_params(self) -> list[tuple[str, object]]:
+        from strategies import registry
+
+        strat = registry.STRATEGIES.get(self.strategy)
+        out = []
+        for k, v in self.strategy_params:
+            try:
+                default = strat.param(k).default if strat else None
+            except KeyError:
+                default = None
+            if default is None or v != default:
+                out.append((k, v))
+        return out
 
     @property
     def hash(self) -> str:

@@ -50,6 +50,15 @@ BACKBONES: dict[str, BackboneInfo] = {
 }
 
 
+# The new classification heads, framework-free: hidden widths (ReLU after each) and the
+# dropout after each hidden layer. Each backend builds them from this table.
+HEADS: dict[str, tuple[tuple[int, ...], float]] = {
+    "linear": ((), 0.0),
+    "mlp": ((1024, 512), 0.5),  # the VGG16 seed's Keras head (GAP-1024-512-classes)
+    "mlp1024": ((1024,), 0.0),  # the ResNet50 seed's head (2048-1024-classes)
+}
+
+
 def get(name: str) -> BackboneInfo:
     try:
         return BACKBONES[name]

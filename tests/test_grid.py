@@ -60,8 +60,15 @@ def test_default_grid_loads_and_every_cell_is_valid():
         assert s.epochs == 6 and s.image_size == 32 and s.weights == "none"
         assert isinstance(s.lr, float) and s.lr == 1e-3
     assert {g.label(s) for s in g.specs} >= {"torch/resnet18/partial[depth=2]/digits/seed0",
-                                             "torch/mobilenet_v3_small/two_stage[depth=2]"
-                                             "/digits/seed0"}
+                                             "torch/resnet18/two_stage[depth=2]/digits/seed0"}
+
+
+@pytest.mark.parametrize("name", ["default", "gpu", "seeds"])
+def test_every_shipped_grid_is_valid(name):
+    g = grid.load(name)
+    assert g.specs and len({s.hash for s in g.specs}) == len(g.specs)
+    smoke = grid.load(name, smoke=True)
+    assert smoke.name == f"{g.name}-smoke" and all(s.epochs == 1 for s in smoke.specs)
 
 
 def test_bare_name_resolves_to_the_shipped_grid(tmp_path, monkeypatch):

@@ -98,13 +98,19 @@ class TorchBackbone:
 
 
 def make_head(in_features: int, num_classes: int, kind: str) -> nn.Module:
-    if kind == "linear":
+    """The head declared in strategies/backbones.py HEADS, on the pooled features."""
+    if kind not in catalog.HEADS:
+        raise ValueError(f"unknown head {kind!r}; allowed: {', '.join(catalog.HEADS)}")
+    hidden, dropout = catalog.HEADS[kind]
+    if not hidden:
         return nn.Linear(in_features, num_classes)
-    if kind == "mlp":  # the VGG16 seed's head, after global average pooling
-        return nn.Sequential(nn.Linear(in_features, 1024), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                             nn.Linear(1024, 512), nn.ReLU(inplace=True), nn.Dropout(0.5),
-                             nn.Linear(512, num_classes))
-    raise ValueError(f"unknown head {kind!r}; allowed: linear, mlp")
+    layers: list[nn.Module] = []
+    for width in hidden:
+        layers += [nn.Linear(in_features, width), nn.ReLU(inplace=True)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        in_features = width
+    return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
 
 
 def build(name: str, weights: str, num_classes: int, head: str = "linear") -> TorchBackbone:
