@@ -55,12 +55,10 @@ def _run(args) -> int:
 def _report(args) -> int:
     from bench import report, tracking
 
-    name = args.selection
-    if name.endswith(".toml") or Path(name).exists() or name in ("default",):
-        try:
-            name = gridmod.load(name, smoke=args.smoke).name
-        except gridmod.GridError:
-            pass
+    try:  # a grid file or shipped grid name -> its experiment; else an experiment name
+        name = gridmod.load(args.selection, smoke=args.smoke).name
+    except gridmod.GridError:
+        name = args.selection
     exp_id = tracking.experiment_id(name, create=False)
     if exp_id is None:
         print(f"no MLflow experiment named {name!r} at {tracking.tracking_uri()}",

@@ -45,9 +45,8 @@ from bench import spec as specmod
 from bench.data import CardError, DatasetError, check_card, scan_image_folder, shipped_cards
 from bench.paths import grids_dir
 from bench.spec import RunSpec, SelectorError, parse_selector
-from strategies import FRAMEWORKS
+from strategies import FRAMEWORKS, registry
 from strategies import backbones as bb
-from strategies import registry
 
 TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets"}
 RUN_KEYS = {"device"}
@@ -130,7 +129,7 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
     if bad:
         problems.append(f"run: unknown key(s) {bad}; allowed: {sorted(RUN_KEYS)}")
     device = str(run.get("device", "auto"))
-    if not device.split(":")[0] in DEVICE_PREFIXES:
+    if device.split(":")[0] not in DEVICE_PREFIXES:
         problems.append(f"run.device = {device!r}: allowed: auto, cpu, cuda, cuda:<i>, mps")
     missing = [r for r in REQUIRED_AXES if not any(r in k for k in axes) and r not in defaults]
     for req in missing:

@@ -302,3 +302,24 @@ def test_prepare_digits(digits):
     assert 100 <= len(y) + len(vy) <= 130
     np.testing.assert_array_equal(y, digits.labels[prep.split["train"]])
     np.testing.assert_array_equal(x, digits.images[prep.split["train"]])
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Downloads fail at once: every proxy points at a closed local port."""
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "flowers102", "oxford_pet"])
+def test_torchvision_dataset_offline_with_empty_cache_says_where(name, tmp_path, monkeypatch,
+                                                                 no_network):
+    pytest.importorskip("torchvision")
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path))
+    card = check_card(shipped_cards()[name], name)
+    with pytest.raises(DatasetError) as err:
+        prepare(card, seed=0, subset=0)
+    msg = str(err.value)
+    assert name in msg and str(tmp_path / "torchvision") in msg and "Offline" in msg

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bench.data.cards import CardError, check_card, shipped_cards
-from bench.data.sources import DataSource, DatasetError, load, scan_image_folder
+from bench.data.sources import DatasetError, DataSource, load, scan_image_folder
 from bench.data.split import manifest
 
 __all__ = ["CardError", "DataSource", "DatasetError", "Prepared", "check_card", "prepare",
