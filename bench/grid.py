@@ -148,7 +148,8 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
             unique.append(s)
     used = {s.dataset for s in unique}
     return Grid(name=f"{name}-smoke" if smoke else name, path=where, specs=unique,
-                cards={k: v for k, v in cards.items() if k in used}, device=device,
+                cards={k: {f: x for f, x in v.items() if f != "_problem"}
+                       for k, v in cards.items() if k in used}, device=device,
                 varying=varying, description=str(doc.get("description", "")), smoke=smoke,
                 duplicates=len(specs) - len(unique))
 
@@ -263,6 +264,17 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str]) -> list[
             for sname, p in combos]
 
 
+def _folder_problem(card: dict) -> str | None:
+    """Scan (and verify every image of) an image folder once per grid load, not per cell."""
+    if "_problem" not in card:
+        try:
+            scan_image_folder(card["root"], verify=True)
+            card["_problem"] = None
+        except DatasetError as e:
+            card["_problem"] = str(e)
+    return card["_problem"]
+
+
 def _check_field(f: str, v, cards: dict) -> str | None:
     """None if `v` is a valid value of RunSpec field `f`, else what is allowed."""
     typ = SPEC_FIELDS[f].type
@@ -281,10 +293,7 @@ def _check_field(f: str, v, cards: dict) -> str | None:
             return (f"unknown dataset; allowed: {', '.join(sorted(cards))} (or add a "
                     f"[datasets.{v}] table)")
         if cards[v]["source"] == "image_folder":
-            try:
-                scan_image_folder(cards[v]["root"], verify=True)
-            except DatasetError as e:
-                return str(e)
+            return _folder_problem(cards[v])
     if f == "weights" and v not in ("imagenet", "none") and not Path(v).expanduser().is_file():
         return "allowed: 'imagenet', 'none' or the path of an existing weights file"
     choices = {"optimizer": specmod.OPTIMIZERS, "precision": specmod.PRECISIONS,
