@@ -95,8 +95,11 @@ class RunSpec:
         from strategies import registry
 
         strat = registry.STRATEGIES.get(self.strategy)
+        order = [p.name for p in strat.params] if strat else []
         out = []
-        for k, v in self.strategy_params:
+        # in declaration order (depth first), so labels read `partial[depth=2,bn=frozen]`
+        for k, v in sorted(self.strategy_params,
+                           key=lambda kv: (order.index(kv[0]) if kv[0] in order else 99, kv[0])):
             try:
                 default = strat.param(k).default if strat else None
             except KeyError:
