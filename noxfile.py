@@ -23,7 +23,7 @@ import nox
 
 ROOT = Path(__file__).parent
 ENV = ROOT / ".nox" / "tlbench"
-EXTRAS = "torch,test,lint"
+EXTRAS = "torch,keras,test,lint"
 nox.options.sessions = ["tests"]
 
 

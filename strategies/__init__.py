@@ -16,6 +16,7 @@ from types import ModuleType
 
 FRAMEWORKS: dict[str, str] = {
     "torch": "strategies.torch_backend",
+    "keras": "strategies.keras_backend",
 }
 
 

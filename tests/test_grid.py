@@ -43,8 +43,11 @@ def test_default_grid_loads_and_every_cell_is_valid():
     g = grid.load(ROOT / "bench" / "grids" / "default.toml")
     assert g.name == "default" and not g.smoke and g.duplicates == 0
     # 2 backbones x (feature_extraction, partial depth 1 and 2, full, two_stage)
-    assert len(g.specs) == 10
-    assert len({s.hash for s in g.specs}) == 10
+    # 3 (framework, backbone) pairs x (feature_extraction, partial depth 1 and 2, full,
+    # two_stage)
+    assert len(g.specs) == 15
+    assert len({s.hash for s in g.specs}) == 15
+    assert {s.framework for s in g.specs} == {"torch", "keras"}
     assert set(g.cards) == {"digits"}
     for s in g.specs:
         assert isinstance(s, RunSpec)
@@ -139,7 +142,7 @@ def test_unknown_dataset():
 
 def test_unknown_framework():
     msg = problems(doc({"framework": ["jax"]}))
-    assert "axes.framework" in msg and "'jax'" in msg and "allowed: torch" in msg
+    assert "axes.framework" in msg and "'jax'" in msg and "allowed: keras, torch" in msg
 
 
 def test_depth_beyond_the_backbones_blocks():

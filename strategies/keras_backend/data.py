@@ -1,0 +1,137 @@
+"""The Keras data adapter: split parts -> tf.data pipelines of uint8 image batches.
+
+The same split parts as PyTorch (bench.data.prepare: one manifest), the same pixels where
+possible: arrays are resized once with bilinear antialiasing (tf.image.resize, as torch's
+F.interpolate(antialias=True)) and kept in host memory when they fit, else resized per batch;
+files are decoded and resized with PIL exactly as the PyTorch side does (no crop). Grey images
+get three channels. Augmentation ('flip', 'flip_crop') has the PyTorch side's meaning and runs
+per batch on uint8; the per-backbone preprocessing lives in the model (its `preprocess` layer),
+so batches stay uint8 until they reach the device, as on the PyTorch side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+IN_MEMORY_BYTES = 1 << 30  # resized uint8 arrays up to 1 GiB are resized once and kept
+_RESIZE_CHUNK = 2048
+
+
+def resize_uint8(images, size: int) -> tf.Tensor:
+    """(N,H,W,C) uint8, C in {1,3} -> (N,size,size,3) uint8, bilinear with antialiasing."""
+    x = tf.convert_to_tensor(images)
+    if x.shape[-1] == 1:
+        x = tf.repeat(x, 3, axis=-1)
+    if tuple(x.shape[1:3]) == (size, size):
+        return x
+    x = tf.image.resize(tf.cast(x, tf.float32), (size, size), method="bilinear",
+                        antialias=True)
+    return tf.cast(tf.clip_by_value(tf.round(x), 0, 255), tf.uint8)
+
+
+def to_hwc_uint8(images: np.ndarray, size: int) -> np.ndarray:
+    """resize_uint8 over a whole array, in chunks (bounded float32 memory)."""
+    chunks = [resize_uint8(images[i:i + _RESIZE_CHUNK], size).numpy()
+              for i in range(0, len(images), _RESIZE_CHUNK)]
+    return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
+
+
+def load_file(path: str, size: int) -> np.ndarray:
+    """One image file -> (size,size,3) uint8: PIL decode, RGB, bilinear resize, no crop (the
+    seeds' flow_from_directory(target_size=...); the same call as the PyTorch adapter)."""
+    with Image.open(path) as im:
+        return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def random_flip(x: tf.Tensor) -> tf.Tensor:
+    """Each image flipped left-right with probability 0.5."""
+    flip = tf.random.uniform([tf.shape(x)[0]]) < 0.5
+    return tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
+
+
+def random_translate(x: tf.Tensor, pad: int) -> tf.Tensor:
+    """Pad by `pad` (reflect) and crop back at a random offset per image (CIFAR-style)."""
+    n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
+    padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
+    dy = tf.random.uniform([n], 0, 2 * pad + 1, dtype=tf.int32)
+    dx = tf.random.uniform([n], 0, 2 * pad + 1, dtype=tf.int32)
+    rows = dy[:, None] + tf.range(h)[None, :]  # n,h
+    cols = dx[:, None] + tf.range(w)[None, :]  # n,w
+    out = tf.gather(padded, rows, axis=1, batch_dims=1)  # n,h,w+2p,c
+    return tf.gather(out, cols, axis=2, batch_dims=1)  # n,h,w,c
+
+
+def augment(x: tf.Tensor, augmentation: str, size: int) -> tf.Tensor:
+    if augmentation in ("flip", "flip_crop"):
+        x = random_flip(x)
+    if augmentation == "flip_crop":
+        x = random_translate(x, max(1, size // 8))
+    return x
+
+
+class Batches:
+    """A tf.data pipeline of (uint8 (n,size,size,3), int32 labels) batches for one split part,
+    prefetched. Iterating it again reshuffles (seeded) when `shuffle`."""
+
+    def __init__(self, items, labels: np.ndarray, size: int, batch_size: int, shuffle: bool,
+                 seed: int, augmentation: str = "none"):
+        self.n = len(labels)
+        self.batch_size = batch_size
+        self.size = size
+        labels = np.asarray(labels, dtype=np.int32)
+        if isinstance(items, np.ndarray):
+            self.resident = self.n * 3 * size * size <= IN_MEMORY_BYTES
+            images = to_hwc_uint8(items, size) if self.resident else items
+            ds = self._from_arrays(images, labels, shuffle, seed)
+            if not self.resident:
+                ds = ds.map(lambda x, y: (resize_uint8(x, size), y),
+                            num_parallel_calls=tf.data.AUTOTUNE)
+            self.data_path = "resident" if self.resident else "arrays-resized-per-batch"
+        else:
+            self.resident = False
+            ds = self._from_files(list(items), labels, shuffle, seed)
+            self.data_path = "files"
+        if augmentation != "none":
+            ds = ds.map(lambda x, y: (augment(x, augmentation, size), y),
+                        num_parallel_calls=tf.data.AUTOTUNE)
+        self.dataset = ds.prefetch(tf.data.AUTOTUNE)
+
+    def _order(self, shuffle: bool, seed: int) -> tf.data.Dataset:
+        ds = tf.data.Dataset.range(self.n)
+        if shuffle:  # a full buffer: a uniform permutation, a new one per iteration
+            ds = ds.shuffle(self.n, seed=seed, reshuffle_each_iteration=True)
+        return ds
+
+    def _from_arrays(self, images: np.ndarray, labels: np.ndarray, shuffle: bool,
+                     seed: int) -> tf.data.Dataset:
+        with tf.device("/cpu:0"):
+            x, y = tf.constant(images), tf.constant(labels)
+        return (self._order(shuffle, seed).batch(self.batch_size)
+                .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx))))
+
+    def _from_files(self, files: list[str], labels: np.ndarray, shuffle: bool,
+                    seed: int) -> tf.data.Dataset:
+        size = self.size
+        paths, y = tf.constant(files), tf.constant(labels)
+
+        def load(i):
+            img = tf.numpy_function(lambda p: load_file(p.decode(), size), [paths[i]],
+                                    tf.uint8, stateful=False)
+            img.set_shape((size, size, 3))
+            return img, y[i]
+
+        return (self._order(shuffle, seed)
+                .map(load, num_parallel_calls=tf.data.AUTOTUNE)
+                .batch(self.batch_size))
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def batch_items(self, i: int) -> int:
+        """The number of images in batch `i` (the last one may be short)."""
+        return min(self.batch_size, self.n - i * self.batch_size)
+
+    def __iter__(self):
+        return iter(self.dataset)

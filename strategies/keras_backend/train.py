@@ -1,0 +1,165 @@
+"""The Keras training loop: apply a strategy's phases to a backbone, compile, fit, evaluate.
+
+Frozen means frozen, as on the PyTorch side: a frozen block's layers get `trainable = False`
+(no gradients, and Keras runs a non-trainable BatchNorm in inference mode) and its BatchNorm and
+Dropout layers are pinned to inference mode (PinnableBatchNormalization / PinnableDropout), so
+neither its weights nor its BatchNorm moving statistics move, and EfficientNet's stochastic
+depth is off in it, as PyTorch's eval(). `bn="frozen"` pins the BatchNorm layers of the
+trainable blocks too while their gamma/beta stay trainable: exactly PyTorch's `bn.eval()` with
+`requires_grad=True` (Keras' usual recipe, `bn.trainable = False`, would freeze gamma/beta too).
+
+Pinning cannot be done with `model(x, training=False)` on a sub-model: in Keras 3 a functional
+model passes its own `training` value to every layer it calls, overriding a `training=False`
+written into the graph (checked in tests/test_keras_backend.py), which is why the layers carry
+the switch themselves. The model is recompiled after every phase change: compile() drops the
+traced train step, so the next fit() traces one with the new trainable set and pinned layers.
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from bench.timing import StepMeter
+from strategies.keras_backend.backbones import (
+    KerasBackbone,
+    PinnableBatchNormalization,
+    PinnableDropout,
+)
+from strategies.registry import ALL, Phase
+
+TORCH_ADAM_EPSILON = 1e-8  # torch.optim.Adam/AdamW's default (Keras': 1e-7)
+
+
+def trainable_blocks(kb: KerasBackbone, phase: Phase) -> list[str]:
+    names = kb.blocks
+    k = len(names) if phase.trainable_blocks in (ALL, "all") else int(phase.trainable_blocks)
+    if not 0 <= k <= len(names):
+        raise ValueError(f"{kb.name}: {k} trainable blocks asked, it has {len(names)}: "
+                         f"{', '.join(names)}")
+    return names[len(names) - k:] if k else []
+
+
+def _sublayers(layer: keras.layers.Layer):
+    yield layer
+    for sub in getattr(layer, "layers", ()):  # nested models (ConvNeXt's stem, downsampling)
+        yield from _sublayers(sub)
+
+
+def apply_phase(kb: KerasBackbone, phase: Phase) -> list:
+    """Set `trainable` and the pinned layers for the phase; return the trainable variables
+    (head included). Recompile the model afterwards."""
+    unfrozen = set(trainable_blocks(kb, phase)) | {"head"}
+    for layer in kb.model.layers:
+        trainable = kb.owner[layer.name] in unfrozen
+        layer.trainable = trainable
+        for sub in _sublayers(layer):
+            if isinstance(sub, PinnableBatchNormalization):
+                sub.pinned = not trainable or phase.bn == "frozen"
+            elif isinstance(sub, PinnableDropout):
+                sub.pinned = not trainable
+    return list(kb.model.trainable_weights)
+
+
+class _CoupledL2:
+    """PyTorch's `weight_decay` for Adam and SGD: wd * w added to the gradient (an L2 penalty),
+    where Keras' `weight_decay` is decoupled (AdamW-style). Only used when wd > 0."""
+
+    def __init__(self, l2: float, **kwargs):
+        super().__init__(**kwargs)
+        self.l2 = l2
+
+    def apply(self, grads, trainable_variables=None):
+        variables = (trainable_variables if trainable_variables is not None
+                     else self._trainable_variables)
+        cast = keras.ops.cast
+        grads = [g if g is None else g + cast(self.l2, g.dtype) * cast(v, g.dtype)
+                 for g, v in zip(grads, variables, strict=True)]
+        return super().apply(grads, trainable_variables)
+
+
+class L2Adam(_CoupledL2, keras.optimizers.Adam):
+    pass
+
+
+class L2SGD(_CoupledL2, keras.optimizers.SGD):
+    pass
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float) -> keras.optimizers.Optimizer:
+    """The PyTorch side's optimizers with PyTorch's definitions (momentum 0.9 for sgd; Adam's
+    epsilon 1e-8; adam/sgd weight decay as L2 on the gradient, adamw decoupled)."""
+    if name == "adam":
+        if weight_decay:
+            return L2Adam(weight_decay, learning_rate=lr, epsilon=TORCH_ADAM_EPSILON)
+        return keras.optimizers.Adam(learning_rate=lr, epsilon=TORCH_ADAM_EPSILON)
+    if name == "adamw":
+        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay,
+                                      epsilon=TORCH_ADAM_EPSILON)
+    if name == "sgd":
+        if weight_decay:
+            return L2SGD(weight_decay, learning_rate=lr, momentum=0.9)
+        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
+
+
+def sync_fn(device_type: str):
+    """Wait for the device: every clock read in bench.timing happens after it."""
+    if device_type == "gpu":
+        return tf.test.experimental.sync_devices
+    return lambda: None  # CPU ops have finished when the call returns
+
+
+class StepTimer(keras.callbacks.Callback):
+    """Feeds fit()'s steps to a StepMeter (warm-up excluded there; the device synchronised
+    before each clock read) and a progress hook. `items(i)`: the images in step i."""
+
+    def __init__(self, meter: StepMeter | None, items, on_step=None):
+        super().__init__()
+        self.meter, self.items, self.on_step = meter, items, on_step
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.meter is not None:
+            self.meter.start()
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.meter is not None:
+            self.meter.step(self.items(batch))
+        if self.on_step is not None:
+            self.on_step(batch)
+
+
+class Trainer:
+    """One model and its loss; `compile_phase`, `train_epoch` and `evaluate`."""
+
+    def __init__(self, kb: KerasBackbone, device_type: str = "cpu", topk: int = 1):
+        self.kb = kb
+        self.topk = topk
+        self.sync = sync_fn(device_type)
+
+    def compile_phase(self, phase: Phase, optimizer: str, lr: float,
+                      weight_decay: float = 0.0) -> list:
+        params = apply_phase(self.kb, phase)
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
+        if self.topk > 1:
+            metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(
+                k=self.topk, name=f"top{self.topk}"))
+        self.kb.model.compile(
+            optimizer=make_optimizer(optimizer, lr, weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=metrics)
+        return params
+
+    def train_epoch(self, batches, meter: StepMeter | None = None,
+                    on_step=None) -> dict[str, float]:
+        hist = self.kb.model.fit(batches.dataset, epochs=1, verbose=0, shuffle=False,
+                                 callbacks=[StepTimer(meter, batches.batch_items, on_step)])
+        return {"train_loss": float(hist.history["loss"][-1]),
+                "train_acc": float(hist.history["acc"][-1])}
+
+    def evaluate(self, batches, topk: int = 1) -> dict[str, float]:
+        r = self.kb.model.evaluate(batches.dataset, verbose=0, return_dict=True)
+        out = {"loss": float(r["loss"]), "acc": float(r["acc"])}
+        if topk > 1:
+            out[f"top{topk}"] = float(r[f"top{topk}"])
+        return out
