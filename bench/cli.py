@@ -20,6 +20,10 @@ def _run(args) -> int:
         print(e, file=sys.stderr)
         return 2
     if args.device:
+        if args.device.split(":")[0] not in gridmod.DEVICE_PREFIXES:
+            print(f"--device {args.device!r}: allowed: auto, cpu, cuda, cuda:<i>, mps",
+                  file=sys.stderr)
+            return 2
         g.device = args.device
     if args.dry_run:
         print(f"grid {g.name!r} ({g.path}): {len(g.specs)} cells"

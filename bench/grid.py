@@ -38,7 +38,7 @@ from __future__ import annotations
 import itertools
 import os
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from bench import spec as specmod
@@ -76,7 +76,6 @@ class Grid:
     description: str = ""
     smoke: bool = False
     duplicates: int = 0
-    skipped: list[str] = field(default_factory=list)
 
     def label(self, s: RunSpec) -> str:
         return s.label(self.varying)
