@@ -151,8 +151,8 @@ def run_cell(spec: RunSpec, card: dict, ctx) -> None:
         for _ in range(n_epochs):
             epoch += 1
             t0 = time.perf_counter()
-            on_step = _step_progress(ctx, phase.name, epoch, total_epochs,
-                                     len(loaders["train"]))
+            on_step = ctx.step_progress(phase.name, epoch, total_epochs,
+                                        len(loaders["train"]))
             row = trainer.train_epoch(loaders["train"], meter, on_step)
             trainer.sync()
             seconds = time.perf_counter() - t0
@@ -183,15 +183,6 @@ def run_cell(spec: RunSpec, card: dict, ctx) -> None:
     final["peak_memory_mb"] = peak_memory_mb(device_type)
     ctx.log_final(final)
     ctx.artifact("history.json", json.dumps(history, indent=1))
-
-
-def _step_progress(ctx, phase: str, epoch: int, total_epochs: int, steps: int):
-    """A per-step callback reporting progress every 10 steps (for the runner's ETA)."""
-    def on_step(i: int) -> None:
-        if i % 10 == 0 or i == steps - 1:
-            ctx.progress(phase=phase, epoch=epoch, epochs=total_epochs,
-                         fraction=(epoch - 1 + (i + 1) / steps) / total_epochs)
-    return on_step
 
 
 def _model_only_rates(trainer: Trainer, spec: RunSpec) -> dict[str, float]:
