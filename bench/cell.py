@@ -24,9 +24,27 @@ def emit(event: str, **payload) -> None:
 class CellContext:
     """What a backend reports through. Metric names follow DESIGN.md."""
 
-    def __init__(self, device: str, started: float):
+    def __init__(self, device: str, started: float, weights_file: str | None = None,
+                 weights_sha256: str | None = None, save_backbone_to: str | None = None):
         self.device = device
         self.started = started
+        self.weights_file = weights_file  # the checkpoint of `pretrained:` weights
+        self.weights_sha256 = weights_sha256
+        self.save_backbone_to = save_backbone_to  # set for a pretraining run
+
+    def pretrained_checkpoint(self, spec) -> str | None:
+        """The verified checkpoint path for `pretrained:` weights (None for other weights).
+        The runner makes it; a backend loads it right after building the model."""
+        from bench import pretrain
+
+        if not pretrain.is_pretrained(spec.weights):
+            return None
+        if not self.weights_file:
+            raise pretrain.WeightsError(
+                f"weights = {spec.weights!r} need the checkpoint of their pretraining run; "
+                f"the runner makes it (python -m bench run <grid>)")
+        pretrain.verify(self.weights_file, self.weights_sha256)
+        return self.weights_file
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
         emit("metrics", step=step, metrics=_clean(metrics))
@@ -82,7 +100,8 @@ def main(argv: list[str]) -> int:
 
     try:
         spec = RunSpec.from_params(job["spec"])
-        ctx = CellContext(job["device"], started)
+        ctx = CellContext(job["device"], started, job.get("weights_file"),
+                          job.get("weights_sha256"), job.get("save_backbone_to"))
         be = backend(spec.framework)
         emit("startup", seconds=time.perf_counter() - started, pid=os.getpid())
         be.run_cell(spec, job["card"], ctx)

@@ -10,7 +10,7 @@ Schema (see bench/grids/default.toml for a commented example):
     [axes]                               # the cartesian product of these lists
     framework = ["torch"]
     backbone  = ["resnet18", "mobilenet_v3_small"]
-    weights   = ["imagenet", "none"]     # imagenet | none | path/to/weights.pt
+    weights   = ["imagenet", "none"]     # imagenet | none | pretrained:<dataset> | a file
     strategy  = ["feature_extraction", "partial[depth=1,2,3]", "full", "two_stage[depth=2]"]
     dataset   = ["digits"]               # a card in datasets/ or a [datasets.<name>] table
     seed      = [0, 1, 2]
@@ -41,6 +41,7 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from bench import pretrain
 from bench import spec as specmod
 from bench.data import CardError, DatasetError, check_card, scan_image_folder, shipped_cards
 from bench.paths import grids_dir
@@ -145,7 +146,8 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
         if s.hash not in seen:
             seen.add(s.hash)
             unique.append(s)
-    used = {s.dataset for s in unique}
+    used = {s.dataset for s in unique} | {pretrain.pretrain_spec(s).dataset for s in unique
+                                          if pretrain.is_pretrained(s.weights)}
     return Grid(name=f"{name}-smoke" if smoke else name, path=where, specs=unique,
                 cards={k: {f: x for f, x in v.items() if f != "_problem"}
                        for k, v in cards.items() if k in used}, device=device,
@@ -293,8 +295,19 @@ def _check_field(f: str, v, cards: dict) -> str | None:
                     f"[datasets.{v}] table)")
         if cards[v]["source"] == "image_folder":
             return _folder_problem(cards[v])
-    if f == "weights" and v not in ("imagenet", "none") and not Path(v).expanduser().is_file():
-        return "allowed: 'imagenet', 'none' or the path of an existing weights file"
+    if f == "weights" and pretrain.is_pretrained(v):
+        try:
+            source, _ = pretrain.parse(v)
+        except pretrain.WeightsError as e:
+            return str(e)
+        if source not in cards:
+            return (f"unknown source dataset {source!r}; allowed: {', '.join(sorted(cards))} "
+                    f"(or add a [datasets.{source}] table)")
+        if cards[source]["source"] == "image_folder":
+            return _folder_problem(cards[source])
+    elif f == "weights" and v not in ("imagenet", "none") and not Path(v).expanduser().is_file():
+        return ("allowed: 'imagenet', 'none', 'pretrained:<dataset>[epochs=..,seed=..,"
+                "subset=..,lr=..]' or the path of an existing weights file")
     choices = {"optimizer": specmod.OPTIMIZERS, "precision": specmod.PRECISIONS,
                "augmentation": specmod.AUGMENTATIONS, "head": specmod.HEADS}
     if f in choices and v not in choices[f]:

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import tracking
+from bench import pretrain, tracking
 from bench.cell import MARK
 from bench.grid import Grid
 from bench.paths import ROOT
@@ -119,13 +119,94 @@ def run_cell(exp_id: str, parent: str, grid: Grid, spec: RunSpec, index: int,
              progress: Progress) -> Outcome:
     label = grid.label(spec)
     head = f"[{index + 1}/{progress.total}] {label}"
+    job: dict = {}
+    if pretrain.is_pretrained(spec.weights):
+        made = ensure_pretrained(exp_id, parent, grid, spec, progress)
+        if made.status != tracking.FINISHED:
+            return _refuse(exp_id, parent, grid, spec, label, head, progress,
+                           f"PretrainingFailed: {made.error}", made.run_id)
+        job = {"weights_file": str(made.checkpoint.path),
+               "weights_sha256": made.checkpoint_meta["sha256"]}
     run_id = tracking.start_cell(exp_id, parent, spec, label, grid.device)
+    if job:
+        tracking.set_tags(run_id, {"pretrain_run_id": made.checkpoint_meta.get("run_id", ""),
+                                   "pretrain_checkpoint": job["weights_file"]})
+    return _run_child(run_id, grid, spec, head, progress, job)
+
+
+_FAILED_PRETRAININGS: dict[tuple[str, str], Pretrained] = {}
+
+
+@dataclass
+class Pretrained:
+    status: str
+    checkpoint: pretrain.Checkpoint
+    checkpoint_meta: dict = field(default_factory=dict)
+    run_id: str | None = None
+    error: str = ""
+
+
+def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
+                      progress: Progress) -> Pretrained:
+    """The checkpoint `cell`'s weights name: reused when it is in the cache and matches its
+    checksum, else made by a pretraining run (kind `pretrain`) under this grid's parent run.
+    Held under a file lock, so concurrent runners make it once."""
+    pspec = pretrain.pretrain_spec(cell)
+    ckpt = pretrain.Checkpoint.of(pspec)
+    if (parent, ckpt.key) in _FAILED_PRETRAININGS:  # tried in this invocation: not again
+        return _FAILED_PRETRAININGS[parent, ckpt.key]
+    with ckpt.lock():
+        problem = ckpt.problem()
+        if problem is None:
+            return Pretrained(tracking.FINISHED, ckpt, ckpt.meta(), ckpt.meta().get("run_id"))
+        if problem != "missing":
+            progress.line(f"pretrained checkpoint for {cell.weights} is unusable: {problem}; "
+                          f"discarding it and pretraining again")
+            ckpt.discard()
+        label = f"pretrain {pspec.name} (for {cell.weights})"
+        run_id = tracking.start_cell(exp_id, parent, pspec, label, grid.device, kind="pretrain")
+        partial = ckpt.partial_path
+        try:
+            outcome = _run_child(run_id, grid, pspec, f"[pretrain] {pspec.name}", progress,
+                                 {"save_backbone_to": str(partial)})
+            failed = None
+            if outcome.status != tracking.FINISHED:
+                failed = Pretrained(outcome.status, ckpt, run_id=run_id,
+                                    error=f"pretraining run {run_id} ({pspec.name}): "
+                                          f"{outcome.error}")
+            elif not partial.exists():
+                failed = Pretrained(tracking.FAILED, ckpt, run_id=run_id,
+                                    error=f"pretraining run {run_id} wrote no checkpoint")
+            if failed:
+                _FAILED_PRETRAININGS[parent, ckpt.key] = failed
+                return failed
+            meta = ckpt.commit(partial, run_id, pspec)
+        finally:
+            partial.unlink(missing_ok=True)
+        tracking.set_tags(run_id, {"checkpoint": str(ckpt.path),
+                                   "checkpoint_sha256": meta["sha256"]})
+        return Pretrained(tracking.FINISHED, ckpt, meta, run_id)
+
+
+def _refuse(exp_id: str, parent: str, grid: Grid, spec: RunSpec, label: str, head: str,
+            progress: Progress, error: str, cause_run: str | None) -> Outcome:
+    """Record a cell that cannot start (its pretraining failed) as FAILED, with the cause."""
+    run_id = tracking.start_cell(exp_id, parent, spec, label, grid.device)
+    tracking.set_tags(run_id, {"error": error[:5000], "pretrain_run_id": cause_run or ""})
+    tracking.end_run(run_id, tracking.FAILED)
+    progress.line(f"{head}  FAILED  {error.splitlines()[0][:200]}")
+    return Outcome(spec, tracking.FAILED, run_id, error)
+
+
+def _run_child(run_id: str, grid: Grid, spec: RunSpec, head: str, progress: Progress,
+               job_extra: dict) -> Outcome:
+    """Run one spec in a child process and record its outcome on `run_id`."""
     started = time.perf_counter()
     outcome = Outcome(spec, tracking.FAILED, run_id)
     with tempfile.TemporaryDirectory(prefix="tlbench-") as tmp:
         job = Path(tmp) / "job.json"
         job.write_text(json.dumps({"spec": spec.to_params(), "card": grid.cards[spec.dataset],
-                                   "device": grid.device}))
+                                   "device": grid.device, **job_extra}))
         log_path = Path(tmp) / "cell.log"
         progress.line(f"{head}  starting", live=True, quiet=True)
         try:

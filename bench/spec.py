@@ -16,6 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass, fields
 
+from bench import pretrain as _pretrain
 from strategies import backbones as _backbones
 
 SPEC_VERSION = 1  # bump when a field's meaning changes: old hashes then stop matching
@@ -57,6 +58,7 @@ class RunSpec:
         object.__setattr__(self, "strategy_params", tuple(sorted(params.items())))
         for f in ("lr", "weight_decay"):  # lr=1 and lr=1.0 are one cell with one hash
             object.__setattr__(self, f, float(getattr(self, f)))
+        object.__setattr__(self, "weights", _pretrain.normalize(self.weights))
 
     # ---- names -------------------------------------------------------------------------
     @property

@@ -74,12 +74,17 @@ def start_parent(exp_id: str, grid, n_todo: int, grid_text: str) -> str:
     return run.info.run_id
 
 
-def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: str) -> str:
+def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: str,
+               kind: str = "cell") -> str:
+    """A nested run for one spec: kind 'cell' (a grid cell) or 'pretrain' (a pretraining
+    that cells link to with tlbench.pretrain_run_id; never counted as a finished cell)."""
     c = client()
-    tags = {PARENT_TAG: parent_id, TAG + "kind": "cell", TAG + "spec_hash": spec.hash,
+    tags = {PARENT_TAG: parent_id, TAG + "kind": kind, TAG + "spec_hash": spec.hash,
             TAG + "name": spec.name, TAG + "framework": spec.framework,
             TAG + "backbone": spec.backbone, TAG + "strategy": spec.strategy_label,
             TAG + "dataset": spec.dataset, TAG + "device_requested": device, **_host_tags()}
+    if kind == "pretrain":
+        tags[TAG + "role"] = "pretrain"
     run = c.create_run(exp_id, run_name=label, tags=tags)
     rid = run.info.run_id
     from mlflow.entities import Param

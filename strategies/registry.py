@@ -13,6 +13,9 @@ plus, at most, a small hook per framework backend.
     full                          everything trainable
     two_stage[depth=k,lr_scale=s] head first, then top k blocks at lr*s (seed: VGG16 recipe;
                                   LP-FT in the literature)
+    reinit_top[depth=k,copied=c]  top k blocks re-initialised and trained, the bottom ones
+                                  copied and frozen (c=frozen) or fine-tuned (c=finetune):
+                                  Yosinski et al. 2014's AnB / AnB+ with n = blocks - k
 """
 
 from __future__ import annotations
@@ -58,6 +61,13 @@ class Strategy:
     description: str
     build_phases: Callable[[dict], list[Phase]]
     params: tuple[Param, ...] = field(default=())
+    # top blocks re-initialised (random, as weights='none') before training; None = none
+    build_reinit: Callable[[dict], int | str] | None = None
+
+    def reinit_depth(self, params: dict) -> int | str:
+        """How many top blocks start from random init instead of the loaded weights (0 =
+        none, 'all' = every block)."""
+        return self.build_reinit(self.with_defaults(params)) if self.build_reinit else 0
 
     def param(self, name: str) -> Param:
         for p in self.params:
@@ -149,4 +159,21 @@ register(Strategy(
         Phase(p["depth"], epoch_share=1 - p["head_share"], lr_scale=p["lr_scale"],
               bn=p["bn"], name="finetune"),
     ],
+))
+
+register(Strategy(
+    name="reinit_top",
+    description=(
+        "Yosinski et al. 2014's transfer protocol: keep the bottom blocks of the loaded "
+        "weights, re-initialise the top `depth` blocks and train them; the copied blocks stay "
+        "frozen (AnB, BnB) or are fine-tuned too (copied=finetune: AnB+, BnB+)."
+    ),
+    params=(
+        Param("depth", "depth", help="top blocks re-initialised (n = blocks - depth copied)"),
+        Param("copied", "choice", default="frozen", choices=("frozen", "finetune"),
+              help="the copied bottom blocks: frozen (AnB) or fine-tuned (AnB+)"),
+    ),
+    build_phases=lambda p: [Phase(p["depth"] if p["copied"] == "frozen" else ALL,
+                                  name="finetune")],
+    build_reinit=lambda p: p["depth"],
 ))

@@ -3,6 +3,7 @@ grid file. A card names its source, and the split rule used by the split manifes
 
     source = "image_folder"        # see bench/data/sources.py for every source kind
     root = "~/data/pets"           # image_folder only: root/<class>/<image>
+    classes = [0, 1, 2, 3, 4]      # optional: a class subset, relabelled 0..k-1
     [split]
     val_fraction = 0.2             # the seeds' validation_split
     test_fraction = 0.2            # or: test = "official" (the dataset's own test split)
@@ -46,6 +47,13 @@ def check_card(card: dict, where: str) -> dict:
     if src == "image_folder" and not isinstance(card.get("root"), str):
         raise CardError(f"{where}.root: an image_folder dataset needs root = "
                         f"\"path/to/root\" (laid out root/<class>/<image>)")
+    classes = card.get("classes")
+    if classes is not None and (
+            not isinstance(classes, list) or not classes
+            or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in classes)
+            or len({str(c) for c in classes}) != len(classes)):
+        raise CardError(f"{where}.classes = {classes!r}: must be a non-empty list of distinct "
+                        f"class names (ints allowed: digits are named 0..9)")
     split = card.get("split", {})
     if not isinstance(split, dict):
         raise CardError(f"{where}.split = {split!r}: must be a table ([split])")

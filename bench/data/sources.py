@@ -61,7 +61,28 @@ def source(kind: str):
 
 
 def load(card: dict) -> DataSource:
-    return SOURCES[card["source"]](card)
+    src = SOURCES[card["source"]](card)
+    return select_classes(src, card["classes"]) if card.get("classes") else src
+
+
+def select_classes(src: DataSource, classes: list) -> DataSource:
+    """A card's `classes = [...]`: only those classes (by name; digits are named "0".."9"),
+    relabelled 0..k-1 in the order given. Two cards on one source with disjoint classes are
+    the A and B tasks of Yosinski et al. 2014."""
+    names = [str(c) for c in classes]
+    unknown = [n for n in names if n not in src.class_names]
+    if unknown:
+        raise DatasetError(f"dataset {src.name!r}: classes {unknown} are not in its source; "
+                           f"it has: {', '.join(src.class_names)}")
+    old = [src.class_names.index(n) for n in names]
+    remap = np.full(len(src.class_names), -1, dtype=np.int64)
+    remap[old] = np.arange(len(old))
+    keep = np.flatnonzero(remap[src.labels] >= 0)
+    return DataSource(
+        src.name, remap[src.labels[keep]], names,
+        images=None if src.images is None else src.images[keep],
+        files=None if src.files is None else [src.files[i] for i in keep],
+        official_test=None if src.official_test is None else src.official_test[keep])
 
 
 # ---- shipped inside PyPI packages (offline) ------------------------------------------------

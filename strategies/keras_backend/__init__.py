@@ -32,7 +32,12 @@ from bench import data as bdata  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
 from strategies import registry  # noqa: E402
-from strategies.keras_backend.backbones import build  # noqa: E402
+from strategies.keras_backend.backbones import (
+    build,
+    load_backbone,
+    reinit_top_blocks,
+    save_backbone,
+)  # noqa: E402
 from strategies.keras_backend.data import Batches  # noqa: E402
 from strategies.keras_backend.train import StepTimer, Trainer  # noqa: E402
 
@@ -131,6 +136,7 @@ def run_cell(spec: RunSpec, card: dict, ctx) -> None:
                    "n_test": len(parts["test"][1]), "num_classes": num_classes})
 
     kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
+    _start_weights(kb, spec, ctx)
     topk = 5 if num_classes > 5 else 1
     trainer = Trainer(kb, device_type, topk=topk)
     loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size, shuffle=(k == "train"),
@@ -183,6 +189,19 @@ def run_cell(spec: RunSpec, card: dict, ctx) -> None:
     final["peak_memory_mb"] = peak_memory_mb(device_type)
     ctx.log_final(final)
     ctx.artifact("history.json", json.dumps(history, indent=1))
+    if ctx.save_backbone_to:  # a pretraining run: its backbone is the product
+        save_backbone(kb, ctx.save_backbone_to)
+
+
+def _start_weights(kb, spec: RunSpec, ctx) -> None:
+    """Harness-pretrained weights (`pretrained:`) and the strategy's re-initialised top
+    blocks, on the freshly built model."""
+    checkpoint = ctx.pretrained_checkpoint(spec)
+    if checkpoint:
+        load_backbone(kb, checkpoint)
+    depth = registry.get(spec.strategy).reinit_depth(spec.params)
+    if depth:
+        ctx.set_tags({"reinit_blocks": ",".join(reinit_top_blocks(kb, depth))})
 
 
 def _model_only_rates(trainer: Trainer, spec: RunSpec) -> dict[str, float]:

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import keras
+import numpy as np
 
 from strategies import backbones as catalog
 
@@ -280,7 +281,7 @@ def _base_model(name: str, bmap: BlockMap, weights: str, image_size: int) -> ker
 
     if weights == "imagenet":
         return _imagenet(name, bmap, image_size, make)
-    if weights == "none":
+    if weights == "none" or weights.startswith("pretrained:"):  # loaded by load_backbone
         return make(None)
     return _from_file(name, weights, make)
 
@@ -367,3 +368,59 @@ def _with_pinnable_layers(base: keras.Model, bn_momentum: float | None) -> keras
             la.set_weights(src.get_weights())
     return model
 
+
+
+# ---- weights the harness pretrained itself (bench/pretrain.py) ----------------------------
+def _backbone_variables(kb: KerasBackbone) -> dict[str, object]:
+    """variable path -> variable, for every weight outside the new head (BN statistics and
+    the preprocessing layer's constants included)."""
+    return {v.path: v for la in kb.model.layers if kb.owner[la.name] != "head"
+            for v in la.weights}
+
+
+def save_backbone(kb: KerasBackbone, path: str | Path) -> None:
+    """Every backbone variable by its path, as .npz (the head, sized for the source
+    dataset's classes, is left out)."""
+    arrays = {p: np.asarray(v.numpy()) for p, v in _backbone_variables(kb).items()}
+    with open(path, "wb") as fh:  # a file object: numpy would append .npz to a path
+        np.savez(fh, **arrays)
+
+
+def load_backbone(kb: KerasBackbone, path: str | Path) -> None:
+    """Load a checkpoint written by save_backbone; every backbone variable must be in it with
+    its shape (only the new head keeps its fresh init)."""
+    try:
+        with np.load(path, allow_pickle=False) as saved:
+            arrays = {k: saved[k] for k in saved.files}
+    except Exception as e:  # truncated, not an npz
+        raise ValueError(f"pretrained checkpoint {path} could not be read as .npz "
+                         f"({type(e).__name__}: {e})") from e
+    variables = _backbone_variables(kb)
+    missing = sorted(set(variables) - set(arrays))
+    unexpected = sorted(set(arrays) - set(variables))
+    wrong = [p for p in set(variables) & set(arrays)
+             if tuple(variables[p].shape) != arrays[p].shape]
+    if missing or unexpected or wrong:
+        raise ValueError(f"pretrained checkpoint {path} does not fit {kb.name}: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}, shape differs "
+                         f"{wrong[:5]}")
+    for p, v in variables.items():
+        v.assign(arrays[p])
+
+
+def reinit_top_blocks(kb: KerasBackbone, depth: int | str) -> list[str]:
+    """Put the top `depth` blocks back to the random init of weights='none' (from a fresh
+    model), weights and BatchNorm statistics alike; return them."""
+    k = len(kb.blocks) if depth == "all" else int(depth)
+    if not 0 <= k <= len(kb.blocks):
+        raise ValueError(f"{kb.name}: cannot re-initialise {k} blocks, it has "
+                         f"{len(kb.blocks)}")
+    top = kb.blocks[len(kb.blocks) - k:] if k else []
+    if top:
+        fresh = build(kb.name, "none", 1, "linear", int(kb.model.inputs[0].shape[1]))
+        fresh_vars = _backbone_variables(fresh)
+        for block in top:
+            for la in kb.block_layers(block):
+                for v in la.weights:
+                    v.assign(fresh_vars[v.path])
+    return top

@@ -77,7 +77,10 @@ class Batches:
 
     def __init__(self, items, labels: np.ndarray, size: int, batch_size: int, shuffle: bool,
                  seed: int, augmentation: str = "none"):
-        self.n = len(labels)
+        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it):
+        # a shuffled part leaves it out, a different image each epoch, as on the torch side
+        self.n = len(labels) - (shuffle and len(labels) % batch_size == 1)
+        self.total = len(labels)
         self.batch_size = batch_size
         self.size = size
         labels = np.asarray(labels, dtype=np.int32)
@@ -99,10 +102,10 @@ class Batches:
         self.dataset = ds.prefetch(tf.data.AUTOTUNE)
 
     def _order(self, shuffle: bool, seed: int) -> tf.data.Dataset:
-        ds = tf.data.Dataset.range(self.n)
+        ds = tf.data.Dataset.range(self.total)
         if shuffle:  # a full buffer: a uniform permutation, a new one per iteration
-            ds = ds.shuffle(self.n, seed=seed, reshuffle_each_iteration=True)
-        return ds
+            ds = ds.shuffle(self.total, seed=seed, reshuffle_each_iteration=True)
+        return ds.take(self.n)
 
     def _from_arrays(self, images: np.ndarray, labels: np.ndarray, shuffle: bool,
                      seed: int) -> tf.data.Dataset:

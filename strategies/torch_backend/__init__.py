@@ -19,7 +19,12 @@ from bench import data as bdata
 from bench.spec import RunSpec
 from bench.timing import StepMeter, measure
 from strategies import registry
-from strategies.torch_backend.backbones import build
+from strategies.torch_backend.backbones import (
+    build,
+    load_backbone,
+    reinit_top_blocks,
+    save_backbone,
+)
 from strategies.torch_backend.data import Batches, Preprocess
 from strategies.torch_backend.train import (
     Trainer,
@@ -94,6 +99,7 @@ def run_cell(spec: RunSpec, card: dict, ctx) -> None:
                    "n_test": len(parts["test"][1]), "num_classes": num_classes})
 
     tb = build(spec.backbone, spec.weights, num_classes, spec.head)
+    _start_weights(tb, spec, ctx)
     tb.model.to(dev)
     pre = Preprocess(tb.mean, tb.std, dev, spec.augmentation)
     trainer = Trainer(tb, dev, spec.precision, pre)
@@ -147,6 +153,19 @@ def run_cell(spec: RunSpec, card: dict, ctx) -> None:
     final["peak_memory_mb"] = peak_memory_mb(dev)
     ctx.log_final(final)
     ctx.artifact("history.json", json.dumps(history, indent=1))
+    if ctx.save_backbone_to:  # a pretraining run: its backbone is the product
+        save_backbone(tb, ctx.save_backbone_to)
+
+
+def _start_weights(tb, spec: RunSpec, ctx) -> None:
+    """Harness-pretrained weights (`pretrained:`) and the strategy's re-initialised top
+    blocks, on the freshly built model."""
+    checkpoint = ctx.pretrained_checkpoint(spec)
+    if checkpoint:
+        load_backbone(tb, checkpoint)
+    depth = registry.get(spec.strategy).reinit_depth(spec.params)
+    if depth:
+        ctx.set_tags({"reinit_blocks": ",".join(reinit_top_blocks(tb, depth))})
 
 
 def _model_only_rates(trainer: Trainer, phase, spec: RunSpec, dev: torch.device,

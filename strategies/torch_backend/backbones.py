@@ -134,7 +134,7 @@ def build(name: str, weights: str, num_classes: int, head: str = "linear") -> To
         model = torchvision.models.get_model(name, weights=None)
     if weights == "imagenet":
         model.load_state_dict(imagenet_state_dict(name))
-    elif weights != "none":
+    elif weights != "none" and not weights.startswith("pretrained:"):  # those: load_backbone
         model.load_state_dict(load_weights_file(weights), strict=True)
     bmap = BLOCK_MAPS[name]
     if name == "vgg16":
@@ -183,3 +183,50 @@ def imagenet_state_dict(name: str) -> dict:
             f"downloaded ({type(e).__name__}: {e}). Put {filename} (from {w.url}) into "
             f"{folder}/ (TORCH_HOME moves it), or use weights = 'none' or a file path."
         ) from e
+
+
+# ---- weights the harness pretrained itself (bench/pretrain.py) ----------------------------
+def _under(key: str, prefixes) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def save_backbone(tb: TorchBackbone, path: str | Path) -> None:
+    """The state dict without the head (the source dataset's classes): what a cell on
+    another dataset can start from."""
+    state = {k: v for k, v in tb.model.state_dict().items()
+             if not _under(k, [tb.block_map.classifier])}
+    torch.save(state, path)
+
+
+def load_backbone(tb: TorchBackbone, path: str | Path) -> None:
+    """Load a checkpoint written by save_backbone: every backbone tensor must be in it (only
+    the new head keeps its fresh init)."""
+    try:
+        missing, unexpected = tb.model.load_state_dict(load_weights_file(str(path)),
+                                                       strict=False)
+    except RuntimeError as e:  # a tensor of another shape: another architecture
+        raise ValueError(f"pretrained checkpoint {path} does not fit {tb.name}: "
+                         f"{str(e).splitlines()[1].strip()}") from e
+    missing = [k for k in missing if not _under(k, [tb.block_map.classifier])]
+    if missing or unexpected:
+        raise ValueError(f"pretrained checkpoint {path} does not fit {tb.name}: missing "
+                         f"{missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def reinit_top_blocks(tb: TorchBackbone, depth: int | str) -> list[str]:
+    """Put the top `depth` blocks back to the random init of weights='none' (torchvision's
+    own init, from a fresh model), parameters and BatchNorm statistics alike; return them."""
+    names = list(tb.block_map.blocks)
+    k = len(names) if depth == "all" else int(depth)
+    if not 0 <= k <= len(names):
+        raise ValueError(f"{tb.name}: cannot re-initialise {k} blocks, it has {len(names)}")
+    top = names[len(names) - k:] if k else []
+    if top:
+        fresh = build(tb.name, "none", 1).model.state_dict()
+        prefixes = [p for b in top for p in tb.block_map.blocks[b]]
+        state = tb.model.state_dict()
+        with torch.no_grad():
+            for key, value in fresh.items():
+                if _under(key, prefixes):
+                    state[key].copy_(value)
+    return top

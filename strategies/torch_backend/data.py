@@ -61,7 +61,10 @@ class Batches:
 
     def __init__(self, items, labels: np.ndarray, size: int, batch_size: int,
                  device: torch.device, shuffle: bool, seed: int, workers: int | None = None):
-        self.n = len(labels)
+        self.total = len(labels)
+        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it):
+        # a shuffled part leaves it out, a different image each epoch
+        self.n = self.total - (shuffle and self.total % batch_size == 1)
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
@@ -79,7 +82,7 @@ class Batches:
                 _ItemDataset(items, np.asarray(labels), size), batch_size=batch_size,
                 shuffle=shuffle, generator=self.gen, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                drop_last=False)
+                drop_last=self.n < self.total)
 
     @property
     def resident(self) -> bool:
@@ -94,7 +97,7 @@ class Batches:
                 yield (x.to(self.device, non_blocking=True),
                        y.to(self.device, non_blocking=True))
             return
-        order = (torch.randperm(self.n, generator=self.gen) if self.shuffle
+        order = (torch.randperm(self.total, generator=self.gen)[:self.n] if self.shuffle
                  else torch.arange(self.n)).to(self.device)
         for i in range(0, self.n, self.batch_size):
             idx = order[i:i + self.batch_size]

@@ -1,0 +1,212 @@
+"""Weights the harness pretrains itself: `weights = "pretrained:<dataset>[k=v,...]"`.
+
+A cell with such weights starts from a backbone the harness trained from scratch on the
+source dataset, in the cell's own framework: the pretraining is a RunSpec of its own (the
+cell's backbone, image size, batch size, optimizer, weight decay, precision and augmentation;
+strategy `full`, weights `none`, a linear head, the source dataset), run by the runner as an
+MLflow run tagged `tlbench.kind = pretrain` that the cells using it link to
+(`tlbench.pretrain_run_id`). Its spec hash is the checkpoint's cache key, so a grid
+pretrains once per key, also across invocations, and changing anything that determines the
+checkpoint makes a new one.
+
+    pretrained:digits_a                     defaults: epochs=10, seed=0, all source samples
+    pretrained:digits_a[epochs=20,lr=0.01]  lr defaults to the cell's lr
+
+The checkpoint holds the backbone without its head (each backend writes its own format) and a
+JSON sidecar with its sha256; a file that does not match it (truncated, corrupted) is
+deleted and made again, never loaded. A file lock around check-and-make means two runners
+(or two cells on two GPUs) needing the same pretraining make it once.
+
+Yosinski et al. 2014's transfer protocol (AnB, BnB and their fine-tuned `+` forms) is
+`pretrained:<A or B>` with strategy `reinit_top`: see bench/grids/yosinski.toml.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.paths import atomic_write_text, cache_dir
+
+PREFIX = "pretrained:"
+
+
+@dataclass(frozen=True)
+class PretrainParam:
+    kind: type
+    default: object
+    minimum: float
+    help: str
+
+
+PARAMS = {
+    "epochs": PretrainParam(int, 10, 1, "epochs of training on the source dataset"),
+    "seed": PretrainParam(int, 0, 0, "seed of the pretraining run (its split and init)"),
+    "subset": PretrainParam(int, 0, 0, "source samples used, 0 = all"),
+    "lr": PretrainParam(float, None, 0, "learning rate; defaults to the cell's lr"),
+}
+
+
+class WeightsError(ValueError):
+    pass
+
+
+def is_pretrained(weights: str) -> bool:
+    return weights.startswith(PREFIX)
+
+
+def parse(weights: str) -> tuple[str, dict]:
+    """`pretrained:digits_a[epochs=5]` -> ('digits_a', {'epochs': 5}); raises WeightsError
+    naming what is wrong and what is allowed."""
+    from bench.spec import SelectorError, parse_selector
+
+    body = weights[len(PREFIX):]
+    if not body.strip():
+        raise WeightsError("no source dataset; expected pretrained:<dataset>[k=v,...]")
+    try:
+        dataset, given = parse_selector(body)
+    except SelectorError as e:
+        raise WeightsError(f"{e}; expected pretrained:<dataset>[k=v,...]") from None
+    if not dataset:
+        raise WeightsError("no source dataset; expected pretrained:<dataset>[k=v,...]")
+    params = {}
+    for k, vals in given.items():
+        p = PARAMS.get(k)
+        if p is None:
+            raise WeightsError(f"unknown parameter {k!r}; allowed: {', '.join(PARAMS)}")
+        if len(vals) != 1:
+            raise WeightsError(f"{k} has {len(vals)} values; one pretraining per weights "
+                               f"value (list several weights values to sweep)")
+        v = vals[0]
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (
+            p.kind is float or isinstance(v, int))
+        if not ok or v < p.minimum or (k == "lr" and v <= 0):
+            rule = "> 0" if k == "lr" else f">= {p.minimum}"
+            what = "an integer" if p.kind is int else "a number"
+            raise WeightsError(f"{k} = {v!r}: must be {what} {rule} ({p.help})")
+        params[k] = p.kind(v)
+    return dataset, params
+
+
+def normalize(weights: str) -> str:
+    """The canonical spelling: parameters sorted, defaults dropped, floats as repr. Equal
+    pretrainings hash equal however they were written; a malformed value stays as written
+    (grid validation reports it)."""
+    if not is_pretrained(weights):
+        return weights
+    try:
+        dataset, params = parse(weights)
+    except WeightsError:
+        return weights
+    shown = [f"{k}={params[k]!r}" for k in sorted(params)
+             if params[k] != PARAMS[k].default]
+    return f"{PREFIX}{dataset}" + (f"[{','.join(shown)}]" if shown else "")
+
+
+def pretrain_spec(cell):
+    """The RunSpec of the pretraining a cell's weights name (None for other weights)."""
+    if not is_pretrained(cell.weights):
+        return None
+    dataset, params = parse(cell.weights)
+    p = {k: params.get(k, v.default) for k, v in PARAMS.items()}
+    return dataclasses.replace(
+        cell, dataset=dataset, subset=p["subset"], strategy="full", strategy_params=(),
+        weights="none", epochs=p["epochs"], seed=p["seed"], head="linear",
+        lr=cell.lr if p["lr"] is None else p["lr"])
+
+
+# ---- the cached checkpoint -----------------------------------------------------------------
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """The backbone checkpoint of one pretraining spec, under cache/pretrained/<hash>."""
+
+    key: str
+
+    @classmethod
+    def of(cls, pspec) -> Checkpoint:
+        return cls(pspec.hash[:20])
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir() / "pretrained"
+
+    @property
+    def path(self) -> Path:
+        return self.folder / f"{self.key}.ckpt"
+
+    @property
+    def meta_path(self) -> Path:
+        return self.folder / f"{self.key}.json"
+
+    @property
+    def partial_path(self) -> Path:
+        """Where the pretraining cell writes; renamed to `path` once its checksum is noted."""
+        return self.folder / f".{self.key}.{os.getpid()}.partial"
+
+    @contextmanager
+    def lock(self):
+        """Exclusive across processes on this host, held while checking and making."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{self.key}.lock", "w") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def meta(self) -> dict | None:
+        try:
+            return json.loads(self.meta_path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def problem(self) -> str | None:
+        """None when the checkpoint is present and matches its recorded checksum; else what
+        is wrong with it."""
+        meta = self.meta()
+        if not self.path.exists():
+            return "missing"
+        if meta is None or "sha256" not in meta:
+            return f"{self.path} has no readable checksum record ({self.meta_path.name})"
+        actual = sha256_file(self.path)
+        if actual != meta["sha256"]:
+            return (f"{self.path} does not match its recorded sha256 ({actual[:12]} != "
+                    f"{meta['sha256'][:12]}, {self.path.stat().st_size} bytes vs "
+                    f"{meta.get('bytes')}): truncated or corrupted")
+        return None
+
+    def discard(self) -> None:
+        for p in (self.path, self.meta_path):
+            p.unlink(missing_ok=True)
+
+    def commit(self, written: Path, run_id: str, pspec) -> dict:
+        """Record the checksum of a freshly written checkpoint and move it into place."""
+        meta = {"sha256": sha256_file(written), "bytes": written.stat().st_size,
+                "run_id": run_id, "spec": pspec.to_params(), "name": pspec.name}
+        os.replace(written, self.path)
+        atomic_write_text(self.meta_path, json.dumps(meta, indent=1, sort_keys=True))
+        return meta
+
+
+def verify(path: str | Path, sha256: str) -> None:
+    """Raise unless `path` has the checksum the runner recorded: a backend calls this right
+    before loading, so a file changed after the runner's check is not used either."""
+    actual = sha256_file(Path(path))
+    if actual != sha256:
+        raise WeightsError(f"pretrained checkpoint {path} changed since it was checked "
+                           f"(sha256 {actual[:12]} != {sha256[:12]}); run the grid again to "
+                           f"re-make it")
