@@ -9,8 +9,9 @@ MLflow run tagged `tlbench.kind = pretrain` that the cells using it link to
 pretrains once per key, also across invocations, and changing anything that determines the
 checkpoint makes a new one.
 
-    pretrained:digits_a                     defaults: epochs=10, seed=0, all source samples
-    pretrained:digits_a[epochs=20,lr=0.01]  lr defaults to the cell's lr
+    pretrained:digits_a                     defaults: epochs=10, all source samples, and
+                                            the cell's lr and seed
+    pretrained:digits_a[epochs=20,lr=0.01]
 
 The checkpoint holds the backbone without its head (each backend writes its own format) and a
 JSON sidecar with its sha256; a file that does not match it (truncated, corrupted) is
@@ -47,7 +48,10 @@ class PretrainParam:
 
 PARAMS = {
     "epochs": PretrainParam(int, 10, 1, "epochs of training on the source dataset"),
-    "seed": PretrainParam(int, 0, 0, "seed of the pretraining run (its split and init)"),
+    # the cell's seed by default: with source == target (Yosinski's BnB) the pretraining
+    # then sees the cell's own train split, never its test images
+    "seed": PretrainParam(int, None, 0, "seed of the pretraining (split, init); default: "
+                                        "the cell's"),
     "subset": PretrainParam(int, 0, 0, "source samples used, 0 = all"),
     "lr": PretrainParam(float, None, 0, "learning rate; defaults to the cell's lr"),
 }
@@ -117,8 +121,9 @@ def pretrain_spec(cell):
     p = {k: params.get(k, v.default) for k, v in PARAMS.items()}
     return dataclasses.replace(
         cell, dataset=dataset, subset=p["subset"], strategy="full", strategy_params=(),
-        weights="none", epochs=p["epochs"], seed=p["seed"], head="linear",
-        lr=cell.lr if p["lr"] is None else p["lr"])
+        weights="none", epochs=p["epochs"], head="linear",
+        lr=cell.lr if p["lr"] is None else p["lr"],
+        seed=cell.seed if p["seed"] is None else p["seed"])
 
 
 # ---- the cached checkpoint -----------------------------------------------------------------

@@ -46,7 +46,7 @@ def cell(**kw) -> RunSpec:
 
 # ---- the weights value ---------------------------------------------------------------------
 def test_weights_spelling_is_canonical_so_equal_pretrainings_hash_equal():
-    a = RunSpec("torch", "resnet18", "digits", weights="pretrained:digits_a[seed=0,epochs=5]")
+    a = RunSpec("torch", "resnet18", "digits", weights="pretrained:digits_a[subset=0,epochs=5]")
     b = RunSpec("torch", "resnet18", "digits", weights="pretrained:digits_a[ epochs=5 ]")
     assert a.weights == b.weights == "pretrained:digits_a[epochs=5]"
     assert a.hash == b.hash
@@ -59,15 +59,18 @@ def test_pretrain_spec_takes_the_cells_recipe_on_the_source_dataset():
     c = cell(strategy="partial", strategy_params=(("depth", 2),), head="mlp", seed=3,
              weights="pretrained:digits_a[epochs=4,lr=0.01,subset=200]")
     p = pretrain.pretrain_spec(c)
-    assert (p.dataset, p.epochs, p.lr, p.subset, p.seed) == ("digits_a", 4, 0.01, 200, 0)
+    assert (p.dataset, p.epochs, p.lr, p.subset, p.seed) == ("digits_a", 4, 0.01, 200, 3)
     assert (p.strategy, p.weights, p.head) == ("full", "none", "linear")
     assert (p.backbone, p.image_size, p.batch_size) == (c.backbone, 16, 16)
     # every cell that names the same pretraining shares one checkpoint key
-    other = dataclasses.replace(c, strategy="feature_extraction", strategy_params=(), seed=1)
+    other = dataclasses.replace(c, strategy="feature_extraction", strategy_params=())
     assert pretrain.Checkpoint.of(pretrain.pretrain_spec(other)).key == \
         pretrain.Checkpoint.of(p).key
     # a different recipe is a different checkpoint
     assert pretrain.pretrain_spec(dataclasses.replace(c, image_size=32)).hash != p.hash
+    assert pretrain.pretrain_spec(dataclasses.replace(c, seed=1)).hash != p.hash
+    fixed = dataclasses.replace(c, weights="pretrained:digits_a[seed=0]")
+    assert pretrain.pretrain_spec(fixed).seed == 0
     assert pretrain.pretrain_spec(RunSpec("torch", "resnet18", "digits")) is None
 
 
