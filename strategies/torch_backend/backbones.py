@@ -139,6 +139,11 @@ def build(name: str, weights: str, num_classes: int, head: str = "linear") -> To
     bmap = BLOCK_MAPS[name]
     if name == "vgg16":
         model.avgpool = nn.AdaptiveAvgPool2d(1)  # global average pooling, as the seed
+    if name == "efficientnet_lite0":
+        # the ImageNet classifier's dropout goes with it, as torchvision's EfficientNet
+        # classifier (Dropout, Linear) does and Keras' include_top=False: the new head's
+        # dropout is HEADS' (none for a linear head), the same in both frameworks
+        model._dropout = nn.Identity()
     if name == "mobilenet_v3_small":
         # drop torchvision's 576->1024 pre-logit layer: Keras' include_top=False has none
         model.classifier = nn.Sequential(nn.Identity())

