@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 import pandas as pd
+from matplotlib import ticker
 
 from bench import report
 
@@ -32,6 +33,12 @@ def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     return fig, axes
+
+
+def _plain_axes(ax) -> None:
+    """Integer x ticks (blocks, epochs) and y values as they are (no 1e-9+0.1 offset)."""
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.yaxis.get_major_formatter().set_useOffset(False)
 
 
 def _save(fig, folder: Path, stem: str) -> str:
@@ -122,6 +129,7 @@ def accuracy_vs_depth(df: pd.DataFrame, folder: Path) -> list[str]:
                     for r in gaps.itertuples()), transform=ax.transAxes, fontsize=6,
                         va="bottom", wrap=True)
             ax.set_title(" / ".join(str(v) for v in pk), fontsize=9)
+            _plain_axes(ax)
             ax.set_xlabel("unfrozen blocks (0 = head only)")
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)
@@ -169,6 +177,8 @@ def pareto(df: pd.DataFrame, folder: Path) -> list[str]:
         for b, c in colors.items():
             ax.scatter([], [], c=c, label=b)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+        ax.yaxis.get_major_formatter().set_useOffset(False)
         ax.set_xlabel("train images/s (data-fed, log scale)")
         ax.set_ylabel("test accuracy (mean over seeds)")
         ax.set_title(f"{dataset}: accuracy vs train throughput", fontsize=10)
@@ -210,6 +220,8 @@ def learning_curves(data: report.ReportData, folder: Path,
                 ax.plot(mean.index, mean.values, marker=MARKERS.get(fw, "^"), ms=3,
                         linestyle="-" if fw == "torch" else "--", color=f"C{i % 10}",
                         label=" ".join(str(v) for v in lk))
+            _plain_axes(ax)
+            ax.set_ylim(-0.02, 1.02)
             ax.set_xlabel("epoch")
             ax.set_ylabel(key.replace("_", " "))
             ax.grid(alpha=0.3)

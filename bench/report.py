@@ -171,7 +171,8 @@ def group_keys(df: pd.DataFrame) -> list[str]:
 
 
 def _header(col: str) -> str:
-    return col[2:] if col.startswith("p_") else col
+    return "strategy" if col == "p_strategy_label" else col[2:] if col.startswith("p_") \
+        else col
 
 
 # ---- statistics ----------------------------------------------------------------------------
@@ -196,21 +197,26 @@ def summarize(values) -> dict:
 
 def paired_test(a: pd.Series, b: pd.Series) -> dict:
     """Paired t-test of a - b over the seeds both hold (index = seed). The verdict says
-    whether a's lead holds at the 5% level, or that there are too few pairs."""
+    whether a's lead holds at the 5% level, or why no test is possible: fewer than two
+    pairs, or the same difference on every seed (no variance: t is undefined)."""
     both = pd.concat([a.rename("a"), b.rename("b")], axis=1).dropna()
-    d = (both["a"] - both["b"]).to_numpy(dtype=float)
+    # float noise (0.1 logged by two frameworks) must not pass for a real difference
+    d = np.round((both["a"] - both["b"]).to_numpy(dtype=float), 9)
     n = len(d)
     out = {"pairs": n, "mean_diff": float(d.mean()) if n else math.nan, "p_value": math.nan}
     if n < 2:
         out["verdict"] = f"n too small ({n} pair{'s' if n != 1 else ''})"
         return out
-    sd = d.std(ddof=1)
-    if sd == 0:  # identical differences on every seed: t is 0 or unbounded
-        p = 1.0 if d[0] == 0 else 0.0
-    else:
-        from scipy import stats
+    if np.all(d == d[0]):
+        out["verdict"] = (f"no (no difference on {n} seeds)" if d[0] == 0 else
+                          f"same difference on all {n} seeds (no variance, no test)")
+        if d[0] == 0:
+            out["p_value"] = 1.0
+        return out
+    from scipy import stats
 
-        p = float(2 * stats.t.sf(abs(d.mean() / (sd / math.sqrt(n))), n - 1))
+    sd = d.std(ddof=1)
+    p = float(2 * stats.t.sf(abs(d.mean() / (sd / math.sqrt(n))), n - 1))
     out["p_value"] = p
     holds = p < ALPHA and d.mean() > 0
     out["verdict"] = f"{'yes' if holds else 'no'} (p={p:.3g}, {n} pairs)"
@@ -235,8 +241,7 @@ def not_finished(rows: pd.DataFrame) -> str:
 def _with_gaps(text: str, rows: pd.DataFrame) -> str:
     gaps = not_finished(rows)
     if not text:  # nothing finished: the statuses alone ("FAILED", "2 MISSING")
-        bad = rows["status"].value_counts()
-        return ", ".join(s if n == 1 else f"{n} {s}" for s, n in sorted(bad.items()))
+        return rows["status"].iloc[0] if len(rows) == 1 else gaps
     return f"{text}; {gaps}" if gaps else text
 
 
@@ -474,7 +479,7 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
         if sa["n"] and sb["n"]:
             d[f"{a} − {b}"] = f"{r['delta']:+.3f}"
             d["paired over seeds"] = (f"{test['mean_diff']:+.3f}, p={test['p_value']:.3g}"
-                                      if test["pairs"] >= 2 else test["verdict"])
+                                      if pd.notna(test["p_value"]) else test["verdict"])
             d[f"train speed {a}/{b}"] = _times(speed)
         else:
             d[f"{a} − {b}"] = "no pair"
