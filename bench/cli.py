@@ -86,7 +86,9 @@ def _report(args) -> int:
             latest = tracking.latest_parent(exp_id)
             parent = latest.info.run_id if latest else None
     expected = tracking.expected_cells(parent) if parent else None
-    if expected is None and grid is not None:  # a parent from before cells.json
+    if expected is None and parent:  # a parent from before cells.json: its grid file
+        grid = _parent_grid(parent) or grid
+    if expected is None and grid is not None:
         expected = tracking.cell_list(grid)
     data = report.load(exp_id, parent, expected)
     data.command = "python -m bench report " + " ".join(args.argv)
@@ -105,6 +107,25 @@ def _report(args) -> int:
         print("not logged to MLflow: the selection has no grid invocation (parent run)",
               file=sys.stderr)
     return 0
+
+
+def _parent_grid(parent: str):
+    """The grid a parent run logged as grid.toml, or None if it is gone or no longer valid
+    (an image folder moved, a backbone renamed)."""
+    import tomllib
+
+    from bench import tracking
+
+    text = tracking.grid_text(parent)
+    run = tracking.get_run(parent)
+    if text is None or run is None:
+        return None
+    row = tracking.run_row(run)
+    try:
+        return gridmod.from_dict(tomllib.loads(text), row.get("t_grid_path") or "<grid>",
+                                 smoke=row.get("t_smoke") == "True")
+    except (gridmod.GridError, tomllib.TOMLDecodeError):
+        return None
 
 
 def _looks_like_run_id(text: str) -> bool:

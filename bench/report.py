@@ -385,9 +385,9 @@ def throughput_table(df: pd.DataFrame) -> Table:
                       "speed-up vs full": _times(r["speedup_vs_full"]),
                       "model-only speed-up": _times(r["model_only_speedup_vs_full"])})
         if show_bound:
-            d["input-bound"] = r["input_bound"] or ""
+            d["input-bound"] = "" if pd.isna(r["input_bound"]) else r["input_bound"]
         if show_cache:
-            d["feature cache"] = r["feature_cache"] or ""
+            d["feature cache"] = "" if pd.isna(r["feature_cache"]) else r["feature_cache"]
         disp.append(d)
     return Table("throughput", "Throughput", numeric, pd.DataFrame(disp),
                  "Images/s, mean over seeds of each cell's median step rate (warm-up "

@@ -229,6 +229,17 @@ def expected_cells(parent_id: str) -> list[dict] | None:
     return json.loads(text)
 
 
+def grid_text(parent_id: str) -> str | None:
+    """The grid file a grid invocation ran (grid.toml on its parent run)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{parent_id}/grid.toml")
+    except (MlflowException, OSError):
+        return None
+
+
 def metric_history(run_id: str, keys: tuple[str, ...]) -> list[tuple[str, int, float]]:
     """(key, step, value) for every logged value of these metrics, in step order."""
     c = client()

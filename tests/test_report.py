@@ -83,6 +83,11 @@ def handmade() -> pd.DataFrame:
              _row("keras", "full", 2, status="FAILED")]
     rows += [_row("keras", "feature_extraction", s, status="MISSING") for s in range(3)]
     rows += [_row("torch", "partial", 0, status="RUNNING", depth=2)]
+    for r in rows[:3]:
+        r["t_input_bound"] = "true"  # the backend says so only for some cells
+    pre = {**_row("torch", "full", 0, 0.99, ips=1.0), "role": "pretrain",
+           "run_id": "pre1", "p_dataset": "mnist5k"}
+    rows.append(pre)  # a pretraining run: listed apart, never in a comparison
     return pd.DataFrame(rows)
 
 
@@ -100,6 +105,8 @@ def test_accuracy_table_on_handmade_frame(handmade):
     assert disp.loc["feature_extraction", "test_acc (keras)"] == "3 MISSING"
     assert disp.loc["partial[depth=2]", "test_acc (torch)"] == "RUNNING"
     assert disp.loc["partial[depth=2]", "test_acc (keras)"] == "not in grid"
+    assert set(t.numeric["p_dataset"]) == {"digits"}  # the pretraining run stays out
+    assert len(report.failures(handmade)) == 5
 
 
 def test_throughput_cost_delta_and_best_on_handmade_frame(handmade):
@@ -107,6 +114,9 @@ def test_throughput_cost_delta_and_best_on_handmade_frame(handmade):
     assert thr.loc[("feature_extraction", "torch"), "speedup_vs_full"] == pytest.approx(4.0)
     assert thr.loc[("full", "keras"), "train_images_per_sec"] == pytest.approx(60.0)
     assert math.isnan(thr.loc[("partial[depth=2]", "torch"), "speedup_vs_full"])
+    shown = report.throughput_table(handmade).display.set_index(["strategy", "framework"])
+    assert shown.loc[("full", "torch"), "input-bound"] == "true"
+    assert shown.loc[("full", "keras"), "input-bound"] == ""
     cost = report.cost_table(handmade)
     assert cost.numeric["trainable_fraction"].dropna().eq(0.1).all()
     assert "RUNNING" in set(cost.display["trainable params"])
@@ -281,6 +291,15 @@ def test_partial_grid_reports_running_and_missing_cells(grid_store, capsys):
     running = next(s for s in g2.specs if s.strategy == "partial" and s.seed == 0)
     tracking.start_cell(exp_id, parent, running, g2.label(running), "cpu")
 
+    c = tracking.client()  # a pretraining run under this invocation (tlbench.role)
+    pre = c.create_run(exp_id, run_name="pretrain resnet18 on mnist5k",
+                       tags={"mlflow.parentRunId": parent, "tlbench.role": "pretrain",
+                             "tlbench.kind": "pretrain"})
+    c.log_param(pre.info.run_id, "backbone", "resnet18")
+    c.log_param(pre.info.run_id, "dataset", "mnist5k")
+    c.log_metric(pre.info.run_id, "best_val_acc", 0.5)
+    c.set_terminated(pre.info.run_id, "FINISHED")
+
     assert cli.main(["report", "rep", "--out", str(tmp / "partial"), "--no-log"]) == 0
     printed = capsys.readouterr().out
     assert "RUNNING" in printed and "MISSING" in printed
@@ -296,4 +315,6 @@ def test_partial_grid_reports_running_and_missing_cells(grid_store, capsys):
     md = (tmp / "partial" / "rep" / "report.md").read_text()
     assert "4 of 10 cells finished; 5 MISSING, 1 RUNNING" in md
     assert f"RUNNING: {running.name}" in md
+    assert "## Pretraining runs" in md and "pretrain resnet18 on mnist5k" in md
+    assert "mnist5k" not in (tmp / "partial" / "rep" / "tables" / "accuracy.md").read_text()
     tracking.end_run(parent, "KILLED")
