@@ -209,7 +209,7 @@ def paired_test(a: pd.Series, b: pd.Series) -> dict:
     if n < 2:
         out["verdict"] = f"n too small ({n} pair{'s' if n != 1 else ''})"
         return out
-    if np.all(d == d[0]):
+    if np.allclose(d, d[0], rtol=0, atol=1e-7):
         out["verdict"] = (f"no (no difference on {n} seeds)" if d[0] == 0 else
                           f"same difference on all {n} seeds (no variance, no test)")
         if d[0] == 0:
