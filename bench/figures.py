@@ -18,6 +18,7 @@ import pandas as pd
 from matplotlib import ticker
 
 from bench import report
+from strategies import backbones
 
 MARKERS = {"torch": "o", "keras": "s"}
 DEPTH_FAMILY = ("feature_extraction", "partial", "full")  # one line through these
@@ -52,8 +53,6 @@ def _save(fig, folder: Path, stem: str) -> str:
 def unfreeze_depth(strategy: str, depth, backbone: str) -> float:
     """Blocks trainable in the cell's last phase: 0 for feature extraction, every block for
     full fine-tuning, the depth parameter otherwise (NaN when unknown)."""
-    from strategies import backbones
-
     info = backbones.BACKBONES.get(backbone)
     n = info.n_blocks if info else math.nan
     if strategy == "feature_extraction":
@@ -130,6 +129,11 @@ def accuracy_vs_depth(df: pd.DataFrame, folder: Path) -> list[str]:
                         va="bottom", wrap=True)
             ax.set_title(" / ".join(str(v) for v in pk), fontsize=9)
             _plain_axes(ax)
+            lo, hi = ax.get_ylim()  # an interval past 0 or 1 says n is small, not more
+            ax.set_ylim(max(lo, -0.02), min(hi, 1.02))
+            info = backbones.BACKBONES.get(str(p["p_backbone"].iloc[0]))
+            if info:
+                ax.set_xlim(-0.3, info.n_blocks + 0.3)
             ax.set_xlabel("unfrozen blocks (0 = head only)")
             ax.set_ylabel("test accuracy")
             ax.grid(alpha=0.3)

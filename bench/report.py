@@ -89,8 +89,10 @@ def runs_frame(exp_id: str, parent_id: str | None = None,
         chosen = _newest_per_hash(cells)
     if expected is not None:
         done = _newest_per_hash([r for r in cells if r["status"] == tracking.FINISHED])
+        latest = _newest_per_hash(cells)
         want = {e["hash"]: e for e in expected}
-        chosen = {h: chosen.get(h) or done.get(h) or _missing_row(e) for h, e in want.items()}
+        chosen = {h: chosen.get(h) or done.get(h) or _missing_row(e, latest.get(h))
+                  for h, e in want.items()}
     # pretraining runs the chosen cells start from, wherever they live
     have = {r["run_id"] for r in pretrain}
     for ref in {r.get("t_pretrain_run_id") for r in chosen.values()} - have - {None, ""}:
@@ -107,7 +109,8 @@ def runs_frame(exp_id: str, parent_id: str | None = None,
         if col in df:
             num = pd.to_numeric(df[col], errors="coerce")
             if num.notna().sum() == df[col].notna().sum():
-                df[col] = num
+                integral = num.dropna().map(float.is_integer).all()
+                df[col] = num.astype("Int64") if integral else num
     obj = [c for c in df.columns if df[c].dtype == object]
     df[obj] = df[obj].astype(object).where(df[obj].notna(), None)
     df["error"] = df["error"].fillna("")
@@ -123,9 +126,14 @@ def _newest_per_hash(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
-def _missing_row(e: dict) -> dict:
-    return {"run_id": None, "status": MISSING, "name": e["name"], "spec_hash": e["hash"],
-            "role": "cell", "error": "", **{f"p_{k}": v for k, v in e["params"].items()}}
+def _missing_row(e: dict, earlier: dict | None = None) -> dict:
+    """A cell the grid expects and the selection has no run of; `earlier`: the newest run
+    of the cell outside the selection (another invocation), named in the error column."""
+    note = (f"not run in this invocation; latest earlier run {earlier['run_id']} "
+            f"{earlier['status']}" if earlier else "")
+    return {"run_id": None, "status": MISSING, "name": e["name"],
+            "label": e.get("label", e["name"]), "spec_hash": e["hash"], "role": "cell",
+            "error": note, **{f"p_{k}": v for k, v in e["params"].items()}}
 
 
 def empty_history() -> pd.DataFrame:
@@ -560,8 +568,8 @@ def failures(df: pd.DataFrame) -> list[str]:
     """One line per cell that did not finish: status, name, the first line of its error."""
     cells = cells_only(df)
     bad = cells[cells["status"] != tracking.FINISHED]
-    return [f"{r['status']}: {r['name']}" + (f"  {r['error'].splitlines()[0][:300]}"
-                                             if r["error"] else "")
+    return [f"{r['status']}: {r.get('label') or r['name']}"
+            + (f"  {r['error'].splitlines()[0][:300]}" if r["error"] else "")
             for _, r in bad.iterrows()]
 
 
@@ -592,8 +600,11 @@ def to_latex(t: pd.DataFrame, caption: str) -> str:
 
 
 # ---- report.md -----------------------------------------------------------------------------
-def _uniq(series: pd.Series) -> list:
-    return sorted({v for v in series.dropna()}, key=str) if series is not None else []
+def _uniq(series: pd.Series | None) -> list:
+    if series is None:
+        return []
+    return sorted({v for v in series.dropna() if v != ""},
+                  key=lambda v: (isinstance(v, str), v if not isinstance(v, str) else 0, str(v)))
 
 
 def _versions(cells: pd.DataFrame) -> str:

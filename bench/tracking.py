@@ -257,6 +257,7 @@ def run_row(run) -> dict:
            "parent_run_id": tags.get(PARENT_TAG),
            "run_name": info.run_name, "status": info.status, "start_time": info.start_time,
            "end_time": info.end_time, "name": tags.get(TAG + "name"),
+           "label": info.run_name,  # the grid's label: the name plus fields it varies
            "spec_hash": tags.get(TAG + "spec_hash"),
            "role": tags.get(TAG + "role") or tags.get(TAG + "kind") or "cell",
            "device": tags.get(TAG + "device", ""), "error": tags.get(TAG + "error", "")}

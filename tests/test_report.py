@@ -315,6 +315,11 @@ def test_partial_grid_reports_running_and_missing_cells(grid_store, capsys):
     md = (tmp / "partial" / "rep" / "report.md").read_text()
     assert "4 of 10 cells finished; 5 MISSING, 1 RUNNING" in md
     assert f"RUNNING: {running.name}" in md
+    assert "seeds 0, 1" in md and "subset 40," in md
+    broken = [f for f in report.failures(data.frame) if f.startswith("MISSING")
+              and "broken.pt" in f]  # failed in the first invocation, not yet rerun
+    assert len(broken) == 2
+    assert all("latest earlier run" in f and f.endswith("FAILED") for f in broken)
     assert "## Pretraining runs" in md and "pretrain resnet18 on mnist5k" in md
     assert "mnist5k" not in (tmp / "partial" / "rep" / "tables" / "accuracy.md").read_text()
     tracking.end_run(parent, "KILLED")
