@@ -2,7 +2,8 @@
 
     nox -s bench                      # the offline default grid (bench/grids/default.toml)
     nox -s bench -- path/to/grid.toml # another grid; add --smoke, --dry-run, --device cuda:1
-    nox -s report                     # tables from MLflow (default: the default grid)
+    nox -s report                     # report of the default grid's latest invocation
+    nox -s report -- gpu --parent RUN # another grid / invocation; --all, --out DIR
     nox -s ui                         # the MLflow UI on http://127.0.0.1:5000
     nox -s tests                      # the test suite
     nox -s lint
@@ -65,7 +66,8 @@ def bench(session: nox.Session) -> None:
 
 @nox.session(python=False)
 def report(session: nox.Session) -> None:
-    """Comparison tables from MLflow into reports/ (default: the default grid)."""
+    """Tables, figures and report.md from MLflow into reports/<experiment>/ (default: the
+    default grid's latest invocation); report.md is also logged to the grid's parent run."""
     _run(session, "-m", "bench", "report", *session.posargs)
 
 

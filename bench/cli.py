@@ -1,7 +1,8 @@
 """Command line: `python -m bench run|report|list ...` (nox sessions call these).
 
     python -m bench run [GRID] [--smoke] [--dry-run] [--rerun] [--device DEV]
-    python -m bench report [GRID-or-EXPERIMENT] [--parent RUN_ID] [--out reports/]
+    python -m bench report [GRID-or-EXPERIMENT-or-RUN_ID] [--parent RUN_ID] [--all]
+                           [--out reports/] [--curves BACKBONE] [--no-log]
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def _run(args) -> int:
         print("\ninterrupted: the running cell is marked KILLED; finished cells are kept and "
               "will be skipped when the grid is started again", file=sys.stderr)
         return 130
-    df = report.runs_frame(result.experiment_id)
-    df = df[df["spec_hash"].isin({s.hash for s in g.specs})] if not df.empty else df
+    df = report.runs_frame(result.experiment_id, expected=tracking.cell_list(g))
     print()
-    print(report.markdown(report.comparison_tables(df)))
+    print(report.compact(df))
+    print(f"full report (tables, figures, report.md): python -m bench report {args.grid}"
+          + (" --smoke" if args.smoke else ""), file=sys.stderr)
     if result.failed:
         print(f"{len(result.failed)} cell(s) did not finish:", file=sys.stderr)
         for o in result.failed:
@@ -59,28 +61,75 @@ def _run(args) -> int:
 def _report(args) -> int:
     from bench import report, tracking
 
-    try:  # a grid file or shipped grid name -> its experiment; else an experiment name
-        name = gridmod.load(args.selection, smoke=args.smoke).name
-    except gridmod.GridError:
-        name = args.selection
-    exp_id = tracking.experiment_id(name, create=False)
+    parent, grid, exp_id, sel = args.parent, None, None, args.selection
+    if sel and not parent and _looks_like_run_id(sel):
+        parent, sel = sel, None
+    if parent:
+        run = tracking.get_run(parent)
+        if run is None:
+            print(f"no MLflow run {parent!r} at {tracking.tracking_uri()}", file=sys.stderr)
+            return 2
+        exp_id = tracking.run_row(run)["experiment_id"]
     if exp_id is None:
-        print(f"no MLflow experiment named {name!r} at {tracking.tracking_uri()}",
+        sel = sel or "default"
+        try:  # a grid file or shipped grid name -> its experiment; else an experiment name
+            grid = gridmod.load(sel, smoke=args.smoke)
+            name = grid.name
+        except gridmod.GridError:
+            name = sel
+        exp_id = tracking.experiment_id(name, create=False)
+        if exp_id is None:
+            print(f"no MLflow experiment named {name!r} at {tracking.tracking_uri()}",
+                  file=sys.stderr)
+            return 2
+        if not args.all:
+            latest = tracking.latest_parent(exp_id)
+            parent = latest.info.run_id if latest else None
+    expected = tracking.expected_cells(parent) if parent else None
+    if expected is None and parent:  # a parent from before cells.json: its grid file
+        grid = _parent_grid(parent) or grid
+    if expected is None and grid is not None:
+        expected = tracking.cell_list(grid)
+    data = report.load(exp_id, parent, expected)
+    data.command = "python -m bench report " + " ".join(args.argv)
+    print(report.compact(data.frame))
+    fails = report.failures(data.frame)
+    if fails:
+        print("Not finished:\n" + "\n".join(f"- {f}" for f in fails))
+    out = Path(args.out) / data.experiment
+    written = report.write(data, out, curves_backbone=args.curves, log=not args.no_log)
+    print(f"report: {out / 'report.md'} ({len(written.files)} files in {out}/: runs.csv, "
+          f"runs.parquet, tables/*.md|tex|csv, figures/*.png|svg)", file=sys.stderr)
+    if written.logged_to:
+        print(f"logged to parent run {written.logged_to} (experiment {data.experiment!r}) "
+              f"as report.md: nox -s ui", file=sys.stderr)
+    elif not args.no_log:
+        print("not logged to MLflow: the selection has no grid invocation (parent run)",
               file=sys.stderr)
-        return 2
-    df = report.runs_frame(exp_id, args.parent)
-    md = report.markdown(report.comparison_tables(df))
-    fails = report.failures(df)
-    text = f"## {name}\n\n{md}" + ("\nNot finished:\n" + "\n".join(f"- {f}" for f in fails)
-                                     if fails else "")
-    print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{name}.md").write_text(text + "\n")
-        df.to_csv(out / f"{name}.csv", index=False)
-        print(f"written: {out / (name + '.md')}, {out / (name + '.csv')}", file=sys.stderr)
     return 0
+
+
+def _parent_grid(parent: str):
+    """The grid a parent run logged as grid.toml, or None if it is gone or no longer valid
+    (an image folder moved, a backbone renamed)."""
+    import tomllib
+
+    from bench import tracking
+
+    text = tracking.grid_text(parent)
+    run = tracking.get_run(parent)
+    if text is None or run is None:
+        return None
+    row = tracking.run_row(run)
+    try:
+        return gridmod.from_dict(tomllib.loads(text), row.get("t_grid_path") or "<grid>",
+                                 smoke=row.get("t_smoke") == "True")
+    except (gridmod.GridError, tomllib.TOMLDecodeError):
+        return None
+
+
+def _looks_like_run_id(text: str) -> bool:
+    return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,14 +144,27 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--rerun", action="store_true", help="run finished cells again too")
     r.add_argument("--device", help="override the grid's run.device (auto, cpu, cuda:0, ...)")
     r.set_defaults(fn=_run)
-    p = sub.add_parser("report", help="comparison tables from MLflow")
-    p.add_argument("selection", nargs="?", default="default",
-                   help="a grid file/name or an MLflow experiment name")
-    p.add_argument("--parent", help="only the cells of this parent (grid invocation) run id")
+    p = sub.add_parser("report", help="tables, figures and report.md from MLflow")
+    p.add_argument("selection", nargs="?",
+                   help="a grid file/name, an MLflow experiment name, or a parent run id "
+                        "(default: the default grid; its latest invocation)")
+    p.add_argument("--parent", help="the grid invocation (parent run id) to report on "
+                                    "(default: the experiment's latest)")
+    p.add_argument("--all", action="store_true",
+                   help="every cell run of the experiment (newest finished per cell) "
+                        "instead of one invocation")
     p.add_argument("--smoke", action="store_true", help="the smoke variant of the grid")
-    p.add_argument("--out", default="reports", help="folder for the .md and .csv")
+    p.add_argument("--out", default="reports",
+                   help="folder; the report goes to OUT/<experiment>/ (default reports)")
+    p.add_argument("--curves", metavar="BACKBONE",
+                   help="backbone for the learning-curve figure (default: the one with the "
+                        "most finished cells)")
+    p.add_argument("--no-log", action="store_true",
+                   help="do not log report.md to the parent run")
     p.set_defaults(fn=_report)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    args.argv = argv[1:]
     return args.fn(args)
 
 

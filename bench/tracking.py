@@ -5,7 +5,12 @@ run per cell (tag mlflow.parentRunId). The store is MLflow's default local one u
 MLFLOW_TRACKING_URI points somewhere else (a shared server, another folder).
 
 Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbone,
-strategy, dataset, device, git_commit, versions, host, pid; on failure `error`.
+strategy, dataset, device, git_commit, versions, host, pid; on failure `error`. The parent
+run holds the grid file (grid.toml) and the cells it expects (cells.json), and, once
+`bench report` has run, report.md with its tables/ and figures/.
+
+The reporter's read helpers (bottom of this file) return plain rows; bench/report.py never
+touches MLflow objects.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from bench.spec import RunSpec
 TAG = "tlbench."
 PARENT_TAG = "mlflow.parentRunId"
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
+CELLS_ARTIFACT = "cells.json"  # on a parent run: the grid's cells (hash, name, params)
 
 
 def client():
@@ -71,7 +77,15 @@ def start_parent(exp_id: str, grid, n_todo: int, grid_text: str) -> str:
                              TAG + "cells": str(len(grid.specs)), TAG + "todo": str(n_todo),
                              "mlflow.note.content": grid.description, **_host_tags()})
     c.log_text(run.info.run_id, grid_text, "grid.toml")
+    # the cells this invocation expects, so a report can name the ones that never ran
+    c.log_text(run.info.run_id, json.dumps(cell_list(grid), indent=1), CELLS_ARTIFACT)
     return run.info.run_id
+
+
+def cell_list(grid) -> list[dict]:
+    """The grid's cells as the parent run records them: hash, name, label, params."""
+    return [{"hash": s.hash, "name": s.name, "label": grid.label(s), "params": s.to_params()}
+            for s in grid.specs]
 
 
 def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: str,
@@ -175,6 +189,93 @@ def latest_parent(exp_id: str):
     runs = client().search_runs([exp_id], filter_string=f"tags.`{TAG}kind` = 'grid'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+# ---- reading (the reporter) --------------------------------------------------------------
+def get_run(run_id: str):
+    """The run, or None when the store has no run with that id."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_run(run_id)
+    except MlflowException:
+        return None
+
+
+def experiment_name(exp_id: str) -> str:
+    return client().get_experiment(exp_id).name
+
+
+def parent_runs(exp_id: str) -> list:
+    """The grid invocations of an experiment, newest first."""
+    runs = _search(exp_id, f"tags.`{TAG}kind` = 'grid'")
+    return sorted(runs, key=lambda r: r.info.start_time, reverse=True)
+
+
+def child_runs(exp_id: str, parent_id: str) -> list:
+    return _search(exp_id, f"tags.`{PARENT_TAG}` = '{parent_id}'")
+
+
+def experiment_runs(exp_id: str) -> list:
+    """Every run of the experiment except the grid invocations (cells, pretraining)."""
+    return [r for r in _search(exp_id, "") if r.data.tags.get(TAG + "kind") != "grid"]
+
+
+def expected_cells(parent_id: str) -> list[dict] | None:
+    """The cells a grid invocation expected ({hash, name, label, params}), or None for a
+    parent written before the runner logged them."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        text = mlflow.artifacts.load_text(f"runs:/{parent_id}/{CELLS_ARTIFACT}")
+    except (MlflowException, OSError):
+        return None
+    return json.loads(text)
+
+
+def grid_text(parent_id: str) -> str | None:
+    """The grid file a grid invocation ran (grid.toml on its parent run)."""
+    import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.load_text(f"runs:/{parent_id}/grid.toml")
+    except (MlflowException, OSError):
+        return None
+
+
+def metric_history(run_id: str, keys: tuple[str, ...]) -> list[tuple[str, int, float]]:
+    """(key, step, value) for every logged value of these metrics, in step order."""
+    c = client()
+    out = []
+    for key in keys:
+        out += sorted((key, m.step, m.value) for m in c.get_metric_history(run_id, key))
+    return out
+
+
+def run_row(run) -> dict:
+    """One run flattened into one row (benchopt style): params as p_*, the final value of
+    every metric by its name, tlbench.* tags as t_*, and the run's identity and status."""
+    info, tags = run.info, run.data.tags
+    row = {"run_id": info.run_id, "experiment_id": info.experiment_id,
+           "parent_run_id": tags.get(PARENT_TAG),
+           "run_name": info.run_name, "status": info.status, "start_time": info.start_time,
+           "end_time": info.end_time, "name": tags.get(TAG + "name"),
+           "label": info.run_name,  # the grid's label: the name plus fields it varies
+           "spec_hash": tags.get(TAG + "spec_hash"),
+           "role": tags.get(TAG + "role") or tags.get(TAG + "kind") or "cell",
+           "device": tags.get(TAG + "device", ""), "error": tags.get(TAG + "error", "")}
+    row.update({f"p_{k}": v for k, v in run.data.params.items()})
+    row.update(run.data.metrics)
+    row.update({f"t_{k[len(TAG):]}": v for k, v in tags.items() if k.startswith(TAG)})
+    return row
+
+
+def log_report(run_id: str, folder: str) -> None:
+    """A report folder (report.md at its top) into the run's artifacts, top level, so the
+    relative links of report.md resolve in the MLflow UI."""
+    client().log_artifacts(run_id, folder)
 
 
 def dump(obj) -> str:

@@ -98,8 +98,8 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(store):
     assert parent.info.status == "FAILED" and parent.data.tags["tlbench.failed"] == "1"
     # the failed cell stays visible in the table, never dropped
     df = report.runs_frame(result.experiment_id)
-    table = report.comparison_tables(df)["digits"]
-    assert table.loc[("resnet18", "feature_extraction", str(bad)), ("test_acc", "torch")] \
+    table = report.accuracy_table(df).display.set_index(["backbone", "strategy", "weights"])
+    assert table.loc[("resnet18", "feature_extraction", str(bad)), "test_acc (torch)"] \
         == "FAILED"
     assert any("could not be loaded" in f for f in report.failures(df))
 
@@ -115,16 +115,15 @@ def test_resume_skips_finished_cells(store):
     runs = runs_by_status("g2")
     assert len(runs["FINISHED"]) == 2 and set(runs) == {"FINISHED"}
 
-    # the table v1 reads these runs back: one row per cell, the numbers MLflow holds
+    # the report reads these runs back: one row per cell, the numbers MLflow holds
     df = report.runs_frame(first.experiment_id)
     assert len(df) == 2 and set(df["status"]) == {"FINISHED"}
-    tables = report.comparison_tables(df)
-    table = tables["digits"]
+    table = report.accuracy_table(df).display.set_index(["backbone", "strategy", "weights"])
     for r in runs["FINISHED"]:
         key = ("resnet18", r.data.params["strategy_label"], "none")
-        assert table.loc[key, ("test_acc", "torch")] == f"{r.data.metrics['test_acc']:.3f}"
-    md = report.markdown(tables)
-    assert "### digits" in md and "feature_extraction" in md and "full" in md
+        assert table.loc[key, "test_acc (torch)"] == f"{r.data.metrics['test_acc']:.3f} (n=1)"
+    md = report.compact(df)
+    assert "### Test accuracy" in md and "feature_extraction" in md and "full" in md
 
 
 def test_killed_grid_resumes_without_duplicates(store):
