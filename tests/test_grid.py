@@ -42,11 +42,10 @@ def problems(d, smoke=False) -> str:
 def test_default_grid_loads_and_every_cell_is_valid():
     g = grid.load(ROOT / "bench" / "grids" / "default.toml")
     assert g.name == "default" and not g.smoke and g.duplicates == 0
-    # 2 backbones x (feature_extraction, partial depth 1 and 2, full, two_stage)
-    # 3 (framework, backbone) pairs x (feature_extraction, partial depth 1 and 2, full,
-    # two_stage)
-    assert len(g.specs) == 15
-    assert len({s.hash for s in g.specs}) == 15
+    # 2 frameworks x (4 strategies on ImageNet weights + full from scratch)
+    assert len(g.specs) == 10
+    assert len({s.hash for s in g.specs}) == 10
+    assert {s.weights for s in g.specs} == {"imagenet", "none"}
     assert {s.framework for s in g.specs} == {"torch", "keras"}
     assert set(g.cards) == {"digits"}
     for s in g.specs:
@@ -60,10 +59,12 @@ def test_default_grid_loads_and_every_cell_is_valid():
         if depth is not None:
             assert depth == "all" or 1 <= depth <= info.n_blocks
         assert s.dataset in g.cards
-        assert s.epochs == 6 and s.image_size == 32 and s.weights == "none"
+        assert s.epochs == 6 and s.image_size == 32 and s.subset == 400
         assert isinstance(s.lr, float) and s.lr == 1e-3
-    assert {g.label(s) for s in g.specs} >= {"torch/resnet18/partial[depth=2]/digits/seed0",
-                                             "torch/resnet18/two_stage[depth=2]/digits/seed0"}
+    assert {g.label(s) for s in g.specs} >= {
+        "torch/efficientnet_lite0/partial[depth=3,bn=frozen]/digits[n=400]/seed0 "
+        "[weights=imagenet]",
+        "keras/efficientnet_lite0/full/digits[n=400]/seed0 [weights=none]"}
 
 
 @pytest.mark.parametrize("name", ["default", "gpu", "seeds"])
