@@ -227,6 +227,8 @@ def _expand(axes, defaults, overrides, cards, problems) -> tuple[list[RunSpec], 
         if "subset" in over and values.get("subset"):
             over["subset"] = min(values["subset"], over["subset"])
         values.update(over)
+        if overrides and pretrain.is_pretrained(str(values.get("weights", ""))):
+            values["weights"] = pretrain.shrink(values["weights"], overrides)
         specs += _cells(values, where, cards, problems)
     return specs, varying
 

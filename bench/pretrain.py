@@ -113,6 +113,21 @@ def normalize(weights: str) -> str:
     return f"{PREFIX}{dataset}" + (f"[{','.join(shown)}]" if shown else "")
 
 
+def shrink(weights: str, smoke: dict) -> str:
+    """`--smoke` shrinks the pretraining a cell names as it shrinks the cell: its epochs
+    and source samples capped by the smoke values (a malformed value is left to
+    validation)."""
+    try:
+        dataset, params = parse(weights)
+    except WeightsError:
+        return weights
+    for key in ("epochs", "subset"):
+        if key in smoke:
+            current = params.get(key, PARAMS[key].default) or smoke[key]
+            params[key] = min(current, smoke[key])
+    return normalize(f"{PREFIX}{dataset}[{','.join(f'{k}={v!r}' for k, v in params.items())}]")
+
+
 def pretrain_spec(cell):
     """The RunSpec of the pretraining a cell's weights name (None for other weights)."""
     if not is_pretrained(cell.weights):

@@ -102,6 +102,19 @@ def test_grid_carries_the_source_card_for_the_runner(tmp_path):
     assert len(grid.specs) == 2
 
 
+def test_smoke_shrinks_the_pretraining_too(tmp_path):
+    g = tmp_path / "g.toml"
+    g.write_text('name = "x"\n[axes]\nframework = ["torch"]\nbackbone = ["resnet18"]\n'
+                 'dataset = ["digits_b"]\nweights = ["pretrained:digits_a", '
+                 '"pretrained:digits_a[epochs=20,subset=50,lr=0.1]"]\n' + CARDS)
+    smoke = gridmod.load(g, smoke=True)
+    assert sorted(s.weights for s in smoke.specs) == [
+        "pretrained:digits_a[epochs=1,lr=0.1,subset=50]",
+        "pretrained:digits_a[epochs=1,subset=120]"]
+    assert {s.weights for s in gridmod.load(g).specs} == {
+        "pretrained:digits_a", "pretrained:digits_a[epochs=20,lr=0.1,subset=50]"}
+
+
 # ---- class-subset datasets (Yosinski's A and B) --------------------------------------------
 def test_class_subsets_are_disjoint_and_relabelled():
     a = prepare(check_card({"name": "da", "source": "sklearn_digits",
