@@ -3,11 +3,11 @@ backbones, at parity with strategies/torch_backend: the same block names and dep
 split manifest, the same strategies (phases, LR scales, BatchNorm policy), the same metrics
 with the same names and definitions.
 
-run_cell configures TensorFlow first (GPU memory growth, visible devices, CPU threads, the
-mixed precision policy), then builds the data, the backbone and the strategy's phases, trains
-with model.fit (recompiled per phase), evaluates on the test split, measures throughput the
-timm way (bench.timing: warm-up excluded, device synchronised) and reports through the cell
-context. tensorflow is imported only here, inside the child process that runs a cell.
+run_cell runs bench.driver's per-cell loop (the same for every framework) on a KerasSession,
+which configures TensorFlow first (GPU memory growth, visible devices, CPU threads, the mixed
+precision policy), builds the backbone and the tf.data loaders, recompiles per phase, trains
+with model.fit and measures the model-only rates. tensorflow is imported only here, inside
+the child process that runs a cell.
 """
 
 from __future__ import annotations
@@ -22,22 +22,18 @@ if "keras" not in sys.modules:
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import time  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench import data as bdata  # noqa: E402
+from bench import driver  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
-from strategies import registry  # noqa: E402
 from strategies.keras_backend.backbones import build  # noqa: E402
 from strategies.keras_backend.data import Batches  # noqa: E402
-from strategies.keras_backend.train import StepTimer, Trainer  # noqa: E402
+from strategies.keras_backend.train import StepTimer, Trainer, sync_fn  # noqa: E402
 
-WARMUP_STEPS = 3
-MODEL_ONLY_STEPS = 10
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
@@ -112,99 +108,75 @@ def peak_memory_mb(device_type: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class KerasSession:
+    """The Keras side of bench.driver's loop (see bench.driver.Session)."""
+
+    def start(self, device: str) -> dict[str, str]:
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(f"the Keras backend needs KERAS_BACKEND=tensorflow; Keras runs "
+                               f"on {keras.backend.backend()!r} in this process")
+        self.device_type = configure_device(device)
+        if self.device_type == "gpu":
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        self.sync = sync_fn(self.device_type)
+        return {"device": device_name(self.device_type), "device_type": self.device_type,
+                "versions": json.dumps(versions())}
+
+    def seed(self, seed: int) -> None:
+        keras.utils.set_random_seed(seed)
+
+    def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
+        self.spec = spec
+        keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
+        self.kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
+        self.trainer = Trainer(self.kb, self.device_type, topk=5 if num_classes > 5 else 1)
+        self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size,
+                                   shuffle=(k == "train"), seed=spec.seed,
+                                   augmentation=spec.augmentation if k == "train" else "none")
+                        for k in parts}
+        self.data_path = self.loaders["train"].data_path
+
+    def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
+        params = self.trainer.compile_phase(phase, optimizer, lr, weight_decay)
+        return sum(int(np.prod(v.shape)) for v in params)
+
+    def train_epoch(self, meter, on_step) -> dict[str, float]:
+        return self.trainer.train_epoch(self.loaders["train"], meter, on_step)
+
+    def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
+        return self.trainer.evaluate(self.loaders[part], topk=topk)
+
+    def param_counts(self) -> tuple[int, int]:
+        model = self.kb.model
+        return (sum(int(np.prod(v.shape)) for v in model.trainable_weights),
+                sum(int(np.prod(v.shape)) for v in model.weights
+                    if v.path in self.kb.parameters))
+
+    def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
+        """Training goes through fit() on one synthetic batch repeated, timed per step like
+        the real epochs: it reuses the train step traced for the real data (train_on_batch
+        would trace another one, costing as much as the first epoch's tracing). tf.data
+        copies the uint8 batch to the device each step, a few MB at most: small next to a
+        training step."""
+        spec, model = self.spec, self.kb.model
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (spec.batch_size, spec.image_size, spec.image_size, 3),
+                         dtype=np.uint8)
+        y = np.zeros((spec.batch_size,), dtype=np.int32)
+        meter = StepMeter(self.sync, warmup=warmup)
+        synthetic = tf.data.Dataset.from_tensors((x, y)).repeat(warmup + steps)
+        model.fit(synthetic, epochs=1, verbose=0, shuffle=False,
+                  callbacks=[StepTimer(meter, lambda i: spec.batch_size)])
+        x_device = tf.constant(x)
+        infer_rate = measure(lambda: model.predict_on_batch(x_device), spec.batch_size,
+                             steps, warmup, self.sync)
+        return {"model_only_train_images_per_sec": meter.median,
+                "inference_images_per_sec": infer_rate}
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb(self.device_type)
+
+
 def run_cell(spec: RunSpec, card: dict, ctx) -> None:
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(f"the Keras backend needs KERAS_BACKEND=tensorflow; Keras runs on "
-                           f"{keras.backend.backend()!r} in this process")
-    device_type = configure_device(ctx.device)
-    if device_type == "gpu":
-        tf.config.experimental.reset_memory_stats("GPU:0")
-    keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
-    ctx.set_tags({"device": device_name(device_type), "device_type": device_type,
-                  "versions": json.dumps(versions())})
-    keras.utils.set_random_seed(spec.seed)
-
-    prepared = bdata.prepare(card, spec.seed, spec.subset)
-    num_classes = prepared.source.num_classes
-    parts = {k: prepared.part(k) for k in ("train", "val", "test")}
-    ctx.log_final({"n_train": len(parts["train"][1]), "n_val": len(parts["val"][1]),
-                   "n_test": len(parts["test"][1]), "num_classes": num_classes})
-
-    kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
-    topk = 5 if num_classes > 5 else 1
-    trainer = Trainer(kb, device_type, topk=topk)
-    loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size, shuffle=(k == "train"),
-                          seed=spec.seed,
-                          augmentation=spec.augmentation if k == "train" else "none")
-               for k in parts}
-    ctx.set_tags({"data_path": loaders["train"].data_path})
-
-    strategy = registry.get(spec.strategy)
-    phases = strategy.phases(spec.params, spec.epochs)
-    total_epochs = sum(e for _, e in phases)
-    history, best, epoch = [], (-1.0, 0), 0
-    meter = None
-    for phase, n_epochs in phases:
-        params = trainer.compile_phase(phase, spec.optimizer, spec.lr * phase.lr_scale,
-                                       spec.weight_decay)
-        meter = StepMeter(trainer.sync, warmup=WARMUP_STEPS)  # steady state of this phase
-        for _ in range(n_epochs):
-            epoch += 1
-            t0 = time.perf_counter()
-            on_step = ctx.step_progress(phase.name, epoch, total_epochs,
-                                        len(loaders["train"]))
-            row = trainer.train_epoch(loaders["train"], meter, on_step)
-            trainer.sync()
-            seconds = time.perf_counter() - t0
-            val = trainer.evaluate(loaders["val"])
-            row.update(val_loss=val["loss"], val_acc=val["acc"], epoch_seconds=seconds,
-                       epoch_train_images_per_sec=len(parts["train"][1]) / seconds,
-                       lr=spec.lr * phase.lr_scale,
-                       trainable_params=sum(int(np.prod(v.shape)) for v in params))
-            ctx.log_epoch(epoch, row)
-            history.append({"epoch": epoch, "phase": phase.name, **row})
-            if val["acc"] > best[0]:
-                best = (val["acc"], epoch)
-            ctx.progress(phase=phase.name, epoch=epoch, epochs=total_epochs,
-                         fraction=epoch / total_epochs, val_acc=val["acc"])
-
-    test = trainer.evaluate(loaders["test"], topk=topk)
-    final = {"test_acc": test["acc"], "test_loss": test["loss"], "best_val_acc": best[0],
-             "best_val_epoch": best[1],
-             "train_images_per_sec": meter.median if meter else None,
-             "trainable_params": sum(int(np.prod(v.shape))
-                                     for v in kb.model.trainable_weights),
-             "total_params": sum(int(np.prod(v.shape)) for v in kb.model.weights
-                                 if v.path in kb.parameters)}
-    if topk > 1:
-        final["test_top5"] = test[f"top{topk}"]
-    final.update(_model_only_rates(trainer, spec))
-    final["wall_seconds"] = ctx.elapsed()
-    final["peak_memory_mb"] = peak_memory_mb(device_type)
-    ctx.log_final(final)
-    ctx.artifact("history.json", json.dumps(history, indent=1))
-
-
-def _model_only_rates(trainer: Trainer, spec: RunSpec) -> dict[str, float]:
-    """Train and inference images/s on one synthetic batch held in memory: the model's speed
-    without the input pipeline. Runs after the test evaluation, on the last phase's trainable
-    set (the model stays compiled for it), so it cannot touch a reported accuracy.
-
-    Training goes through fit() on that batch repeated, timed per step like the real epochs:
-    it reuses the train step traced for the real data (train_on_batch would trace another one,
-    costing as much as the first epoch's tracing). tf.data copies the uint8 batch to the
-    device each step, a few MB at most: small next to a training step."""
-    model = trainer.kb.model
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (spec.batch_size, spec.image_size, spec.image_size, 3),
-                     dtype=np.uint8)
-    y = np.zeros((spec.batch_size,), dtype=np.int32)
-    meter = StepMeter(trainer.sync, warmup=WARMUP_STEPS)
-    synthetic = tf.data.Dataset.from_tensors((x, y)).repeat(WARMUP_STEPS + MODEL_ONLY_STEPS)
-    model.fit(synthetic, epochs=1, verbose=0, shuffle=False,
-              callbacks=[StepTimer(meter, lambda i: spec.batch_size)])
-    x_device = tf.constant(x)
-    infer_rate = measure(lambda: model.predict_on_batch(x_device), spec.batch_size,
-                         MODEL_ONLY_STEPS, WARMUP_STEPS, trainer.sync)
-    return {"model_only_train_images_per_sec": meter.median,
-            "inference_images_per_sec": infer_rate}
+    """One cell: bench.driver's loop on a KerasSession."""
+    driver.run_cell(KerasSession(), spec, card, ctx)
