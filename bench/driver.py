@@ -4,11 +4,26 @@
 A backend supplies a small `Session` (strategies/<framework>_backend) and calls
 `run_cell(session, spec, card, ctx)`; every metric name and definition lives here, so the two
 frameworks cannot drift apart. Framework-free: nothing here imports torch or tensorflow.
+
+Throughput (bench.timing): `train_images_per_sec` is the last phase's data-fed rate (median
+over its steps, warm-up excluded, device synchronised before each clock read);
+`model_only_train_images_per_sec` is the same train step on a synthetic batch already on the
+device; a cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only rate is tagged
+`input_bound`.
+
+Feature caching (`feature_cache`, on by default): a phase whose whole backbone is frozen, with
+augmentation off, computes the head's inputs once (eval mode, the weights' preprocessing
+included) and trains the head on them; a phase whose bottom blocks are frozen caches their
+output when it fits in FEATURE_CACHE_MB and trains the blocks above. The same items in the
+same seeded order reach the trained part, so accuracy is the uncached path's (tested). The
+tag `feature_cache` says what each phase got, or why not; `train_rate_of` says what the
+train rates measure (a cached phase trains only the part above the cut).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Protocol
 
@@ -19,6 +34,12 @@ from strategies import registry
 
 WARMUP_STEPS = 3  # steps excluded from every throughput median
 MODEL_ONLY_STEPS = 10
+INPUT_BOUND_RATIO = 0.9
+FEATURE_CACHE_MB = 1024  # cached inputs held on the device at most (TLBENCH_FEATURE_CACHE_MB)
+
+
+class CacheUnavailable(RuntimeError):
+    """A backend cannot cache this cut (no single-tensor cut, too big); the message says why."""
 
 
 class Session(Protocol):
@@ -34,10 +55,27 @@ class Session(Protocol):
     def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
         """The model (backbone, weights, new head) and the loaders of the split parts."""
 
+    def load_backbone(self, path: str) -> None:
+        """Weights the harness pretrained (strategies/<framework>_backend/backbones.py)."""
+
+    def reinit_top(self, n: int) -> None:
+        """Re-initialise the top `n` blocks (the AnB protocol)."""
+
+    def save_backbone(self, path: str) -> None: ...
+
+    @property
+    def n_blocks(self) -> int: ...
+
     def begin_phase(self, phase: registry.Phase, lr: float, optimizer: str,
                     weight_decay: float) -> int:
         """Freeze/unfreeze for the phase and make its optimizer; return the trainable
-        parameter count."""
+        parameter count. Drops the previous phase's feature cache."""
+
+    def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:
+        """Cache the current phase's frozen part: kind 'features' (the head's inputs of the
+        train, val and test parts) or 'prefix' (the bottom `n_frozen` blocks' output for the
+        train part); until the next begin_phase, training (and evaluation, for 'features')
+        runs on the cached inputs. Raises CacheUnavailable with the reason."""
 
     def train_epoch(self, meter: StepMeter, on_step) -> dict[str, float]:
         """One epoch of the current phase: {'train_loss', 'train_acc'}."""
@@ -70,18 +108,27 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     ctx.log_final({"n_train": n_train, "n_val": len(parts["val"][1]),
                    "n_test": len(parts["test"][1]), "num_classes": num_classes})
 
+    strategy = registry.get(spec.strategy)
     session.build(spec, num_classes, parts)
+    # weights pretrained by the harness on a source dataset, then the AnB re-initialisation
+    if getattr(ctx, "weights_file", None):
+        session.load_backbone(ctx.weights_file)
+    if getattr(strategy, "reinit_top", 0):
+        session.reinit_top(strategy.reinit_top)
     ctx.set_tags({"data_path": session.data_path})
 
-    strategy = registry.get(spec.strategy)
     phases = strategy.phases(spec.params, spec.epochs)
     total_epochs = sum(e for _, e in phases)
     steps_per_epoch = -(-n_train // spec.batch_size)
     history, best, epoch = [], (-1.0, 0), 0
     meter = None
+    cache_labels, cache_seconds, rate_of = {}, 0.0, "whole model"
     for phase, n_epochs in phases:
         lr = spec.lr * phase.lr_scale
         trainable = session.begin_phase(phase, lr, spec.optimizer, spec.weight_decay)
+        t0 = time.perf_counter()
+        cache_labels[phase.name], rate_of = _cache_phase(session, spec, phase)
+        cache_seconds += time.perf_counter() - t0
         meter = StepMeter(session.sync, warmup=WARMUP_STEPS)  # steady state of this phase
         for _ in range(n_epochs):
             epoch += 1
@@ -113,7 +160,58 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     # after the test evaluation, on the last phase's trainable set: it cannot touch a
     # reported accuracy
     final.update(session.model_only_rates(MODEL_ONLY_STEPS, WARMUP_STEPS))
+    final["feature_cache_seconds"] = cache_seconds
+    data_fed, model_only = final["train_images_per_sec"], final.get(
+        "model_only_train_images_per_sec")
+    tags = {"feature_cache": _cache_tag(cache_labels), "train_rate_of": rate_of}
+    if data_fed and model_only:
+        tags["input_bound"] = str(data_fed < INPUT_BOUND_RATIO * model_only).lower()
+    ctx.set_tags(tags)
+    if getattr(ctx, "save_backbone_to", None):
+        session.save_backbone(ctx.save_backbone_to)
     final["wall_seconds"] = ctx.elapsed()
     final["peak_memory_mb"] = session.peak_memory_mb()
     ctx.log_final(final)
     ctx.artifact("history.json", json.dumps(history, indent=1))
+
+
+def cache_plan(spec: RunSpec, phase: registry.Phase, n_blocks: int) -> tuple[str, int] | str:
+    """('features', n_blocks) when the whole backbone is frozen, ('prefix', n_frozen) when
+    the bottom blocks are, else the reason there is nothing to cache."""
+    if not spec.feature_cache:
+        return "feature_cache = false"
+    if spec.augmentation != "none":
+        return f"augmentation = {spec.augmentation!r} changes the inputs every epoch"
+    k = n_blocks if phase.trainable_blocks in (registry.ALL, "all") else int(
+        phase.trainable_blocks)
+    if k == 0:
+        return "features", n_blocks
+    if k >= n_blocks:
+        return "every block trains"
+    return "prefix", n_blocks - k
+
+
+def cache_limit_bytes() -> int:
+    return int(float(os.environ.get("TLBENCH_FEATURE_CACHE_MB", FEATURE_CACHE_MB)) * 2**20)
+
+
+def _cache_phase(session: Session, spec: RunSpec, phase: registry.Phase) -> tuple[str, str]:
+    """Cache what the phase allows; (the tag's label for it, what its train rate measures)."""
+    plan = cache_plan(spec, phase, session.n_blocks)
+    if isinstance(plan, str):
+        return f"off: {plan}", "whole model"
+    kind, n_frozen = plan
+    what = "features" if kind == "features" else f"the bottom {n_frozen} blocks' output"
+    try:
+        session.use_cache(kind, n_frozen, cache_limit_bytes())
+    except CacheUnavailable as e:
+        return f"off: {what} not cached: {e}", "whole model"
+    if kind == "features":
+        return "features", "head only (cached features)"
+    return f"prefix:{n_frozen} blocks", f"blocks above the cached bottom {n_frozen}"
+
+
+def _cache_tag(labels: dict[str, str]) -> str:
+    if len(set(labels.values())) == 1:
+        return next(iter(labels.values()))
+    return "; ".join(f"{name}={label}" for name, label in labels.items())

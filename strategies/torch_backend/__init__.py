@@ -18,8 +18,9 @@ import torch
 from bench import driver
 from bench.spec import RunSpec
 from bench.timing import measure
+from strategies.torch_backend import cache
 from strategies.torch_backend.backbones import build
-from strategies.torch_backend.data import Batches, Preprocess
+from strategies.torch_backend.data import Batches, CachedBatches, Preprocess
 from strategies.torch_backend.train import (
     Trainer,
     apply_phase,
@@ -95,25 +96,73 @@ class TorchSession:
         dev = self.device
         self.tb = build(spec.backbone, spec.weights, num_classes, spec.head)
         self.tb.model.to(dev)
-        self.trainer = Trainer(self.tb, dev, spec.precision,
-                               Preprocess(self.tb.mean, self.tb.std, dev, spec.augmentation))
+        if spec.channels_last:  # NHWC: tensor-core convolutions without transposes
+            self.tb.model.to(memory_format=torch.channels_last)
+        pre = Preprocess(self.tb.mean, self.tb.std, dev, spec.augmentation,
+                         channels_last=spec.channels_last)
+        self.trainer = Trainer(self.tb, dev, spec.precision, pre, compile=spec.compile)
+        workers = None if spec.workers < 0 else spec.workers
         self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size, dev,
-                                   shuffle=(k == "train"), seed=spec.seed)
+                                   shuffle=(k == "train"), seed=spec.seed, workers=workers)
                         for k in parts}
+        self.cached: dict = {}
         self.data_path = "resident" if self.loaders["train"].resident else "dataloader"
+
+    # the lead's weights hooks: strategies/torch_backend/backbones.py
+    def load_backbone(self, path: str) -> None:
+        from strategies.torch_backend.backbones import load_backbone
+
+        load_backbone(self.tb, path)
+
+    def reinit_top(self, n: int) -> None:
+        from strategies.torch_backend.backbones import reinit_top
+
+        reinit_top(self.tb, n)
+
+    def save_backbone(self, path: str) -> None:
+        from strategies.torch_backend.backbones import save_backbone
+
+        save_backbone(self.tb, path)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.tb.block_map.blocks)
 
     def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
         self.phase = phase
+        self.cached = {}
         params = apply_phase(self.tb, phase)
         self.opt = make_optimizer(optimizer, params, lr, weight_decay)
         return sum(p.numel() for p in params)
 
+    def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:
+        tb, trainer = self.tb, self.trainer
+
+        def autocast_ctx():
+            return autocast(self.device, self.spec.precision)
+
+        if kind == "features":
+            fn, forward, parts = (lambda x: cache.head_inputs(tb, x)), tb.head, self.loaders
+        else:
+            set_train_mode(tb, self.phase)  # the mode the suffix is traced in
+            fn, forward = cache.split_after(tb, n_frozen)
+            parts = {"train": self.loaders["train"]}
+        tb.model.eval()  # frozen means eval mode: BatchNorm statistics, no dropout
+        budget = limit_bytes
+        for part, batches in parts.items():
+            inputs = cache.compute(batches, fn, trainer.preprocess, autocast_ctx, budget)
+            budget -= inputs.numel() * inputs.element_size()
+            self.cached[part] = CachedBatches(batches, inputs, forward)
+
+    def _batches(self, part: str):
+        return self.cached[part] if part in self.cached else self.loaders[part]
+
     def train_epoch(self, meter, on_step) -> dict[str, float]:
-        return self.trainer.train_epoch(self.phase, self.opt, self.loaders["train"], meter,
+        return self.trainer.train_epoch(self.phase, self.opt, self._batches("train"), meter,
                                         on_step)
 
     def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
-        return self.trainer.evaluate(self.loaders[part], topk=topk)
+        return self.trainer.evaluate(self._batches(part), topk=topk)
 
     def param_counts(self) -> tuple[int, int]:
         params = list(self.tb.model.parameters())
@@ -121,20 +170,30 @@ class TorchSession:
                 sum(p.numel() for p in params))
 
     def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
+        """The last phase's train step on a synthetic batch already on the device (cached
+        inputs' shape when the phase trained on a cache), and inference images -> logits."""
         trainer, spec, dev = self.trainer, self.spec, self.device
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randint(0, 256, (spec.batch_size, 3, spec.image_size, spec.image_size),
                           generator=gen, dtype=torch.uint8).to(dev)
         x = trainer.preprocess(x, train=False)
         y = torch.zeros(spec.batch_size, dtype=torch.long, device=dev)
+        train_batches = self._batches("train")
+        forward = trainer.forward_of(train_batches)
+        x_train = x
+        if isinstance(train_batches, CachedBatches):
+            x_train = train_batches.inputs[:spec.batch_size].clone()
+            reps = -(-spec.batch_size // len(x_train))  # a train part smaller than a batch
+            x_train = x_train.repeat(reps, *[1] * (x_train.dim() - 1))[:spec.batch_size]
         set_train_mode(self.tb, self.phase)
-        train_rate = measure(lambda: trainer.step(self.opt, x, y), spec.batch_size, steps,
-                             warmup, self.sync)
+        train_rate = measure(lambda: trainer.step(self.opt, x_train, y, forward),
+                             spec.batch_size, steps, warmup, self.sync)
         self.tb.model.eval()
+        model = trainer.forward_of()
 
         def infer():
             with torch.no_grad(), autocast(dev, spec.precision):
-                self.tb.model(x)
+                model(x)
 
         infer_rate = measure(infer, spec.batch_size, steps, warmup, self.sync)
         return {"model_only_train_images_per_sec": train_rate,
