@@ -31,7 +31,7 @@ from bench import driver  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
 from strategies.keras_backend.backbones import build  # noqa: E402
-from strategies.keras_backend.data import Batches  # noqa: E402
+from strategies.keras_backend.data import Batches, CachedBatches  # noqa: E402
 from strategies.keras_backend.train import StepTimer, Trainer, sync_fn  # noqa: E402
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
@@ -129,22 +129,79 @@ class KerasSession:
         self.spec = spec
         keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
         self.kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
-        self.trainer = Trainer(self.kb, self.device_type, topk=5 if num_classes > 5 else 1)
+        # spec.channels_last: nothing to do, Keras on TensorFlow is NHWC already
+        self.trainer = Trainer(self.kb, self.device_type, topk=5 if num_classes > 5 else 1,
+                               jit_compile=spec.compile)
+        parallel = tf.data.AUTOTUNE if spec.workers < 0 else max(1, spec.workers)
         self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size,
                                    shuffle=(k == "train"), seed=spec.seed,
-                                   augmentation=spec.augmentation if k == "train" else "none")
+                                   augmentation=spec.augmentation if k == "train" else "none",
+                                   parallel=parallel)
                         for k in parts}
+        self.cached: dict = {}
         self.data_path = self.loaders["train"].data_path
 
+    # the lead's weights hooks: strategies/keras_backend/backbones.py
+    def load_backbone(self, path: str) -> None:
+        from strategies.keras_backend.backbones import load_backbone
+
+        load_backbone(self.kb, path)
+
+    def reinit_top(self, n: int) -> None:
+        from strategies.keras_backend.backbones import reinit_top
+
+        reinit_top(self.kb, n)
+
+    def save_backbone(self, path: str) -> None:
+        from strategies.keras_backend.backbones import save_backbone
+
+        save_backbone(self.kb, path)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.kb.blocks)
+
     def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
+        self.cached = {}
         params = self.trainer.compile_phase(phase, optimizer, lr, weight_decay)
         return sum(int(np.prod(v.shape)) for v in params)
 
+    def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:
+        """Split the functional model at the head's input ('features') or after the bottom
+        `n_frozen` blocks ('prefix'); the part below runs once through predict() (inference
+        mode: frozen BatchNorm, no dropout), the part above trains on its outputs."""
+        kb, model = self.kb, self.kb.model
+        if kind == "features":
+            cut = kb.head_layers[0].input
+            parts = dict(self.loaders)
+        else:
+            cut = kb.block_layers(kb.blocks[n_frozen - 1])[-1].output
+            parts = {"train": self.loaders["train"]}
+        try:
+            below = keras.Model(model.inputs, cut)
+            above = keras.Model(cut, model.output)
+        except ValueError as e:  # the blocks above read more than the one cut tensor
+            raise driver.CacheUnavailable(
+                f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
+        per_item = int(np.prod(cut.shape[1:])) * np.dtype(cut.dtype).itemsize
+        need = per_item * sum(b.n for b in parts.values())
+        if need > limit_bytes:
+            raise driver.CacheUnavailable(f"needs {need / 2**20:.0f} MB, more than the "
+                                          f"{limit_bytes / 2**20:.0f} MB allowed")
+        for part, batches in parts.items():
+            inputs = below.predict(batches.ordered(), verbose=0)
+            self.cached[part] = CachedBatches(batches, inputs, above)
+        self.trainer.train_on(above)
+
+    def _batches(self, part: str):
+        return self.cached[part] if part in self.cached else self.loaders[part]
+
     def train_epoch(self, meter, on_step) -> dict[str, float]:
-        return self.trainer.train_epoch(self.loaders["train"], meter, on_step)
+        return self.trainer.train_epoch(self._batches("train"), meter, on_step)
 
     def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
-        return self.trainer.evaluate(self.loaders[part], topk=topk)
+        batches = self._batches(part)
+        return self.trainer.evaluate(batches, topk=topk, model=getattr(batches, "model", None))
 
     def param_counts(self) -> tuple[int, int]:
         model = self.kb.model
@@ -153,20 +210,26 @@ class KerasSession:
                     if v.path in self.kb.parameters))
 
     def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
-        """Training goes through fit() on one synthetic batch repeated, timed per step like
-        the real epochs: it reuses the train step traced for the real data (train_on_batch
-        would trace another one, costing as much as the first epoch's tracing). tf.data
-        copies the uint8 batch to the device each step, a few MB at most: small next to a
-        training step."""
+        """The last phase's train step through fit() on one batch repeated (cached inputs
+        when the phase trained on a cache), timed per step like the real epochs: it reuses
+        the train step traced for the real data (train_on_batch would trace another one,
+        costing as much as the first epoch's tracing). tf.data copies the batch to the
+        device each step, a few MB at most: small next to a training step. Inference: images
+        -> logits through the whole model."""
         spec, model = self.spec, self.kb.model
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (spec.batch_size, spec.image_size, spec.image_size, 3),
                          dtype=np.uint8)
         y = np.zeros((spec.batch_size,), dtype=np.int32)
+        x_train = x
+        train_batches = self._batches("train")
+        if isinstance(train_batches, CachedBatches):
+            x_train = np.resize(train_batches.inputs,
+                                (spec.batch_size, *train_batches.inputs.shape[1:]))
         meter = StepMeter(self.sync, warmup=warmup)
-        synthetic = tf.data.Dataset.from_tensors((x, y)).repeat(warmup + steps)
-        model.fit(synthetic, epochs=1, verbose=0, shuffle=False,
-                  callbacks=[StepTimer(meter, lambda i: spec.batch_size)])
+        synthetic = tf.data.Dataset.from_tensors((x_train, y)).repeat(warmup + steps)
+        self.trainer.train_model.fit(synthetic, epochs=1, verbose=0, shuffle=False,
+                                     callbacks=[StepTimer(meter, lambda i: spec.batch_size)])
         x_device = tf.constant(x)
         infer_rate = measure(lambda: model.predict_on_batch(x_device), spec.batch_size,
                              steps, warmup, self.sync)
