@@ -126,9 +126,8 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     for phase, n_epochs in phases:
         lr = spec.lr * phase.lr_scale
         trainable = session.begin_phase(phase, lr, spec.optimizer, spec.weight_decay)
-        t0 = time.perf_counter()
-        cache_labels[phase.name], rate_of = _cache_phase(session, spec, phase)
-        cache_seconds += time.perf_counter() - t0
+        cache_labels[phase.name], rate_of, seconds = _cache_phase(session, spec, phase)
+        cache_seconds += seconds
         meter = StepMeter(session.sync, warmup=WARMUP_STEPS)  # steady state of this phase
         for _ in range(n_epochs):
             epoch += 1
@@ -164,8 +163,10 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     data_fed, model_only = final["train_images_per_sec"], final.get(
         "model_only_train_images_per_sec")
     tags = {"feature_cache": _cache_tag(cache_labels), "train_rate_of": rate_of}
-    if data_fed and model_only:
-        tags["input_bound"] = str(data_fed < INPUT_BOUND_RATIO * model_only).lower()
+    tags["input_bound"] = (str(data_fed < INPUT_BOUND_RATIO * model_only).lower()
+                           if data_fed and model_only else
+                           f"unknown: the last phase ran no steps past the {WARMUP_STEPS} "
+                           f"warm-up steps")
     ctx.set_tags(tags)
     if getattr(ctx, "save_backbone_to", None):
         session.save_backbone(ctx.save_backbone_to)
@@ -195,20 +196,24 @@ def cache_limit_bytes() -> int:
     return int(float(os.environ.get("TLBENCH_FEATURE_CACHE_MB", FEATURE_CACHE_MB)) * 2**20)
 
 
-def _cache_phase(session: Session, spec: RunSpec, phase: registry.Phase) -> tuple[str, str]:
-    """Cache what the phase allows; (the tag's label for it, what its train rate measures)."""
+def _cache_phase(session: Session, spec: RunSpec,
+                 phase: registry.Phase) -> tuple[str, str, float]:
+    """Cache what the phase allows: (the tag's label for it, what its train rate measures,
+    the seconds spent caching)."""
     plan = cache_plan(spec, phase, session.n_blocks)
     if isinstance(plan, str):
-        return f"off: {plan}", "whole model"
+        return f"off: {plan}", "whole model", 0.0
     kind, n_frozen = plan
     what = "features" if kind == "features" else f"the bottom {n_frozen} blocks' output"
+    t0 = time.perf_counter()
     try:
         session.use_cache(kind, n_frozen, cache_limit_bytes())
     except CacheUnavailable as e:
-        return f"off: {what} not cached: {e}", "whole model"
+        return f"off: {what} not cached: {e}", "whole model", time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
     if kind == "features":
-        return "features", "head only (cached features)"
-    return f"prefix:{n_frozen} blocks", f"blocks above the cached bottom {n_frozen}"
+        return "features", "head only (cached features)", seconds
+    return f"prefix:{n_frozen} blocks", f"blocks above the cached bottom {n_frozen}", seconds
 
 
 def _cache_tag(labels: dict[str, str]) -> str:
