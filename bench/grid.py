@@ -20,6 +20,10 @@ Schema (see bench/grids/default.toml for a commented example):
     epochs = 4
     batch_size = 64
     lr = 1e-3
+    feature_cache = true                 # speed options, recorded as params like any field:
+    channels_last = false                # PyTorch NHWC memory format
+    compile = false                      # torch.compile / Keras jit_compile
+    workers = -1                         # loader workers / tf.data parallel calls; -1 auto
 
     [smoke]                              # applied by --smoke: shrinks any grid
     subset = 120

@@ -183,7 +183,8 @@ class KerasSession:
         except ValueError as e:  # the blocks above read more than the one cut tensor
             raise driver.CacheUnavailable(
                 f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
-        per_item = int(np.prod(cut.shape[1:])) * np.dtype(cut.dtype).itemsize
+        itemsize = 2 if cut.dtype in ("bfloat16", "float16") else np.dtype(cut.dtype).itemsize
+        per_item = int(np.prod(cut.shape[1:])) * itemsize
         need = per_item * sum(b.n for b in parts.values())
         if need > limit_bytes:
             raise driver.CacheUnavailable(f"needs {need / 2**20:.0f} MB, more than the "
