@@ -156,6 +156,9 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
              "trainable_params": trainable, "total_params": total}
     if topk > 1:
         final["test_top5"] = test[f"top{topk}"]
+    # saved before the model-only rates, whose synthetic steps move the weights
+    if getattr(ctx, "save_backbone_to", None):
+        session.save_backbone(ctx.save_backbone_to)
     # after the test evaluation, on the last phase's trainable set: it cannot touch a
     # reported accuracy
     final.update(session.model_only_rates(MODEL_ONLY_STEPS, WARMUP_STEPS))
@@ -168,8 +171,6 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
                            f"unknown: the last phase ran no steps past the {WARMUP_STEPS} "
                            f"warm-up steps")
     ctx.set_tags(tags)
-    if getattr(ctx, "save_backbone_to", None):
-        session.save_backbone(ctx.save_backbone_to)
     final["wall_seconds"] = ctx.elapsed()
     final["peak_memory_mb"] = session.peak_memory_mb()
     ctx.log_final(final)
