@@ -1,4 +1,4 @@
-"""Sessions: tests, bench, report, ui, lint.
+"""Sessions: tests, bench, report, ui, perf, lint.
 
     nox -s bench                      # the offline default grid (bench/grids/default.toml)
     nox -s bench -- path/to/grid.toml # another grid; add --smoke, --dry-run, --device cuda:1
@@ -6,6 +6,8 @@
     nox -s report -- gpu --parent RUN # another grid / invocation; --all, --out DIR
     nox -s ui                         # the MLflow UI on http://127.0.0.1:5000
     nox -s tests                      # the test suite
+    nox -s perf                       # benchmarks/: the harness's overheads as ratios
+    nox -s perf -- --device cuda      # ... plus the GPU benchmark (ResNet-50, 224 px, bf16)
     nox -s lint
 
 Every session shares one environment, .nox/tlbench, installed from pyproject.toml and
@@ -81,6 +83,16 @@ def ui(session: nox.Session) -> None:
 
 
 @nox.session(python=False)
+def perf(session: nox.Session) -> None:
+    """The benchmarks (pytest-benchmark): train step vs a hand-written loop (PyTorch) and
+    plain model.fit (Keras), cached vs recomputed feature extraction, per-cell start-up;
+    ratios printed at the end. `-- --device cuda` adds the GPU benchmark."""
+    _run(session, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider",
+         "--benchmark-columns=median,min,max,rounds", *session.posargs)
+
+
+@nox.session(python=False)
 def lint(session: nox.Session) -> None:
     """ruff on the code and tests."""
-    _run(session, "-m", "ruff", "check", "bench", "strategies", "tests", "noxfile.py")
+    _run(session, "-m", "ruff", "check", "bench", "strategies", "tests", "benchmarks",
+         "noxfile.py")

@@ -32,20 +32,6 @@ class CellContext:
         self.weights_sha256 = weights_sha256
         self.save_backbone_to = save_backbone_to  # set for a pretraining run
 
-    def pretrained_checkpoint(self, spec) -> str | None:
-        """The verified checkpoint path for `pretrained:` weights (None for other weights).
-        The runner makes it; a backend loads it right after building the model."""
-        from bench import pretrain
-
-        if not pretrain.is_pretrained(spec.weights):
-            return None
-        if not self.weights_file:
-            raise pretrain.WeightsError(
-                f"weights = {spec.weights!r} need the checkpoint of their pretraining run; "
-                f"the runner makes it (python -m bench run <grid>)")
-        pretrain.verify(self.weights_file, self.weights_sha256)
-        return self.weights_file
-
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
         emit("metrics", step=step, metrics=_clean(metrics))
 

@@ -20,6 +20,10 @@ Schema (see bench/grids/default.toml for a commented example):
     epochs = 4
     batch_size = 64
     lr = 1e-3
+    feature_cache = true                 # speed options, recorded as params like any field:
+    channels_last = false                # PyTorch NHWC memory format
+    compile = false                      # torch.compile / Keras jit_compile
+    workers = -1                         # loader workers / tf.data parallel calls; -1 auto
 
     [smoke]                              # applied by --smoke: shrinks any grid
     subset = 120
@@ -281,6 +285,8 @@ def _folder_problem(card: dict) -> str | None:
 def _check_field(f: str, v, cards: dict) -> str | None:
     """None if `v` is a valid value of RunSpec field `f`, else what is allowed."""
     typ = SPEC_FIELDS[f].type
+    if typ == "bool" and not isinstance(v, bool):
+        return "must be true or false"
     if typ == "int" and (not isinstance(v, int) or isinstance(v, bool)):
         return "must be an integer"
     if typ == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool)):
@@ -314,7 +320,8 @@ def _check_field(f: str, v, cards: dict) -> str | None:
                "augmentation": specmod.AUGMENTATIONS, "head": specmod.HEADS}
     if f in choices and v not in choices[f]:
         return f"allowed: {', '.join(choices[f])}"
-    minimum = {"image_size": 8, "batch_size": 1, "epochs": 1, "seed": 0, "subset": 0}
+    minimum = {"image_size": 8, "batch_size": 1, "epochs": 1, "seed": 0, "subset": 0,
+               "workers": -1}
     if f in minimum and v < minimum[f]:
         return f"must be >= {minimum[f]}"
     if f == "lr" and not v > 0:

@@ -222,6 +222,20 @@ class Checkpoint:
         return meta
 
 
+def checkpoint_for(spec, ctx) -> str | None:
+    """The verified checkpoint path of a cell's `pretrained:` weights (None for other
+    weights), from the cell context the runner filled in; a backend loads it right after
+    building the model."""
+    if not is_pretrained(spec.weights):
+        return None
+    path = getattr(ctx, "weights_file", None)
+    if not path:
+        raise WeightsError(f"weights = {spec.weights!r} need the checkpoint of their "
+                           f"pretraining run; the runner makes it (python -m bench run <grid>)")
+    verify(path, ctx.weights_sha256)
+    return path
+
+
 def verify(path: str | Path, sha256: str) -> None:
     """Raise unless `path` has the checksum the runner recorded: a backend calls this right
     before loading, so a file changed after the runner's check is not used either."""

@@ -46,6 +46,11 @@ class RunSpec:
     precision: str = "fp32"
     augmentation: str = "none"
     seed: int = 0
+    # speed options (canonical() omits defaults, so cells without them keep their hashes)
+    feature_cache: bool = True  # frozen backbone/prefix computed once (bench/driver.py)
+    channels_last: bool = False  # PyTorch NHWC memory format (Keras is NHWC already)
+    compile: bool = False  # torch.compile / Keras jit_compile (XLA)
+    workers: int = -1  # loader workers (PyTorch) / tf.data parallel calls; -1 = auto
 
     def __post_init__(self):
         # defaults filled in and sorted, so equal cells compare and hash equal however they
@@ -162,6 +167,10 @@ def _fmt(v: object) -> str:
 
 
 def _parse(text: str, type_name: str) -> object:
+    if type_name == "bool":
+        if text not in ("true", "false"):
+            raise ValueError(f"expected 'true' or 'false', got {text!r}")
+        return text == "true"
     if type_name == "int":
         return int(text)
     if type_name == "float":

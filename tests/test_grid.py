@@ -178,6 +178,9 @@ def test_strategy_param_refusals():
     ("defaults", "batch_size", 0, "must be >= 1"),
     ("defaults", "lr", 0, "must be > 0"),
     ("defaults", "weights", "no/such/file.pt", "allowed: 'imagenet', 'none'"),
+    ("defaults", "channels_last", "yes", "must be true or false"),
+    ("axes", "feature_cache", 1, "must be true or false"),
+    ("defaults", "workers", -2, "must be >= -1"),
 ])
 def test_wrong_field_values(section, field, value, expected):
     d = doc()

@@ -859,3 +859,32 @@ def test_parity_accuracy(keras_cell, torch_side):
     torch_acc = torch_side.result("run")["final"]["test_acc"]
     assert keras_acc > 0.35 and torch_acc > 0.35, (keras_acc, torch_acc)
     assert abs(keras_acc - torch_acc) <= 0.20, (keras_acc, torch_acc)
+
+
+# ---- 9. feature caching -----------------------------------------------------------------------
+def test_feature_cache_trains_exactly_as_uncached(cache):
+    """two_stage[depth=2] on MobileNetV2: the head phase on cached features, the fine-tuning
+    phase on the cached output of the bottom 7 blocks; the same losses and accuracies as the
+    uncached path, epoch by epoch (inference mode through the frozen part, the same items in
+    the same seeded order)."""
+    card = check_card(shipped_cards()["digits"], "digits")
+    params = registry.get("two_stage").with_defaults({"depth": 2})
+    runs = {}
+    for feature_cache in (False, True):
+        spec = RunSpec(framework="keras", backbone="mobilenet_v2", dataset="digits",
+                       strategy="two_stage", strategy_params=tuple(params.items()),
+                       weights="none", subset=60, image_size=32, batch_size=16, epochs=2,
+                       feature_cache=feature_cache)
+        ctx = RecordingContext()
+        run_cell(spec, card, ctx)
+        runs[feature_cache] = ctx, {k: v for f in ctx.finals for k, v in f.items()}
+    (off, off_final), (on, on_final) = runs[False], runs[True]
+    assert off.tags["feature_cache"] == "off: feature_cache = false"
+    assert on.tags["feature_cache"] == "head=features; finetune=prefix:7 blocks"
+    assert on.tags["train_rate_of"] == "blocks above the cached bottom 7"
+    for (_, a), (_, b) in zip(off.epochs, on.epochs, strict=True):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for k in ("test_acc", "test_top5", "trainable_params", "total_params"):
+        assert on_final[k] == pytest.approx(off_final[k], rel=1e-4), k
+    assert set(on_final) == set(off_final) and set(on.tags) == set(off.tags)

@@ -208,3 +208,14 @@ def test_strategy_defaults_are_filled_so_equal_cells_hash_equal():
                                                              ("head_share", 0.5), ("bn", "frozen")))
     assert short == spelled and short.hash == spelled.hash
     assert short.name == "torch/resnet18/two_stage[depth=2]/digits/seed0"
+
+
+def test_speed_options_round_trip_and_leave_default_hashes_alone():
+    base = RunSpec(framework="torch", backbone="resnet18", dataset="digits")
+    fast = dataclasses.replace(base, channels_last=True, compile=True, workers=4,
+                               feature_cache=False)
+    assert "channels_last" not in base.canonical() and "feature_cache" not in base.canonical()
+    assert fast.hash != base.hash
+    params = fast.to_params()
+    assert params["channels_last"] == "true" and params["feature_cache"] == "false"
+    assert RunSpec.from_params(params) == fast

@@ -602,3 +602,89 @@ def test_run_cell_digits(tmp_path, monkeypatch):
     assert len(history) == 2
     assert [r["phase"] for r in history] == ["head", "finetune"]
     assert [r["epoch"] for r in history] == [1, 2]
+
+
+# ---- 9. feature caching -----------------------------------------------------------------------
+def _cell(tmp_path, monkeypatch, strategy: str, params: dict, feature_cache: bool,
+          backbone: str = "resnet18") -> RecordingContext:
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    card = check_card(shipped_cards()["digits"], "digits")
+    params = registry.get(strategy).with_defaults(params)
+    spec = RunSpec(framework="torch", backbone=backbone, dataset="digits", strategy=strategy,
+                   strategy_params=tuple(params.items()), weights="none", subset=60,
+                   image_size=16, batch_size=16, epochs=2, feature_cache=feature_cache)
+    ctx = RecordingContext()
+    torch.manual_seed(0)
+    run_cell(spec, card, ctx)
+    ctx.final = {k: v for f in ctx.finals for k, v in f.items()}
+    return ctx
+
+
+@pytest.mark.parametrize("strategy,params,label", [
+    ("feature_extraction", {}, "features"),
+    ("partial", {"depth": 2}, "prefix:3 blocks"),
+    ("two_stage", {"depth": 2}, "head=features; finetune=prefix:3 blocks"),
+])
+def test_feature_cache_trains_exactly_as_uncached(tmp_path, monkeypatch, strategy, params,
+                                                  label):
+    """Cached features (eval mode through the frozen part, the same items in the same seeded
+    order) give the uncached path's losses and accuracies, epoch by epoch."""
+    off = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=False)
+    on = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=True)
+    assert off.tags["feature_cache"] == "off: feature_cache = false"
+    assert on.tags["feature_cache"] == label
+    assert on.tags["train_rate_of"] != off.tags["train_rate_of"] == "whole model"
+    for (_, a), (_, b) in zip(off.epochs, on.epochs, strict=True):
+        for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k
+    for k in ("test_acc", "test_top5", "best_val_acc", "trainable_params", "total_params"):
+        assert on.final[k] == pytest.approx(off.final[k], rel=1e-4), k
+    assert on.final["feature_cache_seconds"] > 0 == off.final["feature_cache_seconds"]
+    assert set(on.final) == set(off.final) and set(on.tags) == set(off.tags)
+    # two_stage: 1 epoch of 3 steps per phase, all warm-up
+    assert on.tags["input_bound"] in ("true", "false") or (
+        strategy == "two_stage" and on.tags["input_bound"].startswith("unknown"))
+
+
+def test_feature_cache_that_does_not_fit_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("TLBENCH_FEATURE_CACHE_MB", "0.01")
+    ctx = _cell(tmp_path, monkeypatch, "partial", {"depth": 2}, feature_cache=True)
+    tag = ctx.tags["feature_cache"]
+    assert tag.startswith("off: the bottom 3 blocks' output not cached: needs"), tag
+    assert "0 MB allowed" in tag and ctx.tags["train_rate_of"] == "whole model"
+
+
+def test_no_cache_with_augmentation_or_nothing_frozen():
+    from bench.driver import cache_plan
+
+    spec = RunSpec(framework="torch", backbone="resnet18", dataset="digits")
+    assert cache_plan(spec, registry.Phase(0), 5) == ("features", 5)
+    assert cache_plan(spec, registry.Phase(2), 5) == ("prefix", 3)
+    assert cache_plan(spec, registry.Phase(registry.ALL), 5) == "every block trains"
+    flip = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
+                   augmentation="flip")
+    assert "augmentation" in cache_plan(flip, registry.Phase(0), 5)
+
+
+@pytest.mark.parametrize("backbone,n_frozen", [("resnet18", 1), ("resnet18", 3),
+                                               ("mobilenet_v2", 4), ("efficientnet_b0", 6),
+                                               ("convnext_tiny", 2)])
+def test_split_after_frozen_blocks(backbone, n_frozen):
+    from strategies.torch_backend.cache import shares_parameters, split_after
+
+    torch.manual_seed(0)
+    tb = build(backbone, "none", NUM_CLASSES)
+    phase = registry.Phase(len(tb.block_map.blocks) - n_frozen)
+    apply_phase(tb, phase)
+    set_train_mode(tb, phase)
+    prefix, suffix = split_after(tb, n_frozen)
+    assert shares_parameters(prefix, tb.model) and shares_parameters(suffix, tb.model)
+    frozen = set(list(tb.block_map.blocks)[:n_frozen])
+    prefix_params = {id(p) for p in prefix.parameters()}
+    owners = tb.param_owner()
+    by_name = dict(tb.model.named_parameters())
+    assert prefix_params == {id(by_name[n]) for n, o in owners.items() if o in frozen}
+    tb.model.eval()
+    x = torch.randn(2, 3, SIZE, SIZE)
+    with torch.no_grad():
+        assert torch.allclose(suffix(prefix(x)), tb.model(x), atol=1e-5)

@@ -3,11 +3,11 @@ backbones, at parity with strategies/torch_backend: the same block names and dep
 split manifest, the same strategies (phases, LR scales, BatchNorm policy), the same metrics
 with the same names and definitions.
 
-run_cell configures TensorFlow first (GPU memory growth, visible devices, CPU threads, the
-mixed precision policy), then builds the data, the backbone and the strategy's phases, trains
-with model.fit (recompiled per phase), evaluates on the test split, measures throughput the
-timm way (bench.timing: warm-up excluded, device synchronised) and reports through the cell
-context. tensorflow is imported only here, inside the child process that runs a cell.
+run_cell runs bench.driver's per-cell loop (the same for every framework) on a KerasSession,
+which configures TensorFlow first (GPU memory growth, visible devices, CPU threads, the mixed
+precision policy), builds the backbone and the tf.data loaders, recompiles per phase, trains
+with model.fit and measures the model-only rates. tensorflow is imported only here, inside
+the child process that runs a cell.
 """
 
 from __future__ import annotations
@@ -22,27 +22,18 @@ if "keras" not in sys.modules:
 import json  # noqa: E402
 import platform  # noqa: E402
 import resource  # noqa: E402
-import time  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench import data as bdata  # noqa: E402
+from bench import driver  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
-from strategies import registry  # noqa: E402
-from strategies.keras_backend.backbones import (
-    build,
-    load_backbone,
-    reinit_top_blocks,
-    save_backbone,
-)  # noqa: E402
-from strategies.keras_backend.data import Batches  # noqa: E402
-from strategies.keras_backend.train import StepTimer, Trainer  # noqa: E402
+from strategies.keras_backend.backbones import build  # noqa: E402
+from strategies.keras_backend.data import Batches, CachedBatches  # noqa: E402
+from strategies.keras_backend.train import StepTimer, Trainer, sync_fn  # noqa: E402
 
-WARMUP_STEPS = 3
-MODEL_ONLY_STEPS = 10
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
 
@@ -117,113 +108,139 @@ def peak_memory_mb(device_type: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class KerasSession:
+    """The Keras side of bench.driver's loop (see bench.driver.Session)."""
+
+    def start(self, device: str) -> dict[str, str]:
+        if keras.backend.backend() != "tensorflow":
+            raise RuntimeError(f"the Keras backend needs KERAS_BACKEND=tensorflow; Keras runs "
+                               f"on {keras.backend.backend()!r} in this process")
+        self.device_type = configure_device(device)
+        if self.device_type == "gpu":
+            tf.config.experimental.reset_memory_stats("GPU:0")
+        self.sync = sync_fn(self.device_type)
+        return {"device": device_name(self.device_type), "device_type": self.device_type,
+                "versions": json.dumps(versions())}
+
+    def seed(self, seed: int) -> None:
+        keras.utils.set_random_seed(seed)
+
+    def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
+        self.spec = spec
+        keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
+        self.kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
+        # spec.channels_last: nothing to do, Keras on TensorFlow is NHWC already
+        self.trainer = Trainer(self.kb, self.device_type, topk=5 if num_classes > 5 else 1,
+                               jit_compile=spec.compile)
+        parallel = tf.data.AUTOTUNE if spec.workers < 0 else max(1, spec.workers)
+        self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size,
+                                   shuffle=(k == "train"), seed=spec.seed,
+                                   augmentation=spec.augmentation if k == "train" else "none",
+                                   parallel=parallel)
+                        for k in parts}
+        self.cached: dict = {}
+        self.data_path = self.loaders["train"].data_path
+
+    # weights the harness pretrained (bench/pretrain.py)
+    def load_backbone(self, path: str) -> None:
+        from strategies.keras_backend.backbones import load_backbone
+
+        load_backbone(self.kb, path)
+
+    def reinit_top(self, depth: int | str) -> list[str]:
+        from strategies.keras_backend.backbones import reinit_top_blocks
+
+        return reinit_top_blocks(self.kb, depth)
+
+    def save_backbone(self, path: str) -> None:
+        from strategies.keras_backend.backbones import save_backbone
+
+        save_backbone(self.kb, path)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.kb.blocks)
+
+    def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
+        self.cached = {}
+        params = self.trainer.compile_phase(phase, optimizer, lr, weight_decay)
+        return sum(int(np.prod(v.shape)) for v in params)
+
+    def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:
+        """Split the functional model at the head's input ('features') or after the bottom
+        `n_frozen` blocks ('prefix'); the part below runs once through predict() (inference
+        mode: frozen BatchNorm, no dropout), the part above trains on its outputs."""
+        kb, model = self.kb, self.kb.model
+        if kind == "features":
+            cut = kb.head_layers[0].input
+            parts = dict(self.loaders)
+        else:
+            cut = kb.block_layers(kb.blocks[n_frozen - 1])[-1].output
+            parts = {"train": self.loaders["train"]}
+        try:
+            below = keras.Model(model.inputs, cut)
+            above = keras.Model(cut, model.output)
+        except ValueError as e:  # the blocks above read more than the one cut tensor
+            raise driver.CacheUnavailable(
+                f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
+        itemsize = 2 if cut.dtype in ("bfloat16", "float16") else np.dtype(cut.dtype).itemsize
+        per_item = int(np.prod(cut.shape[1:])) * itemsize
+        need = per_item * sum(b.n for b in parts.values())
+        if need > limit_bytes:
+            raise driver.CacheUnavailable(f"needs {need / 2**20:.0f} MB, more than the "
+                                          f"{limit_bytes / 2**20:.0f} MB allowed")
+        for part, batches in parts.items():
+            inputs = below.predict(batches.ordered(), verbose=0)
+            self.cached[part] = CachedBatches(batches, inputs, above)
+        self.trainer.train_on(above)
+
+    def _batches(self, part: str):
+        return self.cached[part] if part in self.cached else self.loaders[part]
+
+    def train_epoch(self, meter, on_step) -> dict[str, float]:
+        return self.trainer.train_epoch(self._batches("train"), meter, on_step)
+
+    def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
+        batches = self._batches(part)
+        return self.trainer.evaluate(batches, topk=topk, model=getattr(batches, "model", None))
+
+    def param_counts(self) -> tuple[int, int]:
+        model = self.kb.model
+        return (sum(int(np.prod(v.shape)) for v in model.trainable_weights),
+                sum(int(np.prod(v.shape)) for v in model.weights
+                    if v.path in self.kb.parameters))
+
+    def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
+        """The last phase's train step through fit() on one batch repeated (cached inputs
+        when the phase trained on a cache), timed per step like the real epochs: it reuses
+        the train step traced for the real data (train_on_batch would trace another one,
+        costing as much as the first epoch's tracing). tf.data copies the batch to the
+        device each step, a few MB at most: small next to a training step. Inference: images
+        -> logits through the whole model."""
+        spec, model = self.spec, self.kb.model
+        rng = np.random.default_rng(0)
+        x = rng.integers(0, 256, (spec.batch_size, spec.image_size, spec.image_size, 3),
+                         dtype=np.uint8)
+        y = np.zeros((spec.batch_size,), dtype=np.int32)
+        x_train = x
+        train_batches = self._batches("train")
+        if isinstance(train_batches, CachedBatches):
+            x_train = np.resize(train_batches.inputs,
+                                (spec.batch_size, *train_batches.inputs.shape[1:]))
+        meter = StepMeter(self.sync, warmup=warmup)
+        synthetic = tf.data.Dataset.from_tensors((x_train, y)).repeat(warmup + steps)
+        self.trainer.train_model.fit(synthetic, epochs=1, verbose=0, shuffle=False,
+                                     callbacks=[StepTimer(meter, lambda i: spec.batch_size)])
+        x_device = tf.constant(x)
+        infer_rate = measure(lambda: model.predict_on_batch(x_device), spec.batch_size,
+                             steps, warmup, self.sync)
+        return {"model_only_train_images_per_sec": meter.median,
+                "inference_images_per_sec": infer_rate}
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb(self.device_type)
+
+
 def run_cell(spec: RunSpec, card: dict, ctx) -> None:
-    if keras.backend.backend() != "tensorflow":
-        raise RuntimeError(f"the Keras backend needs KERAS_BACKEND=tensorflow; Keras runs on "
-                           f"{keras.backend.backend()!r} in this process")
-    device_type = configure_device(ctx.device)
-    if device_type == "gpu":
-        tf.config.experimental.reset_memory_stats("GPU:0")
-    keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
-    ctx.set_tags({"device": device_name(device_type), "device_type": device_type,
-                  "versions": json.dumps(versions())})
-    keras.utils.set_random_seed(spec.seed)
-
-    prepared = bdata.prepare(card, spec.seed, spec.subset)
-    num_classes = prepared.source.num_classes
-    parts = {k: prepared.part(k) for k in ("train", "val", "test")}
-    ctx.log_final({"n_train": len(parts["train"][1]), "n_val": len(parts["val"][1]),
-                   "n_test": len(parts["test"][1]), "num_classes": num_classes})
-
-    kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
-    _start_weights(kb, spec, ctx)
-    topk = 5 if num_classes > 5 else 1
-    trainer = Trainer(kb, device_type, topk=topk)
-    loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size, shuffle=(k == "train"),
-                          seed=spec.seed,
-                          augmentation=spec.augmentation if k == "train" else "none")
-               for k in parts}
-    ctx.set_tags({"data_path": loaders["train"].data_path})
-
-    strategy = registry.get(spec.strategy)
-    phases = strategy.phases(spec.params, spec.epochs)
-    total_epochs = sum(e for _, e in phases)
-    history, best, epoch = [], (-1.0, 0), 0
-    meter = None
-    for phase, n_epochs in phases:
-        params = trainer.compile_phase(phase, spec.optimizer, spec.lr * phase.lr_scale,
-                                       spec.weight_decay)
-        meter = StepMeter(trainer.sync, warmup=WARMUP_STEPS)  # steady state of this phase
-        for _ in range(n_epochs):
-            epoch += 1
-            t0 = time.perf_counter()
-            on_step = ctx.step_progress(phase.name, epoch, total_epochs,
-                                        len(loaders["train"]))
-            row = trainer.train_epoch(loaders["train"], meter, on_step)
-            trainer.sync()
-            seconds = time.perf_counter() - t0
-            val = trainer.evaluate(loaders["val"])
-            row.update(val_loss=val["loss"], val_acc=val["acc"], epoch_seconds=seconds,
-                       epoch_train_images_per_sec=len(parts["train"][1]) / seconds,
-                       lr=spec.lr * phase.lr_scale,
-                       trainable_params=sum(int(np.prod(v.shape)) for v in params))
-            ctx.log_epoch(epoch, row)
-            history.append({"epoch": epoch, "phase": phase.name, **row})
-            if val["acc"] > best[0]:
-                best = (val["acc"], epoch)
-            ctx.progress(phase=phase.name, epoch=epoch, epochs=total_epochs,
-                         fraction=epoch / total_epochs, val_acc=val["acc"])
-
-    test = trainer.evaluate(loaders["test"], topk=topk)
-    final = {"test_acc": test["acc"], "test_loss": test["loss"], "best_val_acc": best[0],
-             "best_val_epoch": best[1],
-             "train_images_per_sec": meter.median if meter else None,
-             "trainable_params": sum(int(np.prod(v.shape))
-                                     for v in kb.model.trainable_weights),
-             "total_params": sum(int(np.prod(v.shape)) for v in kb.model.weights
-                                 if v.path in kb.parameters)}
-    if topk > 1:
-        final["test_top5"] = test[f"top{topk}"]
-    final.update(_model_only_rates(trainer, spec))
-    final["wall_seconds"] = ctx.elapsed()
-    final["peak_memory_mb"] = peak_memory_mb(device_type)
-    ctx.log_final(final)
-    ctx.artifact("history.json", json.dumps(history, indent=1))
-    if ctx.save_backbone_to:  # a pretraining run: its backbone is the product
-        save_backbone(kb, ctx.save_backbone_to)
-
-
-def _start_weights(kb, spec: RunSpec, ctx) -> None:
-    """Harness-pretrained weights (`pretrained:`) and the strategy's re-initialised top
-    blocks, on the freshly built model."""
-    checkpoint = ctx.pretrained_checkpoint(spec)
-    if checkpoint:
-        load_backbone(kb, checkpoint)
-    depth = registry.get(spec.strategy).reinit_depth(spec.params)
-    if depth:
-        ctx.set_tags({"reinit_blocks": ",".join(reinit_top_blocks(kb, depth))})
-
-
-def _model_only_rates(trainer: Trainer, spec: RunSpec) -> dict[str, float]:
-    """Train and inference images/s on one synthetic batch held in memory: the model's speed
-    without the input pipeline. Runs after the test evaluation, on the last phase's trainable
-    set (the model stays compiled for it), so it cannot touch a reported accuracy.
-
-    Training goes through fit() on that batch repeated, timed per step like the real epochs:
-    it reuses the train step traced for the real data (train_on_batch would trace another one,
-    costing as much as the first epoch's tracing). tf.data copies the uint8 batch to the
-    device each step, a few MB at most: small next to a training step."""
-    model = trainer.kb.model
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 256, (spec.batch_size, spec.image_size, spec.image_size, 3),
-                     dtype=np.uint8)
-    y = np.zeros((spec.batch_size,), dtype=np.int32)
-    meter = StepMeter(trainer.sync, warmup=WARMUP_STEPS)
-    synthetic = tf.data.Dataset.from_tensors((x, y)).repeat(WARMUP_STEPS + MODEL_ONLY_STEPS)
-    model.fit(synthetic, epochs=1, verbose=0, shuffle=False,
-              callbacks=[StepTimer(meter, lambda i: spec.batch_size)])
-    x_device = tf.constant(x)
-    infer_rate = measure(lambda: model.predict_on_batch(x_device), spec.batch_size,
-                         MODEL_ONLY_STEPS, WARMUP_STEPS, trainer.sync)
-    return {"model_only_train_images_per_sec": meter.median,
-            "inference_images_per_sec": infer_rate}
+    """One cell: bench.driver's loop on a KerasSession."""
+    driver.run_cell(KerasSession(), spec, card, ctx)

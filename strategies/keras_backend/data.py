@@ -73,51 +73,54 @@ def augment(x: tf.Tensor, augmentation: str, size: int) -> tf.Tensor:
 
 class Batches:
     """A tf.data pipeline of (uint8 (n,size,size,3), int32 labels) batches for one split part,
-    prefetched. Iterating it again reshuffles (seeded) when `shuffle`."""
+    prefetched. Iterating it again reshuffles (seeded) when `shuffle`. `parallel`: the
+    parallel calls of its map steps (tf.data.AUTOTUNE by default)."""
 
     def __init__(self, items, labels: np.ndarray, size: int, batch_size: int, shuffle: bool,
-                 seed: int, augmentation: str = "none"):
-        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it):
-        # a shuffled part leaves it out, a different image each epoch, as on the torch side
-        self.n = len(labels) - (shuffle and len(labels) % batch_size == 1)
-        self.total = len(labels)
+                 seed: int, augmentation: str = "none", parallel: int = tf.data.AUTOTUNE):
+        self.n = len(labels)
+        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it): a
+        # shuffled part leaves it out of the epoch, a different image each time, as in torch
+        self.used = self.n - (shuffle and self.n % batch_size == 1)
         self.batch_size = batch_size
         self.size = size
-        labels = np.asarray(labels, dtype=np.int32)
+        self.parallel = parallel
+        self.labels = np.asarray(labels, dtype=np.int32)
         if isinstance(items, np.ndarray):
             self.resident = self.n * 3 * size * size <= IN_MEMORY_BYTES
-            images = to_hwc_uint8(items, size) if self.resident else items
-            ds = self._from_arrays(images, labels, shuffle, seed)
-            if not self.resident:
-                ds = ds.map(lambda x, y: (resize_uint8(x, size), y),
-                            num_parallel_calls=tf.data.AUTOTUNE)
+            self.items = to_hwc_uint8(items, size) if self.resident else items
             self.data_path = "resident" if self.resident else "arrays-resized-per-batch"
         else:
             self.resident = False
-            ds = self._from_files(list(items), labels, shuffle, seed)
+            self.items = list(items)
             self.data_path = "files"
+        # one index dataset: the cached view (with_inputs) draws the same seeded orders
+        self.order = self._order(shuffle, seed)
+        ds = self._images(self.order)
         if augmentation != "none":
             ds = ds.map(lambda x, y: (augment(x, augmentation, size), y),
-                        num_parallel_calls=tf.data.AUTOTUNE)
+                        num_parallel_calls=parallel)
         self.dataset = ds.prefetch(tf.data.AUTOTUNE)
 
     def _order(self, shuffle: bool, seed: int) -> tf.data.Dataset:
-        ds = tf.data.Dataset.range(self.total)
+        ds = tf.data.Dataset.range(self.n)
         if shuffle:  # a full buffer: a uniform permutation, a new one per iteration
-            ds = ds.shuffle(self.total, seed=seed, reshuffle_each_iteration=True)
-        return ds.take(self.n)
+            ds = ds.shuffle(self.n, seed=seed, reshuffle_each_iteration=True)
+        return ds.take(self.used)
 
-    def _from_arrays(self, images: np.ndarray, labels: np.ndarray, shuffle: bool,
-                     seed: int) -> tf.data.Dataset:
-        with tf.device("/cpu:0"):
-            x, y = tf.constant(images), tf.constant(labels)
-        return (self._order(shuffle, seed).batch(self.batch_size)
-                .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx))))
-
-    def _from_files(self, files: list[str], labels: np.ndarray, shuffle: bool,
-                    seed: int) -> tf.data.Dataset:
+    def _images(self, order: tf.data.Dataset) -> tf.data.Dataset:
+        """Batches of the items `order` lists."""
+        if isinstance(self.items, np.ndarray):
+            with tf.device("/cpu:0"):
+                x, y = tf.constant(self.items), tf.constant(self.labels)
+            ds = order.batch(self.batch_size).map(lambda idx: (tf.gather(x, idx),
+                                                               tf.gather(y, idx)))
+            if not self.resident:
+                ds = ds.map(lambda x, y: (resize_uint8(x, self.size), y),
+                            num_parallel_calls=self.parallel)
+            return ds
         size = self.size
-        paths, y = tf.constant(files), tf.constant(labels)
+        paths, y = tf.constant(self.items), tf.constant(self.labels)
 
         def load(i):
             img = tf.numpy_function(lambda p: load_file(p.decode(), size), [paths[i]],
@@ -125,16 +128,41 @@ class Batches:
             img.set_shape((size, size, 3))
             return img, y[i]
 
-        return (self._order(shuffle, seed)
-                .map(load, num_parallel_calls=tf.data.AUTOTUNE)
-                .batch(self.batch_size))
+        return order.map(load, num_parallel_calls=self.parallel).batch(self.batch_size)
+
+    def ordered(self) -> tf.data.Dataset:
+        """Every item once, in index order, unaugmented (what a feature cache is made of)."""
+        return self._images(tf.data.Dataset.range(self.n)).prefetch(tf.data.AUTOTUNE)
+
+    def with_inputs(self, inputs: np.ndarray) -> tf.data.Dataset:
+        """This part's batches in the same seeded orders, each item replaced by `inputs[i]`
+        (its cached features)."""
+        with tf.device("/cpu:0"):
+            x, y = tf.constant(inputs), tf.constant(self.labels)
+        return (self.order.batch(self.batch_size)
+                .map(lambda idx: (tf.gather(x, idx), tf.gather(y, idx)))
+                .prefetch(tf.data.AUTOTUNE))
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-self.used // self.batch_size)
 
     def batch_items(self, i: int) -> int:
         """The number of images in batch `i` (the last one may be short)."""
-        return min(self.batch_size, self.n - i * self.batch_size)
+        return min(self.batch_size, self.used - i * self.batch_size)
 
     def __iter__(self):
         return iter(self.dataset)
+
+
+class CachedBatches:
+    """The batches of `base` (same items, same seeded orders) with each image replaced by
+    its cached input to `model` (the layers above the cut)."""
+
+    def __init__(self, base: Batches, inputs: np.ndarray, model):
+        self.base, self.inputs, self.model = base, inputs, model
+        self.dataset = base.with_inputs(inputs)
+        self.batch_items = base.batch_items
+        self.batch_size = base.batch_size
+
+    def __len__(self) -> int:
+        return len(self.base)

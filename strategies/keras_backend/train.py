@@ -130,35 +130,53 @@ class StepTimer(keras.callbacks.Callback):
 
 
 class Trainer:
-    """One model and its loss; `compile_phase`, `train_epoch` and `evaluate`."""
+    """One model and its loss; `compile_phase`, `train_epoch` and `evaluate`. `train_model` is
+    what fit() trains: the whole model, or (`train_on`) the part above a feature cache, which
+    shares its layers (weights, trainable flags, pinned BatchNorm) with the whole model."""
 
-    def __init__(self, kb: KerasBackbone, device_type: str = "cpu", topk: int = 1):
+    def __init__(self, kb: KerasBackbone, device_type: str = "cpu", topk: int = 1,
+                 jit_compile: bool | str = "auto"):
         self.kb = kb
         self.topk = topk
+        self.jit_compile = jit_compile
         self.sync = sync_fn(device_type)
+        self.train_model = kb.model
+        self._optimizer = ("adam", 1e-3, 0.0)
 
     def compile_phase(self, phase: Phase, optimizer: str, lr: float,
                       weight_decay: float = 0.0) -> list:
         params = apply_phase(self.kb, phase)
+        self._optimizer = (optimizer, lr, weight_decay)
+        self._compile(self.kb.model)
+        self.train_model = self.kb.model
+        return params
+
+    def train_on(self, model: keras.Model) -> None:
+        """Train `model` (the layers above a feature cache) for the rest of the phase, with
+        a fresh optimizer of the phase's settings (the whole model's was never stepped)."""
+        self._compile(model)
+        self.train_model = model
+
+    def _compile(self, model: keras.Model) -> None:
         metrics = [keras.metrics.SparseCategoricalAccuracy(name="acc")]
         if self.topk > 1:
             metrics.append(keras.metrics.SparseTopKCategoricalAccuracy(
                 k=self.topk, name=f"top{self.topk}"))
-        self.kb.model.compile(
-            optimizer=make_optimizer(optimizer, lr, weight_decay),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=metrics)
-        return params
+        model.compile(optimizer=make_optimizer(*self._optimizer),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                      metrics=metrics, jit_compile=self.jit_compile)
 
     def train_epoch(self, batches, meter: StepMeter | None = None,
                     on_step=None) -> dict[str, float]:
-        hist = self.kb.model.fit(batches.dataset, epochs=1, verbose=0, shuffle=False,
-                                 callbacks=[StepTimer(meter, batches.batch_items, on_step)])
+        hist = self.train_model.fit(batches.dataset, epochs=1, verbose=0, shuffle=False,
+                                    callbacks=[StepTimer(meter, batches.batch_items, on_step)])
         return {"train_loss": float(hist.history["loss"][-1]),
                 "train_acc": float(hist.history["acc"][-1])}
 
-    def evaluate(self, batches, topk: int = 1) -> dict[str, float]:
-        r = self.kb.model.evaluate(batches.dataset, verbose=0, return_dict=True)
+    def evaluate(self, batches, topk: int = 1, model: keras.Model | None = None
+                 ) -> dict[str, float]:
+        model = model or self.kb.model
+        r = model.evaluate(batches.dataset, verbose=0, return_dict=True)
         out = {"loss": float(r["loss"]), "acc": float(r["acc"])}
         if topk > 1:
             out[f"top{topk}"] = float(r[f"top{topk}"])

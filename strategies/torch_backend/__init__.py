@@ -1,7 +1,8 @@
 """The PyTorch backend: runs one cell (a RunSpec) with torchvision backbones.
 
-run_cell builds the data, the backbone and the strategy's phases, trains, evaluates on the
-test split, measures throughput the timm way, and reports through the cell context.
+run_cell runs bench.driver's per-cell loop (the same for every framework) on a TorchSession:
+the device, the model, the loaders, a phase's freezing and optimizer, an epoch, an
+evaluation and the model-only rates, the PyTorch way.
 """
 
 from __future__ import annotations
@@ -10,32 +11,24 @@ import json
 import random
 import resource
 import sys
-import time
 
 import numpy as np
 import torch
 
-from bench import data as bdata
+from bench import driver
 from bench.spec import RunSpec
-from bench.timing import StepMeter, measure
-from strategies import registry
-from strategies.torch_backend.backbones import (
-    build,
-    load_backbone,
-    reinit_top_blocks,
-    save_backbone,
-)
-from strategies.torch_backend.data import Batches, Preprocess
+from bench.timing import measure
+from strategies.torch_backend import cache
+from strategies.torch_backend.backbones import build
+from strategies.torch_backend.data import Batches, CachedBatches, Preprocess
 from strategies.torch_backend.train import (
     Trainer,
     apply_phase,
     autocast,
     make_optimizer,
     set_train_mode,
+    sync_fn,
 )
-
-WARMUP_STEPS = 3
-MODEL_ONLY_STEPS = 10
 
 
 def versions() -> dict[str, str]:
@@ -83,110 +76,133 @@ def peak_memory_mb(dev: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+class TorchSession:
+    """The PyTorch side of bench.driver's loop (see bench.driver.Session)."""
+
+    def start(self, device: str) -> dict[str, str]:
+        self.device = resolve_device(device)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.sync = sync_fn(self.device)
+        return {"device": device_name(self.device), "device_type": self.device.type,
+                "versions": json.dumps(versions())}
+
+    def seed(self, seed: int) -> None:
+        seed_everything(seed)
+
+    def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
+        self.spec = spec
+        dev = self.device
+        self.tb = build(spec.backbone, spec.weights, num_classes, spec.head)
+        self.tb.model.to(dev)
+        if spec.channels_last:  # NHWC: tensor-core convolutions without transposes
+            self.tb.model.to(memory_format=torch.channels_last)
+        pre = Preprocess(self.tb.mean, self.tb.std, dev, spec.augmentation,
+                         channels_last=spec.channels_last)
+        self.trainer = Trainer(self.tb, dev, spec.precision, pre, compile=spec.compile)
+        workers = None if spec.workers < 0 else spec.workers
+        self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size, dev,
+                                   shuffle=(k == "train"), seed=spec.seed, workers=workers)
+                        for k in parts}
+        self.cached: dict = {}
+        self.data_path = "resident" if self.loaders["train"].resident else "dataloader"
+
+    # weights the harness pretrained (bench/pretrain.py)
+    def load_backbone(self, path: str) -> None:
+        from strategies.torch_backend.backbones import load_backbone
+
+        load_backbone(self.tb, path)
+
+    def reinit_top(self, depth: int | str) -> list[str]:
+        from strategies.torch_backend.backbones import reinit_top_blocks
+
+        return reinit_top_blocks(self.tb, depth)
+
+    def save_backbone(self, path: str) -> None:
+        from strategies.torch_backend.backbones import save_backbone
+
+        save_backbone(self.tb, path)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.tb.block_map.blocks)
+
+    def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
+        self.phase = phase
+        self.cached = {}
+        params = apply_phase(self.tb, phase)
+        self.opt = make_optimizer(optimizer, params, lr, weight_decay)
+        return sum(p.numel() for p in params)
+
+    def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:
+        tb, trainer = self.tb, self.trainer
+
+        def autocast_ctx():
+            return autocast(self.device, self.spec.precision)
+
+        if kind == "features":
+            fn, forward, parts = (lambda x: cache.head_inputs(tb, x)), tb.head, self.loaders
+        else:
+            set_train_mode(tb, self.phase)  # the mode the suffix is traced in
+            fn, forward = cache.split_after(tb, n_frozen)
+            parts = {"train": self.loaders["train"]}
+        tb.model.eval()  # frozen means eval mode: BatchNorm statistics, no dropout
+        budget = limit_bytes
+        for part, batches in parts.items():
+            inputs = cache.compute(batches, fn, trainer.preprocess, autocast_ctx, budget)
+            budget -= inputs.numel() * inputs.element_size()
+            self.cached[part] = CachedBatches(batches, inputs, forward)
+
+    def _batches(self, part: str):
+        return self.cached[part] if part in self.cached else self.loaders[part]
+
+    def train_epoch(self, meter, on_step) -> dict[str, float]:
+        return self.trainer.train_epoch(self.phase, self.opt, self._batches("train"), meter,
+                                        on_step)
+
+    def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
+        return self.trainer.evaluate(self._batches(part), topk=topk)
+
+    def param_counts(self) -> tuple[int, int]:
+        params = list(self.tb.model.parameters())
+        return (sum(p.numel() for p in params if p.requires_grad),
+                sum(p.numel() for p in params))
+
+    def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
+        """The last phase's train step on a synthetic batch already on the device (cached
+        inputs' shape when the phase trained on a cache), and inference images -> logits."""
+        trainer, spec, dev = self.trainer, self.spec, self.device
+        gen = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randint(0, 256, (spec.batch_size, 3, spec.image_size, spec.image_size),
+                          generator=gen, dtype=torch.uint8).to(dev)
+        x = trainer.preprocess(x, train=False)
+        y = torch.zeros(spec.batch_size, dtype=torch.long, device=dev)
+        train_batches = self._batches("train")
+        forward = trainer.forward_of(train_batches)
+        x_train = x
+        if isinstance(train_batches, CachedBatches):
+            x_train = train_batches.inputs[:spec.batch_size].clone()
+            reps = -(-spec.batch_size // len(x_train))  # a train part smaller than a batch
+            x_train = x_train.repeat(reps, *[1] * (x_train.dim() - 1))[:spec.batch_size]
+        set_train_mode(self.tb, self.phase)
+        train_rate = measure(lambda: trainer.step(self.opt, x_train, y, forward),
+                             spec.batch_size, steps, warmup, self.sync)
+        self.tb.model.eval()
+        model = trainer.forward_of()
+
+        def infer():
+            with torch.no_grad(), autocast(dev, spec.precision):
+                model(x)
+
+        infer_rate = measure(infer, spec.batch_size, steps, warmup, self.sync)
+        return {"model_only_train_images_per_sec": train_rate,
+                "inference_images_per_sec": infer_rate}
+
+    def peak_memory_mb(self) -> float:
+        return peak_memory_mb(self.device)
+
+
 def run_cell(spec: RunSpec, card: dict, ctx) -> None:
-    dev = resolve_device(ctx.device)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(dev)
-    ctx.set_tags({"device": device_name(dev), "device_type": dev.type,
-                  "versions": json.dumps(versions())})
-    seed_everything(spec.seed)
-
-    prepared = bdata.prepare(card, spec.seed, spec.subset)
-    num_classes = prepared.source.num_classes
-    parts = {k: prepared.part(k) for k in ("train", "val", "test")}
-    ctx.log_final({"n_train": len(parts["train"][1]), "n_val": len(parts["val"][1]),
-                   "n_test": len(parts["test"][1]), "num_classes": num_classes})
-
-    tb = build(spec.backbone, spec.weights, num_classes, spec.head)
-    _start_weights(tb, spec, ctx)
-    tb.model.to(dev)
-    pre = Preprocess(tb.mean, tb.std, dev, spec.augmentation)
-    trainer = Trainer(tb, dev, spec.precision, pre)
-    loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size, dev,
-                          shuffle=(k == "train"), seed=spec.seed)
-               for k in parts}
-    ctx.set_tags({"data_path": "resident" if loaders["train"].resident else "dataloader"})
-
-    strategy = registry.get(spec.strategy)
-    phases = strategy.phases(spec.params, spec.epochs)
-    total_epochs = sum(e for _, e in phases)
-    history, best, epoch = [], (-1.0, 0), 0
-    meter = None
-    for phase, n_epochs in phases:
-        params = apply_phase(tb, phase)
-        opt = make_optimizer(spec.optimizer, params, spec.lr * phase.lr_scale,
-                             spec.weight_decay)
-        meter = StepMeter(trainer.sync, warmup=WARMUP_STEPS)  # steady state of this phase
-        for _ in range(n_epochs):
-            epoch += 1
-            t0 = time.perf_counter()
-            on_step = ctx.step_progress(phase.name, epoch, total_epochs,
-                                        len(loaders["train"]))
-            row = trainer.train_epoch(phase, opt, loaders["train"], meter, on_step)
-            trainer.sync()
-            seconds = time.perf_counter() - t0
-            val = trainer.evaluate(loaders["val"])
-            row.update(val_loss=val["loss"], val_acc=val["acc"], epoch_seconds=seconds,
-                       epoch_train_images_per_sec=len(parts["train"][1]) / seconds,
-                       lr=spec.lr * phase.lr_scale,
-                       trainable_params=sum(p.numel() for p in params))
-            ctx.log_epoch(epoch, row)
-            history.append({"epoch": epoch, "phase": phase.name, **row})
-            if val["acc"] > best[0]:
-                best = (val["acc"], epoch)
-            ctx.progress(phase=phase.name, epoch=epoch, epochs=total_epochs,
-                         fraction=epoch / total_epochs, val_acc=val["acc"])
-
-    topk = 5 if num_classes > 5 else 1
-    test = trainer.evaluate(loaders["test"], topk=topk)
-    final = {"test_acc": test["acc"], "test_loss": test["loss"], "best_val_acc": best[0],
-             "best_val_epoch": best[1],
-             "train_images_per_sec": meter.median if meter else None,
-             "trainable_params": sum(p.numel() for p in tb.model.parameters()
-                                     if p.requires_grad),
-             "total_params": sum(p.numel() for p in tb.model.parameters())}
-    if topk > 1:
-        final["test_top5"] = test[f"top{topk}"]
-    final.update(_model_only_rates(trainer, phases[-1][0], spec, dev, opt))
-    final["wall_seconds"] = ctx.elapsed()
-    final["peak_memory_mb"] = peak_memory_mb(dev)
-    ctx.log_final(final)
-    ctx.artifact("history.json", json.dumps(history, indent=1))
-    if ctx.save_backbone_to:  # a pretraining run: its backbone is the product
-        save_backbone(tb, ctx.save_backbone_to)
-
-
-def _start_weights(tb, spec: RunSpec, ctx) -> None:
-    """Harness-pretrained weights (`pretrained:`) and the strategy's re-initialised top
-    blocks, on the freshly built model."""
-    checkpoint = ctx.pretrained_checkpoint(spec)
-    if checkpoint:
-        load_backbone(tb, checkpoint)
-    depth = registry.get(spec.strategy).reinit_depth(spec.params)
-    if depth:
-        ctx.set_tags({"reinit_blocks": ",".join(reinit_top_blocks(tb, depth))})
-
-
-def _model_only_rates(trainer: Trainer, phase, spec: RunSpec, dev: torch.device,
-                      opt) -> dict[str, float]:
-    """Train and inference images/s on a synthetic batch already on the device: the model's
-    speed without the input pipeline. Runs after the test evaluation, on the last phase's
-    trainable set, so it cannot touch a reported accuracy."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    x = torch.randint(0, 256, (spec.batch_size, 3, spec.image_size, spec.image_size),
-                      generator=gen, dtype=torch.uint8).to(dev)
-    x = trainer.preprocess(x, train=False)
-    y = torch.zeros(spec.batch_size, dtype=torch.long, device=dev)
-    set_train_mode(trainer.tb, phase)
-    train_rate = measure(lambda: trainer.step(opt, x, y), spec.batch_size, MODEL_ONLY_STEPS,
-                         WARMUP_STEPS, trainer.sync)
-    trainer.tb.model.eval()
-
-    def infer():
-        with torch.no_grad(), autocast(dev, spec.precision):
-            trainer.tb.model(x)
-
-    infer_rate = measure(infer, spec.batch_size, MODEL_ONLY_STEPS, WARMUP_STEPS, trainer.sync)
-    return {"model_only_train_images_per_sec": train_rate,
-            "inference_images_per_sec": infer_rate}
+    """One cell: bench.driver's loop on a TorchSession."""
+    driver.run_cell(TorchSession(), spec, card, ctx)

@@ -61,10 +61,7 @@ class Batches:
 
     def __init__(self, items, labels: np.ndarray, size: int, batch_size: int,
                  device: torch.device, shuffle: bool, seed: int, workers: int | None = None):
-        self.total = len(labels)
-        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it):
-        # a shuffled part leaves it out, a different image each epoch
-        self.n = self.total - (shuffle and self.total % batch_size == 1)
+        self.n = len(labels)
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
@@ -82,7 +79,7 @@ class Batches:
                 _ItemDataset(items, np.asarray(labels), size), batch_size=batch_size,
                 shuffle=shuffle, generator=self.gen, num_workers=workers,
                 pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                drop_last=self.n < self.total)
+                drop_last=self.used < self.n)
 
     @property
     def resident(self) -> bool:
@@ -91,17 +88,57 @@ class Batches:
     def __len__(self) -> int:
         return -(-self.n // self.batch_size)
 
+    def order(self) -> torch.Tensor:
+        """This epoch's item order: a seeded permutation drawn from this loader's generator
+        (the DataLoader's sampler draws the same `randperm(n, generator)`), so a cached view
+        of the same items (CachedBatches) sees the same batches in the same order."""
+        return (torch.randperm(self.n, generator=self.gen) if self.shuffle
+                else torch.arange(self.n))
+
     def __iter__(self):
         if self.loader is not None:
             for x, y in self.loader:
                 yield (x.to(self.device, non_blocking=True),
                        y.to(self.device, non_blocking=True))
             return
-        order = (torch.randperm(self.total, generator=self.gen)[:self.n] if self.shuffle
-                 else torch.arange(self.n)).to(self.device)
+        order = self.order().to(self.device)
         for i in range(0, self.n, self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.x[idx], self.y[idx]
+
+    def ordered(self):
+        """Every item once, in index order, without drawing from the shuffling generator."""
+        if self.loader is None:
+            for i in range(0, self.n, self.batch_size):
+                yield self.x[i:i + self.batch_size], self.y[i:i + self.batch_size]
+            return
+        loader = DataLoader(self.loader.dataset, batch_size=self.batch_size, shuffle=False,
+                            num_workers=self.loader.num_workers,
+                            pin_memory=self.loader.pin_memory)
+        for x, y in loader:
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+
+class CachedBatches:
+    """The batches of `base` (same items, same seeded order, epoch by epoch) with each image
+    replaced by a cached, already preprocessed input (features of the frozen part), and the
+    module that takes those inputs (`forward`: the head, or the model above the cut)."""
+
+    preprocessed = True
+
+    def __init__(self, base: Batches, inputs: torch.Tensor, forward):
+        self.base, self.inputs, self.forward = base, inputs, forward
+        self.y = base.labels.to(inputs.device)
+        self.batch_size = base.batch_size
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __iter__(self):
+        order = self.base.order().to(self.inputs.device)
+        for i in range(0, self.base.n, self.batch_size):
+            idx = order[i:i + self.batch_size]
+            yield self.inputs[idx], self.y[idx]
 
 
 class Preprocess:

@@ -84,18 +84,39 @@ class Trainer:
     """One model, its loss and precision settings; `train_epoch` and `evaluate`."""
 
     def __init__(self, tb: TorchBackbone, device: torch.device, precision: str = "fp32",
-                 preprocess=None):
+                 preprocess=None, compile: bool = False):
         self.tb = tb
         self.device = device
         self.precision = precision
         self.preprocess = preprocess
+        self.compile = compile
+        self._compiled: dict[int, nn.Module] = {}
         self.loss_fn = nn.CrossEntropyLoss()
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
         self.sync = sync_fn(device)
 
-    def step(self, opt, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_of(self, batches=None):
+        """The module a batch goes through: the whole model, or the part above a feature
+        cache (`batches.forward`); torch.compile'd once per module when asked (a change of
+        requires_grad between phases recompiles through dynamo's guards)."""
+        module = getattr(batches, "forward", None) or self.tb.model
+        if not self.compile:
+            return module
+        if id(module) not in self._compiled:
+            self._compiled[id(module)] = torch.compile(module)
+        return self._compiled[id(module)]
+
+    def inputs(self, batches, x: torch.Tensor, train: bool) -> torch.Tensor:
+        """Images are preprocessed on the device; cached inputs already are."""
+        if self.preprocess is None or getattr(batches, "preprocessed", False):
+            return x
+        return self.preprocess(x, train=train)
+
+    def step(self, opt, x: torch.Tensor, y: torch.Tensor,
+             forward=None) -> tuple[torch.Tensor, torch.Tensor]:
+        forward = forward or self.forward_of()
         with autocast(self.device, self.precision):
-            logits = self.tb.model(x)
+            logits = forward(x)
             loss = self.loss_fn(logits, y)
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
@@ -109,11 +130,11 @@ class Trainer:
         total_loss = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         n = 0
+        forward = self.forward_of(batches)
         if meter is not None:
             meter.start()
         for i, (x, y) in enumerate(batches):
-            x = self.preprocess(x, train=True) if self.preprocess else x
-            loss, logits = self.step(opt, x, y)
+            loss, logits = self.step(opt, self.inputs(batches, x, train=True), y, forward)
             total_loss += loss * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
             n += y.shape[0]
@@ -131,10 +152,10 @@ class Trainer:
         correct = torch.zeros((), device=self.device, dtype=torch.long)
         correct_k = torch.zeros((), device=self.device, dtype=torch.long)
         n = 0
+        forward = self.forward_of(batches)
         for x, y in batches:
-            x = self.preprocess(x, train=False) if self.preprocess else x
             with autocast(self.device, self.precision):
-                logits = self.tb.model(x)
+                logits = forward(self.inputs(batches, x, train=False))
             total_loss += nn.functional.cross_entropy(logits.float(), y, reduction="sum")
             correct += (logits.argmax(1) == y).sum()
             if topk > 1:

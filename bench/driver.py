@@ -1,0 +1,226 @@
+"""The per-cell loop, written once for every framework: data -> model -> the strategy's phases
+-> epochs -> history and best validation accuracy -> test metrics -> model-only rates.
+
+A backend supplies a small `Session` (strategies/<framework>_backend) and calls
+`run_cell(session, spec, card, ctx)`; every metric name and definition lives here, so the two
+frameworks cannot drift apart. Framework-free: nothing here imports torch or tensorflow.
+
+Throughput (bench.timing): `train_images_per_sec` is the last phase's data-fed rate (median
+over its steps, warm-up excluded, device synchronised before each clock read);
+`model_only_train_images_per_sec` is the same train step on a synthetic batch already on the
+device; a cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only rate is tagged
+`input_bound`.
+
+Feature caching (`feature_cache`, on by default): a phase whose whole backbone is frozen, with
+augmentation off, computes the head's inputs once (eval mode, the weights' preprocessing
+included) and trains the head on them; a phase whose bottom blocks are frozen caches their
+output when it fits in FEATURE_CACHE_MB and trains the blocks above. The same items in the
+same seeded order reach the trained part, so accuracy is the uncached path's (tested). The
+tag `feature_cache` says what each phase got, or why not; `train_rate_of` says what the
+train rates measure (a cached phase trains only the part above the cut).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Protocol
+
+from bench import data as bdata
+from bench import pretrain
+from bench.spec import RunSpec
+from bench.timing import StepMeter
+from strategies import registry
+
+WARMUP_STEPS = 3  # steps excluded from every throughput median
+MODEL_ONLY_STEPS = 10
+INPUT_BOUND_RATIO = 0.9
+FEATURE_CACHE_MB = 1024  # cached inputs held on the device at most (TLBENCH_FEATURE_CACHE_MB)
+
+
+class CacheUnavailable(RuntimeError):
+    """A backend cannot cache this cut (no single-tensor cut, too big); the message says why."""
+
+
+class Session(Protocol):
+    """What a framework backend does for the driver. One session runs one cell."""
+
+    data_path: str  # how the training images reach the model ("resident", "dataloader", ...)
+
+    def start(self, device: str) -> dict[str, str]:
+        """Set the device up; return the tags device, device_type and versions."""
+
+    def seed(self, seed: int) -> None: ...
+
+    def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
+        """The model (backbone, weights, new head) and the loaders of the split parts."""
+
+    def load_backbone(self, path: str) -> None:
+        """Weights the harness pretrained (strategies/<framework>_backend/backbones.py)."""
+
+    def reinit_top(self, depth: int | str) -> list[str]:
+        """Re-initialise the top `depth` blocks (the AnB protocol); return their names."""
+
+    def save_backbone(self, path: str) -> None: ...
+
+    @property
+    def n_blocks(self) -> int: ...
+
+    def begin_phase(self, phase: registry.Phase, lr: float, optimizer: str,
+                    weight_decay: float) -> int:
+        """Freeze/unfreeze for the phase and make its optimizer; return the trainable
+        parameter count. Drops the previous phase's feature cache."""
+
+    def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:
+        """Cache the current phase's frozen part: kind 'features' (the head's inputs of the
+        train, val and test parts) or 'prefix' (the bottom `n_frozen` blocks' output for the
+        train part); until the next begin_phase, training (and evaluation, for 'features')
+        runs on the cached inputs. Raises CacheUnavailable with the reason."""
+
+    def train_epoch(self, meter: StepMeter, on_step) -> dict[str, float]:
+        """One epoch of the current phase: {'train_loss', 'train_acc'}."""
+
+    def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
+        """{'loss', 'acc'} (and f'top{topk}' when topk > 1) on a split part."""
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameters of the model as it is now."""
+
+    def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
+        """Train and inference images/s on a synthetic batch already on the device, through
+        the last phase's train step: {'model_only_train_images_per_sec',
+        'inference_images_per_sec'}."""
+
+    def peak_memory_mb(self) -> float: ...
+
+    def sync(self) -> None:
+        """Wait for the device (every clock read follows one)."""
+
+
+def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
+    ctx.set_tags(session.start(ctx.device))
+    session.seed(spec.seed)
+
+    prepared = bdata.prepare(card, spec.seed, spec.subset)
+    num_classes = prepared.source.num_classes
+    parts = {k: prepared.part(k) for k in ("train", "val", "test")}
+    n_train = len(parts["train"][1])
+    ctx.log_final({"n_train": n_train, "n_val": len(parts["val"][1]),
+                   "n_test": len(parts["test"][1]), "num_classes": num_classes})
+
+    strategy = registry.get(spec.strategy)
+    session.build(spec, num_classes, parts)
+    # weights pretrained by the harness on a source dataset, then the AnB re-initialisation
+    checkpoint = pretrain.checkpoint_for(spec, ctx)
+    if checkpoint:
+        session.load_backbone(checkpoint)
+    depth = strategy.reinit_depth(spec.params)
+    if depth:
+        ctx.set_tags({"reinit_blocks": ",".join(session.reinit_top(depth))})
+    ctx.set_tags({"data_path": session.data_path})
+
+    phases = strategy.phases(spec.params, spec.epochs)
+    total_epochs = sum(e for _, e in phases)
+    steps_per_epoch = -(-n_train // spec.batch_size)
+    history, best, epoch = [], (-1.0, 0), 0
+    meter = None
+    cache_labels, cache_seconds, rate_of = {}, 0.0, "whole model"
+    for phase, n_epochs in phases:
+        lr = spec.lr * phase.lr_scale
+        trainable = session.begin_phase(phase, lr, spec.optimizer, spec.weight_decay)
+        cache_labels[phase.name], rate_of, seconds = _cache_phase(session, spec, phase)
+        cache_seconds += seconds
+        meter = StepMeter(session.sync, warmup=WARMUP_STEPS)  # steady state of this phase
+        for _ in range(n_epochs):
+            epoch += 1
+            t0 = time.perf_counter()
+            on_step = ctx.step_progress(phase.name, epoch, total_epochs, steps_per_epoch)
+            row = session.train_epoch(meter, on_step)
+            session.sync()
+            seconds = time.perf_counter() - t0
+            val = session.evaluate("val")
+            row.update(val_loss=val["loss"], val_acc=val["acc"], epoch_seconds=seconds,
+                       epoch_train_images_per_sec=n_train / seconds, lr=lr,
+                       trainable_params=trainable)
+            ctx.log_epoch(epoch, row)
+            history.append({"epoch": epoch, "phase": phase.name, **row})
+            if val["acc"] > best[0]:
+                best = (val["acc"], epoch)
+            ctx.progress(phase=phase.name, epoch=epoch, epochs=total_epochs,
+                         fraction=epoch / total_epochs, val_acc=val["acc"])
+
+    topk = 5 if num_classes > 5 else 1
+    test = session.evaluate("test", topk=topk)
+    trainable, total = session.param_counts()
+    final = {"test_acc": test["acc"], "test_loss": test["loss"], "best_val_acc": best[0],
+             "best_val_epoch": best[1],
+             "train_images_per_sec": meter.median if meter else None,
+             "trainable_params": trainable, "total_params": total}
+    if topk > 1:
+        final["test_top5"] = test[f"top{topk}"]
+    # saved before the model-only rates, whose synthetic steps move the weights
+    if getattr(ctx, "save_backbone_to", None):
+        session.save_backbone(ctx.save_backbone_to)
+    # after the test evaluation, on the last phase's trainable set: it cannot touch a
+    # reported accuracy
+    final.update(session.model_only_rates(MODEL_ONLY_STEPS, WARMUP_STEPS))
+    final["feature_cache_seconds"] = cache_seconds
+    data_fed, model_only = final["train_images_per_sec"], final.get(
+        "model_only_train_images_per_sec")
+    tags = {"feature_cache": _cache_tag(cache_labels), "train_rate_of": rate_of}
+    tags["input_bound"] = (str(data_fed < INPUT_BOUND_RATIO * model_only).lower()
+                           if data_fed and model_only else
+                           f"unknown: the last phase ran no steps past the {WARMUP_STEPS} "
+                           f"warm-up steps")
+    ctx.set_tags(tags)
+    final["wall_seconds"] = ctx.elapsed()
+    final["peak_memory_mb"] = session.peak_memory_mb()
+    ctx.log_final(final)
+    ctx.artifact("history.json", json.dumps(history, indent=1))
+
+
+def cache_plan(spec: RunSpec, phase: registry.Phase, n_blocks: int) -> tuple[str, int] | str:
+    """('features', n_blocks) when the whole backbone is frozen, ('prefix', n_frozen) when
+    the bottom blocks are, else the reason there is nothing to cache."""
+    if not spec.feature_cache:
+        return "feature_cache = false"
+    if spec.augmentation != "none":
+        return f"augmentation = {spec.augmentation!r} changes the inputs every epoch"
+    k = n_blocks if phase.trainable_blocks in (registry.ALL, "all") else int(
+        phase.trainable_blocks)
+    if k == 0:
+        return "features", n_blocks
+    if k >= n_blocks:
+        return "every block trains"
+    return "prefix", n_blocks - k
+
+
+def cache_limit_bytes() -> int:
+    return int(float(os.environ.get("TLBENCH_FEATURE_CACHE_MB", FEATURE_CACHE_MB)) * 2**20)
+
+
+def _cache_phase(session: Session, spec: RunSpec,
+                 phase: registry.Phase) -> tuple[str, str, float]:
+    """Cache what the phase allows: (the tag's label for it, what its train rate measures,
+    the seconds spent caching)."""
+    plan = cache_plan(spec, phase, session.n_blocks)
+    if isinstance(plan, str):
+        return f"off: {plan}", "whole model", 0.0
+    kind, n_frozen = plan
+    what = "features" if kind == "features" else f"the bottom {n_frozen} blocks' output"
+    t0 = time.perf_counter()
+    try:
+        session.use_cache(kind, n_frozen, cache_limit_bytes())
+    except CacheUnavailable as e:
+        return f"off: {what} not cached: {e}", "whole model", time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    if kind == "features":
+        return "features", "head only (cached features)", seconds
+    return f"prefix:{n_frozen} blocks", f"blocks above the cached bottom {n_frozen}", seconds
+
+
+def _cache_tag(labels: dict[str, str]) -> str:
+    if len(set(labels.values())) == 1:
+        return next(iter(labels.values()))
+    return "; ".join(f"{name}={label}" for name, label in labels.items())
