@@ -451,7 +451,7 @@ def _epoch(b: Batches):
 
 
 def test_batches_resident_shuffled_epochs():
-    n = 21
+    n = 22
     imgs, labels = _constant_images(n), np.arange(n)
     b = Batches(imgs, labels, 8, 4, CPU, shuffle=True, seed=3)
     assert b.resident and b.loader is None and len(b) == 6
@@ -468,6 +468,21 @@ def test_batches_resident_shuffled_epochs():
     assert _epoch(other)[1].tolist() != y1.tolist()
     plain = Batches(imgs, labels, 8, 4, CPU, shuffle=False, seed=3)
     assert _epoch(plain)[1].tolist() == list(range(n))
+
+
+def test_a_lone_last_training_batch_is_left_out():
+    # 21 = 5 x 4 + 1: a batch of one image cannot train BatchNorm ("Expected more than 1
+    # value per channel"); the shuffled part drops it, a different image each epoch
+    imgs, labels = _constant_images(21), np.arange(21)
+    b = Batches(imgs, labels, 8, 4, CPU, shuffle=True, seed=0)
+    assert len(b) == 5
+    left_out = set()
+    for _ in range(6):
+        _, y = _epoch(b)
+        assert len(y) == 20 and len(set(y.tolist())) == 20
+        left_out |= set(range(21)) - set(y.tolist())
+    assert len(left_out) > 1
+    assert len(_epoch(Batches(imgs, labels, 8, 4, CPU, shuffle=False, seed=0))[1]) == 21
 
 
 def test_batches_from_png_files(tmp_path):

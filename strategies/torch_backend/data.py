@@ -62,6 +62,9 @@ class Batches:
     def __init__(self, items, labels: np.ndarray, size: int, batch_size: int,
                  device: torch.device, shuffle: bool, seed: int, workers: int | None = None):
         self.n = len(labels)
+        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it): a
+        # shuffled part leaves it out of the epoch, a different image each time
+        self.used = self.n - (shuffle and self.n % batch_size == 1)
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
@@ -86,13 +89,13 @@ class Batches:
         return self.loader is None
 
     def __len__(self) -> int:
-        return -(-self.n // self.batch_size)
+        return -(-self.used // self.batch_size)
 
     def order(self) -> torch.Tensor:
         """This epoch's item order: a seeded permutation drawn from this loader's generator
         (the DataLoader's sampler draws the same `randperm(n, generator)`), so a cached view
         of the same items (CachedBatches) sees the same batches in the same order."""
-        return (torch.randperm(self.n, generator=self.gen) if self.shuffle
+        return (torch.randperm(self.n, generator=self.gen)[:self.used] if self.shuffle
                 else torch.arange(self.n))
 
     def __iter__(self):
@@ -102,7 +105,7 @@ class Batches:
                        y.to(self.device, non_blocking=True))
             return
         order = self.order().to(self.device)
-        for i in range(0, self.n, self.batch_size):
+        for i in range(0, self.used, self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.x[idx], self.y[idx]
 
@@ -136,7 +139,7 @@ class CachedBatches:
 
     def __iter__(self):
         order = self.base.order().to(self.inputs.device)
-        for i in range(0, self.base.n, self.batch_size):
+        for i in range(0, self.base.used, self.batch_size):
             idx = order[i:i + self.batch_size]
             yield self.inputs[idx], self.y[idx]
 
