@@ -633,12 +633,25 @@ def _epoch(b: Batches):
     return np.concatenate(xs), np.concatenate(ys)
 
 
+def test_a_lone_last_training_batch_is_left_out():
+    imgs, labels = _constant_images(21), np.arange(21)  # 5 x 4 + 1, as in the torch test
+    b = Batches(imgs, labels, 8, 4, shuffle=True, seed=0)
+    assert len(b) == 5 and [b.batch_items(i) for i in range(5)] == [4] * 5
+    left_out = set()
+    for _ in range(6):
+        _, y = _epoch(b)
+        assert len(y) == 20 and len(set(y.tolist())) == 20
+        left_out |= set(range(21)) - set(y.tolist())
+    assert len(left_out) > 1
+    assert len(_epoch(Batches(imgs, labels, 8, 4, shuffle=False, seed=0))[1]) == 21
+
+
 def test_batches_resident_shuffled_epochs():
-    n = 21
+    n = 22
     imgs, labels = _constant_images(n), np.arange(n)
     b = Batches(imgs, labels, 8, 4, shuffle=True, seed=3)
     assert b.resident and b.data_path == "resident" and len(b) == 6
-    assert [b.batch_items(i) for i in range(6)] == [4, 4, 4, 4, 4, 1]
+    assert [b.batch_items(i) for i in range(6)] == [4, 4, 4, 4, 4, 2]
     x1, y1 = _epoch(b)
     assert x1.shape == (n, 8, 8, 3) and x1.dtype == np.uint8 and y1.dtype == np.int32
     assert sorted(y1.tolist()) == list(range(n))
