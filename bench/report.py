@@ -109,7 +109,7 @@ def runs_frame(exp_id: str, parent_id: str | None = None,
         if col in df:
             num = pd.to_numeric(df[col], errors="coerce")
             if num.notna().sum() == df[col].notna().sum():
-                integral = num.dropna().map(float.is_integer).all()
+                integral = bool((num.dropna() % 1 == 0).all())
                 df[col] = num.astype("Int64") if integral else num
     obj = [c for c in df.columns if df[c].dtype == object]
     df[obj] = df[obj].astype(object).where(df[obj].notna(), None)
@@ -622,6 +622,9 @@ def methods(data: ReportData) -> str:
     cells = data.cells
     p = data.parent or {}
     n = len(cells)
+    if n == 0:
+        return (f"No cell runs in the selection (experiment `{data.experiment}`"
+                + (f", parent run `{p.get('run_id')}`" if p else "") + ").")
     status = cells["status"].value_counts()
     fin = int(status.get(tracking.FINISHED, 0))
 
