@@ -28,8 +28,8 @@ from bench import tracking
 MISSING = "MISSING"
 PRETRAIN = "pretrain"
 CURVE_KEYS = ("train_acc", "val_acc", "epoch_seconds")
-NUMERIC_PARAMS = ("seed", "epochs", "image_size", "batch_size", "subset", "lr",
-                  "weight_decay")
+INT_PARAMS = ("seed", "epochs", "image_size", "batch_size", "subset")
+FLOAT_PARAMS = ("lr", "weight_decay")
 # a cell group (seeds aggregated) is these keys plus any other param that varies
 BASE_KEYS = ("p_dataset", "p_backbone", "p_weights", "p_strategy_label")
 NOT_KEYS = {"p_framework", "p_seed", "p_strategy", "p_strategy_label"}
@@ -104,13 +104,12 @@ def runs_frame(exp_id: str, parent_id: str | None = None,
                 "p_framework", "p_seed", "p_strategy"):
         if col not in df:
             df[col] = pd.Series(dtype=object)
-    for p in NUMERIC_PARAMS:
+    for p in (*INT_PARAMS, *FLOAT_PARAMS):  # MLflow params are strings
         col = f"p_{p}"
         if col in df:
             num = pd.to_numeric(df[col], errors="coerce")
             if num.notna().sum() == df[col].notna().sum():
-                integral = bool((num.dropna() % 1 == 0).all())
-                df[col] = num.astype("Int64") if integral else num
+                df[col] = num.astype("Int64") if p in INT_PARAMS else num.astype(float)
     obj = [c for c in df.columns if df[c].dtype == object]
     df[obj] = df[obj].astype(object).where(df[obj].notna(), None)
     df["error"] = df["error"].fillna("")
