@@ -402,7 +402,9 @@ def throughput_table(df: pd.DataFrame) -> Table:
                  "Images/s, mean over seeds of each cell's median step rate (warm-up "
                  "excluded). Data-fed: the training loop with its input pipeline; "
                  "model-only: a synthetic batch already on the device. Speed-up: train "
-                 "images/s over full fine-tuning of the same backbone and framework.")
+                 "images/s over full fine-tuning of the same backbone and framework. "
+                 "— : not measured (a cell with fewer training steps than the warm-up "
+                 "has no data-fed rate) or no full fine-tuning to compare with.")
 
 
 def _rate(v: float) -> str:
