@@ -21,7 +21,12 @@ from bench import report
 from strategies import backbones
 
 MARKERS = {"torch": "o", "keras": "s"}
+COLORS = {"torch": "C0", "keras": "C1"}
 DEPTH_FAMILY = ("feature_extraction", "partial", "full")  # one line through these
+# x of the Pareto plot: data-fed when measured (a cell with fewer steps than the warm-up
+# has none), else model-only
+SPEEDS = {"train_images_per_sec": "train images/s (data-fed)",
+          "model_only_train_images_per_sec": "train images/s (model-only)"}
 
 
 def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
@@ -81,11 +86,12 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
     cells = report.cells_only(df).copy()
     cells[keys] = cells[keys].astype(str)
     done = cells[cells["status"] == "FINISHED"]
-    speed = (done.groupby([*keys, "p_framework"])["train_images_per_sec"].mean()
-             if "train_images_per_sec" in done else pd.Series(dtype=float))
     first = cells.drop_duplicates([*keys, "p_framework"]).set_index([*keys, "p_framework"])
     idx = pd.MultiIndex.from_frame(acc[[*keys, "framework"]])
-    acc["train_images_per_sec"] = speed.reindex(idx).to_numpy() if len(speed) else math.nan
+    for col in SPEEDS:
+        speed = (done.groupby([*keys, "p_framework"])[col].mean() if col in done
+                 else pd.Series(dtype=float))
+        acc[col] = speed.reindex(idx).to_numpy() if len(speed) else math.nan
     acc["strategy"] = first["p_strategy"].reindex(idx).to_numpy()
     depth = first["p_strategy.depth"].reindex(idx).to_numpy() \
         if "p_strategy.depth" in first else [None] * len(acc)
@@ -118,9 +124,10 @@ def accuracy_vs_depth(df: pd.DataFrame, folder: Path) -> list[str]:
                 if g.empty:
                     continue
                 name = " ".join(x for x in (fw, other, variant) if x)
-                ls = "-" if not other else ":"
                 ax.errorbar(g["depth"], g["mean"], yerr=g["err"], marker=MARKERS.get(fw, "^"),
-                            linestyle=ls, capsize=3, label=name)
+                            color=COLORS.get(fw, "C2"), linestyle=":" if other else
+                            ("--" if variant else "-"), mfc="none" if other else None,
+                            capsize=3, label=name)
             gaps = p[p["not_finished"] != ""]
             if len(gaps):
                 ax.text(0.01, 0.01, "not finished: " + "; ".join(
@@ -160,30 +167,34 @@ def pareto(df: pd.DataFrame, folder: Path) -> list[str]:
     s = _summary_frame(df)
     if s.empty:
         return []
-    s = s[(s["n"] > 0) & s["train_images_per_sec"].notna()]
+    x = next((c for c in SPEEDS if s[c].notna().any()), None)
+    if x is None:
+        return []
+    s = s[(s["n"] > 0) & s[x].notna()].rename(columns={x: "speed"})
     out = []
     for dataset, d in s.groupby("p_dataset", sort=True):
         fig, axes = _figure(1, 6.5, 4.6)
         ax = axes[0]
         colors = {b: f"C{i}" for i, b in enumerate(sorted(d["p_backbone"].unique()))}
-        front = pareto_front(d, "train_images_per_sec", "mean")
+        front = pareto_front(d, "speed", "mean")
         for fw, g in d.groupby("framework"):
-            ax.scatter(g["train_images_per_sec"], g["mean"], marker=MARKERS.get(fw, "^"),
-                       c=[colors[b] for b in g["p_backbone"]], s=36, label=fw, zorder=3)
-        f = d[front].sort_values("train_images_per_sec")
-        ax.step(f["train_images_per_sec"], f["mean"], where="post", color="k", lw=1,
+            ax.scatter(g["speed"], g["mean"], marker=MARKERS.get(fw, "^"),
+                       c=[colors[b] for b in g["p_backbone"]], s=36, zorder=3)
+            ax.scatter([], [], marker=MARKERS.get(fw, "^"), c="0.45", label=fw)
+        f = d[front].sort_values("speed")
+        ax.step(f["speed"], f["mean"], where="pre", color="k", lw=1,
                 alpha=0.6, label="Pareto front", zorder=2)
-        ax.scatter(f["train_images_per_sec"], f["mean"], facecolors="none", edgecolors="k",
+        ax.scatter(f["speed"], f["mean"], facecolors="none", edgecolors="k",
                    s=110, zorder=4)
-        for r in d.itertuples():
-            ax.annotate(f"{r.p_backbone} {r.p_strategy_label}", (r.train_images_per_sec,
-                        r.mean), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        for r in f.itertuples():  # only the front is named: the rest overlap too much
+            ax.annotate(f"{r.framework} {r.p_backbone} {r.p_strategy_label}", (r.speed,
+                        r.mean), fontsize=6, xytext=(4, 4), textcoords="offset points")
         for b, c in colors.items():
-            ax.scatter([], [], c=c, label=b)
+            ax.scatter([], [], marker="D", c=c, label=b)
         ax.set_xscale("log")
         ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
         ax.yaxis.get_major_formatter().set_useOffset(False)
-        ax.set_xlabel("train images/s (data-fed, log scale)")
+        ax.set_xlabel(f"{SPEEDS[x]}, log scale")
         ax.set_ylabel("test accuracy (mean over seeds)")
         ax.set_title(f"{dataset}: accuracy vs train throughput", fontsize=10)
         ax.grid(alpha=0.3)
@@ -210,7 +221,7 @@ def learning_curves(data: report.ReportData, folder: Path,
         return []
     keys = report.group_keys(df)
     line_keys = [k for k in keys if k not in ("p_dataset", "p_backbone")] + ["p_framework"]
-    cells = df[(df["p_backbone"] == backbone) & df["run_id"].notna()]
+    cells = df[(df["p_backbone"] == backbone) & (df["status"] == "FINISHED")]
     h = hist.merge(cells[["run_id", "p_dataset", *line_keys]], on="run_id")
     out = []
     for dataset, d in h.groupby("p_dataset", sort=True):

@@ -28,8 +28,8 @@ from bench import tracking
 MISSING = "MISSING"
 PRETRAIN = "pretrain"
 CURVE_KEYS = ("train_acc", "val_acc", "epoch_seconds")
-NUMERIC_PARAMS = ("seed", "epochs", "image_size", "batch_size", "subset", "lr",
-                  "weight_decay")
+INT_PARAMS = ("seed", "epochs", "image_size", "batch_size", "subset")
+FLOAT_PARAMS = ("lr", "weight_decay")
 # a cell group (seeds aggregated) is these keys plus any other param that varies
 BASE_KEYS = ("p_dataset", "p_backbone", "p_weights", "p_strategy_label")
 NOT_KEYS = {"p_framework", "p_seed", "p_strategy", "p_strategy_label"}
@@ -104,13 +104,12 @@ def runs_frame(exp_id: str, parent_id: str | None = None,
                 "p_framework", "p_seed", "p_strategy"):
         if col not in df:
             df[col] = pd.Series(dtype=object)
-    for p in NUMERIC_PARAMS:
+    for p in (*INT_PARAMS, *FLOAT_PARAMS):  # MLflow params are strings
         col = f"p_{p}"
         if col in df:
             num = pd.to_numeric(df[col], errors="coerce")
             if num.notna().sum() == df[col].notna().sum():
-                integral = num.dropna().map(float.is_integer).all()
-                df[col] = num.astype("Int64") if integral else num
+                df[col] = num.astype("Int64") if p in INT_PARAMS else num.astype(float)
     obj = [c for c in df.columns if df[c].dtype == object]
     df[obj] = df[obj].astype(object).where(df[obj].notna(), None)
     df["error"] = df["error"].fillna("")
@@ -403,7 +402,9 @@ def throughput_table(df: pd.DataFrame) -> Table:
                  "Images/s, mean over seeds of each cell's median step rate (warm-up "
                  "excluded). Data-fed: the training loop with its input pipeline; "
                  "model-only: a synthetic batch already on the device. Speed-up: train "
-                 "images/s over full fine-tuning of the same backbone and framework.")
+                 "images/s over full fine-tuning of the same backbone and framework. "
+                 "— : not measured (a cell with fewer training steps than the warm-up "
+                 "has no data-fed rate) or no full fine-tuning to compare with.")
 
 
 def _rate(v: float) -> str:
@@ -622,6 +623,9 @@ def methods(data: ReportData) -> str:
     cells = data.cells
     p = data.parent or {}
     n = len(cells)
+    if n == 0:
+        return (f"No cell runs in the selection (experiment `{data.experiment}`"
+                + (f", parent run `{p.get('run_id')}`" if p else "") + ").")
     status = cells["status"].value_counts()
     fin = int(status.get(tracking.FINISHED, 0))
 
