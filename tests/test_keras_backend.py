@@ -24,11 +24,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench.cell import CellContext
 from bench.data import check_card, prepare, shipped_cards
 from bench.grid import GridError, from_dict
 from bench.paths import ROOT
 from bench.spec import RunSpec
+from helpers import RecordingContext, strategy_test_params
 from strategies import backbones as catalog
 from strategies import registry
 
@@ -167,25 +167,6 @@ def built():
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def test_params(strategy: registry.Strategy) -> dict:
-    """Defaults, plus a value for every required parameter (depth=2)."""
-    out = {}
-    for p in strategy.params:
-        if p.default is not None:
-            out[p.name] = p.default
-        elif p.kind == "depth":
-            out[p.name] = 2
-        elif p.kind == "choice":
-            out[p.name] = p.choices[0]
-        elif p.kind in ("int", "float"):
-            out[p.name] = (int if p.kind == "int" else float)(
-                p.minimum if p.minimum is not None else 1)
-        else:
-            pytest.fail(f"{strategy.name}: no test value for required param {p.name!r}")
-    return out
-
-
-test_params.__test__ = False  # a helper, not a test
 
 
 def images(n: int, seed: int = 0, size: int = SIZE) -> np.ndarray:
@@ -343,7 +324,7 @@ def test_every_strategy_trains_one_step(strategy_name):
     """VGG16: few layers, so each phase's train step traces quickly on a CPU."""
     keras.utils.set_random_seed(0)
     strategy = registry.get(strategy_name)
-    phases = strategy.phases(test_params(strategy), epochs=2)
+    phases = strategy.phases(strategy_test_params(strategy), epochs=2)
     assert phases
     kb = build("vgg16", "none", NUM_CLASSES, image_size=SIZE)
     trainer = Trainer(kb)
@@ -445,7 +426,7 @@ def test_frozen_blocks_run_in_inference_mode():
 def test_two_stage_lowers_lr_and_recompiles():
     keras.utils.set_random_seed(0)
     strategy = registry.get("two_stage")
-    phases = strategy.phases(test_params(strategy) | {"depth": 2}, epochs=2)
+    phases = strategy.phases(strategy_test_params(strategy) | {"depth": 2}, epochs=2)
     (head, _), (fine, _) = phases
     assert head.trainable_blocks == 0 and fine.lr_scale == 0.01 and fine.bn == "frozen"
     kb = build("mobilenet_v2", "none", NUM_CLASSES, image_size=SIZE)
@@ -798,27 +779,6 @@ def test_configure_device():
 
 
 # ---- 8. one cell end to end, beside PyTorch ---------------------------------------------------
-class RecordingContext(CellContext):
-    def __init__(self):
-        super().__init__("cpu", time.perf_counter())
-        self.epochs, self.finals, self.tags, self.progresses, self.artifacts = [], [], {}, [], {}
-
-    def log_epoch(self, step, metrics):
-        self.epochs.append((step, dict(metrics)))
-
-    def log_final(self, metrics):
-        self.finals.append(dict(metrics))
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-    def progress(self, **state):
-        self.progresses.append(state)
-
-    def artifact(self, name, text):
-        self.artifacts[name] = text
-
-
 @pytest.fixture(scope="module")
 def keras_cell(cache):
     card = check_card(shipped_cards()["digits"], "digits")

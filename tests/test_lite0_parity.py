@@ -176,8 +176,7 @@ def test_keras_classifies_real_photos(keras_logits, index, expected):
 def test_cell_backbone_has_the_weights_and_every_strategy_builds():
     """build() as a cell calls it: 32 px, new linear head, the converted ImageNet weights in
     every backbone layer, BatchNorm as PyTorch's (eps 1e-3, momentum 0.01 -> Keras 0.99)."""
-    from test_keras_backend import test_params
-
+    from helpers import strategy_test_params
     from strategies.keras_backend.backbones import PinnableBatchNormalization, build
     from strategies.keras_backend.train import Trainer, trainable_blocks
 
@@ -195,7 +194,7 @@ def test_cell_backbone_has_the_weights_and_every_strategy_builds():
     for name in sorted(registry.STRATEGIES):
         strategy = registry.get(name)
         trainer = Trainer(kb)
-        for phase, _ in strategy.phases(test_params(strategy), epochs=2):
+        for phase, _ in strategy.phases(strategy_test_params(strategy), epochs=2):
             params = trainer.compile_phase(phase, "adam", 1e-3)
             expected = set(trainable_blocks(kb, phase)) | {"head"}
             assert {owners[v.path] for v in params} == expected, (name, phase)
@@ -227,8 +226,7 @@ def test_weights_none_and_from_file(tmp_path):
 @pytest.mark.usefixtures("keras_side")
 def test_run_cell_with_imagenet_weights(cache):
     """One short Keras cell on the converted weights: 32 px digits, 1 epoch."""
-    from test_keras_backend import RecordingContext
-
+    from helpers import RecordingContext
     from strategies.keras_backend import run_cell
 
     card = check_card(shipped_cards()["digits"], "digits")

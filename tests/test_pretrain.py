@@ -29,14 +29,6 @@ classes = [5, 6, 7, 8, 9]
 """
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
-    return tmp_path
-
-
 def cell(**kw) -> RunSpec:
     base = dict(framework="torch", backbone="resnet18", dataset="digits_b",
                 weights="pretrained:digits_a[epochs=1]", image_size=16, batch_size=16,

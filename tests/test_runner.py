@@ -40,14 +40,6 @@ device = "cpu"
 """
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
-    return tmp_path
-
-
 def write_grid(path: Path, name: str, weights='["none"]',
                strategies='["feature_extraction", "full"]') -> Path:
     text = GRID.format(name=name, weights=weights, strategies=strategies)

@@ -16,9 +16,9 @@ import torch
 import torchvision
 from PIL import Image
 
-from bench.cell import CellContext
 from bench.data import check_card, shipped_cards
 from bench.spec import RunSpec
+from helpers import RecordingContext, strategy_test_params
 from strategies import backbones as catalog
 from strategies import registry
 from strategies.torch_backend import run_cell
@@ -82,25 +82,6 @@ def fake_batches(n_batches: int, batch: int = 8, size: int = SIZE, seed: int = 0
              torch.randint(0, NUM_CLASSES, (batch,), generator=g)) for _ in range(n_batches)]
 
 
-def test_params(strategy: registry.Strategy) -> dict:
-    """Defaults, plus a value for every required parameter (depth=2)."""
-    out = {}
-    for p in strategy.params:
-        if p.default is not None:
-            out[p.name] = p.default
-        elif p.kind == "depth":
-            out[p.name] = 2
-        elif p.kind == "choice":
-            out[p.name] = p.choices[0]
-        elif p.kind in ("int", "float"):
-            out[p.name] = (int if p.kind == "int" else float)(
-                p.minimum if p.minimum is not None else 1)
-        else:
-            pytest.fail(f"{strategy.name}: no test value for required param {p.name!r}")
-    return out
-
-
-test_params.__test__ = False  # a helper, not a test
 
 
 # ---- 1. block names match the catalog ---------------------------------------------------------
@@ -164,7 +145,7 @@ def test_mlp_head_is_owned_by_head():
 def test_every_strategy_trains_one_step(strategy_name, backbone):
     torch.manual_seed(0)
     strategy = registry.get(strategy_name)
-    phases = strategy.phases(test_params(strategy), epochs=2)
+    phases = strategy.phases(strategy_test_params(strategy), epochs=2)
     assert phases
     tb = build(backbone, "none", NUM_CLASSES)
     trainer = Trainer(tb, CPU)
@@ -189,7 +170,7 @@ def test_every_strategy_trains_one_step(strategy_name, backbone):
 def test_strategy_phases_fill_defaults():
     phases = registry.get("two_stage").phases({"depth": 2}, epochs=2)
     assert phases == registry.get("two_stage").phases(
-        test_params(registry.get("two_stage")) | {"depth": 2}, epochs=2)
+        strategy_test_params(registry.get("two_stage")) | {"depth": 2}, epochs=2)
 
 
 # ---- 4. frozen means frozen, bit for bit ------------------------------------------------------
@@ -275,7 +256,7 @@ def test_set_train_mode_puts_frozen_bn_in_eval(bn):
 def test_two_stage_phases_and_training():
     torch.manual_seed(0)
     strategy = registry.get("two_stage")
-    phases = strategy.phases(test_params(strategy) | {"depth": 2}, epochs=2)
+    phases = strategy.phases(strategy_test_params(strategy) | {"depth": 2}, epochs=2)
     assert [(ph.name, n) for ph, n in phases] == [("head", 1), ("finetune", 1)]
     (head, _), (fine, _) = phases
     assert head.trainable_blocks == 0 and head.lr_scale == 1.0
@@ -546,37 +527,11 @@ def test_random_translate_is_a_crop_of_the_reflect_padded_image():
 
 
 # ---- 8. one cell end to end -------------------------------------------------------------------
-class RecordingContext(CellContext):
-    def __init__(self):
-        super().__init__("cpu", time.perf_counter())
-        self.epochs, self.finals, self.tags, self.progresses, self.artifacts = [], [], {}, [], {}
-        self.elapsed_calls = 0
-
-    def log_epoch(self, step, metrics):
-        self.epochs.append((step, dict(metrics)))
-
-    def log_final(self, metrics):
-        self.finals.append(dict(metrics))
-
-    def set_tags(self, tags):
-        self.tags.update(tags)
-
-    def progress(self, **state):
-        self.progresses.append(state)
-
-    def artifact(self, name, text):
-        self.artifacts[name] = text
-
-    def elapsed(self):
-        self.elapsed_calls += 1
-        return super().elapsed()
-
-
 def test_run_cell_digits(tmp_path, monkeypatch):
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
     card = check_card(shipped_cards()["digits"], "digits")
     # the grid fills every parameter's default into strategy_params (bench/grid.py)
-    params = test_params(registry.get("two_stage")) | {"depth": 2}
+    params = strategy_test_params(registry.get("two_stage")) | {"depth": 2}
     spec = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
                    strategy="two_stage", strategy_params=tuple(params.items()), weights="none",
                    subset=60, image_size=16, batch_size=16, epochs=2)

@@ -1,0 +1,56 @@
+"""Test helpers shared by the backend test modules (framework-free)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from bench.cell import CellContext
+from strategies import registry
+
+
+def strategy_test_params(strategy: registry.Strategy) -> dict:
+    """Defaults, plus a value for every required parameter (depth=2)."""
+    out = {}
+    for p in strategy.params:
+        if p.default is not None:
+            out[p.name] = p.default
+        elif p.kind == "depth":
+            out[p.name] = 2
+        elif p.kind == "choice":
+            out[p.name] = p.choices[0]
+        elif p.kind in ("int", "float"):
+            out[p.name] = (int if p.kind == "int" else float)(
+                p.minimum if p.minimum is not None else 1)
+        else:
+            pytest.fail(f"{strategy.name}: no test value for required param {p.name!r}")
+    return out
+
+
+class RecordingContext(CellContext):
+    """A cell context that keeps what a backend reports, for assertions."""
+
+    def __init__(self):
+        super().__init__("cpu", time.perf_counter())
+        self.epochs, self.finals, self.tags, self.progresses, self.artifacts = [], [], {}, [], {}
+        self.elapsed_calls = 0
+
+    def log_epoch(self, step, metrics):
+        self.epochs.append((step, dict(metrics)))
+
+    def log_final(self, metrics):
+        self.finals.append(dict(metrics))
+
+    def set_tags(self, tags):
+        self.tags.update(tags)
+
+    def progress(self, **state):
+        self.progresses.append(state)
+
+    def artifact(self, name, text):
+        self.artifacts[name] = text
+
+    def elapsed(self):
+        self.elapsed_calls += 1
+        return super().elapsed()
