@@ -126,15 +126,6 @@ class TorchReference:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One cache (split manifests) for this module and its PyTorch subprocess."""
-    path = tmp_path_factory.mktemp("tlbench-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TLBENCH_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def torch_side(cache, tmp_path_factory):
     if importlib.util.find_spec("torch") is None:  # never imported into this process
         pytest.skip("torch is not installed: no PyTorch side to compare with")

@@ -81,15 +81,6 @@ TORCH_SCRIPT = textwrap.dedent("""
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """A harness cache of this module's own: the converted weights are made here."""
-    path = tmp_path_factory.mktemp("tlbench-cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TLBENCH_CACHE", str(path))
-        yield path
-
-
-@pytest.fixture(scope="module")
 def torch_logits(tmp_path_factory):
     """PyTorch's logits for parity_images(), computed in a subprocess; call to wait."""
     if importlib.util.find_spec("torch") is None:
