@@ -42,9 +42,9 @@ def problems(d, smoke=False) -> str:
 def test_default_grid_loads_and_every_cell_is_valid():
     g = grid.load(ROOT / "bench" / "grids" / "default.toml")
     assert g.name == "default" and not g.smoke and g.duplicates == 0
-    # 2 frameworks x (4 strategies on ImageNet weights + full from scratch)
-    assert len(g.specs) == 10
-    assert len({s.hash for s in g.specs}) == 10
+    # 2 frameworks x (4 strategies on ImageNet weights + 2 from scratch)
+    assert len(g.specs) == 12
+    assert len({s.hash for s in g.specs}) == 12
     assert {s.weights for s in g.specs} == {"imagenet", "none"}
     assert {s.framework for s in g.specs} == {"torch", "keras"}
     assert set(g.cards) == {"digits"}
@@ -60,11 +60,12 @@ def test_default_grid_loads_and_every_cell_is_valid():
             assert depth == "all" or 1 <= depth <= info.n_blocks
         assert s.dataset in g.cards
         assert s.epochs == 6 and s.image_size == 32 and s.subset == 400
-        assert isinstance(s.lr, float) and s.lr == 1e-3
+        assert isinstance(s.lr, float) and s.lr == (1e-4 if s.strategy == "full" and
+                                                    s.weights == "imagenet" else 1e-3)
     assert {g.label(s) for s in g.specs} >= {
         "torch/efficientnet_lite0/partial[depth=3,bn=frozen]/digits[n=400]/seed0 "
-        "[weights=imagenet]",
-        "keras/efficientnet_lite0/full/digits[n=400]/seed0 [weights=none]"}
+        "[weights=imagenet,lr=0.001]",
+        "keras/efficientnet_lite0/full/digits[n=400]/seed0 [weights=none,lr=0.001]"}
 
 
 @pytest.mark.parametrize("name", ["default", "gpu", "seeds"])
