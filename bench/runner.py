@@ -134,16 +134,20 @@ def run_cell(exp_id: str, parent: str, grid: Grid, spec: RunSpec, index: int,
     return _run_child(run_id, grid, spec, head, progress, job)
 
 
-_FAILED_PRETRAININGS: dict[tuple[str, str], Pretrained] = {}
-
-
 @dataclass
 class Pretrained:
+    """What ensure_pretrained found or made: the checkpoint and its record, or why not."""
+
     status: str
     checkpoint: pretrain.Checkpoint
     checkpoint_meta: dict = field(default_factory=dict)
     run_id: str | None = None
     error: str = ""
+
+
+# (parent run, checkpoint key) -> a pretraining that failed in that invocation: its other
+# cells fail with the same cause instead of trying again
+_FAILED_PRETRAININGS: dict[tuple[str, str], Pretrained] = {}
 
 
 def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
@@ -158,7 +162,8 @@ def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
     with ckpt.lock():
         problem = ckpt.problem()
         if problem is None:
-            return Pretrained(tracking.FINISHED, ckpt, ckpt.meta(), ckpt.meta().get("run_id"))
+            meta = ckpt.meta()
+            return Pretrained(tracking.FINISHED, ckpt, meta, meta.get("run_id"))
         if problem != "missing":
             progress.line(f"pretrained checkpoint for {cell.weights} is unusable: {problem}; "
                           f"discarding it and pretraining again")
