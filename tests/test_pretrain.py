@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +256,8 @@ device = "cpu"
 def run(tmp_path: Path, strategies: str):
     g = tmp_path / "g.toml"
     g.write_text(GRID.format(strategies=strategies))
-    return runner.run_grid(gridmod.load(g), g.read_text())
+    # the stream looked up now: the test's captured stderr, not the one at import time
+    return runner.run_grid(gridmod.load(g), g.read_text(), stream=sys.stderr)
 
 
 def pretrain_runs(exp_id: str) -> list:
@@ -263,7 +265,7 @@ def pretrain_runs(exp_id: str) -> list:
 
 
 @pytest.mark.slow
-def test_runner_pretrains_once_links_cells_and_remakes_a_corrupted_checkpoint(store, capfd):
+def test_runner_pretrains_once_links_cells_and_remakes_a_corrupted_checkpoint(store, capsys):
     first = run(store, '["feature_extraction", "reinit_top[depth=2]"]')
     assert [o.status for o in first.outcomes] == ["FINISHED", "FINISHED"]
     pre = pretrain_runs(first.experiment_id)
@@ -291,10 +293,10 @@ def test_runner_pretrains_once_links_cells_and_remakes_a_corrupted_checkpoint(st
     # a truncated checkpoint is detected and made again, never loaded
     with ckpt.path.open("r+b") as fh:
         fh.truncate(100)
-    capfd.readouterr()
+    capsys.readouterr()
     third = run(store, '["partial[depth=1]"]')
     assert [o.status for o in third.outcomes] == ["FINISHED"]
-    assert "truncated or corrupted" in capfd.readouterr().err
+    assert "truncated or corrupted" in capsys.readouterr().err
     runs = pretrain_runs(first.experiment_id)
     assert len(runs) == 2
     assert ckpt.problem() is None and ckpt.meta()["run_id"] != pre_id
