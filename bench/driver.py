@@ -187,8 +187,7 @@ def cache_plan(spec: RunSpec, phase: registry.Phase, n_blocks: int) -> tuple[str
         return "feature_cache = false"
     if spec.augmentation != "none":
         return f"augmentation = {spec.augmentation!r} changes the inputs every epoch"
-    k = n_blocks if phase.trainable_blocks in (registry.ALL, "all") else int(
-        phase.trainable_blocks)
+    k = registry.resolve_depth(phase.trainable_blocks, n_blocks)
     if k == 0:
         return "features", n_blocks
     if k >= n_blocks:

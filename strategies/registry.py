@@ -109,8 +109,18 @@ def get(name: str) -> Strategy:
 
 
 def resolve_depth(depth: int | str, n_blocks: int) -> int:
-    """'all' -> n_blocks; an int stays as it is (validated elsewhere)."""
-    return n_blocks if depth == "all" else int(depth)
+    """'all' (or ALL) -> n_blocks; an int stays as it is (validated elsewhere)."""
+    return n_blocks if depth in ("all", ALL) else int(depth)
+
+
+def top_blocks(blocks: list[str], depth: int | str, backbone: str) -> list[str]:
+    """The top `depth` of a backbone's named blocks (input to output order): what a phase
+    unfreezes or reinit_top re-initialises, the same in every framework."""
+    k = resolve_depth(depth, len(blocks))
+    if not 0 <= k <= len(blocks):
+        raise ValueError(f"{backbone}: {k} top blocks asked, it has {len(blocks)}: "
+                         f"{', '.join(blocks)}")
+    return list(blocks[len(blocks) - k:]) if k else []
 
 
 _DEPTH = Param("depth", "depth", help="top named blocks to unfreeze (1..n_blocks or 'all')")

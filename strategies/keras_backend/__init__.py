@@ -30,7 +30,12 @@ import tensorflow as tf  # noqa: E402
 from bench import driver  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
-from strategies.keras_backend.backbones import build  # noqa: E402
+from strategies.keras_backend.backbones import (  # noqa: E402
+    build,
+    load_backbone,
+    reinit_top_blocks,
+    save_backbone,
+)
 from strategies.keras_backend.data import Batches, CachedBatches  # noqa: E402
 from strategies.keras_backend.train import StepTimer, Trainer, sync_fn  # noqa: E402
 
@@ -143,18 +148,12 @@ class KerasSession:
 
     # weights the harness pretrained (bench/pretrain.py)
     def load_backbone(self, path: str) -> None:
-        from strategies.keras_backend.backbones import load_backbone
-
         load_backbone(self.kb, path)
 
     def reinit_top(self, depth: int | str) -> list[str]:
-        from strategies.keras_backend.backbones import reinit_top_blocks
-
         return reinit_top_blocks(self.kb, depth)
 
     def save_backbone(self, path: str) -> None:
-        from strategies.keras_backend.backbones import save_backbone
-
         save_backbone(self.kb, path)
 
     @property

@@ -48,6 +48,7 @@ import numpy as np
 
 from strategies import backbones as catalog
 from strategies.keras_backend import efficientnet_lite
+from strategies.registry import top_blocks
 
 
 @dataclass(frozen=True)
@@ -445,11 +446,7 @@ def load_backbone(kb: KerasBackbone, path: str | Path) -> None:
 def reinit_top_blocks(kb: KerasBackbone, depth: int | str) -> list[str]:
     """Put the top `depth` blocks back to the random init of weights='none' (from a fresh
     model), weights and BatchNorm statistics alike; return them."""
-    k = len(kb.blocks) if depth == "all" else int(depth)
-    if not 0 <= k <= len(kb.blocks):
-        raise ValueError(f"{kb.name}: cannot re-initialise {k} blocks, it has "
-                         f"{len(kb.blocks)}")
-    top = kb.blocks[len(kb.blocks) - k:] if k else []
+    top = top_blocks(kb.blocks, depth, kb.name)
     if top:
         fresh = build(kb.name, "none", 1, "linear", int(kb.model.inputs[0].shape[1]))
         fresh_vars = _backbone_variables(fresh)

@@ -26,18 +26,13 @@ from strategies.keras_backend.backbones import (
     PinnableBatchNormalization,
     PinnableDropout,
 )
-from strategies.registry import ALL, Phase
+from strategies.registry import Phase, top_blocks
 
 TORCH_ADAM_EPSILON = 1e-8  # torch.optim.Adam/AdamW's default (Keras': 1e-7)
 
 
 def trainable_blocks(kb: KerasBackbone, phase: Phase) -> list[str]:
-    names = kb.blocks
-    k = len(names) if phase.trainable_blocks in (ALL, "all") else int(phase.trainable_blocks)
-    if not 0 <= k <= len(names):
-        raise ValueError(f"{kb.name}: {k} trainable blocks asked, it has {len(names)}: "
-                         f"{', '.join(names)}")
-    return names[len(names) - k:] if k else []
+    return top_blocks(kb.blocks, phase.trainable_blocks, kb.name)
 
 
 def _sublayers(layer: keras.layers.Layer):

@@ -19,7 +19,12 @@ from bench import driver
 from bench.spec import RunSpec
 from bench.timing import measure
 from strategies.torch_backend import cache
-from strategies.torch_backend.backbones import build
+from strategies.torch_backend.backbones import (
+    build,
+    load_backbone,
+    reinit_top_blocks,
+    save_backbone,
+)
 from strategies.torch_backend.data import Batches, CachedBatches, Preprocess
 from strategies.torch_backend.train import (
     Trainer,
@@ -110,18 +115,12 @@ class TorchSession:
 
     # weights the harness pretrained (bench/pretrain.py)
     def load_backbone(self, path: str) -> None:
-        from strategies.torch_backend.backbones import load_backbone
-
         load_backbone(self.tb, path)
 
     def reinit_top(self, depth: int | str) -> list[str]:
-        from strategies.torch_backend.backbones import reinit_top_blocks
-
         return reinit_top_blocks(self.tb, depth)
 
     def save_backbone(self, path: str) -> None:
-        from strategies.torch_backend.backbones import save_backbone
-
         save_backbone(self.tb, path)
 
     @property

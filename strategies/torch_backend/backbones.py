@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from strategies import backbones as catalog
+from strategies.registry import top_blocks
 from strategies.torch_backend import efficientnet_lite
 
 
@@ -221,11 +222,7 @@ def load_backbone(tb: TorchBackbone, path: str | Path) -> None:
 def reinit_top_blocks(tb: TorchBackbone, depth: int | str) -> list[str]:
     """Put the top `depth` blocks back to the random init of weights='none' (torchvision's
     own init, from a fresh model), parameters and BatchNorm statistics alike; return them."""
-    names = list(tb.block_map.blocks)
-    k = len(names) if depth == "all" else int(depth)
-    if not 0 <= k <= len(names):
-        raise ValueError(f"{tb.name}: cannot re-initialise {k} blocks, it has {len(names)}")
-    top = names[len(names) - k:] if k else []
+    top = top_blocks(list(tb.block_map.blocks), depth, tb.name)
     if top:
         fresh = build(tb.name, "none", 1).model.state_dict()
         prefixes = [p for b in top for p in tb.block_map.blocks[b]]

@@ -14,19 +14,14 @@ import torch
 from torch import nn
 
 from bench.timing import StepMeter
-from strategies.registry import ALL, Phase
+from strategies.registry import Phase, top_blocks
 from strategies.torch_backend.backbones import TorchBackbone
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 def trainable_blocks(tb: TorchBackbone, phase: Phase) -> list[str]:
-    names = list(tb.block_map.blocks)
-    k = len(names) if phase.trainable_blocks in (ALL, "all") else int(phase.trainable_blocks)
-    if not 0 <= k <= len(names):
-        raise ValueError(f"{tb.name}: {k} trainable blocks asked, it has {len(names)}: "
-                         f"{', '.join(names)}")
-    return names[len(names) - k:] if k else []
+    return top_blocks(list(tb.block_map.blocks), phase.trainable_blocks, tb.name)
 
 
 def apply_phase(tb: TorchBackbone, phase: Phase) -> list[nn.Parameter]:
