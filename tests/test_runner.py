@@ -123,8 +123,11 @@ def test_killed_grid_resumes_without_duplicates(store):
                       strategies='["feature_extraction", "partial[depth=1]", "full"]')
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "bench", "run", str(path)]
-    proc = subprocess.Popen(cmd, env=env, cwd=store, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    # create the sqlite store's tables here first: two processes creating them at once can
+    # make the runner fail at start-up
+    tracking.client().search_experiments()
+    log = (store / "runner.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, cwd=store, stdout=log, stderr=subprocess.STDOUT)
     try:
         # generous: a loaded 2-core machine can take minutes for the first tiny cell
         deadline = time.time() + 600
@@ -134,7 +137,7 @@ def test_killed_grid_resumes_without_duplicates(store):
                 break
             if proc.poll() is not None:
                 pytest.fail(f"the runner ended (status {proc.returncode}) before it could be "
-                            f"killed mid-grid")
+                            f"killed mid-grid: {(store / 'runner.log').read_text()[-3000:]}")
             time.sleep(0.5)
         else:
             pytest.fail("no cell finished in 10 minutes")
@@ -143,6 +146,7 @@ def test_killed_grid_resumes_without_duplicates(store):
     finally:
         if proc.poll() is None:
             proc.kill()
+        log.close()
     before = runs_by_status("g3")
     n_finished_before = len(before.get("FINISHED", []))
     assert 1 <= n_finished_before < 3
