@@ -64,8 +64,9 @@ def _clean(metrics: dict) -> dict:
     return {k: float(v) for k, v in metrics.items() if v is not None}
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to end this process if the runner dies (even by SIGKILL)."""
+def die_with_parent() -> None:
+    """Ask Linux to end this process if its parent (the runner, or the fork server) dies,
+    even by SIGKILL."""
     if sys.platform.startswith("linux"):
         import ctypes
         import signal
@@ -78,7 +79,7 @@ def _die_with_parent() -> None:
 
 def main(argv: list[str]) -> int:
     started = time.perf_counter()
-    _die_with_parent()
+    die_with_parent()
     with open(argv[0]) as fh:
         job = json.load(fh)
     from bench.spec import RunSpec

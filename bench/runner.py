@@ -20,8 +20,8 @@ from pathlib import Path
 
 from bench import pretrain, tracking
 from bench.cell import MARK
+from bench.forkserver import Launcher
 from bench.grid import Grid
-from bench.paths import ROOT
 from bench.spec import RunSpec
 
 
@@ -97,15 +97,17 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False,
     parent = tracking.start_parent(exp_id, grid, len(todo), grid_text)
     progress = Progress(len(todo), stream)
     status = tracking.FINISHED
+    launcher = Launcher()
     try:
         for i, spec in enumerate(todo):
-            o = run_cell(exp_id, parent, grid, spec, i, progress)
+            o = run_cell(exp_id, parent, grid, spec, i, progress, launcher)
             outcomes.append(o)
             progress.done_seconds.append(o.seconds)
     except KeyboardInterrupt:
         status = tracking.KILLED
         raise
     finally:
+        launcher.close()
         failed = [o for o in outcomes if o.status != tracking.FINISHED and o.status != "SKIPPED"]
         tracking.set_tags(parent, {"failed": str(len(failed)),
                                    "finished": str(sum(o.status == tracking.FINISHED
@@ -116,12 +118,12 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False,
 
 
 def run_cell(exp_id: str, parent: str, grid: Grid, spec: RunSpec, index: int,
-             progress: Progress) -> Outcome:
+             progress: Progress, launcher: Launcher) -> Outcome:
     label = grid.label(spec)
     head = f"[{index + 1}/{progress.total}] {label}"
     job: dict = {}
     if pretrain.is_pretrained(spec.weights):
-        made = ensure_pretrained(exp_id, parent, grid, spec, progress)
+        made = ensure_pretrained(exp_id, parent, grid, spec, progress, launcher)
         if made.status != tracking.FINISHED:
             return _refuse(exp_id, parent, grid, spec, label, head, progress,
                            f"PretrainingFailed: {made.error}", made.run_id)
@@ -131,7 +133,7 @@ def run_cell(exp_id: str, parent: str, grid: Grid, spec: RunSpec, index: int,
     if job:
         tracking.set_tags(run_id, {"pretrain_run_id": made.checkpoint_meta.get("run_id", ""),
                                    "pretrain_checkpoint": job["weights_file"]})
-    return _run_child(run_id, grid, spec, head, progress, job)
+    return _run_child(run_id, grid, spec, head, progress, launcher, job)
 
 
 @dataclass
@@ -151,7 +153,7 @@ _FAILED_PRETRAININGS: dict[tuple[str, str], Pretrained] = {}
 
 
 def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
-                      progress: Progress) -> Pretrained:
+                      progress: Progress, launcher: Launcher) -> Pretrained:
     """The checkpoint `cell`'s weights name: reused when it is in the cache and matches its
     checksum, else made by a pretraining run (kind `pretrain`) under this grid's parent run.
     Held under a file lock, so concurrent runners make it once."""
@@ -173,7 +175,7 @@ def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
         partial = ckpt.partial_path
         try:
             outcome = _run_child(run_id, grid, pspec, f"[pretrain] {pspec.name}", progress,
-                                 {"save_backbone_to": str(partial)})
+                                 launcher, {"save_backbone_to": str(partial)})
             failed = None
             if outcome.status != tracking.FINISHED:
                 failed = Pretrained(outcome.status, ckpt, run_id=run_id,
@@ -204,7 +206,7 @@ def _refuse(exp_id: str, parent: str, grid: Grid, spec: RunSpec, label: str, hea
 
 
 def _run_child(run_id: str, grid: Grid, spec: RunSpec, head: str, progress: Progress,
-               job_extra: dict) -> Outcome:
+               launcher: Launcher, job_extra: dict) -> Outcome:
     """Run one spec in a child process and record its outcome on `run_id`."""
     started = time.perf_counter()
     outcome = Outcome(spec, tracking.FAILED, run_id)
@@ -215,8 +217,8 @@ def _run_child(run_id: str, grid: Grid, spec: RunSpec, head: str, progress: Prog
         log_path = Path(tmp) / "cell.log"
         progress.line(f"{head}  starting", live=True, quiet=True)
         try:
-            rc, error = _supervise(job, log_path, run_id, outcome, head, progress,
-                                   len(progress.done_seconds), started)
+            rc, error = _supervise(launcher, spec.framework, job, log_path, run_id, outcome,
+                                   head, progress, len(progress.done_seconds), started)
         except KeyboardInterrupt:
             outcome.status, outcome.error = tracking.KILLED, "interrupted (Ctrl-C / SIGTERM)"
             tracking.set_tags(run_id, {"error": outcome.error})
@@ -260,14 +262,20 @@ def _log_log(run_id: str, log_path: Path) -> None:
         tracking.log_file(run_id, str(log_path))
 
 
-def _supervise(job: Path, log_path: Path, run_id: str, outcome: Outcome, head: str,
-               progress: Progress, cells_done: int, started: float):
-    """Run the child, stream its events into MLflow, tee the rest into the cell log."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    proc = subprocess.Popen([sys.executable, "-m", "bench.cell", str(job)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, bufsize=1, errors="replace")
+def _supervise(launcher: Launcher, framework: str, job: Path, log_path: Path, run_id: str,
+               outcome: Outcome, head: str, progress: Progress, cells_done: int,
+               started: float):
+    """Run the child, stream its events into MLflow, tee the rest into the cell log.
+
+    `startup_seconds` is measured here, from asking for the cell process to the child's
+    `startup` event (its backend imported): forked from a warm server that is the fork
+    (plus the server's own import for a framework's first cell), spawned it is a whole
+    interpreter start and import."""
+    proc, how = launcher.start(framework, job)
+    tags = {"launch": how}
+    if how == "spawn" and framework in launcher.refused:
+        tags["launch_note"] = launcher.refused[framework][:5000]
+    tracking.set_tags(run_id, tags)
     error = None
     try:
         with log_path.open("w") as log:
@@ -286,7 +294,8 @@ def _supervise(job: Path, log_path: Path, run_id: str, outcome: Outcome, head: s
                 elif kind == "artifact":
                     tracking.log_text(run_id, ev["text"], ev["name"])
                 elif kind == "startup":
-                    tracking.log_metrics(run_id, {"startup_seconds": ev["seconds"]})
+                    tracking.log_metrics(run_id, {
+                        "startup_seconds": time.perf_counter() - started})
                 elif kind == "error":
                     error = ev
                     log.write(ev.get("traceback", ""))

@@ -2,11 +2,13 @@
 
 registry.py and backbones.py are framework-free declarations; every module that imports
 torch or tensorflow lives in a backend package named in FRAMEWORKS and is imported only
-inside the child process that runs a cell.
+inside a cell process (or the fork server that forks cell processes, bench/forkserver.py).
 
 A backend module exposes:
     run_cell(spec: RunSpec, card: dict, ctx: bench.cell.CellContext) -> None
     versions() -> dict[str, str]
+    preload() -> None              import what a cell would import later, touching no device
+    fork_problem() -> str | None   why a child forked from this process could not run a cell
 """
 
 from __future__ import annotations

@@ -118,6 +118,22 @@ def test_resume_skips_finished_cells(store):
     assert "### Test accuracy" in md and "feature_extraction" in md and "full" in md
 
 
+def processes_in(directory: Path) -> list[str]:
+    """Command lines of the live processes (but this one) whose working directory is
+    `directory`."""
+    out = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if (proc.name.isdigit() and int(proc.name) != os.getpid()
+                    and (proc / "cwd").resolve() == directory.resolve()):
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                if cmd and (proc / "stat").read_text().split()[2] != "Z":
+                    out.append(cmd)
+        except OSError:  # gone meanwhile, or not ours
+            continue
+    return out
+
+
 def test_killed_grid_resumes_without_duplicates(store):
     path = write_grid(store / "g.toml", "g3",
                       strategies='["feature_extraction", "partial[depth=1]", "full"]')
@@ -143,6 +159,11 @@ def test_killed_grid_resumes_without_duplicates(store):
             pytest.fail("no cell finished in 10 minutes")
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+        # the runner's children (fork server, cell) end with it: nothing left in the store
+        deadline = time.time() + 60
+        while processes_in(store) and time.time() < deadline:
+            time.sleep(0.5)
+        assert not processes_in(store), "processes outlived the killed runner"
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -576,13 +576,15 @@ def test_run_cell_digits(tmp_path, monkeypatch):
 
 # ---- 9. feature caching -----------------------------------------------------------------------
 def _cell(tmp_path, monkeypatch, strategy: str, params: dict, feature_cache: bool,
-          backbone: str = "resnet18") -> RecordingContext:
+          backbone: str = "resnet18", subset: int = 60, image_size: int = 16,
+          **options) -> RecordingContext:
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
     card = check_card(shipped_cards()["digits"], "digits")
     params = registry.get(strategy).with_defaults(params)
     spec = RunSpec(framework="torch", backbone=backbone, dataset="digits", strategy=strategy,
-                   strategy_params=tuple(params.items()), weights="none", subset=60,
-                   image_size=16, batch_size=16, epochs=2, feature_cache=feature_cache)
+                   strategy_params=tuple(params.items()), weights="none", subset=subset,
+                   image_size=image_size, batch_size=16, epochs=2, feature_cache=feature_cache,
+                   **options)
     ctx = RecordingContext()
     torch.manual_seed(0)
     run_cell(spec, card, ctx)
@@ -658,3 +660,74 @@ def test_split_after_frozen_blocks(backbone, n_frozen):
     x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
         assert torch.allclose(suffix(prefix(x)), tb.model(x), atol=1e-5)
+
+
+# ---- 10. the GPU path's options, executed on the CPU ------------------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("options,rel", [
+    # half precision is emulated on this CPU (~15x slower than fp32): the digits' own 8 px
+    ({"precision": "bf16", "channels_last": True, "image_size": 8}, 0.05),  # ~3 digits
+    ({"precision": "fp16", "image_size": 8}, None),  # with a GradScaler: below
+    ({"compile": True}, 1e-3),  # torch.compile (inductor, C++ on the CPU)
+])
+def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel):
+    """Mixed precision, channels_last and torch.compile run end to end (here on the CPU:
+    the same code paths a GPU takes, minus the kernels) and train like fp32: the first
+    epoch's losses within `rel` of the fp32 cell's, and the steps learn. A spy on the train
+    step proves each option was in force: the input's memory format, the logits' dtype, the
+    loss scaler, the compile."""
+    from bench.driver import MODEL_ONLY_STEPS, WARMUP_STEPS
+    from strategies.torch_backend import train
+
+    seen = []
+    real_step = train.Trainer.step
+
+    def step(self, opt, x, y, forward=None):
+        loss, logits = real_step(self, opt, x, y, forward)
+        seen.append({"loss": loss.item(), "nhwc": x.is_contiguous(memory_format=torch.channels_last)
+                     and not x.is_contiguous(), "dtype": logits.dtype,
+                     "scaler": self.scaler.is_enabled(),
+                     "scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
+                     "compiled": type(self.forward_of() if forward is None else forward).__name__})
+        return loss, logits
+
+    compiled = []
+    real_compile = torch.compile
+
+    def compile_spy(module, *a, **k):
+        compiled.append(type(module).__name__)
+        return real_compile(module, *a, **k)
+
+    monkeypatch.setattr(train.Trainer, "step", step)
+    monkeypatch.setattr(train.torch, "compile", compile_spy)
+    base = _cell(tmp_path, monkeypatch, "full", {}, feature_cache=False,
+                 subset=options.get("subset", 60), image_size=options.get("image_size", 16))
+    assert {s["dtype"] for s in seen} == {torch.float32} and not compiled
+    seen.clear()
+    ctx = _cell(tmp_path, monkeypatch, "full", {}, feature_cache=False, **options)
+    precision = options.get("precision", "fp32")
+    want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    assert {s["dtype"] for s in seen} == {want}
+    assert {s["nhwc"] for s in seen} == {options.get("channels_last", False)}
+    assert {s["scaler"] for s in seen} == {precision == "fp16"}
+    model = type(build("resnet18", "none", 10).model).__name__
+    assert {s["compiled"] for s in seen} == {"OptimizedModule" if options.get("compile")
+                                             else model}
+    assert bool(compiled) == bool(options.get("compile"))
+    # the first epoch trains like fp32; later epochs amplify rounding differences (a few
+    # dozen training images are overfitted fast), so there: it learns about as much as fp32
+    (_, a1), (_, b1) = base.epochs[0], ctx.epochs[0]
+    if precision == "fp16":
+        # the scaler starts at 2**16, skips the steps whose gradients overflow and halves
+        # the scale (3 of this cell's 6 training steps), so its epochs are not fp32's
+        assert seen[0]["scale"] < 2.0**16
+    else:
+        for k in ("train_loss", "val_loss"):
+            assert b1[k] == pytest.approx(a1[k], rel=rel), k
+    assert all(math.isfinite(r["train_loss"]) for _, r in ctx.epochs)
+    # and the steps learn: the model-only steps repeat one synthetic batch, which the
+    # network memorises
+    model_only = [s["loss"] for s in seen[-(MODEL_ONLY_STEPS + WARMUP_STEPS):]]
+    assert model_only[-1] < 0.5 * model_only[0]
+    assert ctx.final["model_only_train_images_per_sec"] > 0
+    assert ctx.final["inference_images_per_sec"] > 0

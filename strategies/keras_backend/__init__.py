@@ -51,6 +51,24 @@ def versions() -> dict[str, str]:
     return out
 
 
+def preload() -> None:
+    """Import what a cell imports later (bench.forkserver calls this before forking)."""
+    from bench import pretrain  # noqa: F401
+    from bench.data import sources  # noqa: F401
+
+
+def fork_problem() -> str | None:
+    """Why a process forked from this one could not run a cell, or None: TensorFlow's
+    runtime (devices, thread pools) must not have started before the fork."""
+    from tensorflow.python.eager import context
+
+    ctx = context.context_safe()
+    if ctx is not None and getattr(ctx, "_initialized", True):
+        return ("TensorFlow's runtime started in the fork server; a forked child could "
+                "not use it")
+    return None
+
+
 def cpu_threads() -> int:
     try:
         return len(os.sched_getaffinity(0))

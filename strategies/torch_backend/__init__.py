@@ -43,6 +43,21 @@ def versions() -> dict[str, str]:
             "python": sys.version.split()[0]}
 
 
+def preload() -> None:
+    """Import what a cell imports later (bench.forkserver calls this before forking)."""
+    import torchvision  # noqa: F401
+
+    from bench import pretrain  # noqa: F401
+    from bench.data import sources  # noqa: F401
+
+
+def fork_problem() -> str | None:
+    """Why a process forked from this one could not run a cell, or None."""
+    if torch.cuda.is_initialized():
+        return "CUDA was initialised in the fork server; a forked child could not use it"
+    return None
+
+
 def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         if torch.cuda.is_available():

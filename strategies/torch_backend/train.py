@@ -109,7 +109,7 @@ class Trainer:
 
     def step(self, opt, x: torch.Tensor, y: torch.Tensor,
              forward=None) -> tuple[torch.Tensor, torch.Tensor]:
-        forward = forward or self.forward_of()
+        forward = self.forward_of() if forward is None else forward
         with autocast(self.device, self.precision):
             logits = forward(x)
             loss = self.loss_fn(logits, y)
