@@ -852,3 +852,74 @@ def test_feature_cache_trains_exactly_as_uncached(cache):
     for k in ("test_acc", "test_top5", "trainable_params", "total_params"):
         assert on_final[k] == pytest.approx(off_final[k], rel=1e-4), k
     assert set(on_final) == set(off_final) and set(on.tags) == set(off.tags)
+
+
+# ---- 10. the GPU path's options, executed on the CPU ------------------------------------------
+_FP32_CELL: list = []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("options,rel", [
+    # bfloat16 keeps ~3 significant digits; through MobileNetV2's 50-odd layers from a random
+    # init: 2.590 vs 2.528 (2.4%) measured here
+    ({"precision": "bf16"}, 5e-2),
+    ({"precision": "fp16"}, 1e-2),  # with a loss-scale optimizer
+    ({"compile": True}, 1e-4),  # jit_compile=True: XLA
+])
+def test_gpu_path_options_run_and_match_fp32(cache, monkeypatch, options, rel):
+    """The mixed precision policies and jit_compile run a cell end to end (on the CPU here:
+    the code a GPU runs, minus the kernels) and compute what fp32 computes: the first
+    step's loss (same weights, same batch, before any update) within `rel` of the fp32
+    cell's. Spies on compile() and on fit()'s steps prove each option was in force: the
+    layers' compute dtype, float32 logits, the loss-scale optimizer, XLA."""
+    from strategies.keras_backend import train
+
+    seen, first_losses = [], []
+    real_compile = train.Trainer._compile
+    real_batch_end = train.StepTimer.on_train_batch_end
+
+    def compile_spy(self, model):
+        real_compile(self, model)
+        conv = next(la for la in model.layers if isinstance(la, keras.layers.Conv2D))
+        seen.append({"dtype": conv.compute_dtype, "jit": model.jit_compile,
+                     "optimizer": type(model.optimizer).__name__,
+                     "logits": model.layers[-1].compute_dtype})
+
+    def batch_end_spy(self, batch, logs=None):
+        if batch == 0:  # fit's running mean is the first step's loss here
+            first_losses.append(float(logs["loss"]))
+        real_batch_end(self, batch, logs)
+
+    monkeypatch.setattr(train.Trainer, "_compile", compile_spy)
+    monkeypatch.setattr(train.StepTimer, "on_train_batch_end", batch_end_spy)
+    card = check_card(shipped_cards()["digits"], "digits")
+    runs = []
+    try:
+        for opts in ({}, options):
+            if not opts and _FP32_CELL:  # the fp32 cell is the same for every option
+                runs.append(_FP32_CELL[0])
+                continue
+            seen.clear()
+            first_losses.clear()
+            spec = RunSpec(framework="keras", backbone="mobilenet_v2", dataset="digits",
+                           strategy="full", weights="none", subset=60, image_size=32,
+                           batch_size=16, epochs=1, **opts)
+            ctx = RecordingContext()
+            run_cell(spec, card, ctx)
+            final = {k: v for f in ctx.finals for k, v in f.items()}
+            runs.append((ctx, final, list(seen), first_losses[0]))
+            if not opts:
+                _FP32_CELL.append(runs[-1])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    (_, _, _, base_loss), (ctx, final, compiled, loss) = runs
+    precision = options.get("precision", "fp32")
+    want = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
+    assert compiled and {c["dtype"] for c in compiled} == {want}
+    assert {c["logits"] for c in compiled} == {"float32"}  # the loss in float32
+    assert {c["jit"] for c in compiled} == {bool(options.get("compile"))}
+    assert {c["optimizer"] == "LossScaleOptimizer" for c in compiled} == {precision == "fp16"}
+    assert loss == pytest.approx(base_loss, rel=rel)
+    assert all(math.isfinite(r["train_loss"]) for _, r in ctx.epochs)
+    assert final["model_only_train_images_per_sec"] > 0
+    assert final["inference_images_per_sec"] > 0

@@ -576,13 +576,12 @@ def test_run_cell_digits(tmp_path, monkeypatch):
 
 # ---- 9. feature caching -----------------------------------------------------------------------
 def _cell(tmp_path, monkeypatch, strategy: str, params: dict, feature_cache: bool,
-          backbone: str = "resnet18", subset: int = 60, image_size: int = 16,
-          **options) -> RecordingContext:
+          backbone: str = "resnet18", image_size: int = 16, **options) -> RecordingContext:
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
     card = check_card(shipped_cards()["digits"], "digits")
     params = registry.get(strategy).with_defaults(params)
     spec = RunSpec(framework="torch", backbone=backbone, dataset="digits", strategy=strategy,
-                   strategy_params=tuple(params.items()), weights="none", subset=subset,
+                   strategy_params=tuple(params.items()), weights="none", subset=60,
                    image_size=image_size, batch_size=16, epochs=2, feature_cache=feature_cache,
                    **options)
     ctx = RecordingContext()
@@ -666,16 +665,16 @@ def test_split_after_frozen_blocks(backbone, n_frozen):
 @pytest.mark.slow
 @pytest.mark.parametrize("options,rel", [
     # half precision is emulated on this CPU (~15x slower than fp32): the digits' own 8 px
-    ({"precision": "bf16", "channels_last": True, "image_size": 8}, 0.05),  # ~3 digits
-    ({"precision": "fp16", "image_size": 8}, None),  # with a GradScaler: below
-    ({"compile": True}, 1e-3),  # torch.compile (inductor, C++ on the CPU)
+    ({"precision": "bf16", "channels_last": True, "image_size": 8}, 2e-2),  # ~3 digits
+    ({"precision": "fp16", "image_size": 8, "backbone": "mobilenet_v2"}, 1e-2),  # GradScaler
+    ({"compile": True}, 1e-4),  # torch.compile (inductor, C++ on the CPU)
 ])
 def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel):
-    """Mixed precision, channels_last and torch.compile run end to end (here on the CPU:
-    the same code paths a GPU takes, minus the kernels) and train like fp32: the first
-    epoch's losses within `rel` of the fp32 cell's, and the steps learn. A spy on the train
-    step proves each option was in force: the input's memory format, the logits' dtype, the
-    loss scaler, the compile."""
+    """Mixed precision, channels_last and torch.compile run a cell end to end (here on the
+    CPU: the code paths a GPU takes, minus the kernels) and compute what fp32 computes: the
+    first step's loss (same weights, same batch, before any update) within `rel` of the
+    fp32 cell's; and the steps learn. A spy on the train step proves each option was in
+    force: the input's memory format, the logits' dtype, the loss scaler, the compile."""
     from bench.driver import MODEL_ONLY_STEPS, WARMUP_STEPS
     from strategies.torch_backend import train
 
@@ -684,9 +683,9 @@ def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel
 
     def step(self, opt, x, y, forward=None):
         loss, logits = real_step(self, opt, x, y, forward)
-        seen.append({"loss": loss.item(), "nhwc": x.is_contiguous(memory_format=torch.channels_last)
-                     and not x.is_contiguous(), "dtype": logits.dtype,
-                     "scaler": self.scaler.is_enabled(),
+        seen.append({"loss": loss.item(), "dtype": logits.dtype,
+                     "nhwc": x.is_contiguous(memory_format=torch.channels_last)
+                     and not x.is_contiguous(),
                      "scale": self.scaler.get_scale() if self.scaler.is_enabled() else None,
                      "compiled": type(self.forward_of() if forward is None else forward).__name__})
         return loss, logits
@@ -700,8 +699,10 @@ def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel
 
     monkeypatch.setattr(train.Trainer, "step", step)
     monkeypatch.setattr(train.torch, "compile", compile_spy)
-    base = _cell(tmp_path, monkeypatch, "full", {}, feature_cache=False,
-                 subset=options.get("subset", 60), image_size=options.get("image_size", 16))
+    backbone = options.get("backbone", "resnet18")
+    _cell(tmp_path, monkeypatch, "full", {}, feature_cache=False, backbone=backbone,
+          image_size=options.get("image_size", 16))
+    base_loss = seen[0]["loss"]
     assert {s["dtype"] for s in seen} == {torch.float32} and not compiled
     seen.clear()
     ctx = _cell(tmp_path, monkeypatch, "full", {}, feature_cache=False, **options)
@@ -709,24 +710,17 @@ def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel
     want = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     assert {s["dtype"] for s in seen} == {want}
     assert {s["nhwc"] for s in seen} == {options.get("channels_last", False)}
-    assert {s["scaler"] for s in seen} == {precision == "fp16"}
-    model = type(build("resnet18", "none", 10).model).__name__
+    model = type(build(backbone, "none", 10).model).__name__
     assert {s["compiled"] for s in seen} == {"OptimizedModule" if options.get("compile")
                                              else model}
     assert bool(compiled) == bool(options.get("compile"))
-    # the first epoch trains like fp32; later epochs amplify rounding differences (a few
-    # dozen training images are overfitted fast), so there: it learns about as much as fp32
-    (_, a1), (_, b1) = base.epochs[0], ctx.epochs[0]
-    if precision == "fp16":
-        # the scaler starts at 2**16, skips the steps whose gradients overflow and halves
-        # the scale (3 of this cell's 6 training steps), so its epochs are not fp32's
-        assert seen[0]["scale"] < 2.0**16
-    else:
-        for k in ("train_loss", "val_loss"):
-            assert b1[k] == pytest.approx(a1[k], rel=rel), k
+    assert seen[0]["loss"] == pytest.approx(base_loss, rel=rel)
+    if precision == "fp16":  # the scaler started at 2**16 and halved on overflowing steps
+        assert {s["scale"] is not None for s in seen} == {True}
+        assert seen[-1]["scale"] < 2.0**16
     assert all(math.isfinite(r["train_loss"]) for _, r in ctx.epochs)
-    # and the steps learn: the model-only steps repeat one synthetic batch, which the
-    # network memorises
+    # the steps learn: the model-only steps repeat one synthetic batch, which the network
+    # memorises
     model_only = [s["loss"] for s in seen[-(MODEL_ONLY_STEPS + WARMUP_STEPS):]]
     assert model_only[-1] < 0.5 * model_only[0]
     assert ctx.final["model_only_train_images_per_sec"] > 0
