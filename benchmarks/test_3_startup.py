@@ -6,10 +6,11 @@ time from asking for the cell's process to its backend being imported and ready 
 (bench/grids/default.toml: EfficientNet-Lite0, 400 digits, 32 px, 6 epochs):
 
 - forked: the start-up of every cell but a framework's first, as a share of the cell;
-- the server's import, paid once per framework per grid;
-- spawned: a fresh interpreter's start-up (the process is stopped once it is ready);
-- amortised over the framework's cells in the default grid: (server import + n forks) / (n
-  cells), the start-up share the default grid pays.
+- the server's start (its import, then the first fork), paid once per framework per grid;
+- spawned: a fresh interpreter's start-up (the process is stopped once it is ready).
+
+What the whole default grid pays, the server's import included, is read from its own run
+(MLflow `startup_seconds` over `cell_seconds`; the README has the numbers).
 
 Target (issue 6): under 5% of a default-grid cell.
 """
@@ -60,7 +61,6 @@ def test_cell_startup_share(benchmark, device, report, tmp_path, monkeypatch, fr
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
     g = grid.load("default")
     spec = next(s for s in g.specs if s.framework == framework and s.strategy == STRATEGY)
-    n_cells = sum(s.framework == framework for s in g.specs)
     job = tmp_path / "job.json"
     job.write_text(json.dumps({"spec": spec.to_params(), "card": g.cards[spec.dataset],
                                "device": device}))
@@ -78,6 +78,4 @@ def test_cell_startup_share(benchmark, device, report, tmp_path, monkeypatch, fr
     report(f"{framework} start-up, default-grid cell {spec.name}",
            forked_s=r["startup_s"], cell_s=r["cell_s"], share=r["startup_s"] / r["cell_s"],
            target="< 0.05", spawned_s=spawned["startup_s"],
-           spawned_share=spawned["startup_s"] / r["cell_s"], server_start_s=server_s,
-           grid_share=(server_s + n_cells * r["startup_s"]) / (n_cells * r["cell_s"]),
-           grid_cells=n_cells)
+           spawned_share=spawned["startup_s"] / r["cell_s"], server_start_s=server_s)
