@@ -126,9 +126,9 @@ class ForkServer:
         self.sock.settimeout(timeout)
         try:
             data = self.sock.recv(1 << 16)
-        except (ConnectionError, OSError) as e:
-            if isinstance(e, TimeoutError):
-                raise
+        except TimeoutError:
+            raise
+        except OSError:  # the server is gone
             return None
         return json.loads(data) if data else None
 
@@ -276,6 +276,7 @@ def serve(framework: str, fd: int) -> int:
     sock = socket.socket(fileno=fd)
     started = time.perf_counter()
     try:
+        from bench import data, pretrain  # noqa: F401 - what every cell imports
         from strategies import backend
 
         be = backend(framework)

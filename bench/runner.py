@@ -2,8 +2,10 @@
 
 One child process per cell because TensorFlow takes all GPU memory unless told otherwise, a
 crash or an out-of-memory in one cell must not end the grid, and the device's memory must be
-returned in full between cells. The child reports through marked lines (bench/cell.py); this
-process owns every MLflow call, so a cell that dies hard is still recorded.
+returned in full between cells. The process is forked from a per-framework server that
+imported the framework once (bench/forkserver.py), or started fresh where that cannot be. The
+child reports through marked lines (bench/cell.py); this process owns every MLflow call, so
+a cell that dies hard is still recorded.
 """
 
 from __future__ import annotations

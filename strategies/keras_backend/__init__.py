@@ -52,9 +52,8 @@ def versions() -> dict[str, str]:
 
 
 def preload() -> None:
-    """Import what a cell imports later (bench.forkserver calls this before forking)."""
-    from bench import pretrain  # noqa: F401
-    from bench.data import sources  # noqa: F401
+    """Import what a cell imports later (bench.forkserver calls this before forking):
+    nothing more here, keras.applications came with this module."""
 
 
 def fork_problem() -> str | None:

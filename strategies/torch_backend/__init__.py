@@ -44,11 +44,9 @@ def versions() -> dict[str, str]:
 
 
 def preload() -> None:
-    """Import what a cell imports later (bench.forkserver calls this before forking)."""
+    """Import what a cell imports later (bench.forkserver calls this before forking):
+    torchvision, which the backbones module imports where it is used."""
     import torchvision  # noqa: F401
-
-    from bench import pretrain  # noqa: F401
-    from bench.data import sources  # noqa: F401
 
 
 def fork_problem() -> str | None:
