@@ -20,6 +20,7 @@ Schema (see bench/grids/default.toml for a commented example):
     epochs = 4
     batch_size = 64
     lr = 1e-3
+    precise_bn = 0                       # BatchNorm stats recomputed from N train images
     feature_cache = true                 # speed options, recorded as params like any field:
     channels_last = false                # PyTorch NHWC memory format
     compile = false                      # torch.compile / Keras jit_compile
@@ -321,7 +322,7 @@ def _check_field(f: str, v, cards: dict) -> str | None:
     if f in choices and v not in choices[f]:
         return f"allowed: {', '.join(choices[f])}"
     minimum = {"image_size": 8, "batch_size": 1, "epochs": 1, "seed": 0, "subset": 0,
-               "workers": -1}
+               "workers": -1, "precise_bn": 0}
     if f in minimum and v < minimum[f]:
         return f"must be >= {minimum[f]}"
     if f == "lr" and not v > 0:

@@ -46,6 +46,9 @@ class RunSpec:
     precision: str = "fp32"
     augmentation: str = "none"
     seed: int = 0
+    # BatchNorm statistics recomputed before every evaluation from this many training images
+    # (0 = off: the running averages training left; bench/driver.py)
+    precise_bn: int = 0
     # speed options (canonical() omits defaults, so cells without them keep their hashes)
     feature_cache: bool = True  # frozen backbone/prefix computed once (bench/driver.py)
     channels_last: bool = False  # PyTorch NHWC memory format (Keras is NHWC already)

@@ -923,3 +923,59 @@ def test_gpu_path_options_run_and_match_fp32(cache, monkeypatch, options, rel):
     assert all(math.isfinite(r["train_loss"]) for _, r in ctx.epochs)
     assert final["model_only_train_images_per_sec"] > 0
     assert final["inference_images_per_sec"] > 0
+
+
+# ---- 11. precise BatchNorm --------------------------------------------------------------------
+def test_precise_bn_recomputes_only_the_trained_norms():
+    """partial[depth=1] on MobileNetV2: the unpinned BatchNorm layers' moving statistics
+    become the plain average of the batch moments (measured here on an independent pass in
+    inference mode, for the first of them, whose input is fixed by frozen layers); every
+    other variable stays bit for bit; a second call reuses the traced probe."""
+    from strategies.keras_backend.train import recalibrate_bn
+
+    kb = build("mobilenet_v2", "none", NUM_CLASSES, image_size=SIZE)
+    phase = registry.Phase(1)
+    apply_phase(kb, phase)
+    norms = [la for la in kb.model.layers
+             if isinstance(la, PinnableBatchNormalization) and not la.pinned]
+    stats = {id(v) for n in norms for v in (n.moving_mean, n.moving_variance)}
+    batches = tiny_batches(24, shuffle=False)  # 3 batches of 8
+    before = snapshot(kb.model)
+    probes = {}
+    assert recalibrate_bn(kb, batches, probes) == len(norms) > 0
+    after = snapshot(kb.model)
+    for v in kb.model.weights:
+        assert np.array_equal(before[v.path], after[v.path]) != (id(v) in stats), v.path
+
+    first = norms[0]
+    inputs = keras.Model(kb.model.inputs, first.input)
+    seen = [inputs(x, training=False).numpy() for x, _ in batches.dataset]
+    means = np.mean([h.mean((0, 1, 2)) for h in seen], axis=0)
+    varis = np.mean([h.var((0, 1, 2)) for h in seen], axis=0)
+    np.testing.assert_allclose(first.moving_mean.numpy(), means, atol=1e-5)
+    np.testing.assert_allclose(first.moving_variance.numpy(), varis, rtol=1e-4, atol=1e-6)
+    assert not any(n.batch_stats for n in norms)
+    assert len(probes) == 1
+    recalibrate_bn(kb, batches, probes)  # the same statistics again, the same probe
+    assert len(probes) == 1
+    np.testing.assert_allclose(first.moving_mean.numpy(), means, atol=1e-5)
+
+
+def test_precise_bn_cell_trains_the_same_and_says_so(cache):
+    """A cell with precise_bn trains exactly as one without; only what is evaluated
+    changes; the run says how many layers were recomputed from how many images."""
+    card = check_card(shipped_cards()["digits"], "digits")
+    runs = []
+    for precise_bn in (0, 33):
+        spec = RunSpec(framework="keras", backbone="mobilenet_v2", dataset="digits",
+                       strategy="full", weights="none", subset=60, image_size=32,
+                       batch_size=16, epochs=2, precise_bn=precise_bn)
+        ctx = RecordingContext()
+        run_cell(spec, card, ctx)
+        runs.append((ctx, {k: v for f in ctx.finals for k, v in f.items()}))
+    (off, off_final), (on, on_final) = runs
+    assert on.tags["precise_bn"] == "52 BatchNorm layers from 32 train images"
+    for (_, a), (_, b) in zip(off.epochs, on.epochs, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["train_acc"] == b["train_acc"]
+    assert on_final["precise_bn_seconds"] > 0 and "precise_bn_seconds" not in off_final
+    assert "precise_bn" not in off.tags

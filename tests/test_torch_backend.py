@@ -725,3 +725,66 @@ def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel
     assert model_only[-1] < 0.5 * model_only[0]
     assert ctx.final["model_only_train_images_per_sec"] > 0
     assert ctx.final["inference_images_per_sec"] > 0
+
+
+# ---- 11. precise BatchNorm --------------------------------------------------------------------
+def test_precise_bn_recomputes_only_the_trained_norms():
+    """partial[depth=1] on ResNet-18: stage4's BatchNorm statistics become the plain
+    average over the batches (mean of batch means, of unbiased batch variances: measured
+    here with hooks on an independent pass); every frozen norm's buffers and every
+    parameter stay bit for bit; momentum is restored."""
+    from strategies.torch_backend.train import recalibrate_bn
+
+    torch.manual_seed(0)
+    tb = build("resnet18", "none", NUM_CLASSES)
+    phase = registry.Phase(1)
+    apply_phase(tb, phase)
+    pre = Preprocess(tb.mean, tb.std, CPU)
+    rng = np.random.default_rng(0)
+    batches = Batches(rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8), np.arange(20) % 3,
+                      SIZE, 8, CPU, shuffle=False, seed=0)  # batches of 8, 8 and 4
+    before = {k: v.clone() for k, v in tb.model.state_dict().items()}
+    trained = {n: m for n, m in tb.model.named_modules()
+               if isinstance(m, _BN) and owner_of(tb, n + ".weight") == "stage4"}
+    first = next(iter(trained))  # its input comes from frozen blocks only
+
+    assert recalibrate_bn(tb, phase, batches, pre, CPU, "fp32") == len(trained) == 5
+    after = tb.model.state_dict()
+    for k, v in before.items():
+        if k.rsplit(".", 1)[0] in trained:  # this norm's buffers moved, its weights did not
+            assert torch.equal(v, after[k]) != k.endswith(("running_mean", "running_var",
+                                                           "num_batches_tracked")), k
+        else:
+            assert torch.equal(v, after[k]), k
+    assert all(m.momentum == 0.1 and not m.training for m in trained.values())
+
+    seen = []
+    hook = trained[first].register_forward_hook(lambda m, i, o: seen.append(i[0]))
+    tb.model.eval()  # frozen blocks below it: the same inputs as in the recalibration
+    with torch.no_grad():
+        for x, _ in batches:
+            tb.model(pre(x, train=False))
+    hook.remove()
+    means = torch.stack([h.mean((0, 2, 3)) for h in seen])
+    varis = torch.stack([h.transpose(0, 1).flatten(1).var(1, unbiased=True) for h in seen])
+    assert torch.allclose(trained[first].running_mean, means.mean(0), atol=1e-5)
+    assert torch.allclose(trained[first].running_var, varis.mean(0), rtol=1e-4)
+
+
+@pytest.mark.parametrize("strategy,layers", [("full", "20 BatchNorm layers"),
+                                             ("feature_extraction", "no BatchNorm layer")])
+def test_precise_bn_cell_trains_the_same_and_says_so(tmp_path, monkeypatch, strategy, layers):
+    """A cell with precise_bn trains exactly as one without (the weights' path is
+    untouched: a training step normalises by batch statistics); only what is evaluated
+    changes. The run says how many layers were recomputed from how many images."""
+    off = _cell(tmp_path, monkeypatch, strategy, {}, feature_cache=False)
+    on = _cell(tmp_path, monkeypatch, strategy, {}, feature_cache=False, precise_bn=33)
+    assert on.tags["precise_bn"].startswith(layers)
+    if strategy == "full":  # 33 of the 48 train images, less a lone last one (batch 16)
+        assert on.tags["precise_bn"].endswith("from 32 train images")
+    for (_, a), (_, b) in zip(off.epochs, on.epochs, strict=True):
+        assert a["train_loss"] == b["train_loss"] and a["train_acc"] == b["train_acc"]
+    assert on.final["precise_bn_seconds"] > 0 and "precise_bn_seconds" not in off.final
+    assert "precise_bn" not in off.tags
+    if strategy == "feature_extraction":
+        assert on.final["test_loss"] == off.final["test_loss"]

@@ -37,7 +37,12 @@ from strategies.keras_backend.backbones import (  # noqa: E402
     save_backbone,
 )
 from strategies.keras_backend.data import Batches, CachedBatches  # noqa: E402
-from strategies.keras_backend.train import StepTimer, Trainer, sync_fn  # noqa: E402
+from strategies.keras_backend.train import (  # noqa: E402
+    StepTimer,
+    Trainer,
+    recalibrate_bn,
+    sync_fn,
+)
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
 
@@ -162,6 +167,7 @@ class KerasSession:
                         for k in parts}
         self.cached: dict = {}
         self.data_path = self.loaders["train"].data_path
+        self.parts, self.parallel, self.bn_batches, self.bn_probes = parts, parallel, None, {}
 
     # weights the harness pretrained (bench/pretrain.py)
     def load_backbone(self, path: str) -> None:
@@ -219,6 +225,16 @@ class KerasSession:
     def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
         batches = self._batches(part)
         return self.trainer.evaluate(batches, topk=topk, model=getattr(batches, "model", None))
+
+    def recalibrate_bn(self, indices) -> int:
+        if self.bn_batches is None:  # the same images every time: made once
+            items, labels = self.parts["train"]
+            items = (items[indices] if isinstance(items, np.ndarray)
+                     else [items[i] for i in indices])
+            self.bn_batches = Batches(items, np.asarray(labels)[indices], self.spec.image_size,
+                                      self.spec.batch_size, shuffle=False, seed=self.spec.seed,
+                                      parallel=self.parallel)
+        return recalibrate_bn(self.kb, self.bn_batches, self.bn_probes)
 
     def param_counts(self) -> tuple[int, int]:
         model = self.kb.model

@@ -170,8 +170,11 @@ class PinnableBatchNormalization(keras.layers.BatchNormalization):
     it before (re)compiling."""
 
     pinned = False
+    batch_stats = False  # precise BatchNorm (train.recalibrate_bn): batch statistics, eagerly
 
     def call(self, inputs, training=None, mask=None):
+        if self.batch_stats:
+            training = True
         return super().call(inputs, training=False if self.pinned else training, mask=mask)
 
 

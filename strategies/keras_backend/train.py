@@ -56,6 +56,50 @@ def apply_phase(kb: KerasBackbone, phase: Phase) -> list:
     return list(kb.model.trainable_weights)
 
 
+def recalibrate_bn(kb: KerasBackbone, batches, probes: dict | None = None) -> int:
+    """Precise BatchNorm (bench/driver.py): the BatchNorm layers the phase trains (not
+    pinned) get their moving statistics replaced by the plain average, over `batches`, of
+    the batch mean and variance of their inputs; the model runs in inference mode (dropout
+    off, pinned layers untouched) with those layers normalising by batch statistics, as in
+    training. `probes` keeps the traced probe per set of layers between calls. Returns the
+    number of layers recomputed."""
+    norms = [sub for layer in kb.model.layers for sub in _sublayers(layer)
+             if isinstance(sub, PinnableBatchNormalization) and not sub.pinned]
+    if not norms:
+        return 0
+    probes = {} if probes is None else probes
+    key = tuple(n.name for n in norms)
+    if key not in probes:
+        probe = keras.Model(kb.model.inputs, [n.input for n in norms])
+
+        @tf.function
+        def moments(x):
+            out, hs = [], probe(x, training=False)
+            for n, h in zip(norms, hs if isinstance(hs, list | tuple) else [hs], strict=True):
+                h = tf.cast(h, tf.float32)
+                axis = n.axis % len(h.shape)
+                out.append(tf.nn.moments(h, [a for a in range(len(h.shape)) if a != axis]))
+            return out
+
+        probes[key] = moments
+    for n in norms:  # read when the probe is traced (its first call)
+        n.batch_stats = True
+    try:
+        sums, count = None, 0
+        for x, _ in batches.dataset:
+            stats = probes[key](x)
+            sums = stats if sums is None else [(a + m, b + v) for (a, b), (m, v)
+                                               in zip(sums, stats, strict=True)]
+            count += 1
+    finally:
+        for n in norms:
+            n.batch_stats = False
+    for (mean, var), n in zip(sums, norms, strict=True):
+        n.moving_mean.assign(tf.cast(mean / count, n.moving_mean.dtype))
+        n.moving_variance.assign(tf.cast(var / count, n.moving_variance.dtype))
+    return len(norms)
+
+
 class _CoupledL2:
     """PyTorch's `weight_decay` for Adam and SGD: wd * w added to the gradient (an L2 penalty),
     where Keras' `weight_decay` is decoupled (AdamW-style). Only used when wd > 0."""

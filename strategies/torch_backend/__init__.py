@@ -31,6 +31,7 @@ from strategies.torch_backend.train import (
     apply_phase,
     autocast,
     make_optimizer,
+    recalibrate_bn,
     set_train_mode,
     sync_fn,
 )
@@ -125,6 +126,7 @@ class TorchSession:
                         for k in parts}
         self.cached: dict = {}
         self.data_path = "resident" if self.loaders["train"].resident else "dataloader"
+        self.parts, self.workers, self.bn_batches = parts, workers, None
 
     # weights the harness pretrained (bench/pretrain.py)
     def load_backbone(self, path: str) -> None:
@@ -175,6 +177,17 @@ class TorchSession:
 
     def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
         return self.trainer.evaluate(self._batches(part), topk=topk)
+
+    def recalibrate_bn(self, indices) -> int:
+        if self.bn_batches is None:  # the same images every time: made once
+            items, labels = self.parts["train"]
+            items = (items[indices] if isinstance(items, np.ndarray)
+                     else [items[i] for i in indices])
+            self.bn_batches = Batches(items, np.asarray(labels)[indices], self.spec.image_size,
+                                      self.spec.batch_size, self.device, shuffle=False,
+                                      seed=self.spec.seed, workers=self.workers)
+        return recalibrate_bn(self.tb, self.phase, self.bn_batches, self.trainer.preprocess,
+                              self.device, self.spec.precision)
 
     def param_counts(self) -> tuple[int, int]:
         params = list(self.tb.model.parameters())

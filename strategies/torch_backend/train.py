@@ -50,6 +50,35 @@ def set_train_mode(tb: TorchBackbone, phase: Phase) -> None:
                         sub.eval()
 
 
+@torch.no_grad()
+def recalibrate_bn(tb: TorchBackbone, phase: Phase, batches, preprocess, device: torch.device,
+                   precision: str) -> int:
+    """Precise BatchNorm (bench/driver.py): the norm layers the phase trains get their
+    running statistics recomputed as the plain average over `batches` (momentum None),
+    everything else in eval mode (frozen norms untouched, dropout off). Returns the number
+    of layers recomputed; the model is left in eval mode."""
+    set_train_mode(tb, phase)
+    norms = [m for m in tb.model.modules()
+             if isinstance(m, _NORMS) and m.training and m.track_running_stats]
+    tb.model.eval()
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches
+        m.train()
+    try:
+        for x, _ in batches:
+            with autocast(device, precision):
+                tb.model(preprocess(x, train=False))
+    finally:
+        for m, momentum in zip(norms, momenta, strict=True):
+            m.momentum = momentum
+            m.eval()
+    return len(norms)
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float):
     if name == "adam":
         return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
