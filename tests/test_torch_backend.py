@@ -666,7 +666,7 @@ def test_split_after_frozen_blocks(backbone, n_frozen):
 @pytest.mark.parametrize("options,rel", [
     # half precision is emulated on this CPU (~15x slower than fp32): the digits' own 8 px
     ({"precision": "bf16", "channels_last": True, "image_size": 8}, 2e-2),  # ~3 digits
-    ({"precision": "fp16", "image_size": 8, "backbone": "mobilenet_v2"}, 1e-2),  # GradScaler
+    ({"precision": "fp16", "image_size": 8}, 1e-2),  # with a GradScaler
     ({"compile": True}, 1e-4),  # torch.compile (inductor, C++ on the CPU)
 ])
 def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel):
