@@ -220,6 +220,13 @@ def precise_bn_sample(spec: RunSpec, n_train: int) -> np.ndarray | None:
     return np.random.default_rng(spec.seed).permutation(n_train)[:n]
 
 
+def take(part: tuple, indices) -> tuple:
+    """(items, labels) of a split part at `indices`: arrays indexed, file lists picked."""
+    items, labels = part
+    items = items[indices] if isinstance(items, np.ndarray) else [items[i] for i in indices]
+    return items, np.asarray(labels)[indices]
+
+
 def cache_plan(spec: RunSpec, phase: registry.Phase, n_blocks: int) -> tuple[str, int] | str:
     """('features', n_blocks) when the whole backbone is frozen, ('prefix', n_frozen) when
     the bottom blocks are, else the reason there is nothing to cache."""

@@ -228,12 +228,9 @@ class KerasSession:
 
     def recalibrate_bn(self, indices) -> int:
         if self.bn_batches is None:  # the same images every time: made once
-            items, labels = self.parts["train"]
-            items = (items[indices] if isinstance(items, np.ndarray)
-                     else [items[i] for i in indices])
-            self.bn_batches = Batches(items, np.asarray(labels)[indices], self.spec.image_size,
-                                      self.spec.batch_size, shuffle=False, seed=self.spec.seed,
-                                      parallel=self.parallel)
+            self.bn_batches = Batches(*driver.take(self.parts["train"], indices),
+                                      self.spec.image_size, self.spec.batch_size,
+                                      shuffle=False, seed=self.spec.seed, parallel=self.parallel)
         return recalibrate_bn(self.kb, self.bn_batches, self.bn_probes)
 
     def param_counts(self) -> tuple[int, int]:

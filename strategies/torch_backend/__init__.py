@@ -180,12 +180,9 @@ class TorchSession:
 
     def recalibrate_bn(self, indices) -> int:
         if self.bn_batches is None:  # the same images every time: made once
-            items, labels = self.parts["train"]
-            items = (items[indices] if isinstance(items, np.ndarray)
-                     else [items[i] for i in indices])
-            self.bn_batches = Batches(items, np.asarray(labels)[indices], self.spec.image_size,
-                                      self.spec.batch_size, self.device, shuffle=False,
-                                      seed=self.spec.seed, workers=self.workers)
+            self.bn_batches = Batches(*driver.take(self.parts["train"], indices),
+                                      self.spec.image_size, self.spec.batch_size, self.device,
+                                      shuffle=False, seed=self.spec.seed, workers=self.workers)
         return recalibrate_bn(self.tb, self.phase, self.bn_batches, self.trainer.preprocess,
                               self.device, self.spec.precision)
 
