@@ -42,7 +42,8 @@ def problems(d, smoke=False) -> str:
 def test_default_grid_loads_and_every_cell_is_valid():
     g = grid.load(ROOT / "bench" / "grids" / "default.toml")
     assert g.name == "default" and not g.smoke and g.duplicates == 0
-    # 2 frameworks x (4 strategies on ImageNet weights + 2 from scratch)
+    # 2 frameworks x (4 strategies on ImageNet weights + 2 from scratch, with and without
+    # precise BatchNorm)
     assert len(g.specs) == 12
     assert len({s.hash for s in g.specs}) == 12
     assert {s.weights for s in g.specs} == {"imagenet", "none"}
@@ -64,8 +65,12 @@ def test_default_grid_loads_and_every_cell_is_valid():
                                                     s.weights == "imagenet" else 1e-3)
     assert {g.label(s) for s in g.specs} >= {
         "torch/efficientnet_lite0/partial[depth=3,bn=frozen]/digits[n=400]/seed0 "
-        "[weights=imagenet,lr=0.001]",
-        "keras/efficientnet_lite0/full/digits[n=400]/seed0 [weights=none,lr=0.001]"}
+        "[weights=imagenet,lr=0.001,precise_bn=0]",
+        "keras/efficientnet_lite0/full/digits[n=400]/seed0 [weights=none,lr=0.001,precise_bn=0]",
+        "keras/efficientnet_lite0/full/digits[n=400]/seed0 "
+        "[weights=none,lr=0.001,precise_bn=320]"}
+    # precise BatchNorm only where BatchNorm trains: the from-scratch control
+    assert {s.precise_bn for s in g.specs if s.weights == "imagenet"} == {0}
 
 
 @pytest.mark.parametrize("name", ["default", "gpu", "seeds"])
