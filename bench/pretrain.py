@@ -136,7 +136,7 @@ def pretrain_spec(cell):
     p = {k: params.get(k, v.default) for k, v in PARAMS.items()}
     return dataclasses.replace(
         cell, dataset=dataset, subset=p["subset"], strategy="full", strategy_params=(),
-        weights="none", epochs=p["epochs"], head="linear",
+        weights="none", epochs=p["epochs"], head="linear", select="last",
         lr=cell.lr if p["lr"] is None else p["lr"],
         seed=cell.seed if p["seed"] is None else p["seed"])
 

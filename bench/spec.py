@@ -24,6 +24,7 @@ SPEC_VERSION = 1  # bump when a field's meaning changes: old hashes then stop ma
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
+SELECTS = ("last", "best_val")  # which weights the test evaluates (bench/driver.py)
 HEADS = tuple(_backbones.HEADS)  # declared in strategies/backbones.py
 
 
@@ -49,6 +50,11 @@ class RunSpec:
     # BatchNorm statistics recomputed before every evaluation from this many training images
     # (0 = off: the running averages training left; bench/driver.py)
     precise_bn: int = 0
+    # the weights tested: the last epoch's, or those of the best validation epoch (restored)
+    select: str = "last"
+    # the kind of device the cell is measured on (bench/devices.py): cpu, mps or
+    # cuda:<model>. Part of the identity: a cell on another device is another measurement.
+    device_kind: str = "cpu"
     # speed options (canonical() omits defaults, so cells without them keep their hashes)
     feature_cache: bool = True  # frozen backbone/prefix computed once (bench/driver.py)
     channels_last: bool = False  # PyTorch NHWC memory format (Keras is NHWC already)

@@ -35,7 +35,7 @@ guide recommends after unfreezing."""
 @dataclass(frozen=True)
 class Phase:
     trainable_blocks: int  # top blocks trainable besides the head; 0 = head only, ALL = all
-    epoch_share: float = 1.0  # share of the cell's epochs (each phase gets at least one)
+    epoch_share: float = 1.0  # share of the cell's epochs (> 0: at least one; 0: skipped)
     lr_scale: float = 1.0
     bn: str = "train"
     name: str = "train"
@@ -79,10 +79,54 @@ class Strategy:
         """`params` with every parameter that has a default filled in."""
         return {**{p.name: p.default for p in self.params if p.default is not None}, **params}
 
+    def min_epochs(self, params: dict) -> int:
+        """The smallest budget this strategy can train: one epoch per phase with a share."""
+        return max(1, sum(ph.epoch_share > 0 for ph in self.build_phases(
+            self.with_defaults(params))))
+
+    def budget_problem(self, params: dict, epochs: int) -> str | None:
+        """Why `epochs` cannot be split over the phases, or None."""
+        need = self.min_epochs(params)
+        if epochs >= need:
+            return None
+        names = [ph.name for ph in self.build_phases(self.with_defaults(params))
+                 if ph.epoch_share > 0]
+        return (f"{self.name} trains {len(names)} phases ({', '.join(names)}) of at least "
+                f"one epoch each; allowed: epochs >= {need}")
+
     def phases(self, params: dict, epochs: int) -> list[tuple[Phase, int]]:
-        """The phases with their epoch counts for a cell of `epochs` epochs."""
+        """The phases with their epoch counts for a cell of `epochs` epochs: the counts sum
+        to `epochs` exactly (every strategy trains the cell's whole budget, no more), each
+        phase with a share > 0 gets at least one epoch, the rest go by largest remainder of
+        share x epochs (ties to the later phase: 5 epochs at 0.5/0.5 are 2 + 3)."""
         phases = self.build_phases(self.with_defaults(params))
-        return [(ph, max(1, round(ph.epoch_share * epochs))) for ph in phases]
+        problem = self.budget_problem(params, epochs)
+        if problem:
+            raise BudgetError(f"epochs = {epochs}: {problem}")
+        return list(zip(phases, split_epochs([ph.epoch_share for ph in phases], epochs),
+                        strict=True))
+
+
+class BudgetError(ValueError):
+    """A cell's epochs cannot cover its strategy's phases."""
+
+
+def split_epochs(shares: list[float], epochs: int) -> list[int]:
+    """`epochs` split over phases in proportion to `shares` (normalised): the counts sum to
+    `epochs`, a share > 0 gets at least one, a share of 0 none. Largest remainder, ties to
+    the later phase. Needs epochs >= the number of shares > 0."""
+    total = sum(shares)
+    ideal = [s / total * epochs if total > 0 else 0.0 for s in shares]
+    counts = [max(1, int(x)) if s > 0 else 0 for s, x in zip(shares, ideal, strict=True)]
+    while sum(counts) < epochs:  # the largest shortfall first; ties to the later phase
+        i = max((i for i, s in enumerate(shares) if s > 0),
+                key=lambda i: (ideal[i] - counts[i], i))
+        counts[i] += 1
+    while sum(counts) > epochs:  # minimum-one rounding overshot: take from the largest excess
+        i = max((i for i, c in enumerate(counts) if c > 1),
+                key=lambda i: (counts[i] - ideal[i], -i))
+        counts[i] -= 1
+    return counts
 
 
 class UnknownStrategy(KeyError):
