@@ -25,9 +25,11 @@ class CellContext:
     """What a backend reports through. Metric names follow DESIGN.md."""
 
     def __init__(self, device: str, started: float, weights_file: str | None = None,
-                 weights_sha256: str | None = None, save_backbone_to: str | None = None):
+                 weights_sha256: str | None = None, save_backbone_to: str | None = None,
+                 deterministic: bool | None = None):
         self.device = device
         self.started = started
+        self.deterministic = deterministic  # None: auto (on for a CPU, off for a GPU)
         self.weights_file = weights_file  # the checkpoint of `pretrained:` weights
         self.weights_sha256 = weights_sha256
         self.save_backbone_to = save_backbone_to  # set for a pretraining run
@@ -88,7 +90,8 @@ def main(argv: list[str]) -> int:
     try:
         spec = RunSpec.from_params(job["spec"])
         ctx = CellContext(job["device"], started, job.get("weights_file"),
-                          job.get("weights_sha256"), job.get("save_backbone_to"))
+                          job.get("weights_sha256"), job.get("save_backbone_to"),
+                          job.get("deterministic"))
         be = backend(spec.framework)
         emit("startup", seconds=time.perf_counter() - started, pid=os.getpid())
         be.run_cell(spec, job["card"], ctx)

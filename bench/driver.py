@@ -19,6 +19,16 @@ same seeded order reach the trained part, so accuracy is the uncached path's (te
 tag `feature_cache` says what each phase got, or why not; `train_rate_of` says what the
 train rates measure (a cached phase trains only the part above the cut).
 
+Equal budgets and fair records: every strategy trains exactly the cell's `epochs` (the
+registry splits them over its phases) and the cell records the epochs and optimizer steps it
+really took (`epochs_trained`, `optimizer_steps`). `select` says which weights the test sees:
+the last epoch's, or (`best_val`) those of the best validation epoch, restored (`test_epoch`).
+A non-finite train loss ends the cell at once (Diverged: "diverged at epoch e, step s"); a
+cell whose final train loss is above its first epoch's is tagged `diverged`. The cell runs
+deterministically when asked (tag `deterministic`), and a CpuProbe over its timed steps says
+whether other processes shared the machine while its speed was measured (`contended`,
+`contention_share`; bench/contention.py).
+
 Precise BatchNorm (`precise_bn = N`, off by default): the running averages a short training
 leaves are a poor estimate of the final weights' statistics (a BatchNorm momentum of 0.01,
 EfficientNet's, keeps 62% of the initial statistics after 48 steps), which wrecks evaluation
@@ -40,6 +50,7 @@ import numpy as np
 
 from bench import data as bdata
 from bench import pretrain
+from bench.contention import CpuProbe
 from bench.spec import RunSpec
 from bench.timing import StepMeter
 from strategies import registry
@@ -54,13 +65,32 @@ class CacheUnavailable(RuntimeError):
     """A backend cannot cache this cut (no single-tensor cut, too big); the message says why."""
 
 
+class Diverged(RuntimeError):
+    """The train loss became NaN or infinite. A backend raises it with the step (1-based,
+    within the epoch); the driver adds the epoch."""
+
+    def __init__(self, step: int, loss: float, epoch: int | None = None):
+        self.step, self.loss, self.epoch = step, loss, epoch
+        where = f"epoch {epoch}, step {step}" if epoch is not None else f"step {step}"
+        super().__init__(f"diverged at {where} (train loss {loss})")
+
+
+class DeviceMismatch(RuntimeError):
+    """The cell runs on another kind of device than its identity (RunSpec.device_kind) says."""
+
+
 class Session(Protocol):
     """What a framework backend does for the driver. One session runs one cell."""
 
     data_path: str  # how the training images reach the model ("resident", "dataloader", ...)
 
     def start(self, device: str) -> dict[str, str]:
-        """Set the device up; return the tags device, device_type and versions."""
+        """Set the device up; return the tags device (its name: 'NVIDIA H200', 'cpu (...)'),
+        device_type ('cpu', 'cuda' or 'gpu', 'mps') and versions."""
+
+    def determinism(self, on: bool) -> str:
+        """Deterministic algorithms on or off (called once, right after start, before any
+        work on the device); return the tag: 'true', or 'false: <why>'."""
 
     def seed(self, seed: int) -> None: ...
 
@@ -90,7 +120,8 @@ class Session(Protocol):
         runs on the cached inputs. Raises CacheUnavailable with the reason."""
 
     def train_epoch(self, meter: StepMeter, on_step) -> dict[str, float]:
-        """One epoch of the current phase: {'train_loss', 'train_acc'}."""
+        """One epoch of the current phase: {'train_loss', 'train_acc'}. `on_step(i)` after
+        every optimizer step; Diverged(step, loss) as soon as a step's loss is not finite."""
 
     def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
         """{'loss', 'acc'} (and f'top{topk}' when topk > 1) on a split part."""
@@ -100,6 +131,12 @@ class Session(Protocol):
         phase trains (frozen ones untouched) as the plain average over batches of the
         training images `indices` (no augmentation, dropout off, batch statistics in those
         layers as in training); the weights do not change. Return the number of layers."""
+
+    def snapshot(self) -> object:
+        """A copy of every weight and BatchNorm statistic of the model (select = best_val)."""
+
+    def restore(self, state: object) -> None:
+        """Put a snapshot back: what evaluate() sees is then the model it was taken of."""
 
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameters of the model as it is now."""
@@ -115,8 +152,28 @@ class Session(Protocol):
         """Wait for the device (every clock read follows one)."""
 
 
+def device_kind(tags: dict[str, str]) -> str:
+    """The kind of device a session started on (RunSpec.device_kind's vocabulary): cpu, mps
+    or cuda:<model>."""
+    kind = tags["device_type"]
+    if kind in ("cuda", "gpu"):
+        return f"cuda:{tags['device']}"
+    return kind
+
+
 def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
-    ctx.set_tags(session.start(ctx.device))
+    tags = session.start(ctx.device)
+    ctx.set_tags(tags)
+    actual = device_kind(tags)
+    if " ".join(actual.split()) != " ".join(spec.device_kind.split()):
+        raise DeviceMismatch(
+            f"this cell's identity says device_kind = {spec.device_kind!r} but device "
+            f"{ctx.device!r} resolved to {actual!r} in this process; a measurement on "
+            f"another device is another cell (run the grid with --device for that device)")
+    deterministic = getattr(ctx, "deterministic", None)
+    if deterministic is None:  # auto: free on a CPU, costs speed on a GPU
+        deterministic = actual == "cpu"
+    ctx.set_tags({"deterministic": session.determinism(deterministic)})
     session.seed(spec.seed)
 
     prepared = bdata.prepare(card, spec.seed, spec.subset)
@@ -140,8 +197,8 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     phases = strategy.phases(spec.params, spec.epochs)
     total_epochs = sum(e for _, e in phases)
     steps_per_epoch = -(-n_train // spec.batch_size)
-    history, best, epoch = [], (-1.0, 0), 0
-    meter = None
+    history, best, epoch, best_state = [], (-1.0, 0), 0, None
+    meter, probe, steps = None, CpuProbe(), [0]
     cache_labels, cache_seconds, rate_of = {}, 0.0, "whole model"
     bn_sample = precise_bn_sample(spec, n_train)
     bn_seconds, bn_layers = 0.0, set()
@@ -150,13 +207,13 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         trainable = session.begin_phase(phase, lr, spec.optimizer, spec.weight_decay)
         cache_labels[phase.name], rate_of, seconds = _cache_phase(session, spec, phase)
         cache_seconds += seconds
-        meter = StepMeter(session.sync, warmup=WARMUP_STEPS)  # steady state of this phase
+        # steady state of this phase
+        meter = StepMeter(session.sync, warmup=WARMUP_STEPS, probe=probe)
         for _ in range(n_epochs):
             epoch += 1
             t0 = time.perf_counter()
-            on_step = ctx.step_progress(phase.name, epoch, total_epochs, steps_per_epoch)
-            row = session.train_epoch(meter, on_step)
-            session.sync()
+            row = _train_epoch(session, meter, steps, epoch, ctx.step_progress(
+                phase.name, epoch, total_epochs, steps_per_epoch), ctx)
             seconds = time.perf_counter() - t0
             if bn_sample is not None:  # statistics of the weights this epoch ended with
                 t1 = time.perf_counter()
@@ -170,14 +227,21 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
             history.append({"epoch": epoch, "phase": phase.name, **row})
             if val["acc"] > best[0]:
                 best = (val["acc"], epoch)
+                if spec.select == "best_val":
+                    best_state = session.snapshot()
             ctx.progress(phase=phase.name, epoch=epoch, epochs=total_epochs,
                          fraction=epoch / total_epochs, val_acc=val["acc"])
 
+    test_epoch = epoch
+    if best_state is not None and best[1] != epoch:  # select = best_val
+        session.restore(best_state)
+        test_epoch = best[1]
     topk = 5 if num_classes > 5 else 1
     test = session.evaluate("test", topk=topk)
     trainable, total = session.param_counts()
     final = {"test_acc": test["acc"], "test_loss": test["loss"], "best_val_acc": best[0],
-             "best_val_epoch": best[1],
+             "best_val_epoch": best[1], "test_epoch": test_epoch,
+             "epochs_trained": epoch, "optimizer_steps": steps[0],
              "train_images_per_sec": meter.median if meter else None,
              "trainable_params": trainable, "total_params": total}
     if topk > 1:
@@ -187,11 +251,15 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         session.save_backbone(ctx.save_backbone_to)
     # after the test evaluation, on the last phase's trainable set: it cannot touch a
     # reported accuracy
+    probe.begin()
     final.update(session.model_only_rates(MODEL_ONLY_STEPS, WARMUP_STEPS))
+    probe.end()
     final["feature_cache_seconds"] = cache_seconds
+    final["contention_share"] = probe.share
     data_fed, model_only = final["train_images_per_sec"], final.get(
         "model_only_train_images_per_sec")
-    tags = {"feature_cache": _cache_tag(cache_labels), "train_rate_of": rate_of}
+    tags = {"feature_cache": _cache_tag(cache_labels), "train_rate_of": rate_of,
+            "contended": probe.tag(), "diverged": diverged_tag(history)}
     if bn_sample is not None:
         final["precise_bn_seconds"] = bn_seconds
         layers = max(bn_layers, default=0)
@@ -206,6 +274,41 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     final["peak_memory_mb"] = session.peak_memory_mb()
     ctx.log_final(final)
     ctx.artifact("history.json", json.dumps(history, indent=1))
+
+
+def _train_epoch(session: Session, meter: StepMeter, steps: list[int], epoch: int, on_step,
+                 ctx) -> dict[str, float]:
+    """One epoch: optimizer steps counted into `steps[0]`, a non-finite loss raised as
+    Diverged with its epoch (the `diverged` tag says so too)."""
+    before = steps[0]
+
+    def counted(i: int) -> None:
+        steps[0] += 1
+        on_step(i)
+
+    try:
+        row = session.train_epoch(meter, counted)
+        if not np.isfinite(row["train_loss"]):  # seen only in the epoch's mean: its end
+            raise Diverged(steps[0] - before, row["train_loss"])
+    except Diverged as e:
+        err = Diverged(e.step, e.loss, epoch)
+        ctx.set_tags({"diverged": f"true: {err}"})
+        raise err from None
+    session.sync()
+    meter.stop()
+    return row
+
+
+def diverged_tag(history: list[dict]) -> str:
+    """`diverged`: 'true: ...' when the last epoch's train loss is above the first's (the
+    cell trained away from its start), else 'false'."""
+    if len(history) < 2:
+        return "false"
+    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    if last > first:
+        return (f"true: final train loss {last:.4g} above the first epoch's {first:.4g} "
+                f"(epoch {history[-1]['epoch']} vs 1)")
+    return "false"
 
 
 def precise_bn_sample(spec: RunSpec, n_train: int) -> np.ndarray | None:

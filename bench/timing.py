@@ -18,17 +18,23 @@ def _noop() -> None:
 
 
 class StepMeter:
-    """Per-step images/s. Call `start()` once, then `step(n)` after every step."""
+    """Per-step images/s. Call `start()` at the start of every epoch, `step(n)` after every
+    step and `stop()` when the epoch's steps are done. A `probe` (bench.contention.CpuProbe)
+    is told where the timed steps begin and end: once per epoch, so reading it costs
+    nothing per step."""
 
-    def __init__(self, sync: Callable[[], None] = _noop, warmup: int = 3):
+    def __init__(self, sync: Callable[[], None] = _noop, warmup: int = 3, probe=None):
         self.sync = sync
         self.warmup = warmup
+        self.probe = probe
         self.rates: list[float] = []
         self._seen = 0
         self._last: float | None = None
 
     def start(self) -> None:
         self.sync()
+        if self.probe is not None and self._seen >= self.warmup:
+            self.probe.begin()
         self._last = time.perf_counter()
 
     def step(self, n_items: int) -> None:
@@ -37,7 +43,14 @@ class StepMeter:
         if self._last is not None and self._seen >= self.warmup:
             self.rates.append(n_items / max(now - self._last, 1e-12))
         self._seen += 1
+        if self.probe is not None and self._seen == self.warmup:  # the timed steps begin
+            self.probe.begin()
+            now = time.perf_counter()
         self._last = now
+
+    def stop(self) -> None:
+        if self.probe is not None:
+            self.probe.end()
 
     @property
     def median(self) -> float | None:

@@ -149,6 +149,18 @@ class KerasSession:
         return {"device": device_name(self.device_type), "device_type": self.device_type,
                 "versions": json.dumps(versions())}
 
+    def determinism(self, on: bool) -> str:
+        """TensorFlow's op determinism (every op deterministic or an error; tf.data keeps
+        its order); the augmentation is seeded per batch either way (data.py)."""
+        from tensorflow.python.framework import config as tf_config
+
+        if on:
+            tf.config.experimental.enable_op_determinism()
+            return "true"
+        tf_config.disable_op_determinism()
+        return (f"false: deterministic = false on {self.device_type} (deterministic "
+                f"kernels cost speed there); a repeated run may differ")
+
     def seed(self, seed: int) -> None:
         keras.utils.set_random_seed(seed)
 
@@ -232,6 +244,12 @@ class KerasSession:
                                       self.spec.image_size, self.spec.batch_size,
                                       shuffle=False, seed=self.spec.seed, parallel=self.parallel)
         return recalibrate_bn(self.kb, self.bn_batches, self.bn_probes)
+
+    def snapshot(self) -> list:
+        return self.kb.model.get_weights()  # BatchNorm moving statistics included
+
+    def restore(self, state: list) -> None:
+        self.kb.model.set_weights(state)  # the model above a feature cache shares them
 
     def param_counts(self) -> tuple[int, int]:
         model = self.kb.model

@@ -45,29 +45,38 @@ def load_file(path: str, size: int) -> np.ndarray:
         return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
-def random_flip(x: tf.Tensor) -> tf.Tensor:
-    """Each image flipped left-right with probability 0.5."""
-    flip = tf.random.uniform([tf.shape(x)[0]]) < 0.5
+# Augmentation draws from stateless random ops with a seed per batch, taken from a seeded
+# stream that moves on every epoch (Dataset.random, rerandomize_each_iteration): the same
+# cell gives the same augmented batches in every run, whatever the parallelism of the map.
+def _seed(seed) -> tf.Tensor:
+    return tf.constant([0, 0], tf.int64) if seed is None else tf.cast(seed, tf.int64)
+
+
+def random_flip(x: tf.Tensor, seed=None) -> tf.Tensor:
+    """Each image flipped left-right with probability 0.5; `seed`: a stateless seed pair."""
+    flip = tf.random.stateless_uniform([tf.shape(x)[0]], _seed(seed)) < 0.5
     return tf.where(flip[:, None, None, None], tf.reverse(x, axis=[2]), x)
 
 
-def random_translate(x: tf.Tensor, pad: int) -> tf.Tensor:
+def random_translate(x: tf.Tensor, pad: int, seed=None) -> tf.Tensor:
     """Pad by `pad` (reflect) and crop back at a random offset per image (CIFAR-style)."""
     n, h, w = tf.shape(x)[0], tf.shape(x)[1], tf.shape(x)[2]
     padded = tf.pad(x, [[0, 0], [pad, pad], [pad, pad], [0, 0]], mode="REFLECT")
-    dy = tf.random.uniform([n], 0, 2 * pad + 1, dtype=tf.int32)
-    dx = tf.random.uniform([n], 0, 2 * pad + 1, dtype=tf.int32)
+    sy, sx = tf.unstack(tf.random.experimental.stateless_split(_seed(seed), 2))
+    dy = tf.random.stateless_uniform([n], sy, 0, 2 * pad + 1, dtype=tf.int32)
+    dx = tf.random.stateless_uniform([n], sx, 0, 2 * pad + 1, dtype=tf.int32)
     rows = dy[:, None] + tf.range(h)[None, :]  # n,h
     cols = dx[:, None] + tf.range(w)[None, :]  # n,w
     out = tf.gather(padded, rows, axis=1, batch_dims=1)  # n,h,w+2p,c
     return tf.gather(out, cols, axis=2, batch_dims=1)  # n,h,w,c
 
 
-def augment(x: tf.Tensor, augmentation: str, size: int) -> tf.Tensor:
+def augment(x: tf.Tensor, augmentation: str, size: int, seed) -> tf.Tensor:
+    flip_seed, crop_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     if augmentation in ("flip", "flip_crop"):
-        x = random_flip(x)
+        x = random_flip(x, flip_seed)
     if augmentation == "flip_crop":
-        x = random_translate(x, max(1, size // 8))
+        x = random_translate(x, max(1, size // 8), crop_seed)
     return x
 
 
@@ -98,8 +107,10 @@ class Batches:
         self.order = self._order(shuffle, seed)
         ds = self._images(self.order)
         if augmentation != "none":
-            ds = ds.map(lambda x, y: (augment(x, augmentation, size), y),
-                        num_parallel_calls=parallel)
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip((ds, seeds)).map(
+                lambda xy, s: (augment(xy[0], augmentation, size, s), xy[1]),
+                num_parallel_calls=parallel)
         self.dataset = ds.prefetch(tf.data.AUTOTUNE)
 
     def _order(self, shuffle: bool, seed: int) -> tf.data.Dataset:

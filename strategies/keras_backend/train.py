@@ -17,9 +17,12 @@ traced train step, so the next fit() traces one with the new trainable set and p
 
 from __future__ import annotations
 
+import math
+
 import keras
 import tensorflow as tf
 
+from bench.driver import Diverged
 from bench.timing import StepMeter
 from strategies.keras_backend.backbones import (
     KerasBackbone,
@@ -151,11 +154,14 @@ def sync_fn(device_type: str):
 
 class StepTimer(keras.callbacks.Callback):
     """Feeds fit()'s steps to a StepMeter (warm-up excluded there; the device synchronised
-    before each clock read) and a progress hook. `items(i)`: the images in step i."""
+    before each clock read) and a progress hook. `items(i)`: the images in step i. A
+    non-finite loss stops fit() at that step and is kept in `diverged` (step, loss): fit's
+    running mean of the loss turns NaN/inf at the first bad step."""
 
     def __init__(self, meter: StepMeter | None, items, on_step=None):
         super().__init__()
         self.meter, self.items, self.on_step = meter, items, on_step
+        self.diverged: tuple[int, float] | None = None
 
     def on_epoch_begin(self, epoch, logs=None):
         if self.meter is not None:
@@ -166,6 +172,10 @@ class StepTimer(keras.callbacks.Callback):
             self.meter.step(self.items(batch))
         if self.on_step is not None:
             self.on_step(batch)
+        loss = float((logs or {}).get("loss", 0.0))
+        if not math.isfinite(loss):
+            self.diverged = (batch + 1, loss)
+            self.model.stop_training = True
 
 
 class Trainer:
@@ -207,8 +217,11 @@ class Trainer:
 
     def train_epoch(self, batches, meter: StepMeter | None = None,
                     on_step=None) -> dict[str, float]:
+        timer = StepTimer(meter, batches.batch_items, on_step)
         hist = self.train_model.fit(batches.dataset, epochs=1, verbose=0, shuffle=False,
-                                    callbacks=[StepTimer(meter, batches.batch_items, on_step)])
+                                    callbacks=[timer])
+        if timer.diverged:
+            raise Diverged(*timer.diverged)
         return {"train_loss": float(hist.history["loss"][-1]),
                 "train_acc": float(hist.history["acc"][-1])}
 

@@ -8,6 +8,7 @@ evaluation and the model-only rates, the PyTorch way.
 from __future__ import annotations
 
 import json
+import os
 import random
 import resource
 import sys
@@ -107,6 +108,22 @@ class TorchSession:
         return {"device": device_name(self.device), "device_type": self.device.type,
                 "versions": json.dumps(versions())}
 
+    def determinism(self, on: bool) -> str:
+        """PyTorch's deterministic algorithms (warn_only: an op without one warns in the
+        cell log rather than failing the cell); on CUDA also cuDNN's deterministic kernels
+        without autotuning, and the cuBLAS workspace its determinism needs (set before
+        cuBLAS starts: nothing has run on the device yet)."""
+        if self.device.type == "cuda":
+            if on:
+                os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+            torch.backends.cudnn.deterministic = on
+            torch.backends.cudnn.benchmark = not on
+        torch.use_deterministic_algorithms(on, warn_only=True)
+        if on:
+            return "true"
+        return (f"false: deterministic = false on {self.device.type} (deterministic "
+                f"algorithms cost speed there); a repeated run may differ")
+
     def seed(self, seed: int) -> None:
         seed_everything(seed)
 
@@ -118,7 +135,7 @@ class TorchSession:
         if spec.channels_last:  # NHWC: tensor-core convolutions without transposes
             self.tb.model.to(memory_format=torch.channels_last)
         pre = Preprocess(self.tb.mean, self.tb.std, dev, spec.augmentation,
-                         channels_last=spec.channels_last)
+                         channels_last=spec.channels_last, seed=spec.seed)
         self.trainer = Trainer(self.tb, dev, spec.precision, pre, compile=spec.compile)
         workers = None if spec.workers < 0 else spec.workers
         self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size, dev,
@@ -185,6 +202,12 @@ class TorchSession:
                                       shuffle=False, seed=self.spec.seed, workers=self.workers)
         return recalibrate_bn(self.tb, self.phase, self.bn_batches, self.trainer.preprocess,
                               self.device, self.spec.precision)
+
+    def snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.tb.model.state_dict().items()}
+
+    def restore(self, state: dict) -> None:
+        self.tb.model.load_state_dict(state)
 
     def param_counts(self) -> tuple[int, int]:
         params = list(self.tb.model.parameters())

@@ -145,31 +145,35 @@ class CachedBatches:
 
 
 class Preprocess:
-    """uint8 (N,3,H,W) -> float normalised with the weights' mean/std, plus augmentation."""
+    """uint8 (N,3,H,W) -> float normalised with the weights' mean/std, plus augmentation,
+    drawn from its own generator seeded with the cell's seed (so the augmentation of a batch
+    does not depend on what else drew random numbers before it)."""
 
     def __init__(self, mean, std, device: torch.device, augmentation: str = "none",
-                 channels_last: bool = False):
+                 channels_last: bool = False, seed: int = 0):
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.augmentation = augmentation
         self.channels_last = channels_last
+        self.gen = torch.Generator(device=device).manual_seed(seed)
 
     def __call__(self, x: torch.Tensor, train: bool) -> torch.Tensor:
         if train and self.augmentation in ("flip", "flip_crop"):
-            flip = torch.rand(x.shape[0], device=x.device) < 0.5
+            flip = torch.rand(x.shape[0], device=x.device, generator=self.gen) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         if train and self.augmentation == "flip_crop":
-            x = random_translate(x, max(1, x.shape[-1] // 8))
+            x = random_translate(x, max(1, x.shape[-1] // 8), self.gen)
         x = (x.float() - self.mean) / self.std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def random_translate(x: torch.Tensor, pad: int) -> torch.Tensor:
+def random_translate(x: torch.Tensor, pad: int,
+                     gen: torch.Generator | None = None) -> torch.Tensor:
     """Pad by `pad` (reflect) and crop back at a random offset per image (CIFAR-style)."""
     n, _, h, w = x.shape
     padded = F.pad(x.float(), (pad, pad, pad, pad), mode="reflect").to(x.dtype)
-    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
+    dx = torch.randint(0, 2 * pad + 1, (n,), device=x.device, generator=gen)
     rows = (dy.view(n, 1) + torch.arange(h, device=x.device).view(1, h))  # n,h
     cols = (dx.view(n, 1) + torch.arange(w, device=x.device).view(1, w))  # n,w
     idx_b = torch.arange(n, device=x.device).view(n, 1, 1)

@@ -13,6 +13,7 @@ import contextlib
 import torch
 from torch import nn
 
+from bench.driver import Diverged
 from bench.timing import StepMeter
 from strategies.registry import Phase, top_blocks
 from strategies.torch_backend.backbones import TorchBackbone
@@ -159,6 +160,8 @@ class Trainer:
             meter.start()
         for i, (x, y) in enumerate(batches):
             loss, logits = self.step(opt, self.inputs(batches, x, train=True), y, forward)
+            if not torch.isfinite(loss):  # a sync, but the meter syncs every step anyway
+                raise Diverged(i + 1, loss.item())
             total_loss += loss * y.shape[0]
             correct += (logits.argmax(1) == y).sum()
             n += y.shape[0]
