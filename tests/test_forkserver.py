@@ -32,17 +32,19 @@ subset = 40
 image_size = {size}
 batch_size = 16
 epochs = 2
+augmentation = "{augmentation}"
 [run]
 device = "cpu"
 """
 TINY = {"torch": ("resnet18", 16), "keras": ("mobilenet_v2", 32)}
 
 
-def tiny_grid(dir: Path, name: str, framework: str, strategy: str = "full") -> Path:
+def tiny_grid(dir: Path, name: str, framework: str, strategy: str = "full",
+              augmentation: str = "none") -> Path:
     backbone, size = TINY[framework]
     path = dir / f"{name}.toml"
     path.write_text(GRID.format(name=name, framework=framework, backbone=backbone,
-                                strategy=strategy, size=size))
+                                strategy=strategy, size=size, augmentation=augmentation))
     return path
 
 
@@ -76,11 +78,16 @@ def cell_record(name: str) -> tuple[dict, dict, dict]:
 
 
 @pytest.mark.parametrize("framework", ["torch", "keras"])
-def test_forked_cell_gives_the_numbers_of_a_fresh_process(store, monkeypatch, framework):
+def test_a_cell_run_twice_gives_identical_numbers_forked_or_fresh(store, monkeypatch,
+                                                                   framework):
+    """The repeatability guarantee (deterministic = auto: on, on a CPU): the same cell run
+    twice, in two processes (one forked from the warm server, one fresh), with shuffled and
+    randomly augmented batches, gives the same losses every epoch and the same test
+    numbers, bit for bit, and says it ran deterministically."""
     results = {}
     for how in ("spawn", "fork"):
         monkeypatch.setenv("TLBENCH_FORKSERVER", "1" if how == "fork" else "0")
-        path = tiny_grid(store, f"{framework}-{how}", framework)
+        path = tiny_grid(store, f"{framework}-{how}", framework, augmentation="flip_crop")
         out = runner.run_grid(gridmod.load(path), path.read_text(), stream=sys.stdout)
         assert [o.status for o in out.outcomes] == ["FINISHED"], out.outcomes[0].error
         results[how] = cell_record(f"{framework}-{how}")
@@ -88,7 +95,10 @@ def test_forked_cell_gives_the_numbers_of_a_fresh_process(store, monkeypatch, fr
     assert tags_s["tlbench.launch"] == "spawn" and tags_f["tlbench.launch"] == "fork"
     assert len(hist_f["train_loss"]) == 2
     assert hist_f == hist_s  # bit for bit, every epoch
-    for key in ("test_acc", "test_loss", "best_val_acc", "trainable_params"):
+    assert tags_s["tlbench.deterministic"] == tags_f["tlbench.deterministic"] == "true"
+    assert final_f["epochs_trained"] == 2 and final_f["optimizer_steps"] > 2
+    for key in ("test_acc", "test_loss", "best_val_acc", "trainable_params",
+                "optimizer_steps"):
         assert final_f[key] == final_s[key], key
 
 

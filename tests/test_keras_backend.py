@@ -854,6 +854,39 @@ def test_feature_cache_trains_exactly_as_uncached(cache):
     assert set(on_final) == set(off_final) and set(on.tags) == set(off.tags)
 
 
+# ---- 9b. fair comparisons: the weights tested, divergence ------------------------------------
+def _small_cell(**options):
+    card = check_card(shipped_cards()["digits"], "digits")
+    spec = RunSpec(framework="keras", backbone="mobilenet_v2", dataset="digits",
+                   strategy="full", strategy_params=(("bn", "train"),), weights="none",
+                   subset=60, image_size=32, batch_size=16, **options)
+    ctx = RecordingContext()
+    run_cell(spec, card, ctx)
+    ctx.final = {k: v for f in ctx.finals for k, v in f.items()}
+    return ctx
+
+
+def test_select_best_val_tests_the_weights_of_the_best_epoch(cache):
+    """The best_val cell's test numbers are those of the same cell stopped at its best
+    validation epoch (one phase, same seed: the same first epochs); at lr 0.01 from scratch
+    the validation accuracy peaks before the last epoch."""
+    best = _small_cell(epochs=3, lr=0.01, select="best_val")
+    e = best.final["best_val_epoch"]
+    assert best.final["test_epoch"] == e and best.final["epochs_trained"] == 3
+    assert e < 3, "this cell no longer peaks early: choose another lr to test the restore"
+    stopped = _small_cell(epochs=e, lr=0.01)
+    for k in ("test_loss", "test_acc", "test_top5"):
+        assert best.final[k] == stopped.final[k], k
+    assert best.tags["deterministic"] == "true"
+
+
+def test_a_non_finite_loss_ends_the_cell_at_once(cache):
+    from bench.driver import Diverged
+
+    with pytest.raises(Diverged, match=r"^diverged at epoch 1, step \d+ \(train loss (nan|inf)"):
+        _small_cell(epochs=3, optimizer="sgd", lr=1e30)
+
+
 # ---- 10. the GPU path's options, executed on the CPU ------------------------------------------
 _FP32_CELL: list = []
 

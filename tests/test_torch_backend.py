@@ -576,15 +576,16 @@ def test_run_cell_digits(tmp_path, monkeypatch):
 
 # ---- 9. feature caching -----------------------------------------------------------------------
 def _cell(tmp_path, monkeypatch, strategy: str, params: dict, feature_cache: bool,
-          backbone: str = "resnet18", image_size: int = 16, **options) -> RecordingContext:
+          backbone: str = "resnet18", image_size: int = 16, epochs: int = 2,
+          ctx: RecordingContext | None = None, **options) -> RecordingContext:
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
     card = check_card(shipped_cards()["digits"], "digits")
     params = registry.get(strategy).with_defaults(params)
     spec = RunSpec(framework="torch", backbone=backbone, dataset="digits", strategy=strategy,
                    strategy_params=tuple(params.items()), weights="none", subset=60,
-                   image_size=image_size, batch_size=16, epochs=2, feature_cache=feature_cache,
-                   **options)
-    ctx = RecordingContext()
+                   image_size=image_size, batch_size=16, epochs=epochs,
+                   feature_cache=feature_cache, **options)
+    ctx = ctx or RecordingContext()
     torch.manual_seed(0)
     run_cell(spec, card, ctx)
     ctx.final = {k: v for f in ctx.finals for k, v in f.items()}
@@ -635,6 +636,63 @@ def test_no_cache_with_augmentation_or_nothing_frozen():
     flip = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
                    augmentation="flip")
     assert "augmentation" in cache_plan(flip, registry.Phase(0), 5)
+
+
+# ---- 9b. fair comparisons: the budget trained, the weights tested, divergence, device ------
+def test_a_cell_records_the_epochs_and_steps_it_trained(tmp_path, monkeypatch):
+    """two_stage at 3 epochs trains 1 + 2 (it trained 2 + 2 when phases were rounded)."""
+    ctx = _cell(tmp_path, monkeypatch, "two_stage", {"depth": 2}, feature_cache=True,
+                epochs=3)
+    history = json.loads(ctx.artifacts["history.json"])
+    assert [r["phase"] for r in history] == ["head", "finetune", "finetune"]
+    n = ctx.final["n_train"]
+    steps = -(-(n - (n % 16 == 1)) // 16)  # a lone last image is left out
+    assert ctx.final["epochs_trained"] == 3
+    assert ctx.final["optimizer_steps"] == 3 * steps
+    assert ctx.final["test_epoch"] == 3  # select = last
+    assert ctx.tags["deterministic"] == "true"  # auto on a CPU
+    assert ctx.tags["diverged"] in ("false",) or ctx.tags["diverged"].startswith("true: ")
+    assert 0 <= ctx.final["contention_share"] <= 1
+    assert ctx.tags["contended"].split(":")[0] in ("true", "false")
+
+
+def test_select_best_val_tests_the_weights_of_the_best_epoch(tmp_path, monkeypatch):
+    """At lr 0.01 from scratch the validation accuracy peaks at epoch 1 (measured: 0.167,
+    0.083, 0.083); the best_val cell's test
+    numbers are exactly those of the same cell stopped at that epoch (same seed, one phase:
+    its first epochs are the same computation)."""
+    best = _cell(tmp_path, monkeypatch, "full", {}, feature_cache=True, epochs=3,
+                 select="best_val", lr=0.01)
+    e = best.final["best_val_epoch"]
+    assert best.final["test_epoch"] == e
+    assert e < 3, "this cell no longer peaks early: choose another lr to test the restore"
+    last = _cell(tmp_path, monkeypatch, "full", {}, feature_cache=True, epochs=e, lr=0.01)
+    assert last.final["test_epoch"] == e
+    for k in ("test_loss", "test_acc", "test_top5"):
+        assert best.final[k] == last.final[k], k
+    final3 = _cell(tmp_path, monkeypatch, "full", {}, feature_cache=True, epochs=3, lr=0.01)
+    assert final3.final["test_loss"] != best.final["test_loss"]  # the restore did something
+
+
+def test_a_non_finite_loss_ends_the_cell_at_once(tmp_path, monkeypatch):
+    from bench.driver import Diverged
+
+    ctx = RecordingContext()
+    with pytest.raises(Diverged, match=r"^diverged at epoch 1, step \d+ \(train loss (nan|inf)"):
+        _cell(tmp_path, monkeypatch, "full", {}, feature_cache=False, epochs=3,
+              optimizer="sgd", lr=1e30, ctx=ctx)
+    assert ctx.epochs == []  # stopped inside the first epoch, nothing evaluated
+    assert ctx.tags["diverged"].startswith("true: diverged at epoch 1, step ")
+
+
+def test_a_cell_identified_with_another_device_refuses_to_run(tmp_path, monkeypatch):
+    from bench.driver import DeviceMismatch
+
+    ctx = RecordingContext()
+    with pytest.raises(DeviceMismatch, match="device_kind = 'cuda:NVIDIA H200'.*'cpu'"):
+        _cell(tmp_path, monkeypatch, "full", {}, feature_cache=False,
+              device_kind="cuda:NVIDIA H200", ctx=ctx)
+    assert ctx.epochs == [] and ctx.finals == []
 
 
 @pytest.mark.parametrize("backbone,n_frozen", [("resnet18", 1), ("resnet18", 3),
