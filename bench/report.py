@@ -332,8 +332,9 @@ def contended_footnote(df: pd.DataFrame, what: str = "") -> str:
     share = _metric(hit, "contention_share").dropna()
     used = (f"other processes used {_pct_span(share)} of the CPU" if len(share)
             else "other processes used the machine (share not recorded)")
-    return (f"{CONTENDED} measured while {used} ({_cells(len(hit))}): a speed figure taken while the "
-            f"machine was shared is not a measurement.{' ' + what if what else ''}")
+    return (f"{CONTENDED} measured while {used} ({_cells(len(hit))}): a speed figure "
+            f"taken while the machine was shared is not a measurement."
+            f"{' ' + what if what else ''}")
 
 
 def unrecorded_footnote(df: pd.DataFrame) -> str:
