@@ -848,8 +848,20 @@ def _span(values) -> str:
     return lo if lo == hi else f"{lo}–{hi}"
 
 
-def _of(part: int, whole: int, what: str = "finished cells") -> str:
-    return f" (not recorded for {whole - part} of {whole} {what})" if part < whole else ""
+def _unrecorded(part: int, whole: int) -> str:
+    return f"not recorded for {whole - part} of {whole} finished cells" if part < whole else ""
+
+
+def _paren(*items: str) -> str:
+    """' (a; b)' of the items that say something, '' when none does."""
+    said = [i for i in items if i]
+    return f" ({'; '.join(said)})" if said else ""
+
+
+def _whole(values) -> str:
+    """'16, 32': the distinct values as whole numbers."""
+    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").dropna()
+    return ", ".join(f"{x:.0f}" for x in sorted(set(v))) or "—"
 
 
 def _col(rows: pd.DataFrame, col: str) -> pd.Series:
@@ -867,12 +879,12 @@ def budget_sentence(done: pd.DataFrame) -> str:
         return (f"Budget: {asked} epochs asked per cell; the epochs and optimizer steps "
                 f"the cells really trained: not recorded.")
     steps = _col(rec, "optimizer_steps")
-    steps_text = (f"{_span(steps)} optimizer steps at batch "
-                  f"{', '.join(str(b) for b in _uniq(_col(rec, 'p_batch_size')))}"
+    steps_text = (f"{_span(steps)} optimizer steps at batch {_whole(_col(rec, 'p_batch_size'))}"
                   if steps.notna().any() else "optimizer steps not recorded")
     return (f"Budget: {asked} epochs asked per cell; the cells trained "
             f"{_span(rec['epochs_trained'])} epochs ({steps_text}) each"
-            f"{_of(len(rec), len(done))}.{_off_budget(rec)}{_uneven_steps(rec)}")
+            f"{_paren(_unrecorded(len(rec), len(done)))}.{_off_budget(rec)}"
+            f"{_uneven_steps(rec)}")
 
 
 def _cell_name(r: pd.Series) -> str:
@@ -889,8 +901,8 @@ def _off_budget(rec: pd.DataFrame) -> str:
     off = rec[asked.notna() & (rec["epochs_trained"] != asked)]
     if off.empty:
         return ""
-    names = [f"{_cell_name(r)}: {r['epochs_trained']:.0f} of {r['p_epochs']} epochs"
-             for _, r in off.iterrows()]
+    names = [f"{_cell_name(r)}: {r['epochs_trained']:.0f} of {want:.0f} epochs"
+             for (_, r), want in zip(off.iterrows(), asked[off.index], strict=True)]
     return f" Not the budget asked: {_cells(len(off))} ({_few(names)})."
 
 
@@ -928,7 +940,8 @@ def tested_weights_sentence(cells: pd.DataFrame) -> str:
         what += " (select varies: rows are kept apart by it)"
     best = _finished(cells[select == "best_val"])
     tested = _col(best, "test_epoch").dropna()
-    epochs = f"; tested epoch {_span(tested)}" if len(tested) else ""
+    span = _span(tested)
+    epochs = f"; tested epoch{'s' if '–' in span else ''} {span}" if len(tested) else ""
     return f"The test evaluates {what}{epochs}."
 
 
@@ -955,14 +968,15 @@ def determinism_sentence(done: pd.DataFrame) -> str:
     if rec.empty:
         return "Whether the cells ran deterministically: not recorded."
     yes = tag_true(rec, "deterministic")
-    unrec = _of(len(rec), len(done))
+    unrec = _unrecorded(len(rec), len(done))
     if yes.all():
-        return (f"All {len(rec)} finished cells ran deterministically{unrec}: running one "
-                f"again gives identical numbers.")
+        return (f"All {len(rec)} finished cells ran deterministically{_paren(unrec)}: "
+                f"running one again gives identical numbers.")
     head = (f"None of the {len(rec)} finished cells ran deterministically" if not yes.any()
             else f"{int(yes.sum())} of {len(rec)} finished cells ran deterministically")
-    return (f"{head}{unrec} (not deterministic: {_reasons(rec.loc[~yes, 't_deterministic'])})"
-            f"; a repeated run gives identical numbers only for a deterministic cell.")
+    why = f"not deterministic: {_reasons(rec.loc[~yes, 't_deterministic'])}"
+    return (f"{head}{_paren(why, unrec)}; a repeated run gives identical numbers only for a "
+            f"deterministic cell.")
 
 
 def contention_sentence(done: pd.DataFrame) -> str:
@@ -976,13 +990,14 @@ def contention_sentence(done: pd.DataFrame) -> str:
     hit = rec[tag_true(rec, "contended")]
     share = _col(rec, "contention_share").dropna()
     most = f"{100 * share.max():.0f}%" if len(share) else "a share not recorded"
-    unrec = _of(len(rec), len(done))
+    unrec = _unrecorded(len(rec), len(done))
     if hit.empty:
-        return (f"No cell was timed on a shared machine{unrec} (other processes' share of "
-                f"the CPU at most {most}).")
+        return (f"No cell was timed on a shared machine"
+                f"{_paren(f'other processes used at most {most} of the CPU', unrec)}.")
+    said = _paren(f"up to {most} of the CPU", f"{CONTENDED} in the speed tables", unrec)
     return (f"{len(hit)} of {len(rec)} finished cells were timed while other processes used "
-            f"the machine (up to {most} of the CPU; {CONTENDED} in the speed tables){unrec}: "
-            f"a speed figure taken while the machine was shared is not a measurement.")
+            f"the machine{said}: a speed figure taken while the machine was shared is not a "
+            f"measurement.")
 
 
 def divergence_sentence(cells: pd.DataFrame) -> str:
@@ -996,10 +1011,11 @@ def divergence_sentence(cells: pd.DataFrame) -> str:
     if not rec:
         return f"Divergence of the finished cells: not recorded{failed}."
     n = diverged_cells(done)
-    head = (f"{n} of {rec} finished cells diverged (final train loss above the first "
-            f"epoch's; {DIVERGED} in the accuracy tables)" if n
-            else "No finished cell diverged")
-    return f"{head}{_of(rec, len(done))}{failed}."
+    unrec = _unrecorded(rec, len(done))
+    head = (f"{n} of {rec} finished cells diverged" + _paren(
+        "final train loss above the first epoch's", f"{DIVERGED} in the accuracy tables", unrec)
+        if n else "No finished cell diverged" + _paren(unrec))
+    return f"{head}{failed}."
 
 
 def pretrain_section(data: ReportData) -> str:

@@ -201,7 +201,7 @@ def test_methods_states_tested_weights_determinism_sharing_and_device_kind():
                       t_contended="true: other processes used 45% of the CPU")]
     text = report.methods(_data(rows))
     assert "The test evaluates the weights of the best validation epoch (restored); tested " \
-           "epoch 4–6." in text
+           "epochs 4–6." in text
     assert "2 of 3 finished cells ran deterministically (not deterministic: cuDNN benchmark " \
            "mode (1 cell)); a repeated run gives identical numbers only for a deterministic " \
            "cell." in text
