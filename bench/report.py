@@ -10,6 +10,14 @@ cells as rows that say so. A table is a numeric frame (CSV) and a display frame 
 LaTeX booktabs). Accuracy is aggregated over seeds as mean, std and a 95% t-interval; n=1
 shows the mean alone. Figures are in bench/figures.py; `write()` puts everything under
 reports/<experiment>/ and report.md on top.
+
+What the cells record about their own conditions is said, never hidden: the methods
+paragraph states the epochs and optimizer steps really trained, the weights tested, how many
+cells ran deterministically, were timed on a shared machine or diverged, and the device
+kinds ("not recorded" for runs older than a record). In the displayed tables † marks a
+speed figure taken while other processes used the machine and ‡ an accuracy of a cell whose
+loss diverged, each explained in a footnote; the numeric tables (CSV) stay numbers, with
+counts (`contended`, `diverged`) beside them.
 """
 
 from __future__ import annotations
@@ -688,7 +696,7 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
         numeric.append(r)
         d = {**{_header(k): v for k, v in zip(outer, key[:-1], strict=True)},
              "framework": key[-1],
-             "best": _ranked_text(r["best"], r["best_mean"], ranked[0][2] if ranked else None)
+             "best": _ranked_text(r["best"], r["best_mean"], ranked[0][2])
              if r["best"] else "none finished",
              "runner-up": _ranked_text(r["runner_up"], r["runner_up_mean"], ranked[1][2])
              if r["runner_up"] else "—",
@@ -1006,8 +1014,8 @@ def divergence_sentence(cells: pd.DataFrame) -> str:
     rec = int(tag_recorded(done, "diverged").sum())
     blew_up = int((status_labels(cells) == f"{tracking.FAILED} (diverged)").sum())
     failed = f"; {_cells(blew_up)} failed on a NaN/inf loss (listed below)" if blew_up else ""
-    if done.empty and not blew_up:
-        return ""
+    if done.empty:
+        return f"{failed[2:]}." if blew_up else ""
     if not rec:
         return f"Divergence of the finished cells: not recorded{failed}."
     n = diverged_cells(done)
