@@ -2,7 +2,8 @@
 
     accuracy_vs_depth_<dataset>   test accuracy vs unfrozen blocks, a panel per backbone, a
                                   line per framework, error bars = 95% t-interval
-    pareto_<dataset>              test accuracy vs train images/s, the Pareto front marked
+    pareto_<dataset>              test accuracy vs train images/s, the Pareto front marked;
+                                  hollow: timed on a shared machine, not on the front
     curves_<backbone>_<dataset>   train and val accuracy per epoch of one backbone's cells
 
 Uses matplotlib's object API (no pyplot): no global state, no display needed.
@@ -92,6 +93,10 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
         speed = (done.groupby([*keys, "p_framework"])[col].mean() if col in done
                  else pd.Series(dtype=float))
         acc[col] = speed.reindex(idx).to_numpy() if len(speed) else math.nan
+    shared = done.assign(_shared=report.tag_true(done, "contended"))
+    acc["contended"] = (shared.groupby([*keys, "p_framework"])["_shared"].any()
+                        .reindex(idx, fill_value=False).astype(bool).to_numpy()
+                        if len(shared) else False)
     acc["strategy"] = first["p_strategy"].reindex(idx).to_numpy()
     depth = first["p_strategy.depth"].reindex(idx).to_numpy() \
         if "p_strategy.depth" in first else [None] * len(acc)
@@ -163,44 +168,63 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.Series:
     return front
 
 
-def pareto(df: pd.DataFrame, folder: Path) -> list[str]:
+def pareto_points(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
+    """One point per cell group and framework with finished cells and a speed: columns
+    speed, mean, contended, front. A point timed while the machine was shared is no
+    measurement: it is never on the front and puts no other point off it."""
     s = _summary_frame(df)
-    if s.empty:
-        return []
-    x = next((c for c in SPEEDS if s[c].notna().any()), None)
+    x = next((c for c in SPEEDS if c in s and s[c].notna().any()), None)
     if x is None:
-        return []
+        return s.iloc[:0], None
     s = s[(s["n"] > 0) & s[x].notna()].rename(columns={x: "speed"})
-    out = []
-    for dataset, d in s.groupby("p_dataset", sort=True):
-        fig, axes = _figure(1, 6.5, 4.6)
-        ax = axes[0]
-        colors = {b: f"C{i}" for i, b in enumerate(sorted(d["p_backbone"].unique()))}
-        front = pareto_front(d, "speed", "mean")
-        for fw, g in d.groupby("framework"):
-            ax.scatter(g["speed"], g["mean"], marker=MARKERS.get(fw, "^"),
-                       c=[colors[b] for b in g["p_backbone"]], s=36, zorder=3)
-            ax.scatter([], [], marker=MARKERS.get(fw, "^"), c="0.45", label=fw)
-        f = d[front].sort_values("speed")
-        ax.step(f["speed"], f["mean"], where="pre", color="k", lw=1,
-                alpha=0.6, label="Pareto front", zorder=2)
-        ax.scatter(f["speed"], f["mean"], facecolors="none", edgecolors="k",
-                   s=110, zorder=4)
-        for r in f.itertuples():  # only the front is named: the rest overlap too much
-            ax.annotate(f"{r.framework} {r.p_backbone} {r.p_strategy_label}", (r.speed,
-                        r.mean), fontsize=6, xytext=(4, 4), textcoords="offset points")
-        for b, c in colors.items():
-            ax.scatter([], [], marker="D", c=c, label=b)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
-        ax.yaxis.get_major_formatter().set_useOffset(False)
-        ax.set_xlabel(f"{SPEEDS[x]}, log scale")
-        ax.set_ylabel("test accuracy (mean over seeds)")
-        ax.set_title(f"{dataset}: accuracy vs train throughput", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        out.append(_save(fig, folder, f"pareto_{dataset}"))
-    return out
+    s["front"] = False
+    for _, d in s.groupby("p_dataset"):
+        measured = d[~d["contended"]]
+        s.loc[measured.index, "front"] = pareto_front(measured, "speed", "mean")
+    return s, x
+
+
+def pareto(df: pd.DataFrame, folder: Path) -> list[str]:
+    s, x = pareto_points(df)
+    return [_save(pareto_figure(d, dataset, SPEEDS[x]), folder, f"pareto_{dataset}")
+            for dataset, d in s.groupby("p_dataset", sort=True)] if x else []
+
+
+def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
+    """Accuracy vs train speed of one dataset's points (pareto_points); hollow markers:
+    timed while other processes used the machine, left off the front."""
+    fig, axes = _figure(1, 6.5, 4.6)
+    ax = axes[0]
+    colors = {b: f"C{i}" for i, b in enumerate(sorted(d["p_backbone"].unique()))}
+    for fw, g in d.groupby("framework"):
+        for shared, h in g.groupby("contended"):
+            c = [colors[b] for b in h["p_backbone"]]
+            ax.scatter(h["speed"], h["mean"], marker=MARKERS.get(fw, "^"), s=36, zorder=3,
+                       facecolors="none" if shared else c, edgecolors=c,
+                       linewidths=1.2 if shared else None)
+        ax.scatter([], [], marker=MARKERS.get(fw, "^"), c="0.45", label=fw)
+    if d["contended"].any():
+        ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.45",
+                   label="machine shared while timed (not on the front)")
+    f = d[d["front"]].sort_values("speed")
+    ax.step(f["speed"], f["mean"], where="pre", color="k", lw=1,
+            alpha=0.6, label="Pareto front", zorder=2)
+    ax.scatter(f["speed"], f["mean"], facecolors="none", edgecolors="k",
+               s=110, zorder=4)
+    for r in f.itertuples():  # only the front is named: the rest overlap too much
+        ax.annotate(f"{r.framework} {r.p_backbone} {r.p_strategy_label}", (r.speed,
+                    r.mean), fontsize=6, xytext=(4, 4), textcoords="offset points")
+    for b, c in colors.items():
+        ax.scatter([], [], marker="D", c=c, label=b)
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
+    ax.yaxis.get_major_formatter().set_useOffset(False)
+    ax.set_xlabel(f"{xlabel}, log scale")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_title(f"{dataset}: accuracy vs train throughput", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    return fig
 
 
 def pick_backbone(df: pd.DataFrame) -> str | None:

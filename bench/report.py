@@ -10,6 +10,14 @@ cells as rows that say so. A table is a numeric frame (CSV) and a display frame 
 LaTeX booktabs). Accuracy is aggregated over seeds as mean, std and a 95% t-interval; n=1
 shows the mean alone. Figures are in bench/figures.py; `write()` puts everything under
 reports/<experiment>/ and report.md on top.
+
+What the cells record about their own conditions is said, never hidden: the methods
+paragraph states the epochs and optimizer steps really trained, the weights tested, how many
+cells ran deterministically, were timed on a shared machine or diverged, and the device
+kinds ("not recorded" for runs older than a record). In the displayed tables † marks a
+speed figure taken while other processes used the machine and ‡ an accuracy of a cell whose
+loss diverged, each explained in a footnote; the numeric tables (CSV) stay numbers, with
+counts (`contended`, `diverged`) beside them.
 """
 
 from __future__ import annotations
@@ -35,6 +43,12 @@ BASE_KEYS = ("p_dataset", "p_backbone", "p_weights", "p_strategy_label")
 NOT_KEYS = {"p_framework", "p_seed", "p_strategy", "p_strategy_label"}
 FRAMEWORK_ORDER = ("torch", "keras")
 ALPHA = 0.05
+# params added to RunSpec later: a run older than the param ran with this value
+PARAM_DEFAULTS = {"p_select": "last", "p_device_kind": "cpu"}
+HEADERS = {"p_strategy_label": "strategy", "p_device_kind": "device kind"}
+CONTENDED = "†"  # a speed figure taken while other processes used the machine
+DIVERGED = "‡"  # final train loss above the first epoch's (tag tlbench.diverged)
+DIVERGED_ERROR = "diverged at epoch"  # how a cell whose loss went NaN/inf fails
 
 
 # ---- the flat frame ------------------------------------------------------------------------
@@ -110,6 +124,7 @@ def runs_frame(exp_id: str, parent_id: str | None = None,
             num = pd.to_numeric(df[col], errors="coerce")
             if num.notna().sum() == df[col].notna().sum():
                 df[col] = num.astype("Int64") if p in INT_PARAMS else num.astype(float)
+    df = fill_param_defaults(df)
     obj = [c for c in df.columns if df[c].dtype == object]
     df[obj] = df[obj].astype(object).where(df[obj].notna(), None)
     df["error"] = df["error"].fillna("")
@@ -123,6 +138,15 @@ def _newest_per_hash(rows: list[dict]) -> dict[str, dict]:
                                          r["start_time"] or 0)):
         best[r["spec_hash"] or r["run_id"]] = r
     return best
+
+
+def fill_param_defaults(df: pd.DataFrame) -> pd.DataFrame:
+    """Params a run predates (PARAM_DEFAULTS) take the value it ran with, so an old run and
+    a new one of the same cell are one cell, not two rows."""
+    df = df.copy()
+    for col, value in PARAM_DEFAULTS.items():
+        df[col] = df[col].where(df[col].notna(), value) if col in df else value
+    return df
 
 
 def _missing_row(e: dict, earlier: dict | None = None) -> dict:
@@ -178,8 +202,7 @@ def group_keys(df: pd.DataFrame) -> list[str]:
 
 
 def _header(col: str) -> str:
-    return "strategy" if col == "p_strategy_label" else col[2:] if col.startswith("p_") \
-        else col
+    return HEADERS.get(col) or (col[2:] if col.startswith("p_") else col)
 
 
 # ---- statistics ----------------------------------------------------------------------------
@@ -241,17 +264,102 @@ def fmt_summary(s: dict, digits: int = 3) -> str:
             f"[{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}] n={s['n']}")
 
 
+def status_labels(rows: pd.DataFrame) -> pd.Series:
+    """Each row's status, 'FAILED (diverged)' for a cell whose loss went NaN/inf."""
+    error = rows.get("error", pd.Series("", index=rows.index)).fillna("").astype(str)
+    diverged = (rows["status"] == tracking.FAILED) & error.str.contains(DIVERGED_ERROR)
+    return rows["status"].where(~diverged, f"{tracking.FAILED} (diverged)")
+
+
 def not_finished(rows: pd.DataFrame) -> str:
     """'1 FAILED, 2 MISSING' for the rows of a group that did not finish."""
-    bad = rows.loc[rows["status"] != tracking.FINISHED, "status"].value_counts()
+    labels = status_labels(rows)
+    bad = labels[rows["status"] != tracking.FINISHED].value_counts()
     return ", ".join(f"{n} {s}" for s, n in sorted(bad.items()))
 
 
 def _with_gaps(text: str, rows: pd.DataFrame) -> str:
     gaps = not_finished(rows)
     if not text:  # nothing finished: the statuses alone ("FAILED", "2 MISSING")
-        return rows["status"].iloc[0] if len(rows) == 1 else gaps
+        return status_labels(rows).iloc[0] if len(rows) == 1 else gaps
     return f"{text}; {gaps}" if gaps else text
+
+
+# ---- recorded conditions: contention, divergence (tags "true: ..." / "false: ...") ------
+def tag_true(rows: pd.DataFrame, tag: str) -> pd.Series:
+    """True where the tag t_<tag> starts with 'true'; False where it says false or is not
+    recorded."""
+    col = rows.get(f"t_{tag}")
+    if col is None:
+        return pd.Series(False, index=rows.index)
+    return col.map(lambda v: isinstance(v, str) and v.strip().lower().startswith("true")
+                   ).astype(bool)
+
+
+def tag_recorded(rows: pd.DataFrame, tag: str) -> pd.Series:
+    col = rows.get(f"t_{tag}")
+    if col is None:
+        return pd.Series(False, index=rows.index)
+    return col.map(lambda v: isinstance(v, str) and v.strip() != "").astype(bool)
+
+
+def contended_cells(rows: pd.DataFrame) -> int:
+    """Finished cells of the rows timed while other processes used the machine."""
+    return int(tag_true(_finished(rows), "contended").sum())
+
+
+def diverged_cells(rows: pd.DataFrame) -> int:
+    """Finished cells of the rows whose final train loss is above the first epoch's."""
+    return int(tag_true(_finished(rows), "diverged").sum())
+
+
+def _max_share(rows: pd.DataFrame) -> float:
+    share = _metric(rows[tag_true(rows, "contended")], "contention_share").dropna()
+    return float(share.max()) if len(share) else math.nan
+
+
+def _cells(n: int) -> str:
+    return f"{n} cell{'s' if n != 1 else ''}"
+
+
+def _marked(text: str, flag: bool, mark: str) -> str:
+    return f"{text} {mark}" if flag and text not in ("", "—") else text
+
+
+def _pct_span(values: pd.Series) -> str:
+    lo, hi = 100 * values.min(), 100 * values.max()
+    return f"{hi:.0f}%" if round(lo) == round(hi) else f"{lo:.0f}–{hi:.0f}%"
+
+
+def contended_footnote(df: pd.DataFrame, what: str = "") -> str:
+    """The † footnote of a table with speed figures ('' when no cell was contended)."""
+    done = _finished(cells_only(df))
+    hit = done[tag_true(done, "contended")]
+    if hit.empty:
+        return ""
+    share = _metric(hit, "contention_share").dropna()
+    used = (f"other processes used {_pct_span(share)} of the CPU" if len(share)
+            else "other processes used the machine (share not recorded)")
+    return (f"{CONTENDED} measured while {used} ({_cells(len(hit))}): a speed figure "
+            f"taken while the machine was shared is not a measurement."
+            f"{' ' + what if what else ''}")
+
+
+def unrecorded_footnote(df: pd.DataFrame) -> str:
+    """Says for how many finished cells machine sharing while timed is not recorded."""
+    done = _finished(cells_only(df))
+    missing = int((~tag_recorded(done, "contended")).sum())
+    if not missing:
+        return ""
+    return (f"Whether the machine was shared while timed: not recorded for {missing} of "
+            f"{len(done)} finished cells.")
+
+
+def diverged_footnote(df: pd.DataFrame) -> str:
+    n = diverged_cells(cells_only(df))
+    if not n:
+        return ""
+    return f"{DIVERGED} diverged: final train loss above the first epoch's ({_cells(n)})."
 
 
 # ---- tables --------------------------------------------------------------------------------
@@ -262,15 +370,17 @@ class Table:
     numeric: pd.DataFrame  # written as CSV
     display: pd.DataFrame  # written as Markdown and LaTeX
     note: str = ""
+    footnotes: list[str] = field(default_factory=list)  # under the table: what marks mean
 
     def markdown(self) -> str:
         body = self.display.to_markdown(index=False) if not self.display.empty \
             else "(nothing to compare)"
+        notes = "".join(f"\n{f}\n" for f in self.footnotes if f)
         return f"### {self.title}\n\n{self.note + chr(10) + chr(10) if self.note else ''}" \
-               f"{body}\n"
+               f"{body}\n{notes}"
 
     def latex(self) -> str:
-        return to_latex(self.display, self.title)
+        return to_latex(self.display, self.title, self.footnotes)
 
 
 def _strategy_order(df: pd.DataFrame) -> pd.Series:
@@ -331,15 +441,21 @@ def accuracy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     for kv, fw, rows in _groups(df, keys):
         s = summarize(_metric(rows, metric))
         numeric.append({**dict(zip(keys, kv, strict=True)), "framework": fw, **s,
-                        "cells": len(rows), "not_finished": not_finished(rows)})
-        disp.setdefault(kv, {})[fw] = _with_gaps(fmt_summary(s), rows)
+                        "cells": len(rows), "diverged": diverged_cells(rows),
+                        "not_finished": not_finished(rows)})
+        disp.setdefault(kv, {})[fw] = _with_gaps(_accuracy_text(s, rows), rows)
     display = pd.DataFrame([{**{_header(k): v for k, v in zip(keys, kv, strict=True)},
                              **{f"{metric} ({fw})": cols.get(fw, "not in grid")
                                 for fw in fws}}
                             for kv, cols in disp.items()])
     return Table("accuracy", "Test accuracy", pd.DataFrame(numeric), display,
                  "mean ± std [95% t-interval] n over seeds; n=1 is a single run. "
-                 "Cells that did not finish are counted by status.")
+                 "Cells that did not finish are counted by status.", [diverged_footnote(df)])
+
+
+def _accuracy_text(s: dict, rows: pd.DataFrame, digits: int = 3) -> str:
+    """The summary, marked ‡ when a cell of the group diverged."""
+    return _marked(fmt_summary(s, digits), diverged_cells(rows) > 0, DIVERGED)
 
 
 def throughput_table(df: pd.DataFrame) -> Table:
@@ -360,6 +476,8 @@ def throughput_table(df: pd.DataFrame) -> Table:
         for tag in ("input_bound", "feature_cache"):
             vals = _finished(rows).get(f"t_{tag}", pd.Series(dtype=object)).dropna()
             r[tag] = ",".join(sorted(set(vals))) if len(vals) else None
+        r["contended"] = contended_cells(rows)
+        r["contention_share"] = _max_share(_finished(rows))
         r["not_finished"] = not_finished(rows)
         rows_out.append(r)
     numeric = pd.DataFrame(rows_out)
@@ -379,6 +497,8 @@ def throughput_table(df: pd.DataFrame) -> Table:
                      ("model_only_train_images_per_sec", "model_only_speedup_vs_full")):
         refv = ref[col].reindex(idx).to_numpy() if col in ref else np.nan
         numeric[out] = numeric[col].to_numpy() / refv
+    # a speed-up is as contended as either of its two rates
+    numeric["full_contended"] = ref["contended"].reindex(idx).fillna(0).astype(int).to_numpy()
     numeric = numeric.drop(columns="strategy")
     show_bound = numeric["input_bound"].notna().any()
     show_cache = numeric["feature_cache"].notna().any()
@@ -391,12 +511,7 @@ def throughput_table(df: pd.DataFrame) -> Table:
                       "inference img/s": "", "speed-up vs full": "",
                       "model-only speed-up": ""})
         else:
-            suffix = f" ({r['not_finished']})" if r["not_finished"] else ""
-            d.update({"train img/s": _rate(r["train_images_per_sec"]) + suffix,
-                      "model-only img/s": _rate(r["model_only_train_images_per_sec"]),
-                      "inference img/s": _rate(r["inference_images_per_sec"]),
-                      "speed-up vs full": _times(r["speedup_vs_full"]),
-                      "model-only speed-up": _times(r["model_only_speedup_vs_full"])})
+            d.update(_throughput_cells(r))
         if show_bound:
             d["input-bound"] = "" if pd.isna(r["input_bound"]) else r["input_bound"]
         if show_cache:
@@ -406,9 +521,33 @@ def throughput_table(df: pd.DataFrame) -> Table:
                  "Images/s, mean over seeds of each cell's median step rate (warm-up "
                  "excluded). Data-fed: the training loop with its input pipeline; "
                  "model-only: a synthetic batch already on the device. Speed-up: train "
-                 "images/s over full fine-tuning of the same backbone and framework. "
+                 "images/s over full fine-tuning of the same backbone and framework"
+                 f"{_device_note(df)}. "
                  "— : not measured (a cell with fewer training steps than the warm-up "
-                 "has no data-fed rate) or no full fine-tuning to compare with.")
+                 "has no data-fed rate) or no full fine-tuning to compare with.",
+                 [contended_footnote(df, "A speed-up is marked when either of its rates is."),
+                  unrecorded_footnote(df)])
+
+
+def _throughput_cells(r: pd.Series) -> dict:
+    """The rates of a row with finished cells, marked † where they were contended."""
+    own, either = r["contended"] > 0, r["contended"] > 0 or r["full_contended"] > 0
+    suffix = f" ({r['not_finished']})" if r["not_finished"] else ""
+    return {"train img/s": _marked(_rate(r["train_images_per_sec"]), own, CONTENDED) + suffix,
+            "model-only img/s": _marked(_rate(r["model_only_train_images_per_sec"]), own,
+                                        CONTENDED),
+            "inference img/s": _marked(_rate(r["inference_images_per_sec"]), own, CONTENDED),
+            "speed-up vs full": _marked(_times(r["speedup_vs_full"]), either, CONTENDED),
+            "model-only speed-up": _marked(_times(r["model_only_speedup_vs_full"]), either,
+                                           CONTENDED)}
+
+
+def _device_note(df: pd.DataFrame) -> str:
+    """', on the same device kind' when kinds vary (a row key), else ', on <kind>'."""
+    kinds = _uniq(cells_only(df).get("p_device_kind"))
+    if len(kinds) > 1:
+        return ", on the same device kind"
+    return f", on {kinds[0]}" if kinds else ""
 
 
 def _rate(v: float) -> str:
@@ -439,6 +578,7 @@ def cost_table(df: pd.DataFrame) -> Table:
         for col in ("trainable_params", "total_params", "trainable_fraction", "wall_seconds",
                     "time_to_best_s", "best_val_epoch"):
             r[col] = _metric(rows, col).mean()
+        r["contended"] = contended_cells(rows)
         r["not_finished"] = not_finished(rows)
         rows_out.append(r)
         d = {**{_header(k): v for k, v in zip(keys, kv, strict=True)}, "framework": fw}
@@ -446,21 +586,26 @@ def cost_table(df: pd.DataFrame) -> Table:
             d.update({"trainable params": _with_gaps("", rows), "trainable %": "",
                       "wall s": "", "time to best val s": "", "best epoch": ""})
         else:
-            suffix = f" ({r['not_finished']})" if r["not_finished"] else ""
-            d.update({"trainable params": _si(r["trainable_params"]) + suffix,
-                      "trainable %": "—" if pd.isna(r["trainable_fraction"])
-                      else f"{100 * r['trainable_fraction']:.1f}",
-                      "wall s": "—" if pd.isna(r["wall_seconds"])
-                      else f"{r['wall_seconds']:.1f}",
-                      "time to best val s": "—" if pd.isna(r["time_to_best_s"])
-                      else f"{r['time_to_best_s']:.1f}",
-                      "best epoch": "—" if pd.isna(r["best_val_epoch"])
-                      else f"{r['best_val_epoch']:.1f}".removesuffix(".0")})
+            d.update(_cost_cells(r))
         disp.append(d)
     return Table("cost", "Cost", pd.DataFrame(rows_out), pd.DataFrame(disp),
                  "Means over seeds. Trainable %: trainable over total parameters at the end "
                  "of training. Time to best val: the training epochs' seconds summed up to "
-                 "the epoch of the best val accuracy (evaluation excluded).")
+                 "the epoch of the best val accuracy (evaluation excluded).",
+                 [contended_footnote(df, "The seconds of those cells are marked."),
+                  unrecorded_footnote(df)])
+
+
+def _cost_cells(r: dict) -> dict:
+    """A row with finished cells; the seconds marked † where they were contended."""
+    shared = r["contended"] > 0
+    suffix = f" ({r['not_finished']})" if r["not_finished"] else ""
+    return {"trainable params": _si(r["trainable_params"]) + suffix,
+            "trainable %": _num(100 * r["trainable_fraction"], 1),
+            "wall s": _marked(_num(r["wall_seconds"], 1), shared, CONTENDED),
+            "time to best val s": _marked(_num(r["time_to_best_s"], 1), shared, CONTENDED),
+            "best epoch": "—" if pd.isna(r["best_val_epoch"])
+            else f"{r['best_val_epoch']:.1f}".removesuffix(".0")}
 
 
 def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
@@ -486,16 +631,19 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
              f"{b}_mean": sb["mean"], f"{b}_n": sb["n"], "delta": sa["mean"] - sb["mean"],
              "paired_pairs": test["pairs"], "paired_mean_diff": test["mean_diff"],
              "p_value": test["p_value"], "train_speed_ratio": speed,
+             "speed_contended": contended_cells(ra) + contended_cells(rb),
+             f"{a}_diverged": diverged_cells(ra), f"{b}_diverged": diverged_cells(rb),
              f"{a}_not_finished": not_finished(ra), f"{b}_not_finished": not_finished(rb)}
         numeric.append(r)
         d = {_header(k): v for k, v in zip(keys, kv, strict=True)}
-        d[f"{metric} {a}"] = _with_gaps(fmt_summary(sa), ra)
-        d[f"{metric} {b}"] = _with_gaps(fmt_summary(sb), rb)
+        d[f"{metric} {a}"] = _with_gaps(_accuracy_text(sa, ra), ra)
+        d[f"{metric} {b}"] = _with_gaps(_accuracy_text(sb, rb), rb)
         if sa["n"] and sb["n"]:
             d[f"{a} − {b}"] = f"{r['delta']:+.3f}"
             d["paired over seeds"] = (f"{test['mean_diff']:+.3f}, p={test['p_value']:.3g}"
                                       if pd.notna(test["p_value"]) else test["verdict"])
-            d[f"train speed {a}/{b}"] = _times(speed)
+            d[f"train speed {a}/{b}"] = _marked(_times(speed), r["speed_contended"] > 0,
+                                                CONTENDED)
         else:
             d[f"{a} − {b}"] = "no pair"
             d["paired over seeds"] = ""
@@ -505,8 +653,10 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
             f"mean difference over matching seeds and its paired t-test p-value.")
     if not numeric:
         note = f"No cell group runs in both {a} and {b}."
+    shared = contended_footnote(df, f"A marked speed ratio is no {a}/{b} difference: one "
+                                    f"side or both were timed on a shared machine.")
     return Table("framework_delta", f"Framework delta ({a} − {b})", pd.DataFrame(numeric),
-                 pd.DataFrame(disp), note)
+                 pd.DataFrame(disp), note, [shared, diverged_footnote(df)])
 
 
 def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
@@ -529,10 +679,11 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
         r = {**dict(zip(outer, key[:-1], strict=True)), "framework": key[-1],
              "best": None, "best_mean": math.nan, "runner_up": None,
              "runner_up_mean": math.nan, "margin": math.nan, "pairs": 0,
-             "p_value": math.nan, "verdict": "", "not_compared": "; ".join(skipped)}
+             "p_value": math.nan, "verdict": "", "not_compared": "; ".join(skipped),
+             "best_diverged": 0}
         if ranked:
             s1, l1, rows1 = ranked[0]
-            r.update(best=l1, best_mean=s1["mean"])
+            r.update(best=l1, best_mean=s1["mean"], best_diverged=diverged_cells(rows1))
             if len(ranked) > 1:
                 s2, l2, rows2 = ranked[1]
                 test = paired_test(_finished(rows1).set_index("p_seed")[metric],
@@ -545,8 +696,9 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
         numeric.append(r)
         d = {**{_header(k): v for k, v in zip(outer, key[:-1], strict=True)},
              "framework": key[-1],
-             "best": f"{r['best']} ({r['best_mean']:.3f})" if r["best"] else "none finished",
-             "runner-up": f"{r['runner_up']} ({r['runner_up_mean']:.3f})"
+             "best": _ranked_text(r["best"], r["best_mean"], ranked[0][2])
+             if r["best"] else "none finished",
+             "runner-up": _ranked_text(r["runner_up"], r["runner_up_mean"], ranked[1][2])
              if r["runner_up"] else "—",
              "margin": "—" if pd.isna(r["margin"]) else f"{r['margin']:+.3f}",
              "holds over seeds": r["verdict"], "not compared": r["not_compared"]}
@@ -554,7 +706,12 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     return Table("best_strategy", "Best strategy", pd.DataFrame(numeric), pd.DataFrame(disp),
                  "By mean test accuracy over seeds. Holds over seeds: a paired t-test of "
                  "best minus runner-up on the seeds both ran (5% level); with fewer than two "
-                 "matching seeds no test is possible.")
+                 "matching seeds no test is possible.", [diverged_footnote(df)])
+
+
+def _ranked_text(label: str, mean: float, rows: pd.DataFrame) -> str:
+    """'full (0.914)', marked ‡ when a cell of the strategy diverged."""
+    return f"{label} ({_marked(f'{mean:.3f}', diverged_cells(rows) > 0, DIVERGED)})"
 
 
 def all_tables(df: pd.DataFrame) -> list[Table]:
@@ -570,29 +727,47 @@ def compact(df: pd.DataFrame) -> str:
 
 
 def failures(df: pd.DataFrame) -> list[str]:
-    """One line per cell that did not finish: status, name, the first line of its error."""
+    """One line per cell that did not finish: status, name, the line of its error to read."""
     cells = cells_only(df)
     bad = cells[cells["status"] != tracking.FINISHED]
     return [f"{r['status']}: {r.get('label') or r['name']}"
-            + (f"  {r['error'].splitlines()[0][:300]}" if r["error"] else "")
+            + (f"  {error_line(r['error'])}" if r["error"] else "")
             for _, r in bad.iterrows()]
+
+
+def error_line(error: str, width: int = 300) -> str:
+    """A divergence's own message ('diverged at epoch e, step s ...') wherever the error
+    holds it (a child's error may open with its type or a log tail), else the first line."""
+    for line in error.splitlines():
+        if DIVERGED_ERROR in line:
+            return line[line.index(DIVERGED_ERROR):][:width]
+    return error.splitlines()[0][:width] if error.strip() else ""
 
 
 # ---- LaTeX ---------------------------------------------------------------------------------
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
         "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
-        "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "−": "$-$", "—": "--"}
+        "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "−": "$-$", "—": "--",
+        "–": "--", CONTENDED: r"$^{\dagger}$", DIVERGED: r"$^{\ddagger}$"}
+MARKS = (CONTENDED, DIVERGED)
 
 
 def tex_escape(text: object) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def to_latex(t: pd.DataFrame, caption: str) -> str:
-    """A booktabs table (\\toprule, \\midrule, \\bottomrule); needs \\usepackage{booktabs}."""
+def _unmarked(text: str) -> str:
+    for mark in MARKS:
+        text = text.replace(mark, "")
+    return text.replace(",", "").strip()
+
+
+def to_latex(t: pd.DataFrame, caption: str, footnotes: list[str] | None = None) -> str:
+    """A booktabs table (\\toprule, \\midrule, \\bottomrule); needs \\usepackage{booktabs}.
+    Footnotes (what † and ‡ mean) go under the tabular, in small type."""
     if t.empty:
         return f"% {tex_escape(caption)}: nothing to compare\n"
-    numeric = [pd.to_numeric(t[c].astype(str).str.replace(",", ""), errors="coerce")
+    numeric = [pd.to_numeric(t[c].astype(str).map(_unmarked), errors="coerce")
                .notna().all() for c in t.columns]
     spec = "".join("r" if n else "l" for n in numeric)
     lines = [r"\begin{table}[htbp]", r"\centering", rf"\caption{{{tex_escape(caption)}}}",
@@ -600,7 +775,9 @@ def to_latex(t: pd.DataFrame, caption: str) -> str:
              " & ".join(tex_escape(c) for c in t.columns) + r" \\", r"\midrule"]
     lines += [" & ".join(tex_escape("" if pd.isna(v) else v) for v in row) + r" \\"
               for row in t.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par\footnotesize {tex_escape(f)}" for f in footnotes or [] if f]
+    lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
 
 
@@ -623,7 +800,8 @@ def _versions(cells: pd.DataFrame) -> str:
 
 
 def methods(data: ReportData) -> str:
-    """A short generated methods paragraph: grid, hardware, versions, seeds, failures."""
+    """A short generated methods paragraph: grid, budget, tested weights, hardware and
+    device kinds, versions, determinism, machine sharing, divergence, seeds, failures."""
     cells = data.cells
     p = data.parent or {}
     n = len(cells)
@@ -632,6 +810,7 @@ def methods(data: ReportData) -> str:
                 + (f", parent run `{p.get('run_id')}`" if p else "") + ").")
     status = cells["status"].value_counts()
     fin = int(status.get(tracking.FINISHED, 0))
+    done = _finished(cells)
 
     def vals(col):
         return ", ".join(str(v) for v in _uniq(cells.get(col))) or "—"
@@ -646,12 +825,14 @@ def methods(data: ReportData) -> str:
         f"{n} cells{expected}: frameworks {vals('p_framework')}; backbones "
         f"{vals('p_backbone')}; weights {vals('p_weights')}; strategies "
         f"{vals('p_strategy_label')}; datasets {vals('p_dataset')} (subset "
-        f"{vals('p_subset')}, 0 = all); seeds {vals('p_seed')}. Each cell trains "
-        f"{vals('p_epochs')} epochs at {vals('p_image_size')} px, batch "
-        f"{vals('p_batch_size')}, {vals('p_optimizer')} lr {vals('p_lr')}, precision "
-        f"{vals('p_precision')}, augmentation {vals('p_augmentation')}.",
-        f"Hardware: {vals('device')} (host {vals('t_host')}). Versions: "
-        f"{_versions(cells)}.",
+        f"{vals('p_subset')}, 0 = all); seeds {vals('p_seed')}. Each cell runs at "
+        f"{vals('p_image_size')} px, batch {vals('p_batch_size')}, {vals('p_optimizer')} lr "
+        f"{vals('p_lr')}, precision {vals('p_precision')}, augmentation "
+        f"{vals('p_augmentation')}.",
+        budget_sentence(done), tested_weights_sentence(cells),
+        f"Hardware: {vals('device')} (host {vals('t_host')}); {device_sentence(cells)} "
+        f"Versions: {_versions(cells)}.",
+        determinism_sentence(done), contention_sentence(done), divergence_sentence(cells),
         "Accuracy is top-1 on each cell's held-out test split; groups of seeds show mean, "
         "std and a 95% t-interval (n=1: the single value). Throughput is the median step "
         "rate after warm-up with the device synchronised before each clock read.",
@@ -663,7 +844,186 @@ def methods(data: ReportData) -> str:
                      + " (listed below and marked in every table).")
     else:
         parts.append(f"All {n} cells finished.")
-    return " ".join(parts)
+    return " ".join(x for x in parts if x)
+
+
+def _span(values) -> str:
+    """'6' or '4–6' (whole numbers); '—' when nothing is recorded."""
+    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").dropna()
+    if v.empty:
+        return "—"
+    lo, hi = f"{v.min():.0f}", f"{v.max():.0f}"
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def _unrecorded(part: int, whole: int) -> str:
+    return f"not recorded for {whole - part} of {whole} finished cells" if part < whole else ""
+
+
+def _paren(*items: str) -> str:
+    """' (a; b)' of the items that say something, '' when none does."""
+    said = [i for i in items if i]
+    return f" ({'; '.join(said)})" if said else ""
+
+
+def _whole(values) -> str:
+    """'16, 32': the distinct values as whole numbers."""
+    v = pd.to_numeric(pd.Series(values, dtype=object), errors="coerce").dropna()
+    return ", ".join(f"{x:.0f}" for x in sorted(set(v))) or "—"
+
+
+def _col(rows: pd.DataFrame, col: str) -> pd.Series:
+    return rows[col] if col in rows else pd.Series(None, index=rows.index, dtype=object)
+
+
+def budget_sentence(done: pd.DataFrame) -> str:
+    """The epochs asked, the epochs and optimizer steps the finished cells really trained,
+    and every cell that trained other than its budget."""
+    if done.empty:
+        return ""
+    asked = _span(_col(done, "p_epochs"))
+    rec = done[_col(done, "epochs_trained").notna()]
+    if rec.empty:
+        return (f"Budget: {asked} epochs asked per cell; the epochs and optimizer steps "
+                f"the cells really trained: not recorded.")
+    steps = _col(rec, "optimizer_steps")
+    steps_text = (f"{_span(steps)} optimizer steps at batch {_whole(_col(rec, 'p_batch_size'))}"
+                  if steps.notna().any() else "optimizer steps not recorded")
+    return (f"Budget: {asked} epochs asked per cell; the cells trained "
+            f"{_span(rec['epochs_trained'])} epochs ({steps_text}) each"
+            f"{_paren(_unrecorded(len(rec), len(done)))}.{_off_budget(rec)}"
+            f"{_uneven_steps(rec)}")
+
+
+def _cell_name(r: pd.Series) -> str:
+    return str(r.get("label") or r.get("name") or r.get("run_id"))
+
+
+def _few(items: list[str], most: int = 5) -> str:
+    more = f"; and {len(items) - most} more" if len(items) > most else ""
+    return "; ".join(items[:most]) + more
+
+
+def _off_budget(rec: pd.DataFrame) -> str:
+    asked = pd.to_numeric(_col(rec, "p_epochs"), errors="coerce")
+    off = rec[asked.notna() & (rec["epochs_trained"] != asked)]
+    if off.empty:
+        return ""
+    names = [f"{_cell_name(r)}: {r['epochs_trained']:.0f} of {want:.0f} epochs"
+             for (_, r), want in zip(off.iterrows(), asked[off.index], strict=True)]
+    return f" Not the budget asked: {_cells(len(off))} ({_few(names)})."
+
+
+def _uneven_steps(rec: pd.DataFrame) -> str:
+    """Cells of the same data, batch and epochs trained must take the same optimizer
+    steps; say where they do not."""
+    steps = rec.dropna(subset=["optimizer_steps"]) if "optimizer_steps" in rec else rec[:0]
+    if steps.empty:
+        return ""
+    where = steps.apply(lambda r: f"{r.get('p_dataset')} (subset {r.get('p_subset')}), batch "
+                                  f"{r.get('p_batch_size')}, {r['epochs_trained']:.0f} epochs",
+                        axis=1)
+    spread = steps.groupby(where)["optimizer_steps"].agg(["min", "max"])
+    uneven = spread[spread["min"] != spread["max"]]
+    if uneven.empty:
+        return ""
+    items = [f"{w}: {lo:.0f}–{hi:.0f} steps" for w, (lo, hi) in uneven.iterrows()]
+    return (f" Optimizer steps differ between cells of the same data, batch and epochs "
+            f"({_few(items)}).")
+
+
+SELECT_TEXT = {"last": "the last epoch's weights",
+               "best_val": "the weights of the best validation epoch (restored)"}
+
+
+def tested_weights_sentence(cells: pd.DataFrame) -> str:
+    """Which weights the test evaluated (param select; a run without it tested the last
+    epoch's), and the epochs tested when the best validation epoch was."""
+    select = _col(cells, "p_select").fillna("last")
+    counts = select.value_counts()
+    if len(counts) == 1:
+        what = SELECT_TEXT.get(counts.index[0], counts.index[0])
+    else:
+        what = ", ".join(f"{SELECT_TEXT.get(k, k)} in {_cells(c)}" for k, c in counts.items())
+        what += " (select varies: rows are kept apart by it)"
+    best = _finished(cells[select == "best_val"])
+    tested = _col(best, "test_epoch").dropna()
+    span = _span(tested)
+    epochs = f"; tested epoch{'s' if '–' in span else ''} {span}" if len(tested) else ""
+    return f"The test evaluates {what}{epochs}."
+
+
+def device_sentence(cells: pd.DataFrame) -> str:
+    counts = _col(cells, "p_device_kind").fillna("cpu").value_counts()
+    if len(counts) == 1:
+        return f"device kind {counts.index[0]}."
+    kinds = ", ".join(f"{k} ({_cells(c)})" for k, c in sorted(counts.items()))
+    return f"device kinds {kinds}: cells on different kinds are never averaged together."
+
+
+def _reasons(tags: pd.Series, most: int = 3) -> str:
+    """'why (n cells)' for each distinct reason of 'false: why' tags."""
+    why = tags.map(lambda t: str(t).split(":", 1)[1].strip() if ":" in str(t) else "")
+    counts = why.replace("", "no reason given").value_counts()
+    items = [f"{w[:160]} ({_cells(c)})" for w, c in counts.items()]
+    return _few(items, most)
+
+
+def determinism_sentence(done: pd.DataFrame) -> str:
+    if done.empty:
+        return ""
+    rec = done[tag_recorded(done, "deterministic")]
+    if rec.empty:
+        return "Whether the cells ran deterministically: not recorded."
+    yes = tag_true(rec, "deterministic")
+    unrec = _unrecorded(len(rec), len(done))
+    if yes.all():
+        return (f"All {len(rec)} finished cells ran deterministically{_paren(unrec)}: "
+                f"running one again gives identical numbers.")
+    head = (f"None of the {len(rec)} finished cells ran deterministically" if not yes.any()
+            else f"{int(yes.sum())} of {len(rec)} finished cells ran deterministically")
+    why = f"not deterministic: {_reasons(rec.loc[~yes, 't_deterministic'])}"
+    return (f"{head}{_paren(why, unrec)}; a repeated run gives identical numbers only for a "
+            f"deterministic cell.")
+
+
+def contention_sentence(done: pd.DataFrame) -> str:
+    """How many cells were timed while other processes used the machine, and how much."""
+    if done.empty:
+        return ""
+    rec = done[tag_recorded(done, "contended")]
+    if rec.empty:
+        return ("Whether other processes shared the machine while the speeds were timed: "
+                "not recorded.")
+    hit = rec[tag_true(rec, "contended")]
+    share = _col(rec, "contention_share").dropna()
+    most = f"{100 * share.max():.0f}%" if len(share) else "a share not recorded"
+    unrec = _unrecorded(len(rec), len(done))
+    if hit.empty:
+        return (f"No cell was timed on a shared machine"
+                f"{_paren(f'other processes used at most {most} of the CPU', unrec)}.")
+    said = _paren(f"up to {most} of the CPU", f"{CONTENDED} in the speed tables", unrec)
+    return (f"{len(hit)} of {len(rec)} finished cells were timed while other processes used "
+            f"the machine{said}: a speed figure taken while the machine was shared is not a "
+            f"measurement.")
+
+
+def divergence_sentence(cells: pd.DataFrame) -> str:
+    """Finished cells whose loss ended above the first epoch's; cells failed on NaN/inf."""
+    done = _finished(cells)
+    rec = int(tag_recorded(done, "diverged").sum())
+    blew_up = int((status_labels(cells) == f"{tracking.FAILED} (diverged)").sum())
+    failed = f"; {_cells(blew_up)} failed on a NaN/inf loss (listed below)" if blew_up else ""
+    if done.empty:
+        return f"{failed[2:]}." if blew_up else ""
+    if not rec:
+        return f"Divergence of the finished cells: not recorded{failed}."
+    n = diverged_cells(done)
+    unrec = _unrecorded(rec, len(done))
+    head = (f"{n} of {rec} finished cells diverged" + _paren(
+        "final train loss above the first epoch's", f"{DIVERGED} in the accuracy tables", unrec)
+        if n else "No finished cell diverged" + _paren(unrec))
+    return f"{head}{failed}."
 
 
 def pretrain_section(data: ReportData) -> str:

@@ -60,7 +60,7 @@ def test_paired_test_says_when_no_test_is_possible():
 
 
 def _row(fw, strategy, seed, acc=None, status="FINISHED", depth=None, ips=None,
-         backbone="mobilenet_v2"):
+         backbone="mobilenet_v2", **extra):
     label = f"{strategy}[depth={depth}]" if depth else strategy
     r = {"run_id": None if status == "MISSING" else f"{fw}-{label}-{seed}", "status": status,
          "name": f"{fw}/{backbone}/{label}/digits/seed{seed}", "spec_hash": f"h-{fw}{label}{seed}",
@@ -71,7 +71,7 @@ def _row(fw, strategy, seed, acc=None, status="FINISHED", depth=None, ips=None,
     if status == "FINISHED":
         r.update(test_acc=acc, train_images_per_sec=ips, trainable_params=10.0,
                  total_params=100.0)
-    return r
+    return {**r, **extra}
 
 
 @pytest.fixture
@@ -156,6 +156,241 @@ def test_unfreeze_depth():
     assert figures.unfreeze_depth("full", None, "resnet18") == 5
     assert figures.unfreeze_depth("partial", "2", "resnet18") == 2
     assert figures.unfreeze_depth("two_stage", "all", "mobilenet_v2") == 9
+
+
+# ---- recorded conditions: budget, tested weights, determinism, sharing, divergence -----
+def _data(rows) -> report.ReportData:
+    return report.ReportData(pd.DataFrame(rows), report.empty_history(), "x", "0")
+
+
+def _recorded(fw, strategy, seed, acc, ips, **extra):
+    """A cell run with every value the cells record now (idle machine, deterministic)."""
+    rec = {"p_epochs": 6, "p_batch_size": 32, "p_select": "last", "p_device_kind": "cpu",
+           "epochs_trained": 6.0, "optimizer_steps": 60.0, "test_epoch": 6.0,
+           "t_deterministic": "true", "contention_share": 0.02,
+           "t_contended": "false: other processes used 2% of the CPU", "t_diverged": "false",
+           "wall_seconds": 30.0}
+    return _row(fw, strategy, seed, acc, ips=ips, **{**rec, **extra})
+
+
+def test_methods_states_the_budget_trained_and_flags_a_cell_off_budget():
+    rows = [_recorded("torch", "full", s, 0.9, 100.0) for s in range(2)]
+    rows.append(_recorded("keras", "full", 0, 0.8, 50.0, epochs_trained=4.0,
+                          optimizer_steps=40.0))
+    text = report.methods(_data(rows))
+    assert "Each cell trains" not in text  # the budget asked is not what the cells did
+    assert "6 epochs asked per cell; the cells trained 4–6 epochs (40–60 optimizer steps " \
+           "at batch 32) each." in text
+    assert "Not the budget asked: 1 cell (keras/mobilenet_v2/full/digits/seed0: 4 of 6 " \
+           "epochs)." in text
+    same = report.methods(_data(rows[:2]))
+    assert "the cells trained 6 epochs (60 optimizer steps at batch 32) each." in same
+    assert "Not the budget" not in same and "Optimizer steps differ" not in same
+    rows[1]["optimizer_steps"] = 70.0  # same data, batch and epochs: steps must match
+    assert "Optimizer steps differ between cells of the same data, batch and epochs " \
+           "(digits (subset None), batch 32, 6 epochs: 60–70 steps)" in \
+           report.methods(_data(rows[:2]))
+
+
+def test_methods_states_tested_weights_determinism_sharing_and_device_kind():
+    rows = [_recorded("torch", "full", 0, 0.9, 100.0, p_select="best_val", test_epoch=4.0),
+            _recorded("torch", "full", 1, 0.8, 90.0, p_select="best_val", test_epoch=6.0,
+                      t_deterministic="false: cuDNN benchmark mode"),
+            _recorded("keras", "full", 0, 0.8, 50.0, p_select="best_val", test_epoch=5.0,
+                      contention_share=0.45,
+                      t_contended="true: other processes used 45% of the CPU")]
+    text = report.methods(_data(rows))
+    assert "The test evaluates the weights of the best validation epoch (restored); tested " \
+           "epochs 4–6." in text
+    assert "2 of 3 finished cells ran deterministically (not deterministic: cuDNN benchmark " \
+           "mode (1 cell)); a repeated run gives identical numbers only for a deterministic " \
+           "cell." in text
+    assert "1 of 3 finished cells were timed while other processes used the machine (up to " \
+           "45% of the CPU; † in the speed tables): a speed figure taken while the machine " \
+           "was shared is not a measurement." in text
+    assert "device kind cpu." in text
+    rows[1]["p_device_kind"] = "cuda:NVIDIA H200"
+    assert "device kinds cpu (2 cells), cuda:NVIDIA H200 (1 cell)" in \
+        report.methods(_data(rows))
+
+
+def test_methods_says_not_recorded_for_runs_older_than_the_records():
+    rows = [_row("torch", "full", 0, 0.9, ips=100.0, p_epochs=6, p_batch_size=32)]
+    text = report.methods(_data(rows))
+    assert "6 epochs asked per cell; the epochs and optimizer steps the cells really " \
+           "trained: not recorded." in text
+    assert "The test evaluates the last epoch's weights." in text  # no select: last
+    assert "Whether the cells ran deterministically: not recorded." in text
+    assert "Whether other processes shared the machine while the speeds were timed: not " \
+           "recorded." in text
+    assert "Divergence of the finished cells: not recorded." in text
+    assert "device kind cpu." in text
+
+
+def _contended_frame() -> pd.DataFrame:
+    shared = "true: other processes used 45% of the CPU"
+    return pd.DataFrame(
+        [_recorded("torch", "full", 0, 0.90, 100.0, contention_share=0.45, t_contended=shared),
+         _recorded("torch", "feature_extraction", 0, 0.80, 400.0),
+         _recorded("keras", "full", 0, 0.86, 50.0),
+         _recorded("keras", "feature_extraction", 0, 0.81, 300.0)])
+
+
+def test_throughput_and_cost_mark_contended_rates_and_keep_numbers_numeric():
+    df = _contended_frame()
+    t = report.throughput_table(df)
+    shown = t.display.set_index(["strategy", "framework"])
+    assert shown.loc[("full", "torch"), "train img/s"] == "100 †"
+    assert shown.loc[("full", "torch"), "speed-up vs full"] == "1.00× †"
+    # its own rate was timed alone, its speed-up is over a contended full fine-tuning
+    assert shown.loc[("feature_extraction", "torch"), "train img/s"] == "400"
+    assert shown.loc[("feature_extraction", "torch"), "speed-up vs full"] == "4.00× †"
+    assert shown.loc[("full", "keras"), "train img/s"] == "50"
+    assert shown.loc[("feature_extraction", "keras"), "speed-up vs full"] == "6.00×"
+    num = t.numeric.set_index(["p_strategy_label", "framework"])
+    assert num.loc[("full", "torch"), "train_images_per_sec"] == 100.0  # a number, no mark
+    assert num.loc[("full", "torch"), "contended"] == 1
+    assert num.loc[("full", "torch"), "contention_share"] == pytest.approx(0.45)
+    assert num.loc[("full", "keras"), "contended"] == 0
+    md = t.markdown()
+    assert "† measured while other processes used 45% of the CPU (1 cell): a speed figure " \
+           "taken while the machine was shared is not a measurement." in md
+    tex = t.latex()
+    assert "†" not in tex and r"100 $^{\dagger}$" in tex and r"45\% of the CPU" in tex
+    cost = report.cost_table(df).display.set_index(["strategy", "framework"])
+    assert cost.loc[("full", "torch"), "wall s"] == "30.0 †"
+    assert cost.loc[("full", "keras"), "wall s"] == "30.0"
+    assert "† measured while" in report.cost_table(df).markdown()
+
+
+def test_throughput_says_when_sharing_is_not_recorded(handmade):
+    md = report.throughput_table(handmade).markdown()
+    assert "†" not in md
+    assert "Whether the machine was shared while timed: not recorded for 8 of 8 finished " \
+           "cells." in md
+
+
+def test_device_kind_separates_rows_and_shows_in_throughput_only_when_it_varies():
+    df = _contended_frame()
+    assert "device kind" not in report.throughput_table(df).display
+    assert "p_device_kind" not in report.group_keys(df)
+    gpu = df.assign(p_device_kind="cuda:NVIDIA H200", train_images_per_sec=5000.0,
+                    spec_hash=df["spec_hash"] + "-gpu")
+    both = pd.concat([df, gpu], ignore_index=True)
+    assert "p_device_kind" in report.group_keys(both)
+    shown = report.throughput_table(both).display
+    assert list(shown["device kind"]).count("cuda:NVIDIA H200") == 4
+    acc = report.accuracy_table(both).numeric
+    assert len(acc) == 8 and (acc["n"] == 1).all()  # never averaged across device kinds
+
+
+def test_old_runs_without_select_or_device_kind_are_the_same_cell(tmp_path, monkeypatch):
+    """A real MLflow store: a run logged before select and device_kind existed, and runs
+    that log them. The old one counts as select=last on cpu; only a cuda run separates."""
+    from bench.spec import RunSpec
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = tracking.experiment_id("old-new")
+    parent = tracking.client().create_run(exp, tags={"tlbench.kind": "grid"}).info.run_id
+
+    def cell(seed, old=False, **kw):
+        spec = RunSpec("torch", "resnet18", "digits", strategy="full", seed=seed, **kw)
+        rid = tracking.start_cell(exp, parent, spec, spec.name, "cpu")
+        if old:  # MLflow cannot drop params: log the old run by hand, without them
+            tracking.client().delete_run(rid)
+            c = tracking.client()
+            rid = c.create_run(exp, tags={"mlflow.parentRunId": parent,
+                                          "tlbench.kind": "cell", "tlbench.name": spec.name,
+                                          "tlbench.spec_hash": spec.hash}).info.run_id
+            for k, v in spec.to_params().items():
+                if k not in ("select", "device_kind"):
+                    c.log_param(rid, k, v)
+        tracking.log_metrics(rid, {"test_acc": 0.5 + seed / 10, "train_images_per_sec": 10})
+        tracking.end_run(rid, tracking.FINISHED)
+
+    cell(0, old=True)
+    cell(1)
+    data = report.load(exp, history=False)
+    assert list(data.cells["p_select"]) == ["last", "last"]
+    assert list(data.cells["p_device_kind"]) == ["cpu", "cpu"]
+    assert "p_device_kind" not in report.group_keys(data.frame)
+    acc = report.accuracy_table(data.frame).numeric
+    assert len(acc) == 1 and acc["n"].iloc[0] == 2
+    cell(2, device_kind="cuda:NVIDIA H200")
+    data = report.load(exp, history=False)
+    assert "p_device_kind" in report.group_keys(data.frame)
+    acc = report.accuracy_table(data.frame).numeric.set_index("p_device_kind")
+    assert acc.loc["cpu", "n"] == 2 and acc.loc["cuda:NVIDIA H200", "n"] == 1
+    assert "device kind" in report.throughput_table(data.frame).display
+
+
+def test_pareto_leaves_contended_points_off_the_front():
+    df = _contended_frame()
+    df.loc[0, "test_acc"] = 0.99  # the contended cell would dominate every other one
+    pts, x = figures.pareto_points(df)
+    assert x == "train_images_per_sec"
+    pts = pts.set_index(["p_strategy_label", "framework"])
+    assert bool(pts.loc[("full", "torch"), "contended"])
+    assert not pts.loc[("full", "torch"), "front"]
+    assert pts.loc[("feature_extraction", "torch"), "front"]
+    assert pts.loc[("full", "keras"), "front"]  # not pushed off by a contended point
+    fig = figures.pareto_figure(pts.reset_index(), "digits", "train images/s")
+    ax = fig.axes[0]
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "machine shared while timed (not on the front)" in labels
+    hollow = [c for c in ax.collections if len(c.get_offsets())
+              and tuple(c.get_offsets()[0]) == (100.0, 0.99)]
+    assert hollow and len(hollow[0].get_facecolor()) == 0  # no fill: drawn hollow
+    plain = figures.pareto_points(df.assign(t_contended="false"))[0]
+    assert plain.set_index(["p_strategy_label", "framework"]).loc[("full", "torch"), "front"]
+
+
+def _diverged_frame() -> pd.DataFrame:
+    rows = [_recorded("torch", "full", 0, 0.10, 100.0,
+                      t_diverged="true: final train loss 2.4 above the first epoch's 2.3"),
+            _recorded("torch", "feature_extraction", 0, 0.80, 400.0),
+            _recorded("keras", "full", 0, 0.86, 50.0),
+            _recorded("keras", "feature_extraction", 0, status="FAILED", acc=None, ips=None,
+                      error="ChildDied: the cell's process ended\nlog tail: epoch 3\n"
+                            "FloatingPointError: diverged at epoch 3, step 17: train loss nan")]
+    return pd.DataFrame(rows)
+
+
+def test_accuracy_tables_mark_a_diverged_cell_and_failures_stay_readable():
+    df = _diverged_frame()
+    acc = report.accuracy_table(df)
+    shown = acc.display.set_index("strategy")
+    assert shown.loc["full", "test_acc (torch)"] == "0.100 (n=1) ‡"
+    assert shown.loc["full", "test_acc (keras)"] == "0.860 (n=1)"
+    assert shown.loc["feature_extraction", "test_acc (keras)"] == "FAILED (diverged)"
+    num = acc.numeric.set_index(["p_strategy_label", "framework"])
+    assert num.loc[("full", "torch"), "mean"] == pytest.approx(0.1)  # numeric, no mark
+    assert num.loc[("full", "torch"), "diverged"] == 1
+    note = "‡ diverged: final train loss above the first epoch's (1 cell)."
+    assert note in acc.markdown() and note in report.compact(df)
+    assert r"0.100 (n=1) $^{\ddagger}$" in acc.latex() and "‡" not in acc.latex()
+    best = report.best_strategy_table(df).display.set_index("framework")
+    assert best.loc["torch", "runner-up"] == "full (0.100 ‡)"
+    delta = report.framework_delta_table(df).display.set_index("strategy")
+    assert delta.loc["full", "test_acc torch"] == "0.100 (n=1) ‡"
+    assert report.failures(df) == [
+        "FAILED: keras/mobilenet_v2/feature_extraction/digits/seed0  diverged at epoch 3, "
+        "step 17: train loss nan"]
+    text = report.methods(_data(df))
+    assert "1 of 3 finished cells diverged (final train loss above the first epoch's; ‡ in " \
+           "the accuracy tables); 1 cell failed on a NaN/inf loss (listed below)." in text
+
+
+def test_framework_delta_marks_a_contended_speed_ratio():
+    t = report.framework_delta_table(_contended_frame())
+    shown = t.display.set_index("strategy")
+    assert shown.loc["full", "train speed torch/keras"] == "2.00× †"
+    assert shown.loc["feature_extraction", "train speed torch/keras"] == "1.33×"
+    num = t.numeric.set_index("p_strategy_label")
+    assert num.loc["full", "train_speed_ratio"] == pytest.approx(2.0)
+    assert num.loc["full", "speed_contended"] == 1
+    assert "A marked speed ratio is no torch/keras difference: one side or both were " \
+           "timed on a shared machine." in t.markdown()
 
 
 # ---- a tiny real grid ------------------------------------------------------------------
