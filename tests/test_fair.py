@@ -16,6 +16,7 @@ from bench.contention import CONTENDED_SHARE, CpuProbe
 from helpers import strategy_test_params
 from strategies import registry
 
+
 def _variants(strategy: registry.Strategy) -> list[dict]:
     """The strategy's test parameters, and for two_stage every head share from its minimum
     to its maximum (the shares that decide the split)."""

@@ -120,7 +120,10 @@ class TorchSession:
             torch.backends.cudnn.benchmark = not on
         torch.use_deterministic_algorithms(on, warn_only=True)
         if on:
-            return "true"
+            # CUDA has ops without a deterministic kernel (adaptive pooling's backward): they
+            # warn and run anyway, so a GPU run says where to look
+            return "true" if self.device.type == "cpu" else (
+                "true: deterministic algorithms on; an op without one warns in cell.log")
         return (f"false: deterministic = false on {self.device.type} (deterministic "
                 f"algorithms cost speed there); a repeated run may differ")
 
