@@ -78,7 +78,9 @@ def test_every_shipped_grid_is_valid(name):
     g = grid.load(name)
     assert g.specs and len({s.hash for s in g.specs}) == len(g.specs)
     smoke = grid.load(name, smoke=True)
-    assert smoke.name == f"{g.name}-smoke" and all(s.epochs == 1 for s in smoke.specs)
+    # one epoch, or one a phase where the strategy has several (two_stage: 2)
+    assert smoke.name == f"{g.name}-smoke" and all(
+        s.epochs == registry.get(s.strategy).min_epochs(s.params) for s in smoke.specs)
 
 
 def test_bare_name_resolves_to_the_shipped_grid(tmp_path, monkeypatch):
@@ -364,7 +366,9 @@ def test_smoke_shrinks_any_grid():
     full = grid.load("default")
     assert g.name == "default-smoke" and g.smoke
     assert len(g.specs) == len(full.specs)
-    assert all(s.epochs == 1 and 0 < s.subset <= 120 for s in g.specs)
+    assert all(0 < s.subset <= 120 for s in g.specs)
+    assert {s.strategy: s.epochs for s in g.specs} == {
+        "feature_extraction": 1, "partial": 1, "full": 1, "two_stage": 2}
     assert all("digits[n=120]" in s.name for s in g.specs)
     # a smaller subset is kept; a grid's own [smoke] table wins over the defaults
     g = from_dict(doc({"subset": [50]}, smoke={"epochs": 2}), "x.toml", smoke=True)
@@ -414,8 +418,11 @@ def test_strategy_phases():
     assert [(p.name, p.trainable_blocks, p.lr_scale, n) for p, n in ph] == [
         ("head", 0, 1.0, 2), ("finetune", 2, 0.01, 6)]
     assert ph[1][0].bn == "frozen"
-    # every phase gets at least one epoch
-    assert [n for _, n in two.phases(params, 1)] == [1, 1]
+    # every phase gets at least one epoch, and the counts sum to the cell's budget
+    assert [n for _, n in two.phases(params, 2)] == [1, 1]
+    assert [n for _, n in two.phases(params, 5)] == [2, 3]
+    with pytest.raises(registry.BudgetError, match="allowed: epochs >= 2"):
+        two.phases(params, 1)
 
 
 def test_every_strategy_expands_on_every_backbone():
