@@ -219,6 +219,16 @@ def system_metrics(run_id: str):
         yield monitor
     finally:
         monitor.finish()
+        _log_last_sample(monitor)
+
+
+def _log_last_sample(monitor) -> None:
+    """MLflow's monitor drops the samples of its last, unfinished interval: log them, so a
+    cell shorter than one interval still gets its reading."""
+    pending = monitor.aggregate_metrics()
+    if pending:
+        monitor.publish_metrics(pending)
+        monitor.mlflow_logger.flush()
 
 
 # ---- resume ------------------------------------------------------------------------------
