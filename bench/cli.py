@@ -97,7 +97,11 @@ def _report(args) -> int:
     if expected is None and parent:  # a parent from before cells.json: its grid file
         grid = _parent_grid(parent) or grid
     if expected is None and grid is not None:
-        expected = tracking.cell_list(grid)
+        # the cells as the invocation ran them: stamped with the device kind it recorded
+        # (none before the kind was recorded: the CPU, the field's default)
+        ref = tracking.get_run(parent) if parent else tracking.latest_parent(exp_id)
+        kind = (ref.data.tags.get(tracking.TAG + "device_kind") if ref else None) or "cpu"
+        expected = tracking.cell_list(grid.with_device_kind(kind))
     data = report.load(exp_id, parent, expected)
     data.command = "python -m bench report " + " ".join(args.argv)
     print(report.compact(data.frame))

@@ -103,9 +103,13 @@ class Grid:
         anything looks up finished cells: a grid finished on the CPU and run again on a GPU
         runs again. Raises devices.DeviceError (nothing has run) when the device is not here."""
         device = device or self.device
-        kind = devices.resolve_kind(device)
+        return self.with_device_kind(devices.resolve_kind(device), device)
+
+    def with_device_kind(self, kind: str, device: str | None = None) -> Grid:
+        """Every cell stamped with `kind` as it is (a kind recorded by an earlier run)."""
         specs = [dataclasses.replace(s, device_kind=kind) for s in self.specs]
-        return dataclasses.replace(self, device=device, device_kind=kind, specs=specs)
+        return dataclasses.replace(self, device=device or self.device, device_kind=kind,
+                                   specs=specs)
 
 
 def resolve_path(path: str | os.PathLike) -> Path:

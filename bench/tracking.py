@@ -6,7 +6,8 @@ MLFLOW_TRACKING_URI points somewhere else (a shared server, another folder).
 
 Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbone,
 strategy, dataset, device, git_commit, versions, host, pid; on failure `error`. The parent
-run holds the grid file (grid.toml) and the cells it expects (cells.json), and, once
+run holds the grid file (grid.toml), the cells it expects (cells.json) and the tag
+device_kind (what its cells were stamped with), and, once
 `bench report` has run, report.md with its tables/ and figures/.
 
 The reporter's read helpers (bottom of this file) return plain rows; bench/report.py never
@@ -134,6 +135,7 @@ def start_parent(exp_id: str, grid, n_todo: int, grid_text: str) -> str:
     run = c.create_run(exp_id, run_name=f"{grid.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                        tags={TAG + "kind": "grid", TAG + "grid": grid.name,
                              TAG + "grid_path": grid.path, TAG + "smoke": str(grid.smoke),
+                             TAG + "device_kind": grid.device_kind or "cpu",
                              TAG + "cells": str(len(grid.specs)), TAG + "todo": str(n_todo),
                              "mlflow.note.content": grid.description, **_host_tags()})
     c.log_text(run.info.run_id, grid_text, "grid.toml")

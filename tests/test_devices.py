@@ -191,3 +191,18 @@ def test_cli_dry_run_shows_the_kind_and_its_hashes(store, gpus):
 
     assert len(hashes(on_gpu.stdout)) == 2 and not hashes(on_cpu.stdout) & hashes(on_gpu.stdout)
     assert not (store / "mlflow.db").exists()
+
+
+def test_report_all_expects_the_cells_on_the_kind_they_ran_on(store, gpus, capsys):
+    path = write_grid(store, "rep", device="cuda")
+    result = runner.run_grid(gridmod.load(path), path.read_text(), stream=sys.stdout,
+                             launcher=ScriptLauncher())
+    assert [o.status for o in result.outcomes] == ["FINISHED", "FINISHED"]
+    parent = tracking.get_run(result.parent_run_id)
+    assert parent.data.tags["tlbench.device_kind"] == f"cuda:{H200}"
+    from bench import cli
+
+    assert cli.main(["report", str(path), "--all", "--no-log", "--out",
+                     str(store / "reports")]) == 0
+    out = capsys.readouterr().out
+    assert "0.500 (n=1)" in out and "MISSING" not in out  # the GPU cells, found by hash
