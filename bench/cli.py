@@ -21,12 +21,13 @@ def _run(args) -> int:
     except gridmod.GridError as e:
         print(e, file=sys.stderr)
         return 2
-    if args.device and devices.check(args.device):
-        print(f"--device {args.device!r}: {devices.check(args.device)}", file=sys.stderr)
+    problem = devices.check(args.device) if args.device else None
+    if problem:
+        print(f"--device {args.device!r}: {problem}", file=sys.stderr)
         return 2
     try:
-        # every cell stamped with the device kind before anything looks for finished ones
-        g = g.on_device(args.device or g.device)
+        # every cell stamped with its device kind before anything looks for finished ones
+        g = g.on_device(args.device)
     except devices.DeviceError as e:
         print(f"grid {g.path}: {e}; nothing was run", file=sys.stderr)
         return 2

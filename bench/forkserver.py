@@ -250,7 +250,10 @@ def _child(sock: socket.socket, job: str, out_fd: int) -> None:
     try:
         # a process group of its own: the runner ends a cell (time limit, Ctrl-C) with
         # everything it started (DataLoader workers) by signalling the group
-        os.setpgid(0, 0)
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # then the runner signals the cell alone, as it did before
+            pass
         sock.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

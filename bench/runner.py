@@ -260,8 +260,17 @@ def _refuse(exp_id: str, parent: str, grid: Grid, spec: RunSpec, label: str, hea
 def job_for(grid: Grid, spec: RunSpec, extra: dict) -> dict:
     """The job the cell process reads (bench/cell.py): its spec and dataset card, the device
     to use, and whether to use deterministic algorithms."""
-    return {"spec": spec.to_params(), "card": grid.cards[spec.dataset], "device": grid.device,
-            "deterministic": deterministic(grid, spec), **extra}
+    return {"spec": spec.to_params(), "card": grid.cards[spec.dataset],
+            "device": cell_device(grid), "deterministic": deterministic(grid, spec), **extra}
+
+
+def cell_device(grid: Grid) -> str:
+    """The device the cell is told to use: `auto` made definite where it resolved to a GPU,
+    so a framework that cannot see that GPU fails the cell instead of measuring the CPU
+    under the GPU's kind."""
+    if grid.device == "auto" and (grid.device_kind or "").startswith("cuda:"):
+        return "cuda"
+    return grid.device
 
 
 def deterministic(grid: Grid, spec: RunSpec) -> bool:

@@ -182,14 +182,15 @@ emit("metrics", step=None, metrics={"test_acc": 0.5})
 """
 
 
-@pytest.mark.parametrize("setting, device, expected", [
-    ("", "cpu", "true"),  # auto on the CPU: deterministic
-    ("deterministic = false", "cpu", "false"),
-    ("deterministic = \"auto\"", "cuda", "false"),  # auto on a GPU: the fast kernels
-    ("deterministic = true", "cuda", "true"),
+@pytest.mark.parametrize("setting, device, expected, cell_device", [
+    ("", "cpu", "true", "cpu"),  # auto on the CPU: deterministic
+    ("deterministic = false", "cpu", "false", "cpu"),
+    ("deterministic = \"auto\"", "cuda:0", "false", "cuda:0"),  # on a GPU: the fast kernels
+    ("deterministic = true", "cuda", "true", "cuda"),
+    ("", "auto", "false", "cuda"),  # auto that found a GPU is told to use it
 ])
 def test_the_job_says_whether_to_be_deterministic(store, monkeypatch, setting, device,
-                                                   expected):
+                                                   expected, cell_device):
     install_nvidia_smi(store / "bin", ["NVIDIA H200"])
     monkeypatch.setenv("PATH", f"{store / 'bin'}{os.pathsep}{os.environ['PATH']}")
     path = write_grid(store, "det", '["feature_extraction"]', run=setting)
@@ -199,7 +200,7 @@ def test_the_job_says_whether_to_be_deterministic(store, monkeypatch, setting, d
     (o,) = result.outcomes
     tags = tracking.client().get_run(o.run_id).data.tags
     assert tags["tlbench.job_deterministic"] == expected
-    assert tags["tlbench.job_device"] == device
+    assert tags["tlbench.job_device"] == cell_device
 
 
 # ---- the store and the experiment ------------------------------------------------------------
