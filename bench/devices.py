@@ -54,7 +54,8 @@ def resolve_kind(requested: str) -> str:
                               f"Apple silicon ({sys.platform} {platform.machine()}); "
                               f"allowed here: auto, cpu")
         return "mps"
-    gpus = visible_gpus()
+    listed = _nvidia_smi()
+    gpus = visible_gpus(listed)
     if requested == "auto":
         if gpus:
             return f"cuda:{gpus[0]}"
@@ -62,7 +63,7 @@ def resolve_kind(requested: str) -> str:
     index = int(requested.split(":")[1]) if ":" in requested else 0
     if not gpus:
         raise DeviceError(f"device {requested!r} requested but no NVIDIA GPU is visible "
-                          f"({_why_no_gpu()}); use --device cpu or auto")
+                          f"({_why_no_gpu(listed)}); use --device cpu or auto")
     if index >= len(gpus):
         raise DeviceError(f"device {requested!r} requested but only {len(gpus)} NVIDIA GPU(s) "
                           f"are visible ({', '.join(gpus)}); allowed: cuda:0.."
@@ -70,9 +71,10 @@ def resolve_kind(requested: str) -> str:
     return f"cuda:{gpus[index]}"
 
 
-def visible_gpus() -> list[str]:
-    """The model names of the NVIDIA GPUs this process may use, in CUDA's order."""
-    listed = _nvidia_smi()
+def visible_gpus(listed: list[tuple[int, str]] | None = None) -> list[str]:
+    """The model names of the NVIDIA GPUs this process may use, in CUDA's order (`listed`:
+    nvidia-smi's (index, model) pairs, asked for when not given)."""
+    listed = _nvidia_smi() if listed is None else listed
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return [name for _, name in listed]
@@ -109,9 +111,9 @@ def _nvidia_smi() -> list[tuple[int, str]]:
     return gpus
 
 
-def _why_no_gpu() -> str:
+def _why_no_gpu(listed: list[tuple[int, str]]) -> str:
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and _nvidia_smi():
+    if visible is not None and listed:
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides them"
     return "nvidia-smi is missing, failed or lists none"
 

@@ -308,11 +308,10 @@ def _run_child(run_id: str, grid: Grid, spec: RunSpec, head: str, progress: Prog
             outcome.status = tracking.FINISHED
         else:
             if error is None:
-                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
                 error = {"type": "ChildDied", "message":
                          f"cell process exited with status {rc} "
                          f"({_signal_name(rc)}) without reporting an error",
-                         "traceback": tail}
+                         "traceback": _tail(log_path)}
             outcome.error = f"{error['type']}: {error['message']}"
         _record_outcome(run_id, outcome, error, log_path)
     acc = outcome.metrics.get("test_acc")
