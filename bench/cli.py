@@ -11,6 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from bench import devices
 from bench import grid as gridmod
 
 
@@ -20,14 +21,19 @@ def _run(args) -> int:
     except gridmod.GridError as e:
         print(e, file=sys.stderr)
         return 2
-    if args.device:
-        if args.device.split(":")[0] not in gridmod.DEVICE_PREFIXES:
-            print(f"--device {args.device!r}: allowed: auto, cpu, cuda, cuda:<i>, mps",
-                  file=sys.stderr)
-            return 2
-        g.device = args.device
+    problem = devices.check(args.device) if args.device else None
+    if problem:
+        print(f"--device {args.device!r}: {problem}", file=sys.stderr)
+        return 2
+    try:
+        # every cell stamped with its device kind before anything looks for finished ones
+        g = g.on_device(args.device)
+    except devices.DeviceError as e:
+        print(f"grid {g.path}: {e}; nothing was run", file=sys.stderr)
+        return 2
     if args.dry_run:
-        print(f"grid {g.name!r} ({g.path}): {len(g.specs)} cells"
+        print(f"grid {g.name!r} ({g.path}): {len(g.specs)} cells on {g.device_kind} "
+              f"(device {g.device})"
               + (f" ({g.duplicates} duplicates removed)" if g.duplicates else ""))
         for s in g.specs:
             print(f"  {s.hash}  {g.label(s)}")
@@ -77,11 +83,14 @@ def _report(args) -> int:
             name = grid.name
         except gridmod.GridError:
             name = sel
-        exp_id = tracking.experiment_id(name, create=False)
+        exp_id, restored = tracking.open_experiment(name, create=False)
         if exp_id is None:
             print(f"no MLflow experiment named {name!r} at {tracking.tracking_uri()}",
                   file=sys.stderr)
             return 2
+        if restored:
+            print(f"experiment {name!r} (id {exp_id}) had been deleted; restored it to "
+                  f"report on it", file=sys.stderr)
         if not args.all:
             latest = tracking.latest_parent(exp_id)
             parent = latest.info.run_id if latest else None
@@ -89,7 +98,11 @@ def _report(args) -> int:
     if expected is None and parent:  # a parent from before cells.json: its grid file
         grid = _parent_grid(parent) or grid
     if expected is None and grid is not None:
-        expected = tracking.cell_list(grid)
+        # the cells as the invocation ran them: stamped with the device kind it recorded
+        # (none before the kind was recorded: the CPU, the field's default)
+        ref = tracking.get_run(parent) if parent else tracking.latest_parent(exp_id)
+        kind = (ref.data.tags.get(tracking.TAG + "device_kind") if ref else None) or "cpu"
+        expected = tracking.cell_list(grid.with_device_kind(kind))
     data = report.load(exp_id, parent, expected)
     data.command = "python -m bench report " + " ".join(args.argv)
     print(report.compact(data.frame))

@@ -23,7 +23,8 @@ Protocol, over a Unix SOCK_SEQPACKET socket (one JSON message per packet):
     server -> runner   {"pid": pid}                        the child started
     server -> runner   {"exit": pid, "code": code}         the child ended (Popen's codes)
 The child's stdout and stderr are the pipe, so the runner reads a forked cell exactly like a
-spawned one (bench/cell.py's marked lines, everything else is the cell's log).
+spawned one (bench/cell.py's marked lines, everything else is the cell's log). Forked or
+spawned, a cell leads a process group of its own, which the runner signals to end it.
 """
 
 from __future__ import annotations
@@ -58,10 +59,13 @@ def cell_env() -> dict[str, str]:
 
 
 def spawn(job: Path) -> subprocess.Popen:
-    """A fresh interpreter for one cell: `python -m bench.cell job.json`."""
+    """A fresh interpreter for one cell: `python -m bench.cell job.json`, leading a process
+    group of its own (as a forked cell does) so that the runner can end it with whatever it
+    started."""
     return subprocess.Popen([sys.executable, "-m", "bench.cell", str(job)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=cell_env(), bufsize=1, errors="replace")
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=cell_env(), bufsize=1,
+                            errors="replace", process_group=0)
 
 
 class ServerFailed(RuntimeError):
@@ -244,6 +248,12 @@ def _child(sock: socket.socket, job: str, out_fd: int) -> None:
     """In the forked child: the pipe becomes stdout and stderr, then bench.cell runs."""
     code = 1
     try:
+        # a process group of its own: the runner ends a cell (time limit, Ctrl-C) with
+        # everything it started (DataLoader workers) by signalling the group
+        try:
+            os.setpgid(0, 0)
+        except OSError:  # then the runner signals the cell alone, as it did before
+            pass
         sock.close()
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -30,8 +30,11 @@ Schema (see bench/grids/default.toml for a commented example):
     subset = 120
     epochs = 1
 
-    [run]
+    [run]                                # how the grid runs; not part of any cell's identity
     device = "auto"                      # auto (GPU if present) | cpu | cuda | cuda:1 | mps
+    timeout_minutes = 30                 # a cell running longer is killed, recorded FAILED
+    deterministic = "auto"               # deterministic algorithms: true | false | "auto"
+                                         # (auto: on for the CPU, off on a GPU: they cost speed)
 
     [datasets.mypets]                    # a grid-local dataset card
     source = "image_folder"
@@ -40,13 +43,14 @@ Schema (see bench/grids/default.toml for a commented example):
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from bench import pretrain
+from bench import devices, pretrain
 from bench import spec as specmod
 from bench.data import CardError, DatasetError, check_card, scan_image_folder, shipped_cards
 from bench.paths import grids_dir
@@ -55,11 +59,13 @@ from strategies import FRAMEWORKS, registry
 from strategies import backbones as bb
 
 TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets"}
-RUN_KEYS = {"device"}
+RUN_KEYS = {"device", "timeout_minutes", "deterministic"}
 SMOKE_DEFAULTS = {"subset": 120, "epochs": 1}
 SPEC_FIELDS = {f.name: f for f in fields(RunSpec) if f.name != "strategy_params"}
+# RunSpec fields the harness sets itself, never a grid file: why, for the refusal
+SET_BY_RUNNER = {"device_kind": "it is set from run.device / --device (the kind of device "
+                                "the cell runs on: cpu, mps or cuda:<model>)"}
 REQUIRED_AXES = ("framework", "backbone", "dataset")
-DEVICE_PREFIXES = ("auto", "cpu", "cuda", "mps")
 
 
 class GridError(ValueError):
@@ -82,9 +88,28 @@ class Grid:
     description: str = ""
     smoke: bool = False
     duplicates: int = 0
+    timeout_minutes: float | None = None  # per cell; None: no limit
+    deterministic: str | bool = "auto"
+    device_kind: str | None = None  # set by on_device(): the kind every spec is stamped with
 
     def label(self, s: RunSpec) -> str:
         return s.label(self.varying)
+
+    def on_device(self, device: str | None = None) -> Grid:
+        """This grid run on `device` (default: its run.device), every cell stamped with the
+        kind of device that resolves to here (bench/devices.py: cpu, mps, cuda:<model>).
+
+        The stamp is what makes a cell's identity name its device, so it must come before
+        anything looks up finished cells: a grid finished on the CPU and run again on a GPU
+        runs again. Raises devices.DeviceError (nothing has run) when the device is not here."""
+        device = device or self.device
+        return self.with_device_kind(devices.resolve_kind(device), device)
+
+    def with_device_kind(self, kind: str, device: str | None = None) -> Grid:
+        """Every cell stamped with `kind` as it is (a kind recorded by an earlier run)."""
+        specs = [dataclasses.replace(s, device_kind=kind) for s in self.specs]
+        return dataclasses.replace(self, device=device or self.device, device_kind=kind,
+                                   specs=specs)
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -129,13 +154,7 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
     axes = _axes(sections["axes"], problems)
     defaults = _scalars(sections["defaults"], "defaults", problems)
     smoke_over = {**SMOKE_DEFAULTS, **_scalars(sections["smoke"], "smoke", problems)}
-    run = sections["run"]
-    bad = sorted(set(run) - RUN_KEYS)
-    if bad:
-        problems.append(f"run: unknown key(s) {bad}; allowed: {sorted(RUN_KEYS)}")
-    device = str(run.get("device", "auto"))
-    if device.split(":")[0] not in DEVICE_PREFIXES:
-        problems.append(f"run.device = {device!r}: allowed: auto, cpu, cuda, cuda:<i>, mps")
+    run = _run_table(sections["run"], problems)
     missing = [r for r in REQUIRED_AXES if not any(r in k for k in axes) and r not in defaults]
     for req in missing:
         problems.append(f"axes.{req} is missing: every grid names at least one {req}")
@@ -155,12 +174,32 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
                                           if pretrain.is_pretrained(s.weights)}
     return Grid(name=f"{name}-smoke" if smoke else name, path=where, specs=unique,
                 cards={k: {f: x for f, x in v.items() if f != "_problem"}
-                       for k, v in cards.items() if k in used}, device=device,
-                varying=varying, description=str(doc.get("description", "")), smoke=smoke,
-                duplicates=len(specs) - len(unique))
+                       for k, v in cards.items() if k in used}, varying=varying,
+                description=str(doc.get("description", "")), smoke=smoke,
+                duplicates=len(specs) - len(unique), **run)
 
 
 # ---- pieces ------------------------------------------------------------------------------
+def _run_table(run: dict, problems: list[str]) -> dict:
+    """[run]: how the grid runs (not part of any cell's identity) -> Grid keyword arguments."""
+    bad = sorted(set(run) - RUN_KEYS)
+    if bad:
+        problems.append(f"run: unknown key(s) {bad}; allowed: {sorted(RUN_KEYS)}")
+    out = {"device": run.get("device", "auto"), "timeout_minutes": run.get("timeout_minutes"),
+           "deterministic": run.get("deterministic", "auto")}
+    msg = devices.check(out["device"])
+    if msg:
+        problems.append(f"run.device = {out['device']!r}: {msg}")
+    t = out["timeout_minutes"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
+        problems.append(f"run.timeout_minutes = {t!r}: must be a number of minutes > 0 "
+                        f"(leave it out for no limit)")
+    d = out["deterministic"]
+    if not (isinstance(d, bool) or d == "auto"):
+        problems.append(f"run.deterministic = {d!r}: allowed: \"auto\", true, false")
+    return out
+
+
 def _unique(items: list[str]) -> list[str]:
     return list(dict.fromkeys(items))
 
@@ -184,9 +223,7 @@ def _axes(axes: dict, problems: list[str]) -> dict[tuple[str, ...], list]:
     out: dict[tuple[str, ...], list] = {}
     for key, values in axes.items():
         names = tuple(k.strip() for k in key.split(","))
-        unknown = [n for n in names if n not in SPEC_FIELDS]
-        for n in unknown:
-            problems.append(f"axes.{n}: unknown field; allowed: {', '.join(SPEC_FIELDS)}")
+        unknown = [n for n in names if _field_problem(n, "axes", problems)]
         if unknown:
             continue
         if not isinstance(values, list) or not values:
@@ -205,12 +242,24 @@ def _axes(axes: dict, problems: list[str]) -> dict[tuple[str, ...], list]:
     return out
 
 
+def _field_problem(name: str, where: str, problems: list[str]) -> bool:
+    """True (and the problem noted) when `name` is not a field a grid file may set."""
+    if name in SET_BY_RUNNER:
+        problems.append(f"{where}.{name}: not a grid field: {SET_BY_RUNNER[name]}")
+        return True
+    if name not in SPEC_FIELDS:
+        allowed = ", ".join(f for f in SPEC_FIELDS if f not in SET_BY_RUNNER)
+        problems.append(f"{where}.{name}: unknown field; allowed: {allowed}")
+        return True
+    return False
+
+
 def _scalars(table: dict, where: str, problems: list[str]) -> dict:
     out = {}
     for k, v in table.items():
-        if k not in SPEC_FIELDS:
-            problems.append(f"{where}.{k}: unknown field; allowed: {', '.join(SPEC_FIELDS)}")
-        elif isinstance(v, list):
+        if _field_problem(k, where, problems):
+            continue
+        if isinstance(v, list):
             problems.append(f"{where}.{k} = {v!r}: a list belongs under [axes]")
         else:
             out[k] = v
@@ -234,12 +283,14 @@ def _expand(axes, defaults, overrides, cards, problems) -> tuple[list[RunSpec], 
         values.update(over)
         if overrides and pretrain.is_pretrained(str(values.get("weights", ""))):
             values["weights"] = pretrain.shrink(values["weights"], overrides)
-        specs += _cells(values, where, cards, problems)
+        specs += _cells(values, where, cards, problems, smoke_epochs=overrides.get("epochs"))
     return specs, varying
 
 
-def _cells(values: dict, where: dict, cards: dict, problems: list[str]) -> list[RunSpec]:
-    """One combination of axis values -> its cells (a strategy selector may expand)."""
+def _cells(values: dict, where: dict, cards: dict, problems: list[str],
+           smoke_epochs: int | None = None) -> list[RunSpec]:
+    """One combination of axis values -> its cells (a strategy selector may expand).
+    `smoke_epochs`: --smoke's epochs, raised per cell to what its strategy can train."""
     def loc(f):
         return where.get(f, f"defaults.{f}")
 
@@ -268,8 +319,30 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str]) -> list[
     for k in ("lr", "weight_decay"):
         if k in base:
             base[k] = float(base[k])
-    return [RunSpec(**base, strategy=sname, strategy_params=tuple(p.items()))
-            for sname, p in combos]
+    cells = []
+    for sname, p in combos:
+        epochs = _budget(sname, p, base.get("epochs", SPEC_FIELDS["epochs"].default),
+                         smoke_epochs, f"{loc('epochs')}: epochs", str(selector), problems)
+        if epochs is not None:
+            cells.append(RunSpec(**{**base, "epochs": epochs}, strategy=sname,
+                                 strategy_params=tuple(p.items())))
+    return cells
+
+
+def _budget(sname: str, params: dict, epochs: int, smoke_epochs: int | None, where: str,
+            selector: str, problems: list[str]) -> int | None:
+    """The cell's epochs, or None (the problem noted) when its strategy cannot train in them.
+    Under --smoke a cell gets the fewest epochs its strategy can train (two_stage: one per
+    phase), so shrinking a grid never makes it invalid."""
+    strat = registry.get(sname)
+    if smoke_epochs is not None:
+        return max(smoke_epochs, strat.min_epochs(params))
+    problem = strat.budget_problem(params, epochs)
+    if problem:
+        problems.append(f"{where} = {epochs!r} is too few for strategy = {selector!r}: "
+                        f"{problem}")
+        return None
+    return epochs
 
 
 def _folder_problem(card: dict) -> str | None:
@@ -318,7 +391,8 @@ def _check_field(f: str, v, cards: dict) -> str | None:
         return ("allowed: 'imagenet', 'none', 'pretrained:<dataset>[epochs=..,seed=..,"
                 "subset=..,lr=..]' or the path of an existing weights file")
     choices = {"optimizer": specmod.OPTIMIZERS, "precision": specmod.PRECISIONS,
-               "augmentation": specmod.AUGMENTATIONS, "head": specmod.HEADS}
+               "augmentation": specmod.AUGMENTATIONS, "head": specmod.HEADS,
+               "select": specmod.SELECTS}
     if f in choices and v not in choices[f]:
         return f"allowed: {', '.join(choices[f])}"
     minimum = {"image_size": 8, "batch_size": 1, "epochs": 1, "seed": 0, "subset": 0,

@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,10 +72,20 @@ class Progress:
         if quiet and not self.tty:
             return
         if self.tty and live:
-            self.stream.write("\r\033[K" + text[: os.get_terminal_size().columns - 1])
+            self.stream.write("\r\033[K" + text[: _columns(self.stream) - 1])
         else:
             self.stream.write(("\r\033[K" if self.tty else "") + text + "\n")
         self.stream.flush()
+
+
+def _columns(stream) -> int:
+    """The width of the terminal `stream` is on. Not stdout's: `bench run > table.md` leaves
+    the progress on a terminal and stdout in a file."""
+    try:
+        columns = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        columns = 0
+    return columns if columns > 0 else shutil.get_terminal_size().columns
 
 
 def _fmt_s(s: float) -> str:
@@ -81,28 +94,42 @@ def _fmt_s(s: float) -> str:
 
 
 def run_grid(grid: Grid, grid_text: str, rerun: bool = False,
-             stream=sys.stderr) -> GridResult:
-    exp_id = tracking.experiment_id(grid.name)
+             stream=sys.stderr, launcher: Launcher | None = None) -> GridResult:
+    """Run the grid's cells that have no FINISHED run yet (all of them with `rerun`).
+
+    A grid not yet stamped with its device kind (Grid.on_device: the CLI does it) is stamped
+    here, before finished cells are looked up. `launcher` starts the cell processes (default:
+    fork servers, else fresh interpreters)."""
+    if grid.device_kind is None:
+        grid = grid.on_device()
+    exp_id, restored = tracking.open_experiment(grid.name)
     closed = tracking.close_stale_runs(exp_id)
     if closed:
         print(f"marked {len(closed)} run(s) left RUNNING by a dead runner as KILLED",
               file=stream)
-    done = set() if rerun else tracking.finished_hashes(exp_id)
-    todo = [s for s in grid.specs if s.hash not in done]
-    outcomes = [Outcome(s, "SKIPPED") for s in grid.specs if s.hash in done]
-    print(f"grid {grid.name!r}: {len(grid.specs)} cells, {len(outcomes)} already finished, "
-          f"{len(todo)} to run  (MLflow: {tracking.tracking_uri()}, experiment {exp_id})",
-          file=stream)
+    todo, skipped = plan(grid, exp_id, rerun)
+    if restored:
+        _say_restored(grid, exp_id, rerun, stream)
+    outcomes = [Outcome(s, "SKIPPED") for s in skipped]
+    print(f"grid {grid.name!r}: {len(grid.specs)} cells on {grid.device_kind}, "
+          f"{len(outcomes)} already finished, {len(todo)} to run  "
+          f"(MLflow: {tracking.tracking_uri()}, experiment {exp_id})", file=stream)
     if not todo:
         return GridResult(exp_id, None, outcomes)
 
     parent = tracking.start_parent(exp_id, grid, len(todo), grid_text)
     progress = Progress(len(todo), stream)
     status = tracking.FINISHED
-    launcher = Launcher()
+    launcher = launcher or Launcher()
     try:
         for i, spec in enumerate(todo):
-            o = run_cell(exp_id, parent, grid, spec, i, progress, launcher)
+            try:
+                o = run_cell(exp_id, parent, grid, spec, i, progress, launcher)
+            except Exception as e:  # noqa: BLE001 - the runner's own failure ends the cell only
+                o = Outcome(spec, tracking.FAILED, error=f"{type(e).__name__} in the runner: "
+                                                        f"{e}")
+                progress.line(f"[{i + 1}/{progress.total}] {grid.label(spec)}  FAILED  "
+                              f"{o.error.splitlines()[0][:200]}")
             outcomes.append(o)
             progress.done_seconds.append(o.seconds)
     except KeyboardInterrupt:
@@ -117,6 +144,29 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False,
         tracking.end_run(parent, status if status == tracking.KILLED
                          else (tracking.FAILED if failed else tracking.FINISHED))
     return GridResult(exp_id, parent, outcomes)
+
+
+def plan(grid: Grid, exp_id: str, rerun: bool = False) -> tuple[list[RunSpec], list[RunSpec]]:
+    """(cells to run, cells skipped): a cell is skipped when the experiment holds a FINISHED
+    run of its hash, which names its device kind once the grid is stamped (on_device)."""
+    done = set() if rerun else tracking.finished_hashes(exp_id)
+    return ([s for s in grid.specs if s.hash not in done],
+            [s for s in grid.specs if s.hash in done])
+
+
+def _say_restored(grid: Grid, exp_id: str, rerun: bool, stream) -> None:
+    """A deleted experiment keeps its name (and runs) until purged, so it was restored: say
+    so, since its finished cells count as done again."""
+    held = len({s.hash for s in grid.specs} & tracking.finished_hashes(exp_id))
+    fate = "they run again (--rerun)" if rerun else "they will be skipped"
+    uri = tracking.tracking_uri()
+    store = ("--tracking-uri" if uri.startswith(("http://", "https://"))
+             else "--backend-store-uri")
+    print(f"experiment {grid.name!r} (id {exp_id}) had been deleted; restored it. It holds "
+          f"{held} finished cell(s) of this grid: {fate}. To start fresh: --rerun (every "
+          f"cell runs again, the old runs stay), or purge it first: mlflow experiments "
+          f"delete --experiment-id {exp_id} && mlflow gc {store} {uri} --experiment-ids "
+          f"{exp_id}", file=stream)
 
 
 def run_cell(exp_id: str, parent: str, grid: Grid, spec: RunSpec, index: int,
@@ -207,20 +257,46 @@ def _refuse(exp_id: str, parent: str, grid: Grid, spec: RunSpec, label: str, hea
     return Outcome(spec, tracking.FAILED, run_id, error)
 
 
+def job_for(grid: Grid, spec: RunSpec, extra: dict) -> dict:
+    """The job the cell process reads (bench/cell.py): its spec and dataset card, the device
+    to use, and whether to use deterministic algorithms."""
+    return {"spec": spec.to_params(), "card": grid.cards[spec.dataset],
+            "device": cell_device(grid), "deterministic": deterministic(grid, spec), **extra}
+
+
+def cell_device(grid: Grid) -> str:
+    """The device the cell is told to use: `auto` made definite where it resolved to a GPU,
+    so a framework that cannot see that GPU fails the cell instead of measuring the CPU
+    under the GPU's kind."""
+    if grid.device == "auto" and (grid.device_kind or "").startswith("cuda:"):
+        return "cuda"
+    return grid.device
+
+
+def deterministic(grid: Grid, spec: RunSpec) -> bool:
+    """[run] deterministic. "auto": on for the CPU (a cell run again gives the same numbers,
+    at little cost), off on a GPU, where deterministic kernels cost the speed it measures."""
+    if isinstance(grid.deterministic, bool):
+        return grid.deterministic
+    return spec.device_kind == "cpu"
+
+
 def _run_child(run_id: str, grid: Grid, spec: RunSpec, head: str, progress: Progress,
                launcher: Launcher, job_extra: dict) -> Outcome:
     """Run one spec in a child process and record its outcome on `run_id`."""
     started = time.perf_counter()
     outcome = Outcome(spec, tracking.FAILED, run_id)
+    limit_s = grid.timeout_minutes * 60 if grid.timeout_minutes else None
     with tempfile.TemporaryDirectory(prefix="tlbench-") as tmp:
         job = Path(tmp) / "job.json"
-        job.write_text(json.dumps({"spec": spec.to_params(), "card": grid.cards[spec.dataset],
-                                   "device": grid.device, **job_extra}))
+        job.write_text(json.dumps(job_for(grid, spec, job_extra)))
         log_path = Path(tmp) / "cell.log"
         progress.line(f"{head}  starting", live=True, quiet=True)
         try:
-            rc, error = _supervise(launcher, spec.framework, job, log_path, run_id, outcome,
-                                   head, progress, len(progress.done_seconds), started)
+            with tracking.system_metrics(run_id):
+                rc, error = _supervise(launcher, spec.framework, job, log_path, run_id,
+                                       outcome, head, progress, len(progress.done_seconds),
+                                       started, limit_s)
         except KeyboardInterrupt:
             outcome.status, outcome.error = tracking.KILLED, "interrupted (Ctrl-C / SIGTERM)"
             tracking.set_tags(run_id, {"error": outcome.error})
@@ -232,22 +308,41 @@ def _run_child(run_id: str, grid: Grid, spec: RunSpec, head: str, progress: Prog
             outcome.status = tracking.FINISHED
         else:
             if error is None:
-                tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
                 error = {"type": "ChildDied", "message":
                          f"cell process exited with status {rc} "
                          f"({_signal_name(rc)}) without reporting an error",
-                         "traceback": tail}
+                         "traceback": _tail(log_path)}
             outcome.error = f"{error['type']}: {error['message']}"
-            tracking.set_tags(run_id, {"error": outcome.error[:5000]})
-            tracking.log_text(run_id, error.get("traceback", ""), "error.txt")
-        tracking.log_metrics(run_id, {"cell_seconds": outcome.seconds})
-        _log_log(run_id, log_path)
-        tracking.end_run(run_id, outcome.status)
+        _record_outcome(run_id, outcome, error, log_path)
     acc = outcome.metrics.get("test_acc")
     result = (f"test_acc {acc:.3f}" if acc is not None else "") if outcome.status == \
         tracking.FINISHED else outcome.error.splitlines()[0][:200]
     progress.line(f"{head}  {outcome.status}  {_fmt_s(outcome.seconds)}  {result}")
     return outcome
+
+
+def _record_outcome(run_id: str, outcome: Outcome, error: dict | None, log_path: Path) -> None:
+    """The outcome into MLflow, each piece tried on its own: a store that fails on one still
+    gets the others, and the run is ended in any case (FAILED if its record is incomplete)."""
+    steps = [lambda: tracking.log_metrics(run_id, {"cell_seconds": outcome.seconds}),
+             lambda: _log_log(run_id, log_path)]
+    if error is not None:
+        steps[:0] = [lambda: tracking.set_tags(run_id, {"error": outcome.error[:5000]}),
+                     lambda: tracking.log_text(run_id, error.get("traceback", ""), "error.txt")]
+    for step in steps:
+        try:
+            step()
+        except Exception as e:  # noqa: BLE001 - recorded as the cell's error below
+            if outcome.status == tracking.FINISHED:
+                outcome.status = tracking.FAILED
+                outcome.error = (f"{type(e).__name__} in the runner: the cell finished but "
+                                 f"its record could not be completed: {e}")
+    try:
+        if outcome.status != tracking.FINISHED and error is None:
+            tracking.set_tags(run_id, {"error": outcome.error[:5000]})
+        tracking.end_run(run_id, outcome.status)
+    except Exception as e:  # noqa: BLE001 - the store is down; the console still says why
+        outcome.error = outcome.error or f"{type(e).__name__} in the runner: {e}"
 
 
 def _signal_name(rc: int) -> str:
@@ -266,53 +361,148 @@ def _log_log(run_id: str, log_path: Path) -> None:
 
 def _supervise(launcher: Launcher, framework: str, job: Path, log_path: Path, run_id: str,
                outcome: Outcome, head: str, progress: Progress, cells_done: int,
-               started: float):
+               started: float, limit_s: float | None = None):
     """Run the child, stream its events into MLflow, tee the rest into the cell log.
+
+    Returns (exit status, error event or None). A line this runner cannot record (not JSON,
+    or MLflow refused it) ends the cell with that error, since its record would be
+    incomplete; a cell still running after `limit_s` seconds is killed with everything it
+    started (its process group) and fails as timed out.
 
     `startup_seconds` is measured here, from asking for the cell process to the child's
     `startup` event (its backend imported): forked from a warm server that is the fork
     (plus the server's own import for a framework's first cell), spawned it is a whole
     interpreter start and import."""
     proc, how = launcher.start(framework, job)
-    tags = {"launch": how}
-    if how == "spawn" and framework in launcher.refused:
-        tags["launch_note"] = launcher.refused[framework][:5000]
-    tracking.set_tags(run_id, tags)
+    # the limit starts with the cell's process: a fork server's one import is not the cell's
+    watchdog = Watchdog(proc, limit_s)
     error = None
     try:
         with log_path.open("w") as log:
-            for line in proc.stdout:
-                if not line.startswith(MARK):
-                    log.write(line)
-                    continue
-                ev = json.loads(line[len(MARK):])
-                kind = ev.pop("event")
-                if kind == "metrics":
-                    tracking.log_metrics(run_id, ev["metrics"], ev["step"])
-                    if ev["step"] is None:
-                        outcome.metrics.update(ev["metrics"])
-                elif kind == "tags":
-                    tracking.set_tags(run_id, ev["tags"])
-                elif kind == "artifact":
-                    tracking.log_text(run_id, ev["text"], ev["name"])
-                elif kind == "startup":
-                    tracking.log_metrics(run_id, {
-                        "startup_seconds": time.perf_counter() - started})
-                elif kind == "error":
-                    error = ev
-                    log.write(ev.get("traceback", ""))
-                elif kind == "progress":
-                    progress.line(_progress_text(head, ev, progress, cells_done, started),
-                                  live=True, quiet="val_acc" not in ev)
+            try:
+                tags = {"launch": how}
+                if how == "spawn" and framework in launcher.refused:
+                    tags["launch_note"] = launcher.refused[framework][:5000]
+                tracking.set_tags(run_id, tags)
+                for line in proc.stdout:
+                    if not line.startswith(MARK):
+                        log.write(line)
+                        continue
+                    error = _record_event(line, run_id, outcome, log, head, progress,
+                                          cells_done, started) or error
+            except Exception as e:  # noqa: BLE001 - a runner-side failure ends this cell only
+                error = _runner_error(e)
+                log.write(f"[tlbench runner] {error['message']}\n{error['traceback']}")
+                _stop(proc)
         rc = proc.wait()
     except BaseException:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc)
         raise
+    finally:
+        watchdog.cancel()
+    if watchdog.fired:
+        error = {"type": "CellTimeout",
+                 "message": f"timed out after {limit_s / 60:g} minutes ([run] timeout_minutes); "
+                            f"the cell's processes were killed",
+                 "traceback": _tail(log_path)}
     return rc, error
+
+
+def _record_event(line: str, run_id: str, outcome: Outcome, log, head: str,
+                  progress: Progress, cells_done: int, started: float) -> dict | None:
+    """One marked line of the child into MLflow (or the progress line); returns the
+    child's `error` event, if this is one."""
+    try:
+        ev = json.loads(line[len(MARK):])
+        kind = ev.pop("event")
+    except (ValueError, AttributeError, KeyError) as e:
+        raise BadEvent(f"malformed event line from the cell process: "
+                       f"{line.strip()[:300]!r} ({type(e).__name__}: {e})") from e
+    if kind == "metrics":
+        tracking.log_metrics(run_id, ev["metrics"], ev["step"])
+        if ev["step"] is None:
+            outcome.metrics.update(ev["metrics"])
+    elif kind == "tags":
+        tracking.set_tags(run_id, ev["tags"])
+    elif kind == "artifact":
+        tracking.log_text(run_id, ev["text"], ev["name"])
+    elif kind == "startup":
+        tracking.log_metrics(run_id, {"startup_seconds": time.perf_counter() - started})
+    elif kind == "error":
+        log.write(ev.get("traceback", ""))
+        return ev
+    elif kind == "progress":
+        progress.line(_progress_text(head, ev, progress, cells_done, started),
+                      live=True, quiet="val_acc" not in ev)
+    return None
+
+
+class BadEvent(ValueError):
+    """A marked line from the cell process that is not a well-formed event."""
+
+
+def _runner_error(e: Exception) -> dict:
+    """The error of a cell whose output this runner could not record, as an error event."""
+    what = str(e) if isinstance(e, BadEvent) else \
+        f"the runner could not record the cell's output in MLflow: {type(e).__name__}: {e}"
+    return {"type": type(e).__name__, "message": what, "traceback": traceback.format_exc()}
+
+
+def _tail(log_path: Path) -> str:
+    return log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+
+
+class Watchdog:
+    """Ends a cell that runs past its time limit: SIGTERM to its process group, SIGKILL
+    after GRACE_S. Only signals (the runner's thread reads and waits for the cell)."""
+
+    GRACE_S = 5.0
+
+    def __init__(self, proc, limit_s: float | None):
+        self.proc = proc
+        self.fired = False
+        self._done = threading.Event()
+        self._timer = None
+        if limit_s:
+            self._timer = threading.Timer(limit_s, self._fire)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired = True
+        _signal_group(self.proc, signal.SIGTERM)
+        if not self._done.wait(self.GRACE_S):
+            _signal_group(self.proc, signal.SIGKILL)
+
+    def cancel(self) -> None:
+        self._done.set()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.fired:  # whatever the cell started and is still alive goes too
+            _signal_group(self.proc, signal.SIGKILL)
+
+
+def _stop(proc, grace_s: float = 10.0) -> None:
+    """End a cell and what it started (its process group): SIGTERM, SIGKILL after grace."""
+    _signal_group(proc, signal.SIGTERM)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        _signal_group(proc, signal.SIGKILL)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass  # unkillable (a process stuck in the kernel); nothing more to do from here
+    _signal_group(proc, signal.SIGKILL)  # stragglers of the group (loader workers)
+
+
+def _signal_group(proc, sig: int) -> None:
+    """`sig` to the cell's process group: a cell leads its own (bench/forkserver.py), so
+    DataLoader workers and the like go with it. A cell that leads none gets it alone."""
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        proc.send_signal(sig)
 
 
 def _progress_text(head: str, ev: dict, progress: Progress, cells_done: int,

@@ -6,7 +6,8 @@ MLFLOW_TRACKING_URI points somewhere else (a shared server, another folder).
 
 Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbone,
 strategy, dataset, device, git_commit, versions, host, pid; on failure `error`. The parent
-run holds the grid file (grid.toml) and the cells it expects (cells.json), and, once
+run holds the grid file (grid.toml), the cells it expects (cells.json) and the tag
+device_kind (what its cells were stamped with), and, once
 `bench report` has run, report.md with its tables/ and figures/.
 
 The reporter's read helpers (bottom of this file) return plain rows; bench/report.py never
@@ -15,11 +16,15 @@ touches MLflow objects.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import os
 import socket
 import subprocess
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 from bench.paths import ROOT
 from bench.spec import RunSpec
@@ -30,10 +35,47 @@ FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 CELLS_ARTIFACT = "cells.json"  # on a parent run: the grid's cells (hash, name, params)
 
 
+SYSTEM_METRICS_INTERVAL_S = 1.0  # a sample a second, each logged: a 10 s cell gets ~10
+
+_READY: set[str] = set()  # tracking URIs whose store this process has opened once
+
+
 def client():
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient()
+    uri = tracking_uri()
+    if uri in _READY:
+        return MlflowClient()
+    # MlflowClient() creates a fresh sqlite store and migrates its schema; two runners doing
+    # that at once fail in alembic ("CommandError: ... 0 found"). Opening the store under a
+    # file lock lets the first create it and the next find it made.
+    with _store_lock(uri):
+        c = MlflowClient()
+    _READY.add(uri)
+    return c
+
+
+@contextmanager
+def _store_lock(uri: str):
+    path = _sqlite_path(uri)
+    if path is None:  # a server or another database does its own locking
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///path` URI (None for anything else, or in memory)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def tracking_uri() -> str:
@@ -43,13 +85,32 @@ def tracking_uri() -> str:
 
 
 def experiment_id(name: str, create: bool = True) -> str | None:
+    return open_experiment(name, create)[0]
+
+
+def open_experiment(name: str, create: bool = True) -> tuple[str | None, bool]:
+    """(the experiment's id, whether it had been deleted and was restored just now).
+
+    A deleted experiment keeps its name until `mlflow gc` purges it, so it is restored, not
+    shadowed; the caller says so, since its finished cells count as done again. Created when
+    missing (and `create`); a runner that loses the race to create it uses the winner's."""
+    from mlflow.exceptions import MlflowException
+
     c = client()
     exp = c.get_experiment_by_name(name)
-    if exp is not None:
-        if exp.lifecycle_stage == "deleted":
-            c.restore_experiment(exp.experiment_id)
-        return exp.experiment_id
-    return c.create_experiment(name) if create else None
+    if exp is None and create:
+        try:
+            return c.create_experiment(name), False
+        except MlflowException:
+            exp = c.get_experiment_by_name(name)  # another runner created it meanwhile
+            if exp is None:
+                raise
+    if exp is None:
+        return None, False
+    if exp.lifecycle_stage == "deleted":
+        c.restore_experiment(exp.experiment_id)
+        return exp.experiment_id, True
+    return exp.experiment_id, False
 
 
 def git_commit() -> str:
@@ -74,6 +135,7 @@ def start_parent(exp_id: str, grid, n_todo: int, grid_text: str) -> str:
     run = c.create_run(exp_id, run_name=f"{grid.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                        tags={TAG + "kind": "grid", TAG + "grid": grid.name,
                              TAG + "grid_path": grid.path, TAG + "smoke": str(grid.smoke),
+                             TAG + "device_kind": grid.device_kind or "cpu",
                              TAG + "cells": str(len(grid.specs)), TAG + "todo": str(n_todo),
                              "mlflow.note.content": grid.description, **_host_tags()})
     c.log_text(run.info.run_id, grid_text, "grid.toml")
@@ -133,6 +195,42 @@ def log_file(run_id: str, path: str) -> None:
 
 def end_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
+
+
+@contextmanager
+def system_metrics(run_id: str):
+    """MLflow's own system metrics (system/cpu_utilization_percentage, memory, disk,
+    network; GPU through NVML when pynvml is installed) on `run_id` while the block runs.
+
+    Sampled in this process, the runner's, since the cell process has no MLflow client; the
+    figures are the machine's, so they include the cell. Every sample is logged (a cell is
+    short); stopped, and what is pending flushed, when the block ends, however it ends."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    # its start/stop notes are INFO lines on the console, once per cell: keep them out
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    try:
+        monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S,
+                                       samples_before_logging=1, tracking_uri=tracking_uri())
+    except Exception as e:  # noqa: BLE001 - a cell is not failed for its side readings
+        set_tags(run_id, {"system_metrics": f"off: {type(e).__name__}: {e}"})
+        yield None
+        return
+    monitor.start()
+    try:
+        yield monitor
+    finally:
+        monitor.finish()
+        _log_last_sample(monitor)
+
+
+def _log_last_sample(monitor) -> None:
+    """MLflow's monitor drops the samples of its last, unfinished interval: log them, so a
+    cell shorter than one interval still gets its reading."""
+    pending = monitor.aggregate_metrics()
+    if pending:
+        monitor.publish_metrics(pending)
+        monitor.mlflow_logger.flush()
 
 
 # ---- resume ------------------------------------------------------------------------------

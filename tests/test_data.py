@@ -323,3 +323,17 @@ def test_torchvision_dataset_offline_with_empty_cache_says_where(name, tmp_path,
         prepare(card, seed=0, subset=0)
     msg = str(err.value)
     assert name in msg and str(tmp_path / "torchvision") in msg and "Offline" in msg
+
+
+def test_one_class_is_not_a_classification_dataset(tmp_path):
+    root = write_folder(tmp_path / "pets", {"cat": 3})
+    (root / ".thumbnails").mkdir()  # hidden folders are not classes
+    with pytest.raises(DatasetError) as e:
+        scan_image_folder(root)
+    msg = str(e.value)
+    assert str(root) in msg and "one class folder (cat)" in msg and "at least two" in msg
+    card = check_card({"name": "pets", "source": "image_folder", "root": str(root)}, "x")
+    with pytest.raises(DatasetError, match="one class folder"):
+        prepare(card, seed=0, subset=0)
+    with pytest.raises(CardError, match=r"x.classes = \[3\]: must be a list of at least two"):
+        check_card({"name": "d", "source": "sklearn_digits", "classes": [3]}, "x")

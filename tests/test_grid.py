@@ -78,7 +78,9 @@ def test_every_shipped_grid_is_valid(name):
     g = grid.load(name)
     assert g.specs and len({s.hash for s in g.specs}) == len(g.specs)
     smoke = grid.load(name, smoke=True)
-    assert smoke.name == f"{g.name}-smoke" and all(s.epochs == 1 for s in smoke.specs)
+    # one epoch, or one a phase where the strategy has several (two_stage: 2)
+    assert smoke.name == f"{g.name}-smoke" and all(
+        s.epochs == registry.get(s.strategy).min_epochs(s.params) for s in smoke.specs)
 
 
 def test_bare_name_resolves_to_the_shipped_grid(tmp_path, monkeypatch):
@@ -364,7 +366,9 @@ def test_smoke_shrinks_any_grid():
     full = grid.load("default")
     assert g.name == "default-smoke" and g.smoke
     assert len(g.specs) == len(full.specs)
-    assert all(s.epochs == 1 and 0 < s.subset <= 120 for s in g.specs)
+    assert all(0 < s.subset <= 120 for s in g.specs)
+    assert {s.strategy: s.epochs for s in g.specs} == {
+        "feature_extraction": 1, "partial": 1, "full": 1, "two_stage": 2}
     assert all("digits[n=120]" in s.name for s in g.specs)
     # a smaller subset is kept; a grid's own [smoke] table wins over the defaults
     g = from_dict(doc({"subset": [50]}, smoke={"epochs": 2}), "x.toml", smoke=True)
@@ -414,8 +418,11 @@ def test_strategy_phases():
     assert [(p.name, p.trainable_blocks, p.lr_scale, n) for p, n in ph] == [
         ("head", 0, 1.0, 2), ("finetune", 2, 0.01, 6)]
     assert ph[1][0].bn == "frozen"
-    # every phase gets at least one epoch
-    assert [n for _, n in two.phases(params, 1)] == [1, 1]
+    # every phase gets at least one epoch, and the counts sum to the cell's budget
+    assert [n for _, n in two.phases(params, 2)] == [1, 1]
+    assert [n for _, n in two.phases(params, 5)] == [2, 3]
+    with pytest.raises(registry.BudgetError, match="allowed: epochs >= 2"):
+        two.phases(params, 1)
 
 
 def test_every_strategy_expands_on_every_backbone():
@@ -425,3 +432,87 @@ def test_every_strategy_expands_on_every_backbone():
         assert len(g.specs) == len(bb.BACKBONES)
         for s in g.specs:
             assert registry.get(s.strategy).phases(s.params, 2)
+
+
+# ---- budgets, selection, the device kind and [run] -------------------------------------------
+def test_select_is_validated():
+    msg = problems(doc(defaults={"select": "best"}))
+    assert "defaults.select: select = 'best': allowed: last, best_val" in msg
+    msg = problems(doc({"select": ["last", "final"]}))
+    assert "axes.select: select = 'final': allowed: last, best_val" in msg
+    g = from_dict(doc({"select": ["last", "best_val"]}), "x.toml")
+    assert [s.select for s in g.specs] == ["last", "best_val"]
+    assert g.specs[0].hash == from_dict(doc(), "x.toml").specs[0].hash  # the default
+
+
+def test_a_budget_too_small_for_the_strategy_is_refused():
+    d = doc({"strategy": ["two_stage[depth=2,lr_scale=0.1,0.01]", "full"], "seed": [0, 1]},
+            defaults={"epochs": 1})
+    with pytest.raises(GridError) as e:
+        from_dict(d, "x.toml")
+    (msg,) = e.value.problems  # one message, though 4 cells share the problem
+    assert msg.startswith("defaults.epochs: epochs = 1 is too few for strategy = "
+                          "'two_stage[depth=2,lr_scale=0.1,0.01]'")
+    assert "two_stage trains 2 phases (head, finetune)" in msg
+    assert "allowed: epochs >= 2" in msg
+    msg = problems(doc({"epochs": [1, 4], "strategy": ["two_stage"]}))
+    assert "axes.epochs: epochs = 1 is too few for strategy = 'two_stage'" in msg
+    g = from_dict(doc({"strategy": ["two_stage", "full"]}, defaults={"epochs": 2}), "x.toml")
+    assert [s.epochs for s in g.specs] == [2, 2]
+
+
+def test_smoke_gives_each_strategy_the_epochs_it_needs():
+    # --smoke's one epoch is raised to one a phase: it never makes a valid grid invalid
+    d = doc({"strategy": ["two_stage[depth=2]", "feature_extraction", "partial[depth=1]"]},
+            defaults={"epochs": 4})
+    g = from_dict(d, "x.toml", smoke=True)
+    assert [(s.strategy, s.epochs) for s in g.specs] == [
+        ("two_stage", 2), ("feature_extraction", 1), ("partial", 1)]
+    for s in g.specs:
+        phases = registry.get(s.strategy).phases(s.params, s.epochs)
+        assert sum(n for _, n in phases) == s.epochs  # the budget recorded is the one trained
+    # a grid's own [smoke] epochs above the minimum are kept
+    g = from_dict(doc({"strategy": ["two_stage"]}, smoke={"epochs": 3}), "x.toml", smoke=True)
+    assert [s.epochs for s in g.specs] == [3]
+
+
+@pytest.mark.parametrize("section", ["axes", "defaults", "smoke"])
+def test_device_kind_is_not_a_grid_field(section):
+    d = doc()
+    if section == "axes":
+        d["axes"]["device_kind"] = ["cuda:NVIDIA H200"]
+    else:
+        d[section] = {"device_kind": "cpu"}
+    msg = problems(d, smoke=section == "smoke")
+    assert f"{section}.device_kind: not a grid field: it is set from run.device / --device" in msg
+    # nor is it offered among the fields a grid may set
+    msg = problems(doc(defaults={"learning_rate": 0.1}))
+    assert "unknown field" in msg and "device_kind" not in msg
+
+
+def test_run_table_time_limit_and_determinism():
+    g = from_dict(doc(run={"device": "cpu", "timeout_minutes": 0.5, "deterministic": False}),
+                  "x.toml")
+    assert (g.device, g.timeout_minutes, g.deterministic) == ("cpu", 0.5, False)
+    g = from_dict(doc(), "x.toml")
+    assert (g.device, g.timeout_minutes, g.deterministic) == ("auto", None, "auto")
+    for bad in (0, -1, "10", True):
+        msg = problems(doc(run={"timeout_minutes": bad}))
+        assert f"run.timeout_minutes = {bad!r}: must be a number of minutes > 0" in msg
+    for bad in ("yes", 1, "Auto"):
+        msg = problems(doc(run={"deterministic": bad}))
+        assert f"run.deterministic = {bad!r}: allowed: \"auto\", true, false" in msg
+    msg = problems(doc(run={"device": "cuda:first"}))
+    assert "run.device = 'cuda:first': allowed: auto, cpu, cuda, cuda:<i>, mps" in msg
+    msg = problems(doc(run={"timeout": 3}))
+    assert "run: unknown key(s) ['timeout']" in msg and "timeout_minutes" in msg
+
+
+def test_image_folder_with_one_class_is_refused(tmp_path):
+    (tmp_path / "pets" / "cat").mkdir(parents=True)
+    Image.new("RGB", (4, 4), (1, 2, 3)).save(tmp_path / "pets" / "cat" / "a.png")
+    msg = problems(doc({"dataset": ["pets"]},
+                       datasets={"pets": {"source": "image_folder",
+                                          "root": str(tmp_path / "pets")}}))
+    assert "axes.dataset: dataset = 'pets'" in msg and str(tmp_path / "pets") in msg
+    assert "one class folder (cat)" in msg and "at least two" in msg

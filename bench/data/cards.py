@@ -48,12 +48,13 @@ def check_card(card: dict, where: str) -> dict:
         raise CardError(f"{where}.root: an image_folder dataset needs root = "
                         f"\"path/to/root\" (laid out root/<class>/<image>)")
     classes = card.get("classes")
+    # at least two: a one-class dataset "trains" to accuracy 1.000 and measures nothing
     if classes is not None and (
-            not isinstance(classes, list) or not classes
+            not isinstance(classes, list) or len(classes) < 2
             or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in classes)
             or len({str(c) for c in classes}) != len(classes)):
-        raise CardError(f"{where}.classes = {classes!r}: must be a non-empty list of distinct "
-                        f"class names (ints allowed: digits are named 0..9)")
+        raise CardError(f"{where}.classes = {classes!r}: must be a list of at least two "
+                        f"distinct class names (ints allowed: digits are named 0..9)")
     split = card.get("split", {})
     if not isinstance(split, dict):
         raise CardError(f"{where}.split = {split!r}: must be a table ([split])")

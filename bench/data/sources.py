@@ -125,8 +125,8 @@ def _mnist5k(card: dict) -> DataSource:
 # ---- an image folder in the seeds' layout: root/<class>/<image> --------------------------
 def scan_image_folder(root: str | Path, verify: bool = True) -> tuple[list[str], np.ndarray,
                                                                      list[str]]:
-    """List root/<class>/<image>; refuse a missing root, no classes, an empty class or
-    unreadable images, naming them."""
+    """List root/<class>/<image>; refuse a missing root, fewer than two classes, an empty
+    class or unreadable images, naming them."""
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"image folder {str(root)!r} does not exist (expected "
@@ -135,6 +135,10 @@ def scan_image_folder(root: str | Path, verify: bool = True) -> tuple[list[str],
     if not classes:
         raise DatasetError(f"image folder {str(root)!r} has no class subfolders (expected "
                            f"root/<class>/<image>)")
+    if len(classes) < 2:  # one class "trains" to accuracy 1.000 and measures nothing
+        raise DatasetError(f"image folder {str(root)!r} has one class folder ({classes[0]}); "
+                           f"a classifier needs at least two: root/<class>/<image>, one "
+                           f"folder per class")
     files, labels, empty = [], [], []
     for i, c in enumerate(classes):
         imgs = sorted(p for p in (root / c).rglob("*")
