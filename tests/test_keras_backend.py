@@ -894,8 +894,10 @@ _FP32_CELL: list = []
 @pytest.mark.slow
 @pytest.mark.parametrize("options,rel", [
     # bfloat16 keeps ~3 significant digits; through MobileNetV2's 50-odd layers from a random
-    # init: 2.590 vs 2.528 (2.4%) measured here
-    ({"precision": "bf16"}, 5e-2),
+    # init: 2.590 vs 2.528 (2.4%) measured with an earlier Keras, 2.685 vs 2.528 (6.2%) with
+    # Keras 3.15.1 / TensorFlow 2.21 (the same on the landed code: the drift is Keras').
+    # A wrong pipeline (logits in bf16, a preprocessing skipped) is off by far more.
+    ({"precision": "bf16"}, 1e-1),
     ({"precision": "fp16"}, 1e-2),  # with a loss-scale optimizer
     ({"compile": True}, 1e-4),  # jit_compile=True: XLA
 ])
