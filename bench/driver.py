@@ -88,9 +88,10 @@ class Session(Protocol):
         """Set the device up; return the tags device (its name: 'NVIDIA H200', 'cpu (...)'),
         device_type ('cpu', 'cuda' or 'gpu', 'mps') and versions."""
 
-    def determinism(self, on: bool) -> str:
+    def determinism(self, on: bool, spec: RunSpec) -> str:
         """Deterministic algorithms on or off (called once, right after start, before any
-        work on the device); return the tag: 'true', or 'false: <why>'."""
+        work on the device); return the tag: 'true', or 'false: <why>' (also when an option
+        of the cell excludes them)."""
 
     def seed(self, seed: int) -> None: ...
 
@@ -173,7 +174,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     deterministic = getattr(ctx, "deterministic", None)
     if deterministic is None:  # auto: free on a CPU, costs speed on a GPU
         deterministic = actual == "cpu"
-    ctx.set_tags({"deterministic": session.determinism(deterministic)})
+    ctx.set_tags({"deterministic": session.determinism(deterministic, spec)})
     session.seed(spec.seed)
 
     prepared = bdata.prepare(card, spec.seed, spec.subset)

@@ -149,15 +149,20 @@ class KerasSession:
         return {"device": device_name(self.device_type), "device_type": self.device_type,
                 "versions": json.dumps(versions())}
 
-    def determinism(self, on: bool) -> str:
+    def determinism(self, on: bool, spec: RunSpec) -> str:
         """TensorFlow's op determinism (every op deterministic or an error; tf.data keeps
-        its order); the augmentation is seeded per batch either way (data.py)."""
+        its order); the augmentation is seeded per batch either way (data.py). Keras turns
+        XLA off under op determinism, so a cell that asks for XLA (`compile = true`, part of
+        its identity) keeps XLA and runs without it, and says so."""
         from tensorflow.python.framework import config as tf_config
 
-        if on:
+        if on and not spec.compile:
             tf.config.experimental.enable_op_determinism()
             return "true"
         tf_config.disable_op_determinism()
+        if on:
+            return ("false: compile = true (XLA), which Keras turns off under TensorFlow's op "
+                    "determinism; the cell keeps XLA, a repeated run may differ")
         return (f"false: deterministic = false on {self.device_type} (deterministic "
                 f"kernels cost speed there); a repeated run may differ")
 

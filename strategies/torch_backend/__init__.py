@@ -108,7 +108,7 @@ class TorchSession:
         return {"device": device_name(self.device), "device_type": self.device.type,
                 "versions": json.dumps(versions())}
 
-    def determinism(self, on: bool) -> str:
+    def determinism(self, on: bool, spec: RunSpec) -> str:
         """PyTorch's deterministic algorithms (warn_only: an op without one warns in the
         cell log rather than failing the cell); on CUDA also cuDNN's deterministic kernels
         without autotuning, and the cuBLAS workspace its determinism needs (set before
