@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from fault_helpers import processes_in
 
 from bench import grid as gridmod
 from bench import report, runner, tracking
@@ -117,22 +118,6 @@ def test_resume_skips_finished_cells(store):
         assert table.loc[key, "test_acc (torch)"] == f"{r.data.metrics['test_acc']:.3f} (n=1)"
     md = report.compact(df)
     assert "### Test accuracy" in md and "feature_extraction" in md and "full" in md
-
-
-def processes_in(directory: Path) -> list[str]:
-    """Command lines of the live processes (but this one) whose working directory is
-    `directory`."""
-    out = []
-    for proc in Path("/proc").iterdir():
-        try:
-            if (proc.name.isdigit() and int(proc.name) != os.getpid()
-                    and (proc / "cwd").resolve() == directory.resolve()):
-                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                if cmd and (proc / "stat").read_text().split()[2] != "Z":
-                    out.append(cmd)
-        except OSError:  # gone meanwhile, or not ours
-            continue
-    return out
 
 
 def test_killed_grid_resumes_without_duplicates(store):
