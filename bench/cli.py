@@ -65,7 +65,7 @@ def _run(args) -> int:
 
 
 def _report(args) -> int:
-    from bench import report, tracking
+    from bench import figures, report, tracking
 
     parent, grid, exp_id, sel = args.parent, None, None, args.selection
     if sel and not parent and _looks_like_run_id(sel):
@@ -110,7 +110,8 @@ def _report(args) -> int:
     if fails:
         print("Not finished:\n" + "\n".join(f"- {f}" for f in fails))
     out = Path(args.out) / data.experiment
-    written = report.write(data, out, curves_backbone=args.curves, log=not args.no_log)
+    figs = figures.all_figures(data, out / "figures", args.curves)
+    written = report.write(data, out, figs, log=not args.no_log)
     print(f"report: {out / 'report.md'} ({len(written.files)} files in {out}/: runs.csv, "
           f"runs.parquet, tables/*.md|tex|csv, figures/*.png|svg)", file=sys.stderr)
     if written.logged_to:

