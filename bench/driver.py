@@ -80,7 +80,16 @@ class DeviceMismatch(RuntimeError):
 
 
 class Session(Protocol):
-    """What a framework backend does for the driver. One session runs one cell."""
+    """What a framework backend does for the driver. One session runs one cell.
+
+    The call order (run_cell keeps it; OrderCheck refuses a call out of it):
+    start, then determinism right after it; seed and build; load_backbone and reinit_top
+    after build and before the first phase; per phase begin_phase, use_cache (if at all)
+    right after it: the cache lives until the next begin_phase; then train_epoch,
+    recalibrate_bn and evaluate. snapshot only right after an evaluate, restore only right
+    before one (select = best_val). model_only_rates runs last: its synthetic steps move the
+    weights, so after it only param_counts, peak_memory_mb and sync may come.
+    """
 
     data_path: str  # how the training images reach the model ("resident", "dataloader", ...)
 
@@ -153,6 +162,69 @@ class Session(Protocol):
         """Wait for the device (every clock read follows one)."""
 
 
+_AFTER_BUILD = {"load_backbone", "reinit_top", "save_backbone", "begin_phase", "evaluate",
+                "snapshot", "restore", "param_counts"}
+_IN_A_PHASE = {"use_cache", "train_epoch", "recalibrate_bn", "model_only_rates"}
+_AFTER_MODEL_ONLY = {"param_counts", "peak_memory_mb"}  # they do not read the weights
+
+
+def order_problem(calls: set[str], last: str | None, name: str) -> str | None:
+    """Why calling `name` after the methods `calls` (`last` the latest) breaks the Session
+    protocol's order, or None."""
+    if last is None or name == "start":
+        return None if last is None and name == "start" else "start comes first, once"
+    if (name == "determinism") != (last == "start"):
+        return "determinism comes right after start"
+    if last == "restore" and name != "evaluate":
+        return "restore is followed by evaluate"
+    if "model_only_rates" in calls and name not in _AFTER_MODEL_ONLY:
+        return "model_only_rates runs last (its synthetic steps move the weights)"
+    if name in _AFTER_BUILD | _IN_A_PHASE and "build" not in calls:
+        return "the model is not built yet (build first)"
+    if name in ("load_backbone", "reinit_top") and "begin_phase" in calls:
+        return "weights are loaded before the first begin_phase"
+    if name in _IN_A_PHASE and "begin_phase" not in calls:
+        return "no phase has begun (begin_phase first)"
+    if name == "use_cache" and last != "begin_phase":
+        return "use_cache comes right after begin_phase (the cache lives until the next one)"
+    if name == "snapshot" and last != "evaluate":
+        return "snapshot comes right after evaluate"
+    if name == "restore" and "snapshot" not in calls:
+        return "restore needs a snapshot"
+    return None
+
+
+class OrderCheck:
+    """A Session that checks the protocol's call order (order_problem) and forwards every
+    call to the session it wraps; `calls` keeps the method names in the order called.
+    Attributes and properties (data_path, n_blocks) and sync (harmless at any time, and
+    inside the timed steps) pass through unchecked and unrecorded."""
+
+    def __init__(self, session: Session):
+        self.session = session
+        self.calls: list[str] = []
+        self._seen: set[str] = set()
+
+    def __getattr__(self, name: str):
+        if name in ("session", "calls", "_seen"):  # not set yet (a copy): no recursion
+            raise AttributeError(name)
+        attr = getattr(self.session, name)
+        if not callable(attr) or name.startswith("_") or name == "sync":
+            return attr
+
+        def checked(*args, **kwargs):
+            why = order_problem(self._seen, self.calls[-1] if self.calls else None, name)
+            if why:
+                recent = ", ".join(self.calls[-3:]) or "nothing"
+                raise RuntimeError(f"Session.{name} called out of order: {why} "
+                                   f"(after {recent})")
+            self.calls.append(name)
+            self._seen.add(name)
+            return attr(*args, **kwargs)
+
+        return checked
+
+
 def device_kind(tags: dict[str, str]) -> str:
     """The kind of device a session started on (RunSpec.device_kind's vocabulary): cpu, mps
     or cuda:<model>."""
@@ -163,6 +235,7 @@ def device_kind(tags: dict[str, str]) -> str:
 
 
 def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
+    session = session if isinstance(session, OrderCheck) else OrderCheck(session)
     tags = session.start(ctx.device)
     ctx.set_tags(tags)
     actual = device_kind(tags)

@@ -38,20 +38,21 @@ def problems(d, smoke=False) -> str:
     return str(e.value)
 
 
-# ---- the shipped grid ------------------------------------------------------------------------
-def test_default_grid_loads_and_every_cell_is_valid():
-    g = grid.load(ROOT / "bench" / "grids" / "default.toml")
-    assert g.name == "default" and not g.smoke and g.duplicates == 0
-    # 2 frameworks x (4 strategies on ImageNet weights + 2 from scratch, with and without
-    # precise BatchNorm)
-    assert len(g.specs) == 12
-    assert len({s.hash for s in g.specs}) == 12
-    assert {s.weights for s in g.specs} == {"imagenet", "none"}
-    assert {s.framework for s in g.specs} == {"torch", "keras"}
-    assert set(g.cards) == {"digits"}
+# ---- the shipped grids -----------------------------------------------------------------------
+SHIPPED = sorted(p.stem for p in (ROOT / "bench" / "grids").glob("*.toml"))
+
+
+def test_the_shipped_grids_are_all_tested():
+    assert {"default", "gpu", "seeds", "yosinski"} <= set(SHIPPED)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_grid_is_valid(name):
+    g = grid.load(name)
+    assert g.name == name and not g.smoke and g.duplicates == 0
+    assert g.specs and len({s.hash for s in g.specs}) == len(g.specs)
     for s in g.specs:
-        assert isinstance(s, RunSpec)
-        assert s.framework in FRAMEWORKS
+        assert isinstance(s, RunSpec) and s.framework in FRAMEWORKS
         info = bb.get(s.backbone)
         assert s.framework in info.frameworks
         strat = registry.get(s.strategy)
@@ -60,27 +61,65 @@ def test_default_grid_loads_and_every_cell_is_valid():
         if depth is not None:
             assert depth == "all" or 1 <= depth <= info.n_blocks
         assert s.dataset in g.cards
-        assert s.epochs == 6 and s.image_size == 32 and s.subset == 400
-        assert isinstance(s.lr, float) and s.lr == (1e-4 if s.strategy == "full" and
-                                                    s.weights == "imagenet" else 1e-3)
-    assert {g.label(s) for s in g.specs} >= {
-        "torch/efficientnet_lite0/partial[depth=3,bn=frozen]/digits[n=400]/seed0 "
-        "[weights=imagenet,lr=0.001,precise_bn=0]",
-        "keras/efficientnet_lite0/full/digits[n=400]/seed0 [weights=none,lr=0.001,precise_bn=0]",
-        "keras/efficientnet_lite0/full/digits[n=400]/seed0 "
-        "[weights=none,lr=0.001,precise_bn=320]"}
-    # precise BatchNorm only where BatchNorm trains: the from-scratch control
-    assert {s.precise_bn for s in g.specs if s.weights == "imagenet"} == {0}
-
-
-@pytest.mark.parametrize("name", ["default", "gpu", "seeds"])
-def test_every_shipped_grid_is_valid(name):
-    g = grid.load(name)
-    assert g.specs and len({s.hash for s in g.specs}) == len(g.specs)
+        assert sum(n for _, n in strat.phases(s.params, s.epochs)) == s.epochs
+        assert RunSpec.from_params(s.to_params()).hash == s.hash
+    # every cell told apart by its label, which names each field the grid varies
+    labels = [g.label(s) for s in g.specs]
+    assert len(set(labels)) == len(labels)
+    named = {"framework", "backbone", "strategy", "dataset", "seed"}  # in the name itself
+    assert all(f"{f}=" in label for label in labels for f in set(g.varying) - named)
     smoke = grid.load(name, smoke=True)
     # one epoch, or one a phase where the strategy has several (two_stage: 2)
     assert smoke.name == f"{g.name}-smoke" and all(
         s.epochs == registry.get(s.strategy).min_epochs(s.params) for s in smoke.specs)
+
+
+def _without(s: RunSpec, field: str) -> str:
+    """The cell's identity with one field left out."""
+    return repr(sorted((k, repr(v)) for k, v in s.canonical().items() if k != field))
+
+
+def test_default_grid_compares_every_strategy_in_both_frameworks():
+    g = grid.load("default")
+    # 6 cells a framework: 4 strategies on ImageNet weights, `full` from scratch twice
+    assert len(g.specs) == 12 == len({s.hash for s in g.specs})
+    by_fw = {fw: sorted(_without(s, "framework") for s in g.specs if s.framework == fw)
+             for fw in ("torch", "keras")}
+    assert by_fw["torch"] == by_fw["keras"] and len(by_fw["torch"]) == 6  # the same cells
+    # every strategy but reinit_top, which needs a harness-pretrained source (yosinski's)
+    assert {s.strategy for s in g.specs} == set(registry.STRATEGIES) - {"reinit_top"}
+    assert {s.strategy for s in g.specs if s.weights == "imagenet"} == \
+        {s.strategy for s in g.specs} and {s.weights for s in g.specs} == {"imagenet", "none"}
+    # precise BatchNorm only where BatchNorm trains: the from-scratch control, with and
+    # without it (the trap and the fair control)
+    assert {s.precise_bn for s in g.specs if s.weights == "imagenet"} == {0}
+    scratch = [s for s in g.specs if s.weights == "none"]
+    assert {s.strategy for s in scratch} == {"full"}
+    assert sorted(s.precise_bn > 0 for s in scratch) == [False, False, True, True]
+    assert {s.dataset for s in g.specs} == set(g.cards) == {"digits"}
+
+
+def test_yosinski_grid_is_the_papers_protocol():
+    from bench import pretrain
+
+    g = grid.load("yosinski")
+    # per framework: {AnB, AnB+, BnB, BnB+} x depths 1, 3, 5, 7, and baseB
+    assert len(g.specs) == 34 == len({s.hash for s in g.specs})
+    for fw in ("torch", "keras"):
+        cells = [s for s in g.specs if s.framework == fw]
+        assert len(cells) == 17
+        reinit = [s for s in cells if s.strategy == "reinit_top"]
+        assert sorted({s.params["depth"] for s in reinit}) == [1, 3, 5, 7]
+        assert sorted({(s.weights, s.params["copied"]) for s in reinit}) == [
+            (f"pretrained:mnist_{t}", c) for t in "ab" for c in ("finetune", "frozen")]
+        (base,) = [s for s in cells if s.strategy != "reinit_top"]
+        assert (base.strategy, base.weights) == ("full", "none")
+    assert {s.dataset for s in g.specs} == {"mnist_b"}
+    # base networks on A and on B, once per framework
+    sources = {pretrain.pretrain_spec(s) for s in g.specs if pretrain.is_pretrained(s.weights)}
+    assert len({p.hash for p in sources}) == 4
+    assert {(p.framework, p.dataset) for p in sources} == {
+        (fw, d) for fw in ("torch", "keras") for d in ("mnist_a", "mnist_b")}
 
 
 def test_bare_name_resolves_to_the_shipped_grid(tmp_path, monkeypatch):

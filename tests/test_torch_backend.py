@@ -16,7 +16,9 @@ import torch
 import torchvision
 from PIL import Image
 
+from bench import driver
 from bench.data import check_card, shipped_cards
+from bench.grid import from_dict
 from bench.spec import RunSpec
 from helpers import RecordingContext, strategy_test_params
 from strategies import backbones as catalog
@@ -167,10 +169,19 @@ def test_every_strategy_trains_one_step(strategy_name, backbone):
         assert not torch.equal(before, tb.head.weight)
 
 
-def test_strategy_phases_fill_defaults():
-    phases = registry.get("two_stage").phases({"depth": 2}, epochs=2)
-    assert phases == registry.get("two_stage").phases(
-        strategy_test_params(registry.get("two_stage")) | {"depth": 2}, epochs=2)
+def test_a_grid_cell_trains_with_the_strategys_defaults():
+    """`two_stage[depth=2]` in a grid: the cell carries the documented defaults (stage-2 lr
+    x0.01, half the epochs each, BatchNorm frozen) and its phases unfreeze what they say."""
+    (spec,) = from_dict({"axes": {"framework": ["torch"], "backbone": ["resnet18"],
+                                  "dataset": ["digits"], "strategy": ["two_stage[depth=2]"]},
+                         "defaults": {"epochs": 4}}, "x.toml").specs
+    assert spec.params == {"depth": 2, "lr_scale": 0.01, "head_share": 0.5, "bn": "frozen"}
+    phases = registry.get(spec.strategy).phases(spec.params, spec.epochs)
+    assert [(p.name, p.trainable_blocks, p.lr_scale, n) for p, n in phases] == [
+        ("head", 0, 1.0, 2), ("finetune", 2, 0.01, 2)]
+    assert phases[1][0].bn == "frozen"
+    tb = build(spec.backbone, "none", NUM_CLASSES)
+    assert [trainable_blocks(tb, p) for p, _ in phases] == [[], ["stage3", "stage4"]]
 
 
 # ---- 4. frozen means frozen, bit for bit ------------------------------------------------------
@@ -396,18 +407,24 @@ def test_imagenet_weights_missing_offline(tmp_path, monkeypatch, offline):
 
 
 def test_imagenet_cache_is_loaded_weights_only(tmp_path, monkeypatch, offline):
+    """torchvision's cached file is read with weights_only=True: a plain state dict there
+    loads, a pickle with code in it is refused (the refusal names the global the file
+    calls, so the file was read) and its code never runs."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
-    folder = tmp_path / "th" / "hub" / "checkpoints"
-    folder.mkdir(parents=True)
-    torch.save({"w": _Evil()}, folder / RESNET18_FILE)
+    cached = tmp_path / "th" / "hub" / "checkpoints" / RESNET18_FILE
+    cached.parent.mkdir(parents=True)
+    torch.save({"w": torch.arange(3.0)}, cached)
+    assert torch.equal(imagenet_state_dict("resnet18")["w"], torch.arange(3.0))
+    torch.save({"w": _Evil()}, cached)
     _PWNED.clear()
-    try:
+    with pytest.raises(WeightsUnavailable, match="Unsupported global.*_record") as info:
         imagenet_state_dict("resnet18")
-    except Exception:  # noqa: BLE001 - refusing the file is the right outcome
-        pass
-    ran = list(_PWNED)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
+    assert _PWNED == []
+    # control: the same file unpickled unsafely does run the code
+    torch.load(cached, weights_only=False)
+    assert _PWNED == ["unpickled code ran"]
     _PWNED.clear()
-    assert ran == []
 
 
 # ---- 7. data adapter --------------------------------------------------------------------------
@@ -636,6 +653,31 @@ def test_no_cache_with_augmentation_or_nothing_frozen():
     flip = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
                    augmentation="flip")
     assert "augmentation" in cache_plan(flip, registry.Phase(0), 5)
+
+
+def test_a_real_cell_calls_the_session_in_protocol_order(tmp_path, monkeypatch):
+    """bench.driver wraps the TorchSession in OrderCheck, which raises on a call out of
+    order; a two_stage cell with both caches, precise BatchNorm and best_val selection
+    runs through it, in this order."""
+    checks = []
+
+    class Kept(driver.OrderCheck):
+        def __init__(self, session):
+            super().__init__(session)
+            checks.append(self)
+
+    monkeypatch.setattr(driver, "OrderCheck", Kept)
+    ctx = _cell(tmp_path, monkeypatch, "two_stage", {"depth": 2}, feature_cache=True,
+                select="best_val", precise_bn=16)
+    (check,) = checks
+    phase = ["begin_phase", "use_cache", "train_epoch", "recalibrate_bn", "evaluate"]
+    assert check.calls[:4] == ["start", "determinism", "seed", "build"]
+    assert check.calls[4:9] == phase and check.calls[9] == "snapshot"  # epoch 1 is the best
+    assert check.calls[10:15] == phase
+    tail = (["snapshot", "evaluate"] if ctx.final["best_val_epoch"] == 2
+            else ["restore", "evaluate"])
+    assert check.calls[15:] == tail + ["param_counts", "model_only_rates", "peak_memory_mb"]
+    assert ctx.tags["feature_cache"] == "head=features; finetune=prefix:3 blocks"
 
 
 # ---- 9b. fair comparisons: the budget trained, the weights tested, divergence, device ------
