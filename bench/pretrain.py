@@ -33,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.constraint import Constraint
 from bench.paths import atomic_write_text, cache_dir
 from bench.selector import SelectorError, parse_selector
 
@@ -41,20 +42,21 @@ PREFIX = "pretrained:"
 
 @dataclass(frozen=True)
 class PretrainParam:
-    kind: type
     default: object
-    minimum: float
-    help: str
+    check: Constraint  # kind, minimum and help, the same Constraint a RunSpec field declares
 
 
 PARAMS = {
-    "epochs": PretrainParam(int, 10, 1, "epochs of training on the source dataset"),
+    "epochs": PretrainParam(10, Constraint(int, minimum=1,
+                                           help="epochs of training on the source dataset")),
     # the cell's seed by default: with source == target (Yosinski's BnB) the pretraining
     # then sees the cell's own train split, never its test images
-    "seed": PretrainParam(int, None, 0, "seed of the pretraining (split, init); default: "
-                                        "the cell's"),
-    "subset": PretrainParam(int, 0, 0, "source samples used, 0 = all"),
-    "lr": PretrainParam(float, None, 0, "learning rate; defaults to the cell's lr"),
+    "seed": PretrainParam(None, Constraint(int, minimum=0,
+                                           help="seed of the pretraining (split, init); "
+                                                "default: the cell's")),
+    "subset": PretrainParam(0, Constraint(int, minimum=0, help="source samples used, 0 = all")),
+    "lr": PretrainParam(None, Constraint(float, minimum=0, exclusive=True,
+                                         help="learning rate; defaults to the cell's lr")),
 }
 
 
@@ -87,13 +89,9 @@ def parse(weights: str) -> tuple[str, dict]:
             raise WeightsError(f"{k} has {len(vals)} values; one pretraining per weights "
                                f"value (list several weights values to sweep)")
         v = vals[0]
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and (
-            p.kind is float or isinstance(v, int))
-        if not ok or v < p.minimum or (k == "lr" and v <= 0):
-            rule = "> 0" if k == "lr" else f">= {p.minimum}"
-            what = "an integer" if p.kind is int else "a number"
-            raise WeightsError(f"{k} = {v!r}: must be {what} {rule} ({p.help})")
-        params[k] = p.kind(v)
+        if p.check.problem(v):  # stated whole: kind and bound in one phrase
+            raise WeightsError(f"{k} = {v!r}: must be {p.check.rule()} ({p.check.help})")
+        params[k] = p.check.kind(v)
     return dataset, params
 
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, fields
+import typing
+from dataclasses import dataclass, field, fields
 
 from bench import pretrain as _pretrain
+from bench.constraint import Constraint
 from bench.selector import SelectorError, parse_selector, parse_value  # noqa: F401 - re-exported
 from strategies import backbones as _backbones
 from strategies import registry as _registry
@@ -30,6 +32,12 @@ SELECTS = ("last", "best_val")  # which weights the test evaluates (bench/driver
 HEADS = tuple(_backbones.HEADS)  # declared in strategies/backbones.py
 
 
+def _checked(default, **constraint):
+    """A field's default and its constraint, declared together; the kind comes from the
+    field's annotation (check_value)."""
+    return field(default=default, metadata={"check": Constraint(**constraint)})
+
+
 @dataclass(frozen=True)
 class RunSpec:
     framework: str
@@ -38,22 +46,23 @@ class RunSpec:
     strategy: str = "feature_extraction"
     strategy_params: tuple[tuple[str, object], ...] = ()
     weights: str = "imagenet"
-    subset: int = 0  # samples drawn (stratified) from the dataset before splitting; 0 = all
-    image_size: int = 224
-    batch_size: int = 32
-    epochs: int = 10
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    head: str = "linear"
-    precision: str = "fp32"
-    augmentation: str = "none"
-    seed: int = 0
+    # samples drawn (stratified) from the dataset before splitting; 0 = all
+    subset: int = _checked(0, minimum=0)
+    image_size: int = _checked(224, minimum=8)
+    batch_size: int = _checked(32, minimum=1)
+    epochs: int = _checked(10, minimum=1)
+    optimizer: str = _checked("adam", choices=OPTIMIZERS)
+    lr: float = _checked(1e-3, minimum=0, exclusive=True)
+    weight_decay: float = _checked(0.0, minimum=0)
+    head: str = _checked("linear", choices=HEADS)
+    precision: str = _checked("fp32", choices=PRECISIONS)
+    augmentation: str = _checked("none", choices=AUGMENTATIONS)
+    seed: int = _checked(0, minimum=0)
     # BatchNorm statistics recomputed before every evaluation from this many training images
     # (0 = off: the running averages training left; bench/driver.py)
-    precise_bn: int = 0
+    precise_bn: int = _checked(0, minimum=0)
     # the weights tested: the last epoch's, or those of the best validation epoch (restored)
-    select: str = "last"
+    select: str = _checked("last", choices=SELECTS)
     # the kind of device the cell is measured on (bench/devices.py): cpu, mps or
     # cuda:<model>. Part of the identity: a cell on another device is another measurement.
     device_kind: str = "cpu"
@@ -61,7 +70,8 @@ class RunSpec:
     feature_cache: bool = True  # frozen backbone/prefix computed once (bench/driver.py)
     channels_last: bool = False  # PyTorch NHWC memory format (Keras is NHWC already)
     compile: bool = False  # torch.compile / Keras jit_compile (XLA)
-    workers: int = -1  # loader workers (PyTorch) / tf.data parallel calls; -1 = auto
+    # loader workers (PyTorch) / tf.data parallel calls; -1 = auto
+    workers: int = _checked(-1, minimum=-1)
 
     def __post_init__(self):
         # defaults filled in and sorted, so equal cells compare and hash equal however they
@@ -148,7 +158,7 @@ class RunSpec:
         kwargs: dict[str, object] = {}
         for f in fields(cls):
             if f.name != "strategy_params" and f.name in params:
-                kwargs[f.name] = _parse(params[f.name], f.type)
+                kwargs[f.name] = _parse(params[f.name], _HINTS[f.name])
         sparams = tuple((k[len("strategy."):], parse_value(v)) for k, v in params.items()
                         if k.startswith("strategy."))
         return cls(**kwargs, strategy_params=sparams)
@@ -159,6 +169,20 @@ class RunSpec:
     @classmethod
     def from_json(cls, text: str) -> RunSpec:
         return cls.from_params(json.loads(text))
+
+
+_HINTS = typing.get_type_hints(RunSpec)  # field -> its real type (int, not "int")
+# every field's constraint (a scalar field without one is still checked for its kind)
+CONSTRAINTS: dict[str, Constraint] = {
+    f.name: f.metadata.get("check", Constraint()).with_kind(_HINTS[f.name])
+    for f in fields(RunSpec) if f.name != "strategy_params"}
+
+
+def check_value(name: str, value: object) -> str | None:
+    """None if `value` satisfies the constraint declared on RunSpec field `name`, else what
+    is allowed. Checks needing registries or dataset cards (framework, backbone, dataset,
+    weights) are bench/grid.py's."""
+    return CONSTRAINTS[name].problem(value)
 
 
 _NAMED_FIELDS = ("framework", "backbone", "strategy", "strategy_params", "dataset", "subset",
@@ -173,13 +197,11 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-def _parse(text: str, type_name: str) -> object:
-    if type_name == "bool":
+def _parse(text: str, typ: type) -> object:
+    if typ is bool:
         if text not in ("true", "false"):
             raise ValueError(f"expected 'true' or 'false', got {text!r}")
         return text == "true"
-    if type_name == "int":
-        return int(text)
-    if type_name == "float":
-        return float(text)
+    if typ in (int, float):
+        return typ(text)
     return text

@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from bench import grid
+from bench import spec as spec_mod
+from bench.constraint import Constraint
 from bench.grid import GridError, from_dict
 from bench.spec import RunSpec
 from strategies import FRAMEWORKS, registry
@@ -237,6 +241,52 @@ def test_wrong_field_values(section, field, value, expected):
         d[section] = {field: value}
     msg = problems(d)
     assert f"{section}.{field}: {field} = {value!r}: {expected}" in msg
+
+
+# ---- a field's constraint is declared once, on the field, and validation reports it ----------
+def _violations(name: str, c) -> list:
+    """Values that break constraint `c` of field `name`: of the wrong kind, outside its
+    choices, at or below its minimum."""
+    bad = ["x" if c.kind is not str else 1]
+    if c.choices:
+        bad.append("no-such-" + name)
+    if c.minimum is not None:
+        bad.append(c.kind(c.minimum) if c.exclusive else c.kind(c.minimum - 1))
+    return bad
+
+
+DECLARED = [(f.name, spec_mod.CONSTRAINTS[f.name]) for f in dataclasses.fields(RunSpec)
+            if "check" in f.metadata]
+
+
+def test_fields_declare_their_constraints():
+    assert {n for n, _ in DECLARED} >= {"epochs", "lr", "weight_decay", "optimizer", "seed",
+                                        "precision", "head", "select", "workers"}
+    hints = typing.get_type_hints(RunSpec)
+    for f in dataclasses.fields(RunSpec):
+        if f.name == "strategy_params":
+            continue
+        c = spec_mod.CONSTRAINTS[f.name]
+        assert c.kind is hints[f.name] and c.kind in (bool, int, float, str), f.name
+        if f.default is not dataclasses.MISSING:
+            assert spec_mod.check_value(f.name, f.default) is None, f.name
+
+
+@pytest.mark.parametrize("name, c", DECLARED, ids=[n for n, _ in DECLARED])
+def test_declared_constraint_is_what_validation_reports(name, c):
+    for bad in _violations(name, c):
+        expected = c.problem(bad)
+        assert expected, (name, bad)
+        msg = problems(doc(defaults={name: bad}))
+        assert f"defaults.{name}: {name} = {bad!r}: {expected}" in msg
+
+
+def test_changing_the_declaration_changes_validation(monkeypatch):
+    """One place: a stricter declared minimum is enforced with no other edit."""
+    from_dict(doc(defaults={"epochs": 4}))
+    monkeypatch.setitem(spec_mod.CONSTRAINTS, "epochs",
+                        Constraint(int, minimum=5, help="test"))
+    assert "defaults.epochs: epochs = 4: must be >= 5" in problems(doc(defaults={"epochs": 4}))
 
 
 def test_unknown_top_level_key():
