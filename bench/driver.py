@@ -310,7 +310,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     if best_state is not None and best[1] != epoch:  # select = best_val
         session.restore(best_state)
         test_epoch = best[1]
-    topk = 5 if num_classes > 5 else 1
+    topk = test_topk(num_classes)
     test = session.evaluate("test", topk=topk)
     trainable, total = session.param_counts()
     final = {"test_acc": test["acc"], "test_loss": test["loss"], "best_val_acc": best[0],
@@ -371,6 +371,12 @@ def _train_epoch(session: Session, meter: StepMeter, steps: list[int], epoch: in
     session.sync()
     meter.stop()
     return row
+
+
+def test_topk(num_classes: int) -> int:
+    """The k of the test top-k accuracy reported besides top-1: 5 when there are more than
+    5 classes, else 1 (no top-k)."""
+    return 5 if num_classes > 5 else 1
 
 
 def diverged_tag(history: list[dict]) -> str:

@@ -21,7 +21,8 @@ sys.meta_path.insert(0, Block())
 def test_bench_imports_with_frameworks_blocked():
     code = BLOCK + """
 import bench, bench.spec, bench.grid, bench.runner, bench.tracking, bench.report, bench.cli
-import bench.timing, bench.cell, bench.data, bench.driver, strategies, strategies.registry
+import bench.timing, bench.cell, bench.data, bench.driver, bench.batching, strategies
+import strategies.registry
 import strategies.backbones
 g = bench.grid.load('default')
 assert g.specs

@@ -21,13 +21,12 @@ if "keras" not in sys.modules:
 
 import json  # noqa: E402
 import platform  # noqa: E402
-import resource  # noqa: E402
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench import driver  # noqa: E402
+from bench import batching, driver  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
 from strategies.keras_backend.backbones import (  # noqa: E402
@@ -131,8 +130,7 @@ def device_name(device_type: str) -> str:
 def peak_memory_mb(device_type: str) -> float:
     if device_type == "gpu":
         return tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2**20
-    # the process's peak resident set (Linux reports KiB): host memory on a CPU run
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return batching.host_peak_memory_mb()
 
 
 class KerasSession:
@@ -174,7 +172,7 @@ class KerasSession:
         keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
         self.kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
         # spec.channels_last: nothing to do, Keras on TensorFlow is NHWC already
-        self.trainer = Trainer(self.kb, self.device_type, topk=5 if num_classes > 5 else 1,
+        self.trainer = Trainer(self.kb, self.device_type, topk=driver.test_topk(num_classes),
                                jit_compile=spec.compile)
         parallel = tf.data.AUTOTUNE if spec.workers < 0 else max(1, spec.workers)
         self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size,
@@ -277,8 +275,8 @@ class KerasSession:
         x_train = x
         train_batches = self._batches("train")
         if isinstance(train_batches, CachedBatches):
-            x_train = np.resize(train_batches.inputs,
-                                (spec.batch_size, *train_batches.inputs.shape[1:]))
+            inputs = train_batches.inputs
+            x_train = inputs[batching.tile_indices(len(inputs), spec.batch_size)]
         meter = StepMeter(self.sync, warmup=warmup)
         synthetic = tf.data.Dataset.from_tensors((x_train, y)).repeat(warmup + steps)
         self.trainer.train_model.fit(synthetic, epochs=1, verbose=0, shuffle=False,

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image
+
+from bench import batching
 
 IN_MEMORY_BYTES = 1 << 30  # resized uint8 arrays up to 1 GiB are resized once and kept
 _RESIZE_CHUNK = 2048
@@ -36,13 +37,6 @@ def to_hwc_uint8(images: np.ndarray, size: int) -> np.ndarray:
     chunks = [resize_uint8(images[i:i + _RESIZE_CHUNK], size).numpy()
               for i in range(0, len(images), _RESIZE_CHUNK)]
     return np.concatenate(chunks) if chunks else np.zeros((0, size, size, 3), np.uint8)
-
-
-def load_file(path: str, size: int) -> np.ndarray:
-    """One image file -> (size,size,3) uint8: PIL decode, RGB, bilinear resize, no crop (the
-    seeds' flow_from_directory(target_size=...); the same call as the PyTorch adapter)."""
-    with Image.open(path) as im:
-        return np.array(im.convert("RGB").resize((size, size), Image.BILINEAR))
 
 
 # Augmentation draws from stateless random ops with a seed per batch, taken from a seeded
@@ -88,9 +82,7 @@ class Batches:
     def __init__(self, items, labels: np.ndarray, size: int, batch_size: int, shuffle: bool,
                  seed: int, augmentation: str = "none", parallel: int = tf.data.AUTOTUNE):
         self.n = len(labels)
-        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it): a
-        # shuffled part leaves it out of the epoch, a different image each time, as in torch
-        self.used = self.n - (shuffle and self.n % batch_size == 1)
+        self.used = batching.used_items(self.n, batch_size, shuffle)
         self.batch_size = batch_size
         self.size = size
         self.parallel = parallel
@@ -134,7 +126,7 @@ class Batches:
         paths, y = tf.constant(self.items), tf.constant(self.labels)
 
         def load(i):
-            img = tf.numpy_function(lambda p: load_file(p.decode(), size), [paths[i]],
+            img = tf.numpy_function(lambda p: batching.load_file(p.decode(), size), [paths[i]],
                                     tf.uint8, stateful=False)
             img.set_shape((size, size, 3))
             return img, y[i]
@@ -155,11 +147,11 @@ class Batches:
                 .prefetch(tf.data.AUTOTUNE))
 
     def __len__(self) -> int:
-        return -(-self.used // self.batch_size)
+        return batching.num_batches(self.used, self.batch_size)
 
     def batch_items(self, i: int) -> int:
         """The number of images in batch `i` (the last one may be short)."""
-        return min(self.batch_size, self.used - i * self.batch_size)
+        return batching.batch_items(i, self.used, self.batch_size)
 
     def __iter__(self):
         return iter(self.dataset)

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import resource
 import sys
 
 import numpy as np
 import torch
 
-from bench import driver
+from bench import batching, driver
 from bench.spec import RunSpec
 from bench.timing import measure
 from strategies.torch_backend import cache
@@ -92,8 +91,7 @@ def seed_everything(seed: int) -> None:
 def peak_memory_mb(dev: torch.device) -> float:
     if dev.type == "cuda":
         return torch.cuda.max_memory_allocated(dev) / 2**20
-    # the process's peak resident set (Linux reports KiB): host memory on a CPU run
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return batching.host_peak_memory_mb()
 
 
 class TorchSession:
@@ -230,9 +228,9 @@ class TorchSession:
         forward = trainer.forward_of(train_batches)
         x_train = x
         if isinstance(train_batches, CachedBatches):
-            x_train = train_batches.inputs[:spec.batch_size].clone()
-            reps = -(-spec.batch_size // len(x_train))  # a train part smaller than a batch
-            x_train = x_train.repeat(reps, *[1] * (x_train.dim() - 1))[:spec.batch_size]
+            inputs = train_batches.inputs
+            idx = batching.tile_indices(len(inputs), spec.batch_size)
+            x_train = inputs[torch.from_numpy(idx).to(inputs.device)]
         set_train_mode(self.tb, self.phase)
         train_rate = measure(lambda: trainer.step(self.opt, x_train, y, forward),
                              spec.batch_size, steps, warmup, self.sync)

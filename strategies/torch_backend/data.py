@@ -13,8 +13,9 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+
+from bench import batching
 
 IN_MEMORY_BYTES = 1 << 30  # resized uint8 tensors up to 1 GiB stay resident on the device
 
@@ -46,10 +47,7 @@ class _ItemDataset(Dataset):
     def __getitem__(self, i):
         item = self.items[i]
         if isinstance(item, str):
-            with Image.open(item) as im:
-                # the seeds' flow_from_directory(target_size=...) resizes without cropping
-                arr = np.array(im.convert("RGB").resize((self.size, self.size),
-                                                          Image.BILINEAR))
+            arr = batching.load_file(item, self.size)
             x = torch.from_numpy(arr).permute(2, 0, 1).contiguous()
         else:
             x = to_chw_uint8(item[None], self.size)[0]
@@ -62,9 +60,7 @@ class Batches:
     def __init__(self, items, labels: np.ndarray, size: int, batch_size: int,
                  device: torch.device, shuffle: bool, seed: int, workers: int | None = None):
         self.n = len(labels)
-        # a last training batch of one image cannot train BatchNorm (PyTorch refuses it): a
-        # shuffled part leaves it out of the epoch, a different image each time
-        self.used = self.n - (shuffle and self.n % batch_size == 1)
+        self.used = batching.used_items(self.n, batch_size, shuffle)
         self.batch_size = batch_size
         self.device = device
         self.shuffle = shuffle
@@ -89,7 +85,7 @@ class Batches:
         return self.loader is None
 
     def __len__(self) -> int:
-        return -(-self.used // self.batch_size)
+        return batching.num_batches(self.used, self.batch_size)
 
     def order(self) -> torch.Tensor:
         """This epoch's item order: a seeded permutation drawn from this loader's generator
