@@ -10,8 +10,8 @@ run holds the grid file (grid.toml), the cells it expects (cells.json) and the t
 device_kind (what its cells were stamped with), and, once
 `bench report` has run, report.md with its tables/ and figures/.
 
-The reporter's read helpers (bottom of this file) return plain rows; bench/report.py never
-touches MLflow objects.
+The reporter's read helpers (bottom of this file) return plain rows; the report modules
+(bench/report*.py) never touch MLflow objects.
 """
 
 from __future__ import annotations
