@@ -214,20 +214,20 @@ def tag_recorded(rows: pd.DataFrame, tag: str) -> pd.Series:
 
 def contended_cells(rows: pd.DataFrame) -> int:
     """Finished cells of the rows timed while other processes used the machine."""
-    return int(tag_true(_finished(rows), "contended").sum())
+    return int(tag_true(finished_rows(rows), "contended").sum())
 
 
 def diverged_cells(rows: pd.DataFrame) -> int:
     """Finished cells of the rows whose final train loss is above the first epoch's."""
-    return int(tag_true(_finished(rows), "diverged").sum())
+    return int(tag_true(finished_rows(rows), "diverged").sum())
 
 
-def _finished(rows: pd.DataFrame) -> pd.DataFrame:
+def finished_rows(rows: pd.DataFrame) -> pd.DataFrame:
     return rows[rows["status"] == tracking.FINISHED]
 
 
-def _metric(rows: pd.DataFrame, col: str) -> pd.Series:
-    done = _finished(rows)
+def finished_values(rows: pd.DataFrame, col: str) -> pd.Series:
+    done = finished_rows(rows)
     return done[col] if col in done else pd.Series(dtype=float)
 
 
@@ -236,7 +236,7 @@ def frameworks(df: pd.DataFrame) -> list[str]:
     return [f for f in FRAMEWORK_ORDER if f in have] + sorted(have - set(FRAMEWORK_ORDER))
 
 
-def _uniq(series: pd.Series | None) -> list:
+def distinct_values(series: pd.Series | None) -> list:
     if series is None:
         return []
     return sorted({v for v in series.dropna() if v != ""},

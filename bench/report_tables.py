@@ -18,12 +18,12 @@ from bench.report_frame import (
     DIVERGED,
     DIVERGED_ERROR,
     FRAMEWORK_ORDER,
-    _finished,
-    _metric,
-    _uniq,
     cells_only,
     contended_cells,
+    distinct_values,
     diverged_cells,
+    finished_rows,
+    finished_values,
     frameworks,
     group_keys,
     not_finished,
@@ -59,11 +59,11 @@ def _with_gaps(text: str, rows: pd.DataFrame) -> str:
 
 
 def _max_share(rows: pd.DataFrame) -> float:
-    share = _metric(rows[tag_true(rows, "contended")], "contention_share").dropna()
+    share = finished_values(rows[tag_true(rows, "contended")], "contention_share").dropna()
     return float(share.max()) if len(share) else math.nan
 
 
-def _cells(n: int) -> str:
+def cells_phrase(n: int) -> str:
     return f"{n} cell{'s' if n != 1 else ''}"
 
 
@@ -78,21 +78,21 @@ def _pct_span(values: pd.Series) -> str:
 
 def contended_footnote(df: pd.DataFrame, what: str = "") -> str:
     """The † footnote of a table with speed figures ('' when no cell was contended)."""
-    done = _finished(cells_only(df))
+    done = finished_rows(cells_only(df))
     hit = done[tag_true(done, "contended")]
     if hit.empty:
         return ""
-    share = _metric(hit, "contention_share").dropna()
+    share = finished_values(hit, "contention_share").dropna()
     used = (f"other processes used {_pct_span(share)} of the CPU" if len(share)
             else "other processes used the machine (share not recorded)")
-    return (f"{CONTENDED} measured while {used} ({_cells(len(hit))}): a speed figure "
+    return (f"{CONTENDED} measured while {used} ({cells_phrase(len(hit))}): a speed figure "
             f"taken while the machine was shared is not a measurement."
             f"{' ' + what if what else ''}")
 
 
 def unrecorded_footnote(df: pd.DataFrame) -> str:
     """Says for how many finished cells machine sharing while timed is not recorded."""
-    done = _finished(cells_only(df))
+    done = finished_rows(cells_only(df))
     missing = int((~tag_recorded(done, "contended")).sum())
     if not missing:
         return ""
@@ -104,7 +104,7 @@ def diverged_footnote(df: pd.DataFrame) -> str:
     n = diverged_cells(cells_only(df))
     if not n:
         return ""
-    return f"{DIVERGED} diverged: final train loss above the first epoch's ({_cells(n)})."
+    return f"{DIVERGED} diverged: final train loss above the first epoch's ({cells_phrase(n)})."
 
 
 @dataclass
@@ -167,7 +167,7 @@ def accuracy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     fws = frameworks(df)
     numeric, disp = [], {}
     for kv, fw, rows in _groups(df, keys):
-        s = summarize(_metric(rows, metric))
+        s = summarize(finished_values(rows, metric))
         numeric.append({**dict(zip(keys, kv, strict=True)), "framework": fw, **s,
                         "cells": len(rows), "diverged": diverged_cells(rows),
                         "not_finished": not_finished(rows)})
@@ -196,16 +196,16 @@ def throughput_table(df: pd.DataFrame) -> Table:
     for kv, fw, rows in _groups(df, keys):
         group_rows.append(rows)
         r = {**dict(zip(keys, kv, strict=True)), "framework": fw,
-             "n": len(_finished(rows)), "cells": len(rows),
+             "n": len(finished_rows(rows)), "cells": len(rows),
              "strategy": rows["p_strategy"].iloc[0]}
         for col in ("train_images_per_sec", "model_only_train_images_per_sec",
                     "inference_images_per_sec"):
-            r[col] = _metric(rows, col).mean()
+            r[col] = finished_values(rows, col).mean()
         for tag in ("input_bound", "feature_cache"):
-            vals = _finished(rows).get(f"t_{tag}", pd.Series(dtype=object)).dropna()
+            vals = finished_rows(rows).get(f"t_{tag}", pd.Series(dtype=object)).dropna()
             r[tag] = ",".join(sorted(set(vals))) if len(vals) else None
         r["contended"] = contended_cells(rows)
-        r["contention_share"] = _max_share(_finished(rows))
+        r["contention_share"] = _max_share(finished_rows(rows))
         r["not_finished"] = not_finished(rows)
         rows_out.append(r)
     numeric = pd.DataFrame(rows_out)
@@ -272,7 +272,7 @@ def _throughput_cells(r: pd.Series) -> dict:
 
 def _device_note(df: pd.DataFrame) -> str:
     """', on the same device kind' when kinds vary (a row key), else ', on <kind>'."""
-    kinds = _uniq(cells_only(df).get("p_device_kind"))
+    kinds = distinct_values(cells_only(df).get("p_device_kind"))
     if len(kinds) > 1:
         return ", on the same device kind"
     return f", on {kinds[0]}" if kinds else ""
@@ -302,10 +302,10 @@ def cost_table(df: pd.DataFrame) -> Table:
     rows_out, disp = [], []
     for kv, fw, rows in _groups(df, keys):
         r = {**dict(zip(keys, kv, strict=True)), "framework": fw,
-             "n": len(_finished(rows)), "cells": len(rows)}
+             "n": len(finished_rows(rows)), "cells": len(rows)}
         for col in ("trainable_params", "total_params", "trainable_fraction", "wall_seconds",
                     "time_to_best_s", "best_val_epoch"):
-            r[col] = _metric(rows, col).mean()
+            r[col] = finished_values(rows, col).mean()
         r["contended"] = contended_cells(rows)
         r["not_finished"] = not_finished(rows)
         rows_out.append(r)
@@ -329,9 +329,9 @@ def _cost_cells(r: dict) -> dict:
     shared = r["contended"] > 0
     suffix = f" ({r['not_finished']})" if r["not_finished"] else ""
     return {"trainable params": _si(r["trainable_params"]) + suffix,
-            "trainable %": _num(100 * r["trainable_fraction"], 1),
-            "wall s": _marked(_num(r["wall_seconds"], 1), shared, CONTENDED),
-            "time to best val s": _marked(_num(r["time_to_best_s"], 1), shared, CONTENDED),
+            "trainable %": fmt_number(100 * r["trainable_fraction"], 1),
+            "wall s": _marked(fmt_number(r["wall_seconds"], 1), shared, CONTENDED),
+            "time to best val s": _marked(fmt_number(r["time_to_best_s"], 1), shared, CONTENDED),
             "best epoch": "—" if pd.isna(r["best_val_epoch"])
             else f"{r['best_val_epoch']:.1f}".removesuffix(".0")}
 
@@ -349,12 +349,12 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
         if a not in fws or b not in fws:
             continue
         ra, rb = fws[a], fws[b]
-        sa, sb = summarize(_metric(ra, metric)), summarize(_metric(rb, metric))
-        pa = _finished(ra).set_index("p_seed")[metric] if metric in ra else pd.Series()
-        pb = _finished(rb).set_index("p_seed")[metric] if metric in rb else pd.Series()
+        sa, sb = summarize(finished_values(ra, metric)), summarize(finished_values(rb, metric))
+        pa = finished_rows(ra).set_index("p_seed")[metric] if metric in ra else pd.Series()
+        pb = finished_rows(rb).set_index("p_seed")[metric] if metric in rb else pd.Series()
         test = paired_test(pa, pb)
-        speed = (_metric(ra, "train_images_per_sec").mean()
-                 / _metric(rb, "train_images_per_sec").mean())
+        speed = (finished_values(ra, "train_images_per_sec").mean()
+                 / finished_values(rb, "train_images_per_sec").mean())
         r = {**dict(zip(keys, kv, strict=True)), f"{a}_mean": sa["mean"], f"{a}_n": sa["n"],
              f"{b}_mean": sb["mean"], f"{b}_n": sb["n"], "delta": sa["mean"] - sb["mean"],
              "paired_pairs": test["pairs"], "paired_mean_diff": test["mean_diff"],
@@ -399,11 +399,11 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
         per.setdefault(key, []).append((kv[keys.index("p_strategy_label")], rows))
     numeric, disp = [], []
     for key, strategies in per.items():
-        ranked = sorted(((summarize(_metric(rows, metric)), label, rows)
-                         for label, rows in strategies if len(_finished(rows))),
+        ranked = sorted(((summarize(finished_values(rows, metric)), label, rows)
+                         for label, rows in strategies if len(finished_rows(rows))),
                         key=lambda t: -t[0]["mean"])
         skipped = [f"{label} ({_with_gaps('', rows)})" for label, rows in strategies
-                   if not len(_finished(rows))]
+                   if not len(finished_rows(rows))]
         r = {**dict(zip(outer, key[:-1], strict=True)), "framework": key[-1],
              "best": None, "best_mean": math.nan, "runner_up": None,
              "runner_up_mean": math.nan, "margin": math.nan, "pairs": 0,
@@ -414,8 +414,8 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
             r.update(best=l1, best_mean=s1["mean"], best_diverged=diverged_cells(rows1))
             if len(ranked) > 1:
                 s2, l2, rows2 = ranked[1]
-                test = paired_test(_finished(rows1).set_index("p_seed")[metric],
-                                   _finished(rows2).set_index("p_seed")[metric])
+                test = paired_test(finished_rows(rows1).set_index("p_seed")[metric],
+                                   finished_rows(rows2).set_index("p_seed")[metric])
                 r.update(runner_up=l2, runner_up_mean=s2["mean"],
                          margin=s1["mean"] - s2["mean"], pairs=test["pairs"],
                          p_value=test["p_value"], verdict=test["verdict"])
@@ -472,5 +472,5 @@ def error_line(error: str, width: int = 300) -> str:
     return error.splitlines()[0][:width] if error.strip() else ""
 
 
-def _num(v, digits: int = 3) -> str:
+def fmt_number(v, digits: int = 3) -> str:
     return "—" if v is None or pd.isna(v) else f"{v:.{digits}f}"

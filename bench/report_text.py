@@ -19,14 +19,14 @@ from bench.report_frame import (
     DIVERGED,
     PRETRAIN,
     ReportData,
-    _finished,
-    _uniq,
+    distinct_values,
     diverged_cells,
+    finished_rows,
     status_labels,
     tag_recorded,
     tag_true,
 )
-from bench.report_tables import Table, _cells, _num, failures
+from bench.report_tables import Table, cells_phrase, failures, fmt_number
 
 
 def _versions(cells: pd.DataFrame) -> str:
@@ -50,10 +50,10 @@ def methods(data: ReportData) -> str:
                 + (f", parent run `{p.get('run_id')}`" if p else "") + ").")
     status = cells["status"].value_counts()
     fin = int(status.get(tracking.FINISHED, 0))
-    done = _finished(cells)
+    done = finished_rows(cells)
 
     def vals(col):
-        return ", ".join(str(v) for v in _uniq(cells.get(col))) or "—"
+        return ", ".join(str(v) for v in distinct_values(cells.get(col))) or "—"
 
     grid = (f"Grid `{p.get('t_grid', data.experiment)}` ({p.get('t_grid_path', '?')}), "
             f"invocation `{p.get('run_name', '')}` (parent run `{p.get('run_id')}`, "
@@ -151,7 +151,7 @@ def _off_budget(rec: pd.DataFrame) -> str:
         return ""
     names = [f"{_cell_name(r)}: {r['epochs_trained']:.0f} of {want:.0f} epochs"
              for (_, r), want in zip(off.iterrows(), asked[off.index], strict=True)]
-    return f" Not the budget asked: {_cells(len(off))} ({_few(names)})."
+    return f" Not the budget asked: {cells_phrase(len(off))} ({_few(names)})."
 
 
 def _uneven_steps(rec: pd.DataFrame) -> str:
@@ -184,9 +184,9 @@ def tested_weights_sentence(cells: pd.DataFrame) -> str:
     if len(counts) == 1:
         what = SELECT_TEXT.get(counts.index[0], counts.index[0])
     else:
-        what = ", ".join(f"{SELECT_TEXT.get(k, k)} in {_cells(c)}" for k, c in counts.items())
+        what = ", ".join(f"{SELECT_TEXT.get(k, k)} in {cells_phrase(c)}" for k, c in counts.items())
         what += " (select varies: rows are kept apart by it)"
-    best = _finished(cells[select == "best_val"])
+    best = finished_rows(cells[select == "best_val"])
     tested = _col(best, "test_epoch").dropna()
     span = _span(tested)
     epochs = f"; tested epoch{'s' if '–' in span else ''} {span}" if len(tested) else ""
@@ -197,7 +197,7 @@ def device_sentence(cells: pd.DataFrame) -> str:
     counts = _col(cells, "p_device_kind").fillna("cpu").value_counts()
     if len(counts) == 1:
         return f"device kind {counts.index[0]}."
-    kinds = ", ".join(f"{k} ({_cells(c)})" for k, c in sorted(counts.items()))
+    kinds = ", ".join(f"{k} ({cells_phrase(c)})" for k, c in sorted(counts.items()))
     return f"device kinds {kinds}: cells on different kinds are never averaged together."
 
 
@@ -205,7 +205,7 @@ def _reasons(tags: pd.Series, most: int = 3) -> str:
     """'why (n cells)' for each distinct reason of 'false: why' tags."""
     why = tags.map(lambda t: str(t).split(":", 1)[1].strip() if ":" in str(t) else "")
     counts = why.replace("", "no reason given").value_counts()
-    items = [f"{w[:160]} ({_cells(c)})" for w, c in counts.items()]
+    items = [f"{w[:160]} ({cells_phrase(c)})" for w, c in counts.items()]
     return _few(items, most)
 
 
@@ -250,10 +250,10 @@ def contention_sentence(done: pd.DataFrame) -> str:
 
 def divergence_sentence(cells: pd.DataFrame) -> str:
     """Finished cells whose loss ended above the first epoch's; cells failed on NaN/inf."""
-    done = _finished(cells)
+    done = finished_rows(cells)
     rec = int(tag_recorded(done, "diverged").sum())
     blew_up = int((status_labels(cells) == f"{tracking.FAILED} (diverged)").sum())
-    failed = f"; {_cells(blew_up)} failed on a NaN/inf loss (listed below)" if blew_up else ""
+    failed = f"; {cells_phrase(blew_up)} failed on a NaN/inf loss (listed below)" if blew_up else ""
     if done.empty:
         return f"{failed[2:]}." if blew_up else ""
     if not rec:
@@ -276,8 +276,8 @@ def pretrain_section(data: ReportData) -> str:
         users = (cells.get("t_pretrain_run_id", pd.Series(dtype=object)) == r["run_id"]).sum()
         rows.append({"run": r.get("run_name") or r["run_id"], "status": r["status"],
                      "backbone": r.get("p_backbone"), "source dataset": r.get("p_dataset"),
-                     "best val acc": _num(r.get("best_val_acc")),
-                     "wall s": _num(r.get("wall_seconds"), 1), "cells using it": int(users)})
+                     "best val acc": fmt_number(r.get("best_val_acc")),
+                     "wall s": fmt_number(r.get("wall_seconds"), 1), "cells using it": int(users)})
     return ("## Pretraining runs\n\nBackbones pretrained on a source dataset by the harness; "
             "not part of the comparison tables.\n\n"
             + pd.DataFrame(rows).to_markdown(index=False) + "\n")
