@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +22,19 @@ def cache_dir() -> Path:
 
 def grids_dir() -> Path:
     return ROOT / "bench" / "grids"
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock across the processes of this host (fcntl on `path`, made if
+    missing), held for the block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -25,16 +25,14 @@ Yosinski et al. 2014's transfer protocol (AnB, BnB and their fine-tuned `+` form
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.constraint import Constraint
-from bench.paths import atomic_write_text, cache_dir
+from bench.paths import atomic_write_text, cache_dir, file_lock
 from bench.selector import SelectorError, parse_selector
 
 PREFIX = "pretrained:"
@@ -174,16 +172,9 @@ class Checkpoint:
         """Where the pretraining cell writes; renamed to `path` once its checksum is noted."""
         return self.folder / f".{self.key}.{os.getpid()}.partial"
 
-    @contextmanager
     def lock(self):
         """Exclusive across processes on this host, held while checking and making."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        with open(self.folder / f"{self.key}.lock", "w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        return file_lock(self.folder / f"{self.key}.lock")
 
     def meta(self) -> dict | None:
         try:

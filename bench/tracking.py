@@ -16,7 +16,7 @@ The reporter's read helpers (bottom of this file) return plain rows; the report 
 
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import json
 import logging
 import os
@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.paths import ROOT
+from bench.paths import ROOT, file_lock
 from bench.spec import RunSpec
 
 TAG = "tlbench."
@@ -55,19 +55,11 @@ def client():
     return c
 
 
-@contextmanager
 def _store_lock(uri: str):
     path = _sqlite_path(uri)
     if path is None:  # a server or another database does its own locking
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+        return contextlib.nullcontext()
+    return file_lock(path.with_name(path.name + ".lock"))
 
 
 def _sqlite_path(uri: str) -> Path | None:
