@@ -26,7 +26,7 @@ import nox
 
 ROOT = Path(__file__).parent
 ENV = ROOT / ".nox" / "tlbench"
-EXTRAS = "torch,keras,test,lint"
+EXTRAS = "torch,keras,ray,test,lint"
 nox.options.sessions = ["tests"]
 
 

@@ -79,6 +79,23 @@ def die_with_parent() -> None:
             pass
 
 
+def take_slot(job: dict) -> dict[str, str]:
+    """Apply the cell's slot (bench/execute.py Slot) before its framework touches a device:
+    its GPU (CUDA_VISIBLE_DEVICES, read by CUDA and TensorFlow when they start) and its CPU
+    cores (this process and what it starts are pinned to them). Returns the tags that say
+    where the cell ran, as this process sees it."""
+    os.environ.update(job.get("env", {}))
+    cpus = job.get("cpus")
+    if cpus and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, cpus)
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(len(cpus))
+    return {"slot": job.get("slot", "local"), "cell_pid": str(os.getpid()),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", "(unset)"),
+            "cpus": ",".join(map(str, cpus)) if cpus else "all",
+            "threads": str(job.get("threads") or "default")}
+
+
 def main(argv: list[str]) -> int:
     started = time.perf_counter()
     die_with_parent()
@@ -92,8 +109,12 @@ def main(argv: list[str]) -> int:
         ctx = CellContext(job["device"], started, job.get("weights_file"),
                           job.get("weights_sha256"), job.get("save_backbone_to"),
                           job.get("deterministic"))
+        placed = take_slot(job)
         be = backend(spec.framework)
+        if job.get("threads"):
+            be.set_threads(job["threads"])
         emit("startup", seconds=time.perf_counter() - started, pid=os.getpid())
+        emit("tags", tags=placed)
         be.run_cell(spec, job["card"], ctx)
     except BaseException as e:  # noqa: BLE001 - every failure is recorded, then re-raised
         emit("error", type=type(e).__name__, message=str(e) or type(e).__name__,

@@ -1,6 +1,7 @@
 """Command line: `python -m bench run|report|list ...` (nox sessions call these).
 
     python -m bench run [GRID] [--smoke] [--dry-run] [--rerun] [--device DEV]
+                        [--parallel auto|N] [--gpus 0,2,5] [--ray auto|ADDRESS]
     python -m bench report [GRID-or-EXPERIMENT-or-RUN_ID] [--parent RUN_ID] [--all]
                            [--out reports/] [--curves BACKBONE] [--no-log]
 """
@@ -8,6 +9,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import sys
 from pathlib import Path
 
@@ -25,28 +28,54 @@ def _run(args) -> int:
     if problem:
         print(f"--device {args.device!r}: {problem}", file=sys.stderr)
         return 2
+    from bench import pool
+
+    ray_address = args.ray or os.environ.get("RAY_ADDRESS") if args.ray != "off" else None
     try:
-        # every cell stamped with its device kind before anything looks for finished ones
-        g = g.on_device(args.device)
-    except devices.DeviceError as e:
+        if args.parallel is not None:
+            g = dataclasses.replace(g, parallel=pool.parse_parallel(args.parallel))
+        gpus = pool.parse_gpus(args.gpus) if args.gpus else None
+        if ray_address and gpus is not None:
+            raise pool.SlotError("--gpus picks GPUs of this machine; on Ray the cluster "
+                                 "places each cell on a GPU of its own (leave --gpus out)")
+        if ray_address:
+            from bench import cluster
+
+            executor = cluster.RayExecutor.connect(ray_address, g)
+            g = executor.grid  # stamped with the device kind of the cluster's workers
+        else:
+            # every cell stamped with its device kind before anything looks for finished
+            # ones
+            g = pool.choose_gpus(g.on_device(args.device) if gpus is None or args.device
+                                 else g, gpus)
+            executor = None
+            slots = pool.slots_for(g, g.parallel, gpus)
+    except (devices.DeviceError, pool.SlotError) as e:
         print(f"grid {g.path}: {e}; nothing was run", file=sys.stderr)
         return 2
     if args.dry_run:
+        where = executor.describe()["executor"] if executor else \
+            f"{len(slots)} at once ({'; '.join(s.name for s in slots)})"
         print(f"grid {g.name!r} ({g.path}): {len(g.specs)} cells on {g.device_kind} "
-              f"(device {g.device})"
+              f"(device {g.device}), {where}"
               + (f" ({g.duplicates} duplicates removed)" if g.duplicates else ""))
         for s in g.specs:
             print(f"  {s.hash}  {g.label(s)}")
         return 0
     from bench import report, runner, tracking
+    from bench.forkserver import Launcher
 
     runner.install_sigterm_handler()
     text = Path(g.path).read_text()
+    launcher = Launcher()
+    if executor is None:
+        executor = pool.LocalPool(slots, launcher)
     try:
-        result = runner.run_grid(g, text, rerun=args.rerun)
+        result = runner.run_grid(g, text, rerun=args.rerun, launcher=launcher,
+                                 executor=executor)
     except KeyboardInterrupt:
-        print("\ninterrupted: the running cell is marked KILLED; finished cells are kept and "
-              "will be skipped when the grid is started again", file=sys.stderr)
+        print("\ninterrupted: the running cells are marked KILLED; finished cells are kept "
+              "and will be skipped when the grid is started again", file=sys.stderr)
         return 130
     df = report.runs_frame(result.experiment_id, expected=tracking.cell_list(g))
     print()
@@ -157,6 +186,17 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--dry-run", action="store_true", help="list the cells, run nothing")
     r.add_argument("--rerun", action="store_true", help="run finished cells again too")
     r.add_argument("--device", help="override the grid's run.device (auto, cpu, cuda:0, ...)")
+    r.add_argument("--parallel", metavar="auto|N",
+                   help="cells at once on this machine (overrides run.parallel): auto = one "
+                        "per visible GPU, one at a time on a CPU; N = N GPUs, or the CPU "
+                        "cores split into N sets")
+    r.add_argument("--gpus", metavar="0,2,5",
+                   help="run on these GPUs only (indices among the visible ones, as cuda:<i> "
+                        "counts them), one cell per GPU")
+    r.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="run the cells as Ray tasks on a Ray cluster (default: RAY_ADDRESS "
+                        "if set; `off` to ignore it); needs the ray extra: pip install "
+                        "'tlbench[ray]'")
     r.set_defaults(fn=_run)
     p = sub.add_parser("report", help="tables, figures and report.md from MLflow")
     p.add_argument("selection", nargs="?",

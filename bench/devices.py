@@ -93,6 +93,18 @@ def visible_gpus(listed: list[tuple[int, str]] | None = None) -> list[str]:
     return out
 
 
+def visible_entries(listed: list[tuple[int, str]] | None = None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES value that shows a process exactly one of the visible GPUs,
+    in visible_gpus()' order: the entries of CUDA_VISIBLE_DEVICES, or nvidia-smi's indices
+    when it is not set."""
+    listed = _nvidia_smi() if listed is None else listed
+    n = len(visible_gpus(listed))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(i) for i, _ in listed][:n]
+    return [e.strip() for e in visible.split(",")][:n]
+
+
 def _nvidia_smi() -> list[tuple[int, str]]:
     """(index, model) for every GPU nvidia-smi lists; [] when it is missing, fails or hangs."""
     try:

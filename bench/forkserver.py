@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -83,11 +85,16 @@ class ForkedCell:
         self.pid = pid
         self.stdout = os.fdopen(stdout_fd, "r", buffering=1, errors="replace")
         self.returncode: int | None = None
+        self._waiting = threading.Lock()  # the cell's thread and a Ctrl-C may both wait
 
     def wait(self, timeout: float | None = None) -> int:
-        if self.returncode is None:
-            self.returncode = self.server.wait_exit(self.pid, timeout)
-            self.stdout.close()
+        if not self._waiting.acquire(timeout=-1 if timeout is None else timeout):
+            raise subprocess.TimeoutExpired(f"forked cell {self.pid}", timeout)
+        try:
+            if self.returncode is None:
+                self.returncode = self.server.wait_exit(self.pid, timeout)
+        finally:
+            self._waiting.release()
         return self.returncode
 
     def send_signal(self, sig: int) -> None:
@@ -119,22 +126,43 @@ class ForkServer:
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, env=cell_env(), cwd=os.getcwd())
         theirs.close()
+        self._answers: queue.Queue = queue.Queue()
+        self._exited = threading.Condition()
+        self._starting = threading.Lock()
+        self._gone = False
         msg = self._recv()
         if msg is None or "ready" not in msg:
             why = (msg or {}).get("error") or f"it ended: {self._log_tail()}"
             self.close()
             raise ServerFailed(f"the {framework} fork server did not start: {why}")
         self.import_seconds = msg["ready"]
+        threading.Thread(target=self._read, name=f"tlbench-forkserver-{framework}",
+                         daemon=True).start()
 
-    def _recv(self, timeout: float | None = None) -> dict | None:
-        self.sock.settimeout(timeout)
+    def _recv(self) -> dict | None:
         try:
             data = self.sock.recv(1 << 16)
-        except TimeoutError:
-            raise
-        except OSError:  # the server is gone
+        except OSError:  # the server is gone, or close() shut the socket
             return None
         return json.loads(data) if data else None
+
+    def _read(self) -> None:
+        """The one reader of the server's messages (a thread): answers to start() go to its
+        queue, exit statuses to wait_exit(); several slots share a server."""
+        while True:
+            msg = self._recv()
+            if msg is None:
+                with self._exited:
+                    self._gone = True
+                    self._exited.notify_all()
+                self._answers.put(None)
+                return
+            if "exit" in msg:
+                with self._exited:
+                    self.exits[msg["exit"]] = msg["code"]
+                    self._exited.notify_all()
+            else:
+                self._answers.put(msg)
 
     def _log_tail(self) -> str:
         try:
@@ -143,21 +171,20 @@ class ForkServer:
             return "(no log)"
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        return self.proc.poll() is None and not self._gone
 
     def start(self, job: Path) -> ForkedCell:
         read_fd, write_fd = os.pipe()
-        try:
-            socket.send_fds(self.sock, [json.dumps({"job": str(job)}).encode()], [write_fd])
-        except OSError as e:
-            os.close(read_fd)
-            raise ServerFailed(f"the {self.framework} fork server is gone ({e})") from e
-        finally:
-            os.close(write_fd)
-        msg = self._recv()
-        while msg is not None and "exit" in msg:  # an earlier child's, not this answer
-            self.exits[msg["exit"]] = msg["code"]
-            msg = self._recv()
+        with self._starting:  # one request and its answer at a time
+            try:
+                socket.send_fds(self.sock, [json.dumps({"job": str(job)}).encode()],
+                                [write_fd])
+            except OSError as e:
+                os.close(read_fd)
+                raise ServerFailed(f"the {self.framework} fork server is gone ({e})") from e
+            finally:
+                os.close(write_fd)
+            msg = self._answers.get()
         if msg is None or "pid" not in msg:
             os.close(read_fd)
             raise ServerFailed(f"the {self.framework} fork server did not start the cell: "
@@ -165,22 +192,21 @@ class ForkServer:
         return ForkedCell(self, msg["pid"], read_fd)
 
     def wait_exit(self, pid: int, timeout: float | None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while pid not in self.exits:
-            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            try:
-                msg = self._recv(left)
-            except TimeoutError:
-                raise subprocess.TimeoutExpired(f"forked cell {pid}", timeout) from None
-            if msg is None:  # the server ended; its children got SIGTERM (PR_SET_PDEATHSIG)
+        with self._exited:
+            self._exited.wait_for(lambda: pid in self.exits or self._gone, timeout)
+            if pid in self.exits:
+                return self.exits.pop(pid)
+            if self._gone:  # the server ended; its children got SIGTERM (PR_SET_PDEATHSIG)
                 return -signal.SIGTERM
-            if "exit" in msg:
-                self.exits[msg["exit"]] = msg["code"]
-        return self.exits.pop(pid)
+        raise subprocess.TimeoutExpired(f"forked cell {pid}", timeout)
 
     def close(self) -> None:
         try:
-            self.sock.close()  # the server reads end-of-file, ends its children and exits
+            try:  # wakes the reader thread; the server reads end-of-file, ends its
+                self.sock.shutdown(socket.SHUT_RDWR)  # children and exits
+            except OSError:
+                pass
+            self.sock.close()
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
@@ -197,15 +223,19 @@ class Launcher:
         self.use_fork = enabled() if use_fork is None else use_fork
         self.servers: dict[str, ForkServer] = {}
         self.refused: dict[str, str] = {}
+        self._lock = threading.Lock()  # the slots of a pool start cells at once
 
     def start(self, framework: str, job: Path):
-        server = self._server(framework)
+        with self._lock:
+            server = self._server(framework)
         if server is not None:
             try:
                 return server.start(job), "fork"
             except ServerFailed as e:
-                self.refused[framework] = str(e)
-                self.servers.pop(framework).close()
+                with self._lock:
+                    self.refused[framework] = str(e)
+                    if self.servers.get(framework) is server:
+                        self.servers.pop(framework).close()
         return spawn(job), "spawn"
 
     def _server(self, framework: str) -> ForkServer | None:

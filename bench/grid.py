@@ -35,6 +35,8 @@ Schema (see bench/grids/default.toml for a commented example):
     timeout_minutes = 30                 # a cell running longer is killed, recorded FAILED
     deterministic = "auto"               # deterministic algorithms: true | false | "auto"
                                          # (auto: on for the CPU, off on a GPU: they cost speed)
+    parallel = "auto"                    # cells at once: auto (one per visible GPU; one at a
+                                         # time on a CPU) | N (N GPUs, or the cores split in N)
 
     [datasets.mypets]                    # a grid-local dataset card
     source = "image_folder"
@@ -59,7 +61,7 @@ from strategies import FRAMEWORKS, registry
 from strategies import backbones as bb
 
 TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets"}
-RUN_KEYS = {"device", "timeout_minutes", "deterministic"}
+RUN_KEYS = {"device", "timeout_minutes", "deterministic", "parallel"}
 SMOKE_DEFAULTS = {"subset": 120, "epochs": 1}
 SPEC_FIELDS = {f.name: f for f in fields(RunSpec) if f.name != "strategy_params"}
 # RunSpec fields the harness sets itself, never a grid file: why, for the refusal
@@ -90,6 +92,7 @@ class Grid:
     duplicates: int = 0
     timeout_minutes: float | None = None  # per cell; None: no limit
     deterministic: str | bool = "auto"
+    parallel: str | int = "auto"  # cells at once on one machine (bench/pool.py)
     device_kind: str | None = None  # set by on_device(): the kind every spec is stamped with
 
     def label(self, s: RunSpec) -> str:
@@ -186,7 +189,8 @@ def _run_table(run: dict, problems: list[str]) -> dict:
     if bad:
         problems.append(f"run: unknown key(s) {bad}; allowed: {sorted(RUN_KEYS)}")
     out = {"device": run.get("device", "auto"), "timeout_minutes": run.get("timeout_minutes"),
-           "deterministic": run.get("deterministic", "auto")}
+           "deterministic": run.get("deterministic", "auto"),
+           "parallel": run.get("parallel", "auto")}
     msg = devices.check(out["device"])
     if msg:
         problems.append(f"run.device = {out['device']!r}: {msg}")
@@ -197,7 +201,19 @@ def _run_table(run: dict, problems: list[str]) -> dict:
     d = out["deterministic"]
     if not (isinstance(d, bool) or d == "auto"):
         problems.append(f"run.deterministic = {d!r}: allowed: \"auto\", true, false")
+    problem = parallel_problem(out["parallel"])
+    if problem:
+        problems.append(f"run.parallel = {out['parallel']!r}: {problem}")
     return out
+
+
+def parallel_problem(value: object) -> str | None:
+    """None for `auto` or a count of cells >= 1; else what is allowed."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
+                           and value >= 1):
+        return None
+    return "allowed: \"auto\" (one cell per visible GPU; one at a time on a CPU) or a " \
+           "number of cells at once >= 1"
 
 
 def _unique(items: list[str]) -> list[str]:

@@ -5,7 +5,9 @@ run per cell (tag mlflow.parentRunId). The store is MLflow's default local one u
 MLFLOW_TRACKING_URI points somewhere else (a shared server, another folder).
 
 Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbone,
-strategy, dataset, device, git_commit, versions, host, pid; on failure `error`. The parent
+strategy, dataset, device, git_commit, versions; its owner's host, pid and heartbeat (a
+cell's run is its claim, bench/claims.py); slot, cuda_visible_devices, cpus; on failure
+`error`. The parent
 run holds the grid file (grid.toml), the cells it expects (cells.json) and the tag
 device_kind (what its cells were stamped with), and, once
 `bench report` has run, report.md with its tables/ and figures/.
@@ -117,19 +119,24 @@ def git_commit() -> str:
 
 
 def _host_tags() -> dict[str, str]:
+    """Who owns the run (bench/claims.py): host, process, last heartbeat; and the code."""
     return {TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()),
-            TAG + "git_commit": git_commit()}
+            TAG + "heartbeat": f"{time.time():.0f}", TAG + "git_commit": git_commit()}
 
 
 # ---- runs --------------------------------------------------------------------------------
-def start_parent(exp_id: str, grid, n_todo: int, grid_text: str) -> str:
+def start_parent(exp_id: str, grid, n_todo: int, grid_text: str,
+                 tags: dict[str, str] | None = None) -> str:
+    """The run of one grid invocation; `tags` (tlbench. prefix added): how it runs (the
+    executor, its slots)."""
     c = client()
     run = c.create_run(exp_id, run_name=f"{grid.name} {time.strftime('%Y-%m-%d %H:%M:%S')}",
                        tags={TAG + "kind": "grid", TAG + "grid": grid.name,
                              TAG + "grid_path": grid.path, TAG + "smoke": str(grid.smoke),
                              TAG + "device_kind": grid.device_kind or "cpu",
                              TAG + "cells": str(len(grid.specs)), TAG + "todo": str(n_todo),
-                             "mlflow.note.content": grid.description, **_host_tags()})
+                             "mlflow.note.content": grid.description, **_host_tags(),
+                             **{TAG + k: str(v) for k, v in (tags or {}).items()}})
     c.log_text(run.info.run_id, grid_text, "grid.toml")
     # the cells this invocation expects, so a report can name the ones that never ran
     c.log_text(run.info.run_id, json.dumps(cell_list(grid), indent=1), CELLS_ARTIFACT)
@@ -143,17 +150,19 @@ def cell_list(grid) -> list[dict]:
 
 
 def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: str,
-               kind: str = "cell") -> str:
+               kind: str = "cell", tags: dict[str, str] | None = None) -> str:
     """A nested run for one spec: kind 'cell' (a grid cell) or 'pretrain' (a pretraining
-    that cells link to with tlbench.pretrain_run_id; never counted as a finished cell)."""
-    c = client()
+    that cells link to with tlbench.pretrain_run_id; never counted as a finished cell).
+    `tags` (tlbench. prefix added) override the owner tags (bench/claims.py)."""
+    c, extra = client(), tags
     tags = {PARENT_TAG: parent_id, TAG + "kind": kind, TAG + "spec_hash": spec.hash,
             TAG + "name": spec.name, TAG + "framework": spec.framework,
             TAG + "backbone": spec.backbone, TAG + "strategy": spec.strategy_label,
             TAG + "dataset": spec.dataset, TAG + "device_requested": device, **_host_tags()}
     if kind == "pretrain":
         tags[TAG + "role"] = "pretrain"
-    run = c.create_run(exp_id, run_name=label, tags=tags)
+    run = c.create_run(exp_id, run_name=label, tags={**tags, **{TAG + k: str(v) for k, v in
+                                                                (extra or {}).items()}})
     rid = run.info.run_id
     from mlflow.entities import Param
 
@@ -187,6 +196,11 @@ def log_file(run_id: str, path: str) -> None:
 
 def end_run(run_id: str, status: str) -> None:
     client().set_terminated(run_id, status=status)
+
+
+def delete_run(run_id: str) -> None:
+    """A withdrawn claim (bench/claims.py): deleted, so no cell shows twice."""
+    client().delete_run(run_id)
 
 
 @contextmanager
@@ -248,31 +262,16 @@ def finished_hashes(exp_id: str) -> set[str]:
     return {r.data.tags.get(TAG + "spec_hash") for r in cell_runs(exp_id, FINISHED)}
 
 
-def close_stale_runs(exp_id: str) -> list[str]:
-    """Runs left RUNNING by a runner that died (SIGKILL, power loss) on this host are marked
-    KILLED, so the store never shows a phantom cell in progress. Runs of live runners, or of
-    other hosts, are left alone."""
-    host = socket.gethostname()
-    closed = []
-    for r in _search(exp_id, "attributes.status = 'RUNNING'"):
-        tags = r.data.tags
-        if tags.get(TAG + "host") != host or _alive(tags.get(TAG + "pid", "")):
-            continue
-        set_tags(r.info.run_id, {"error": "runner died while the run was in progress; "
-                                          "marked KILLED when the grid was resumed"})
-        end_run(r.info.run_id, KILLED)
-        closed.append(r.info.run_id)
-    return closed
+def runs_for_hash(exp_id: str, spec_hash: str, kind: str | None = "cell") -> list:
+    """Every active run of one spec hash (of one kind: cell or pretrain)."""
+    flt = f"tags.`{TAG}spec_hash` = '{spec_hash}'"
+    if kind:
+        flt += f" and tags.`{TAG}kind` = '{kind}'"
+    return _search(exp_id, flt)
 
 
-def _alive(pid: str) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except (ValueError, ProcessLookupError):
-        return False
-    except PermissionError:
-        return True
-    return True
+def running_runs(exp_id: str) -> list:
+    return _search(exp_id, "attributes.status = 'RUNNING'")
 
 
 def latest_parent(exp_id: str):

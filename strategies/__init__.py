@@ -9,6 +9,7 @@ A backend module exposes:
     versions() -> dict[str, str]
     preload() -> None              import what a cell would import later, touching no device
     fork_problem() -> str | None   why a child forked from this process could not run a cell
+    set_threads(n: int) -> None    a cell given n CPU cores uses n threads (bench/cell.py)
 """
 
 from __future__ import annotations

@@ -60,6 +60,16 @@ def preload() -> None:
     nothing more here, keras.applications came with this module."""
 
 
+def set_threads(n: int) -> None:
+    """Intra-op threads for a cell given `n` cores (bench/cell.py take_slot), set before
+    TensorFlow's runtime starts; configure_device keeps a value set here."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:  # TensorFlow already started in this process (tests)
+        pass
+
+
 def fork_problem() -> str | None:
     """Why a process forked from this one could not run a cell, or None: TensorFlow's
     runtime (devices, thread pools) must not have started before the fork."""

@@ -50,6 +50,12 @@ def preload() -> None:
     import torchvision  # noqa: F401
 
 
+def set_threads(n: int) -> None:
+    """Intra-op threads for a cell given `n` cores (bench/cell.py take_slot): PyTorch read
+    OMP_NUM_THREADS when it was imported, in the fork server, so it is told again here."""
+    torch.set_num_threads(n)
+
+
 def fork_problem() -> str | None:
     """Why a process forked from this one could not run a cell, or None."""
     if torch.cuda.is_initialized():

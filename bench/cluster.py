@@ -1,0 +1,209 @@
+"""A grid's cells as Ray Core tasks on a Ray cluster (`--ray auto|ADDRESS`, or RAY_ADDRESS).
+
+One task per cell, asking for the cell's resources (one GPU on a GPU grid; `cpus_per_cell`
+cores), so Ray places it on a node with a free GPU and sets the task's
+CUDA_VISIBLE_DEVICES. Inside the task the cell goes through bench/execute.py exactly as on
+one machine: claimed in the tracking store, run as a fresh process of its own (forked from
+a fork server that lives as long as the Ray worker), recorded from the worker, so its
+artifacts reach the store from the node that made them. Ray Core, not Ray Tune: the harness
+keeps its own resume (spec hashes, claims) and its parent and child runs.
+
+Faults: a task whose worker or node dies is retried once by Ray (max_retries=1); the retry
+takes over the first attempt's run (same Ray task id, bench/claims.py). A task that fails
+twice is recorded FAILED by the driver. Ctrl-C cancels every task (their processes end) and
+marks their runs KILLED.
+
+Ray is an optional extra (pip install 'tlbench[ray]'); only this module imports it, and only
+the runner's --ray path imports this module.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+from bench import claims, devices, tracking
+from bench.execute import CellTask, Context, Outcome, Slot, Stop, execute
+from bench.grid import Grid
+
+# the driver's environment that tasks get: where the store and the harness's files are
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TLBENCH_CACHE", "TLBENCH_DATASETS",
+                 "TLBENCH_FORKSERVER", "TLBENCH_CLAIM_STALE_S")
+LOCAL_STORES = ("sqlite:", "file:", "/", ".")  # reachable from one machine only
+
+
+class ClusterError(ValueError):
+    """The cluster cannot run this grid (nothing has run)."""
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--ray needs Ray: pip install 'tlbench[ray]' (on every node)") \
+            from None
+    return ray
+
+
+class RayExecutor:
+    """Runs CellTasks as Ray tasks; the same interface as bench.pool.LocalPool."""
+
+    def __init__(self, grid: Grid, gpus_per_cell: float | None = None,
+                 cpus_per_cell: float = 1):
+        """`grid` stamped with its device kind; `gpus_per_cell` default: 1 on a GPU kind."""
+        self.ray = _ray()
+        self.grid = grid
+        gpu = (grid.device_kind or "").startswith("cuda:")
+        self.gpus_per_cell = (1 if gpu else 0) if gpus_per_cell is None else gpus_per_cell
+        self.cpus_per_cell = cpus_per_cell
+        res = self.ray.cluster_resources()
+        self.nodes = len([n for n in self.ray.nodes() if n.get("Alive")])
+        self.width = int(min(res.get("GPU", 0) // self.gpus_per_cell if self.gpus_per_cell
+                             else float("inf"), res.get("CPU", 1) // max(cpus_per_cell, 1e-9))
+                         or 1)
+        uri = tracking.tracking_uri()
+        if self.nodes > 1 and uri.startswith(LOCAL_STORES):
+            raise ClusterError(f"the Ray cluster has {self.nodes} nodes but the tracking store "
+                               f"{uri} is on this machine only: start a shared `mlflow "
+                               f"server` and set MLFLOW_TRACKING_URI=http://<host>:5000 on "
+                               f"every node (README: a cluster)")
+
+    @classmethod
+    def connect(cls, address: str, grid: Grid, **kw) -> RayExecutor:
+        """Connect to the cluster at `address` (`auto`: the one this machine belongs to)
+        and stamp the grid with the device kind its workers have."""
+        ray = _ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=True)
+            except (ConnectionError, RuntimeError) as e:
+                raise ClusterError(f"--ray {address}: no Ray cluster to connect to ({e}); "
+                                   f"start one with `ray start --head` or give its "
+                                   f"address") from None
+        return cls(cluster_kind(grid), **kw)
+
+    def describe(self) -> dict[str, str]:
+        return {"executor": f"ray ({self.nodes} node(s), {self.width} cell(s) at once)",
+                "parallel": str(self.width),
+                "ray_resources_per_cell": f"GPU {self.gpus_per_cell}, CPU "
+                                          f"{self.cpus_per_cell}"}
+
+    def run(self, tasks: list[CellTask], ctx: Context,
+            on_outcome: Callable[[Outcome], None]) -> None:
+        ray = self.ray
+        from ray.util.queue import Queue
+
+        events = Queue()
+        env = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+        env["MLFLOW_TRACKING_URI"] = tracking.tracking_uri()  # resolved: the same store
+        remote = ray.remote(_task).options(num_gpus=self.gpus_per_cell,
+                                           num_cpus=self.cpus_per_cell, max_retries=1,
+                                           retry_exceptions=False)
+        threads = int(self.cpus_per_cell) if not self.gpus_per_cell else None
+        pending = {remote.remote(t, env, events, threads): t for t in tasks}
+        try:
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
+                _drain(events, ctx.events)
+                for ref in done:
+                    task = pending.pop(ref)
+                    on_outcome(self._outcome(ref, task, ctx))
+            _drain(events, ctx.events)
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            _kill_running(tasks[0].exp_id, tasks[0].parent) if tasks else None
+            raise
+        finally:
+            events.shutdown()
+
+    def _outcome(self, ref, task: CellTask, ctx: Context) -> Outcome:
+        """The task's outcome; a task Ray could not finish (its worker died twice, it was
+        cancelled) is recorded FAILED on its run (made here if the task made none)."""
+        try:
+            return self.ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - ray.exceptions.*: recorded on the cell's run
+            error = f"{type(e).__name__} (Ray): {str(e).strip().splitlines()[-1][:500]}"
+        task_id = ref.task_id().hex()
+        runs = [r for r in tracking.runs_for_hash(task.exp_id, task.spec.hash)
+                if r.data.tags.get(tracking.TAG + "ray_task_id") == task_id
+                and r.info.status == tracking.RUNNING]
+        if runs:
+            run_id = runs[0].info.run_id
+        else:
+            got = claims.claim(task.exp_id, task.parent, task.spec,
+                               task.grid.label(task.spec), task.grid.device)
+            run_id = got.run_id
+        if run_id:
+            tracking.set_tags(run_id, {"error": error})
+            tracking.end_run(run_id, tracking.FAILED)
+        ctx.events({"event": "done", "index": task.index, "head": task.head,
+                    "status": tracking.FAILED, "text": f"FAILED  {error[:200]}"})
+        return Outcome(task.spec, tracking.FAILED, run_id, error)
+
+
+def _drain(queue, events: Callable[[dict], None]) -> None:
+    while not queue.empty():
+        try:
+            events(queue.get_nowait())
+        except Exception:  # noqa: BLE001 - raced with another reader: nothing left
+            return
+
+
+def _kill_running(exp_id: str, parent: str) -> None:
+    """Ctrl-C: the runs of this invocation still RUNNING are KILLED (their tasks are
+    cancelled; a task's cell process ends with its worker)."""
+    for r in tracking.child_runs(exp_id, parent):
+        if r.info.status == tracking.RUNNING:
+            tracking.set_tags(r.info.run_id, {"error": "interrupted (Ctrl-C / SIGTERM)"})
+            tracking.end_run(r.info.run_id, tracking.KILLED)
+
+
+def cluster_kind(grid: Grid) -> Grid:
+    """The grid stamped with the kind of device its cells get on the cluster: the CPU, or
+    the model of a GPU as a worker's nvidia-smi names it (asked on a worker holding one)."""
+    ray = _ray()
+    device = grid.device
+    if device == "mps":
+        raise ClusterError("device 'mps' is one Mac's GPU; a Ray cluster runs cpu or cuda")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if device == "cpu" or (device == "auto" and not gpus):
+        return grid.with_device_kind("cpu", "cpu")
+    if not gpus:
+        raise ClusterError(f"device {device!r}: the Ray cluster has no GPU")
+    probe = ray.remote(_gpu_kind).options(num_gpus=1, num_cpus=0)
+    return grid.with_device_kind(ray.get(probe.remote(), timeout=300), "cuda")
+
+
+def _gpu_kind() -> str:
+    return devices.resolve_kind("cuda")
+
+
+# ---- on the worker ------------------------------------------------------------------------
+_WORKER: dict = {}  # this worker process's launcher and heartbeat, kept between its tasks
+
+
+def _task(task: CellTask, env: dict, events, threads: int | None) -> Outcome:
+    """One cell inside a Ray task: the driver's store and cache, the GPU Ray gave the task."""
+    import ray
+
+    from bench.forkserver import Launcher
+
+    os.environ.update(env)
+    if not _WORKER:
+        _WORKER.update(launcher=Launcher(), heartbeat=claims.Heartbeat())
+    task.task_id = ray.get_runtime_context().get_task_id() or ""
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES") if ray.get_gpu_ids() else None
+    slot = Slot(f"ray {socket.gethostname()}" + (f" gpu {gpu}" if gpu else ""), gpu,
+                threads=threads)
+
+    def send(ev: dict) -> None:
+        try:
+            events.put_nowait({**ev, "sent": time.time()})
+        except Exception:  # noqa: BLE001, S110 - the console misses a line, the store has it
+            pass
+
+    ctx = Context(send, _WORKER["launcher"], _WORKER["heartbeat"], Stop())
+    return execute(task, slot, ctx)
