@@ -67,12 +67,10 @@ def _run(args) -> int:
 
     runner.install_sigterm_handler()
     text = Path(g.path).read_text()
-    launcher = Launcher()
     if executor is None:
-        executor = pool.LocalPool(slots, launcher)
+        executor = pool.LocalPool(slots, Launcher())
     try:
-        result = runner.run_grid(g, text, rerun=args.rerun, launcher=launcher,
-                                 executor=executor)
+        result = runner.run_grid(g, text, rerun=args.rerun, executor=executor)
     except KeyboardInterrupt:
         print("\ninterrupted: the running cells are marked KILLED; finished cells are kept "
               "and will be skipped when the grid is started again", file=sys.stderr)

@@ -90,8 +90,13 @@ class RayExecutor:
                 "ray_resources_per_cell": f"GPU {self.gpus_per_cell}, CPU "
                                           f"{self.cpus_per_cell}"}
 
-    def run(self, tasks: list[CellTask], ctx: Context,
+    def close(self) -> None:
+        """The cluster stays up (it is not this runner's); the connection ends with it."""
+
+    def run(self, tasks: list[CellTask], events_to: Callable[[dict], None], heartbeat,
             on_outcome: Callable[[Outcome], None]) -> None:
+        """Every task as a Ray task (each keeps its own heartbeat on its worker); their
+        console events come back through a Ray queue."""
         ray = self.ray
         from ray.util.queue import Queue
 
@@ -106,11 +111,11 @@ class RayExecutor:
         try:
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
-                _drain(events, ctx.events)
+                _drain(events, events_to)
                 for ref in done:
                     task = pending.pop(ref)
-                    on_outcome(self._outcome(ref, task, ctx))
-            _drain(events, ctx.events)
+                    on_outcome(self._outcome(ref, task, events_to))
+            _drain(events, events_to)
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref, force=True)
@@ -119,7 +124,7 @@ class RayExecutor:
         finally:
             events.shutdown()
 
-    def _outcome(self, ref, task: CellTask, ctx: Context) -> Outcome:
+    def _outcome(self, ref, task: CellTask, events_to: Callable[[dict], None]) -> Outcome:
         """The task's outcome; a task Ray could not finish (its worker died twice, it was
         cancelled) is recorded FAILED on its run (made here if the task made none)."""
         try:
@@ -139,8 +144,8 @@ class RayExecutor:
         if run_id:
             tracking.set_tags(run_id, {"error": error})
             tracking.end_run(run_id, tracking.FAILED)
-        ctx.events({"event": "done", "index": task.index, "head": task.head,
-                    "status": tracking.FAILED, "text": f"FAILED  {error[:200]}"})
+        events_to({"event": "done", "index": task.index, "head": task.head,
+                   "status": tracking.FAILED, "text": f"FAILED  {error[:200]}"})
         return Outcome(task.spec, tracking.FAILED, run_id, error)
 
 

@@ -238,6 +238,13 @@ class Launcher:
                         self.servers.pop(framework).close()
         return spawn(job), "spawn"
 
+    def prepare(self, frameworks: list[str]) -> None:
+        """Start the fork servers of these frameworks now, from the calling thread (a
+        server's life is tied to the thread that started it, PR_SET_PDEATHSIG)."""
+        for framework in frameworks:
+            with self._lock:
+                self._server(framework)
+
     def _server(self, framework: str) -> ForkServer | None:
         if not self.use_fork or framework in self.refused:
             return None

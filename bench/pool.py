@@ -18,10 +18,11 @@ import collections
 import os
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 from bench import devices
-from bench.execute import Context, Outcome, Slot, execute
+from bench.execute import Context, Outcome, Slot, Stop, execute
 from bench.grid import Grid, parallel_problem
 from bench.tracking import FAILED
 
@@ -142,20 +143,33 @@ class LocalPool:
         return {"executor": "local", "parallel": str(len(self.slots)),
                 "slots": "; ".join(s.name for s in self.slots)}
 
-    def run(self, tasks: list, ctx: Context, on_outcome: Callable[[Outcome], None]) -> None:
+    def close(self) -> None:
+        self.launcher.close()
+
+    def run(self, tasks: list, events: Callable[[dict], None], heartbeat,
+            on_outcome: Callable[[Outcome], None]) -> None:
         """Every task through execute(); each outcome to `on_outcome` as it comes. Ctrl-C
         (KeyboardInterrupt in this, the main thread) stops every running cell, waits for
         their KILLED records, then propagates."""
+        ctx = Context(events, self.launcher, heartbeat, Stop())
         todo = collections.deque(tasks)
         lock = threading.Lock()
         results: queue.Queue = queue.Queue()
+        idle = []  # slots out of work
+        all_done = threading.Event()
+        # fork servers are started here, in the main thread: a process started by a thread
+        # is ended with that thread (PR_SET_PDEATHSIG), and slot threads come and go
+        prepare = getattr(self.launcher, "prepare", None)
+        if prepare and len(self.slots) > 1:
+            prepare(sorted({t.spec.framework for t in tasks}))
 
         def work(slot: Slot) -> None:
             while True:
                 with lock:
-                    if not todo or ctx.stop.stopped:
-                        return
-                    task = todo.popleft()
+                    task = todo.popleft() if todo and not ctx.stop.stopped else None
+                    if task is None:
+                        idle.append(slot)
+                        break
                 try:
                     results.put(execute(task, slot, ctx))
                 except BaseException as e:  # noqa: BLE001 - the runner's failure ends one cell
@@ -163,21 +177,32 @@ class LocalPool:
                     ctx.events({"event": "done", "index": task.index, "head": task.head,
                                 "status": FAILED, "text": f"FAILED  {msg[:200]}"})
                     results.put(Outcome(task.spec, FAILED, error=msg))
+            # stays until every slot is done: what a cell started from this thread (a fresh
+            # fork server) lives as long as the thread
+            all_done.wait()
 
         threads = [threading.Thread(target=work, args=(s,), name=f"tlbench-slot-{s.name}",
                                     daemon=True) for s in self.slots]
         for t in threads:
             t.start()
-        try:
-            while any(t.is_alive() for t in threads) or not results.empty():
+
+        def drain(until_idle_s: float | None) -> None:
+            deadline = None if until_idle_s is None else time.monotonic() + until_idle_s
+            while True:
                 try:
                     on_outcome(results.get(timeout=0.2))
                 except queue.Empty:
-                    continue
+                    with lock:
+                        if len(idle) == len(threads) and results.empty():
+                            return
+                    if deadline is not None and time.monotonic() > deadline:
+                        return
+
+        try:
+            drain(None)
         except KeyboardInterrupt:
             ctx.stop()
-            for t in threads:
-                t.join(timeout=120)
-            while not results.empty():
-                on_outcome(results.get())
+            drain(120)
             raise
+        finally:
+            all_done.set()

@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass
 
 from bench import claims, tracking
-from bench.execute import HELD, SKIPPED, CellTask, Context, Outcome, Stop
+from bench.execute import HELD, SKIPPED, CellTask, Outcome
 from bench.forkserver import Launcher
 from bench.grid import Grid
 from bench.progress import Progress
@@ -47,8 +47,8 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False, stream=sys.stderr,
 
     A grid not yet stamped with its device kind (Grid.on_device: the CLI does it) is stamped
     here, before finished cells are looked up. `executor`: where cells run (default: the
-    local pool with the grid's [run] parallel, bench/pool.py); `launcher` starts the cell
-    processes of the local pool (default: fork servers, else fresh interpreters)."""
+    local pool with the grid's [run] parallel, bench/pool.py, starting cell processes with
+    `launcher`: fork servers, else fresh interpreters); closed when the grid ends."""
     from bench import pool
 
     if grid.device_kind is None:
@@ -62,13 +62,13 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False, stream=sys.stderr,
     if restored:
         _say_restored(grid, exp_id, rerun, stream)
     outcomes = [Outcome(s, SKIPPED) for s in skipped]
-    launcher = launcher or Launcher()
-    executor = executor or pool.LocalPool(pool.slots_for(grid, grid.parallel), launcher)
+    executor = executor or pool.LocalPool(pool.slots_for(grid, grid.parallel),
+                                          launcher or Launcher())
     print(f"grid {grid.name!r}: {len(grid.specs)} cells on {grid.device_kind}, "
           f"{len(outcomes)} already finished, {len(todo)} to run, {executor.width} at once  "
           f"(MLflow: {tracking.tracking_uri()}, experiment {exp_id})", file=stream)
     if not todo:
-        launcher.close()
+        executor.close()
         return GridResult(exp_id, None, outcomes)
 
     parent = tracking.start_parent(exp_id, grid, len(todo), grid_text, executor.describe())
@@ -79,13 +79,13 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False, stream=sys.stderr,
     heartbeat.add(parent)
     status = tracking.FINISHED
     try:
-        executor.run(tasks, Context(progress, launcher, heartbeat, Stop()), outcomes.append)
+        executor.run(tasks, progress, heartbeat, outcomes.append)
     except KeyboardInterrupt:
         status = tracking.KILLED
         raise
     finally:
         heartbeat.close()
-        launcher.close()
+        executor.close()
         ran = [o for o in outcomes if o.status not in (SKIPPED, HELD)]
         failed = [o for o in ran if o.status != tracking.FINISHED]
         tracking.set_tags(parent, {"failed": str(len(failed)),
