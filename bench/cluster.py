@@ -106,7 +106,9 @@ class RayExecutor:
         remote = ray.remote(_task).options(num_gpus=self.gpus_per_cell,
                                            num_cpus=self.cpus_per_cell, max_retries=1,
                                            retry_exceptions=False)
-        threads = int(self.cpus_per_cell) if not self.gpus_per_cell else None
+        # a CPU cell computes on the cores Ray gave it: its threads = those cores
+        on_cpu = not (self.grid.device_kind or "").startswith("cuda:")
+        threads = max(int(self.cpus_per_cell), 1) if on_cpu else None
         pending = {remote.remote(t, env, events, threads): t for t in tasks}
         try:
             while pending:

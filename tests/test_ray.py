@@ -1,0 +1,106 @@
+"""A grid's cells as Ray Core tasks (bench/cluster.py) on a real local Ray instance with
+declared GPU slots (this machine has none): one instance for the module, as a cluster's
+head would be, and real tiny cells (ResNet-18, 40 digits at 16 px) on the CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+import ray
+from test_faults import write_grid
+
+from bench import cluster, pool, runner, tracking
+from bench import grid as gridmod
+from bench.execute import Slot
+from bench.forkserver import Launcher
+from bench.paths import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """`ray.init(num_cpus=2, num_gpus=2)`: two cells at once, each given one GPU slot."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT),
+                                                            os.environ.get("PYTHONPATH")]))
+    ray.init(num_cpus=2, num_gpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def executor(g: gridmod.Grid) -> cluster.RayExecutor:
+    return cluster.RayExecutor(g, gpus_per_cell=1)
+
+
+@pytest.mark.timeout(900)
+def test_ray_cells_get_a_gpu_each_run_at_once_and_give_the_serial_numbers(store, ray_local):
+    path = write_grid(store, "ray", '["feature_extraction", "full"]', epochs=2)
+    g = gridmod.load(path).on_device("cpu")
+    first = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
+    assert [o.status for o in first.outcomes] == ["FINISHED"] * 2, first.outcomes
+    c = tracking.client()
+    runs = {o.spec.hash: c.get_run(o.run_id) for o in first.outcomes}
+    tags = [r.data.tags for r in runs.values()]
+    assert sorted(t["tlbench.cuda_visible_devices"] for t in tags) == ["0", "1"]
+    assert all(t["tlbench.slot"].startswith("ray ") and t["tlbench.threads"] == "1"
+               for t in tags)
+    assert all(t["tlbench.ray_task_id"] for t in tags)
+    infos = [r.info for r in runs.values()]
+    assert max(i.start_time for i in infos) < min(i.end_time for i in infos)  # at once
+    # the artifacts made on the worker reached the store
+    for r in runs.values():
+        assert {"cell.log", "spec.json"} <= {a.path for a in c.list_artifacts(r.info.run_id)}
+    parent = c.get_run(first.parent_run_id).data.tags
+    assert parent["tlbench.executor"].startswith("ray (1 node(s), 2 cell(s) at once)")
+
+    # a second invocation runs nothing
+    again = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
+    assert again.parent_run_id is None and {o.status for o in again.outcomes} == {"SKIPPED"}
+
+    # the same cells run one at a time here, with one thread as each Ray cell had: the same
+    # numbers, bit for bit
+    serial = dataclasses.replace(g, name="ray-serial")
+    here = runner.run_grid(serial, path.read_text(), stream=sys.stdout,
+                           executor=pool.LocalPool([Slot("one", None, threads=1)],
+                                                   Launcher()))
+    for o in here.outcomes:
+        a, b = c.get_run(o.run_id).data.metrics, runs[o.spec.hash].data.metrics
+        for key in ("test_acc", "test_loss", "val_acc", "train_loss"):
+            assert a[key] == b[key], key
+
+
+@pytest.mark.timeout(900)
+def test_a_ray_cell_killed_with_sigkill_is_recorded_while_the_others_finish(store, ray_local):
+    path = write_grid(store, "raykill", '["feature_extraction", "partial[depth=1]", "full"]',
+                      epochs=40)
+    g = gridmod.load(path).on_device("cpu")
+    killed: list[str] = []
+
+    def kill_full_cell():
+        deadline = time.time() + 600
+        while time.time() < deadline and not killed:
+            exp_id = tracking.experiment_id("raykill", create=False)
+            for r in tracking.cell_runs(exp_id, "RUNNING") if exp_id else []:
+                pid = r.data.tags.get("tlbench.cell_pid")
+                if pid and r.data.params.get("strategy") == "full":
+                    os.kill(int(pid), signal.SIGKILL)
+                    killed.append(r.info.run_id)
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=kill_full_cell, daemon=True)
+    killer.start()
+    result = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
+    killer.join(timeout=10)
+    status = {o.spec.strategy: o for o in result.outcomes}
+    assert killed and status["full"].run_id == killed[0]
+    assert status["full"].status == "FAILED" and "SIGKILL" in status["full"].error
+    assert status["feature_extraction"].status == status["partial"].status == "FINISHED"
+    run = tracking.client().get_run(killed[0])
+    assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags["tlbench.error"]
