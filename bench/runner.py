@@ -222,6 +222,11 @@ def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
             progress.line(f"pretrained checkpoint for {cell.weights} is unusable: {problem}; "
                           f"discarding it and pretraining again")
             ckpt.discard()
+        # -- issue 12: another node's published checkpoint (tracking store), sha256-checked --
+        fetched = pretrain.fetch(ckpt, pspec, progress.line)
+        if fetched is not None:
+            return Pretrained(tracking.FINISHED, ckpt, fetched, fetched["run_id"])
+        # -- end issue 12 --
         label = f"pretrain {pspec.name} (for {cell.weights})"
         run_id = tracking.start_cell(exp_id, parent, pspec, label, grid.device, kind="pretrain")
         partial = ckpt.partial_path
@@ -244,6 +249,12 @@ def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
             partial.unlink(missing_ok=True)
         tracking.set_tags(run_id, {"checkpoint": str(ckpt.path),
                                    "checkpoint_sha256": meta["sha256"]})
+        # -- issue 12: publish it for the other nodes (tracking store artifacts) --
+        unpublished = pretrain.publish(ckpt, run_id)
+        if unpublished:
+            progress.line(f"pretrained checkpoint {ckpt.key} not published to the tracking "
+                          f"store ({unpublished}): other nodes will pretrain it again")
+        # -- end issue 12 --
         return Pretrained(tracking.FINISHED, ckpt, meta, run_id)
 
 
