@@ -16,7 +16,10 @@ checkpoint makes a new one.
 The checkpoint holds the backbone without its head (each backend writes its own format) and a
 JSON sidecar with its sha256; a file that does not match it (truncated, corrupted) is
 deleted and made again, never loaded. A file lock around check-and-make means two runners
-(or two cells on two GPUs) needing the same pretraining make it once.
+(or two cells on two GPUs) needing the same pretraining make it once. Across machines the
+tracking store carries it: the pretraining run publishes the checkpoint as artifacts
+(publish), and a node whose cache lacks it fetches it before pretraining (fetch), using it
+only when its sha256 equals the run's tag and the published sidecar.
 
 Yosinski et al. 2014's transfer protocol (AnB, BnB and their fine-tuned `+` forms) is
 `pretrained:<A or B>` with strategy `reinit_top`: see bench/grids/yosinski.toml.

@@ -8,7 +8,9 @@ Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbo
 strategy, dataset, device, git_commit, versions, host, pid; on failure `error`. The parent
 run holds the grid file (grid.toml), the cells it expects (cells.json) and the tag
 device_kind (what its cells were stamped with), and, once
-`bench report` has run, report.md with its tables/ and figures/.
+`bench report` has run, report.md with its tables/ and figures/. A pretraining run (kind
+`pretrain`) holds its checkpoint and sidecar under checkpoint/ and the tags checkpoint_key
+and checkpoint_sha256, which other nodes find it by (bench/pretrain.py: publish, fetch).
 
 The reporter's read helpers (bottom of this file) return plain rows; the report modules
 (bench/report*.py) never touch MLflow objects.
