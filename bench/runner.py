@@ -222,8 +222,9 @@ def ensure_pretrained(exp_id: str, parent: str, grid: Grid, cell: RunSpec,
             progress.line(f"pretrained checkpoint for {cell.weights} is unusable: {problem}; "
                           f"discarding it and pretraining again")
             ckpt.discard()
-        # -- issue 12: another node's published checkpoint (tracking store), sha256-checked --
-        fetched = pretrain.fetch(ckpt, pspec, progress.line)
+        # -- issue 12: another node's published checkpoint (tracking store), sha256-checked;
+        # only when the cache lacks it (a corrupted local copy is made again, as before) --
+        fetched = pretrain.fetch(ckpt, pspec, progress.line) if problem == "missing" else None
         if fetched is not None:
             return Pretrained(tracking.FINISHED, ckpt, fetched, fetched["run_id"])
         # -- end issue 12 --
