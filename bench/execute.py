@@ -158,7 +158,10 @@ def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:
         extra: dict = {}
         if pretrain.is_pretrained(spec.weights):
             made = ensure_pretrained(task, slot, ctx)
-            tracking.set_tags(run_id, {"pretrain_run_id": made.run_id or ""})
+            fetched = made.checkpoint_meta.get("fetched_from")
+            tracking.set_tags(run_id, {"pretrain_run_id": made.run_id or "",
+                                       **({"pretrain_fetched_from": fetched} if fetched
+                                          else {})})
             if made.status != tracking.FINISHED:
                 return _fail(run_id, task, ctx, f"PretrainingFailed: {made.error}", started)
             extra = {"weights_file": str(made.checkpoint.path),
@@ -217,6 +220,10 @@ def ensure_pretrained(task: CellTask, slot: Slot, ctx: Context) -> Pretrained:
     pspec = pretrain.pretrain_spec(task.spec)
     ckpt = pretrain.Checkpoint.of(pspec)
     key = (task.parent, ckpt.key)
+
+    def say(text: str) -> None:
+        ctx.events({"event": "note", "text": text})
+
     while True:
         if key in _FAILED_PRETRAININGS:  # tried in this invocation: not again
             return _FAILED_PRETRAININGS[key]
@@ -230,6 +237,10 @@ def ensure_pretrained(task: CellTask, slot: Slot, ctx: Context) -> Pretrained:
                             f"{task.spec.weights} is unusable: {problem}; discarding it and "
                             f"pretraining again"})
                 ckpt.discard()
+            else:  # another node's, published in the tracking store, sha256-checked
+                fetched = pretrain.fetch(ckpt, pspec, say)
+                if fetched is not None:
+                    return Pretrained(tracking.FINISHED, ckpt, fetched, fetched["run_id"])
             label = f"pretrain {pspec.name} (for {task.spec.weights})"
             # a finished pretraining whose file this host lacks does not hold the claim
             got = claims.claim(task.exp_id, task.parent, pspec, label, task.grid.device,
@@ -266,6 +277,12 @@ def _pretrain(task: CellTask, slot: Slot, ctx: Context, pspec: RunSpec,
         partial.unlink(missing_ok=True)
         ctx.heartbeat.discard(run_id)
     tracking.set_tags(run_id, {"checkpoint": str(ckpt.path), "checkpoint_sha256": meta["sha256"]})
+    unpublished = pretrain.publish(ckpt, run_id)  # for the other nodes of a cluster
+    if unpublished:
+        ctx.events({"event": "note", "text": f"pretrained checkpoint {ckpt.key} not "
+                                             f"published to the tracking store "
+                                             f"({unpublished}): other nodes will pretrain it "
+                                             f"again"})
     return Pretrained(tracking.FINISHED, ckpt, meta, run_id)
 
 

@@ -10,7 +10,9 @@ cell's run is its claim, bench/claims.py); slot, cuda_visible_devices, cpus; on 
 `error`. The parent
 run holds the grid file (grid.toml), the cells it expects (cells.json) and the tag
 device_kind (what its cells were stamped with), and, once
-`bench report` has run, report.md with its tables/ and figures/.
+`bench report` has run, report.md with its tables/ and figures/. A pretraining run (kind
+`pretrain`) holds its checkpoint and sidecar under checkpoint/ and the tags checkpoint_key
+and checkpoint_sha256, which other nodes find it by (bench/pretrain.py: publish, fetch).
 
 The reporter's read helpers (bottom of this file) return plain rows; the report modules
 (bench/report*.py) never touch MLflow objects.
@@ -278,6 +280,46 @@ def latest_parent(exp_id: str):
     runs = client().search_runs([exp_id], filter_string=f"tags.`{TAG}kind` = 'grid'",
                                 order_by=["attributes.start_time DESC"], max_results=1)
     return runs[0] if runs else None
+
+
+# ---- pretrained checkpoints shared through the store ----------------------------------------
+CHECKPOINT_FOLDER = "checkpoint"  # on a pretraining run: <key>.ckpt and its <key>.json sidecar
+
+
+def log_checkpoint(run_id: str, files: list[Path], key: str, sha256: str) -> None:
+    """A pretraining run's checkpoint files into its artifacts (checkpoint/), then the tags
+    other nodes find it by: set last, so a run carrying them has its files complete."""
+    c = client()
+    for f in files:
+        c.log_artifact(run_id, str(f), CHECKPOINT_FOLDER)
+    set_tags(run_id, {"checkpoint_key": key, "checkpoint_sha256": sha256})
+
+
+def find_checkpoint_runs(key: str, limit: int = 5) -> list:
+    """FINISHED runs that published the checkpoint `key`, in any active experiment of the
+    store, newest first."""
+    from mlflow.entities import ViewType
+
+    c = client()
+    exp_ids, token = [], None
+    while True:
+        page = c.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000,
+                                    page_token=token)
+        exp_ids += [e.experiment_id for e in page]
+        token = page.token
+        if not token:
+            break
+    if not exp_ids:
+        return []
+    return list(c.search_runs(exp_ids, filter_string=f"tags.`{TAG}checkpoint_key` = '{key}' "
+                                                     f"and attributes.status = '{FINISHED}'",
+                              order_by=["attributes.start_time DESC"], max_results=limit))
+
+
+def download_artifact(run_id: str, path: str, dst: Path) -> Path:
+    """One artifact of a run into the folder `dst` (through the server when it proxies
+    artifacts); the local path of the copy."""
+    return Path(client().download_artifacts(run_id, path, str(dst)))
 
 
 # ---- reading (the reporter) --------------------------------------------------------------
