@@ -143,9 +143,20 @@ def test_cells_on_their_own_cores_at_once_give_the_serial_numbers(store):
         assert ha == hb and len(ha) == 2
 
 
-# ---- claims -----------------------------------------------------------------------------------
-def test_a_claim_whose_owner_died_is_taken_over_and_a_live_one_is_not(store):
-    path = write_grid(store, "claims", '["feature_extraction"]')
+# ---- claims: through a local sqlite store and a real `mlflow server` --------------------------
+@pytest.fixture(params=["sqlite", "server"])
+def any_store(request):
+    """(the test's folder, a grid name of its own) on either kind of store."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("store"), "claims"
+    s = request.getfixturevalue("server_store")
+    return s.path, s.name
+
+
+@pytest.mark.timeout(300)
+def test_a_claim_whose_owner_died_is_taken_over_and_a_live_one_is_not(any_store):
+    store, name = any_store
+    path = write_grid(store, name, '["feature_extraction"]')
     g = gridmod.load(path).on_device("cpu")
     (spec,) = g.specs
     exp_id = tracking.experiment_id(g.name)
@@ -184,9 +195,10 @@ def test_a_claim_whose_owner_died_is_taken_over_and_a_live_one_is_not(store):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_two_runners_on_one_grid_and_one_store_run_each_cell_once(store):
-    path = write_grid(store, "twice", '["feature_extraction", "partial[depth=1]", '
-                                      '"partial[depth=2]", "full"]')
+def test_two_runners_on_one_grid_and_one_store_run_each_cell_once(any_store):
+    store, name = any_store
+    path = write_grid(store, name, '["feature_extraction", "partial[depth=1]", '
+                                   '"partial[depth=2]", "full"]')
     tracking.client().search_experiments()  # the sqlite store's tables, made once
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "bench", "run", str(path)]
@@ -194,7 +206,7 @@ def test_two_runners_on_one_grid_and_one_store_run_each_cell_once(store):
                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=800)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
-    exp_id = tracking.experiment_id("twice", create=False)
+    exp_id = tracking.experiment_id(name, create=False)
     runs = tracking.cell_runs(exp_id)
     hashes = [r.data.tags["tlbench.spec_hash"] for r in runs]
     assert sorted(set(hashes)) == sorted(s.hash for s in gridmod.load(path).specs)
