@@ -12,6 +12,7 @@ import sys
 import threading
 import time
 
+import psutil
 import pytest
 import ray
 from test_faults import write_grid
@@ -104,3 +105,42 @@ def test_a_ray_cell_killed_with_sigkill_is_recorded_while_the_others_finish(stor
     assert status["feature_extraction"].status == status["partial"].status == "FINISHED"
     run = tracking.client().get_run(killed[0])
     assert run.info.status == "FAILED" and "SIGKILL" in run.data.tags["tlbench.error"]
+
+
+@pytest.mark.timeout(900)
+def test_a_lost_worker_is_retried_once_then_the_cell_is_recorded(store, ray_local):
+    """The Ray worker running a cell dies (SIGKILL, as when its node goes): Ray runs the task
+    again once, and the retry takes over the first attempt's run; when the retry's worker
+    dies too, the driver records the cell FAILED and the grid ends."""
+    path = write_grid(store, "raylost", '["full"]', epochs=200)
+    g = gridmod.load(path).on_device("cpu")
+    killed: list[str] = []
+
+    def kill_workers():
+        deadline = time.time() + 600
+        while time.time() < deadline and len(killed) < 2:
+            exp_id = tracking.experiment_id("raylost", create=False)
+            for r in tracking.cell_runs(exp_id, "RUNNING") if exp_id else []:
+                pid = r.data.tags.get("tlbench.cell_pid")
+                if pid and r.info.run_id not in killed:
+                    # the cell's parent is the worker's fork server; its parent, the worker
+                    worker = psutil.Process(int(pid)).parent().parent()
+                    assert "ray" in " ".join(worker.cmdline()).lower()
+                    worker.kill()
+                    killed.append(r.info.run_id)
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=kill_workers, daemon=True)
+    killer.start()
+    result = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
+    killer.join(timeout=10)
+    assert len(killed) == 2, killed
+    (o,) = result.outcomes
+    assert o.status == "FAILED" and "Ray" in o.error and o.run_id == killed[1]
+    c = tracking.client()
+    first, second = c.get_run(killed[0]), c.get_run(killed[1])
+    assert first.info.status == "KILLED"
+    assert "an earlier attempt of Ray task" in first.data.tags["tlbench.error"]
+    assert second.info.status == "FAILED"
+    assert first.data.tags["tlbench.ray_task_id"] == second.data.tags["tlbench.ray_task_id"]
+    assert tracking.get_run(result.parent_run_id).info.status == "FAILED"
