@@ -163,7 +163,8 @@ def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:
                                        **({"pretrain_fetched_from": fetched} if fetched
                                           else {})})
             if made.status != tracking.FINISHED:
-                return _fail(run_id, task, ctx, f"PretrainingFailed: {made.error}", started)
+                return _fail(run_id, task, ctx, f"PretrainingFailed: {made.error}", started,
+                             status=tracking.KILLED if ctx.stop.stopped else tracking.FAILED)
             extra = {"weights_file": str(made.checkpoint.path),
                      "weights_sha256": made.checkpoint_meta["sha256"]}
             tracking.set_tags(run_id, {"pretrain_checkpoint": extra["weights_file"]})
@@ -176,20 +177,20 @@ def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:
 
 
 def _fail(run_id: str, task: CellTask, ctx: Context, error: str, started: float,
-          tb: str = "") -> Outcome:
-    """Record a claimed cell that could not run (its pretraining failed, the runner broke)."""
-    outcome = Outcome(task.spec, tracking.FAILED, run_id, error,
-                      time.perf_counter() - started)
+          tb: str = "", status: str = tracking.FAILED) -> Outcome:
+    """Record a claimed cell that could not run (its pretraining failed or was stopped, the
+    runner broke)."""
+    outcome = Outcome(task.spec, status, run_id, error, time.perf_counter() - started)
     try:
         tracking.set_tags(run_id, {"error": error[:5000]})
         if tb:
             tracking.log_text(run_id, tb, "error.txt")
-        tracking.end_run(run_id, tracking.FAILED)
+        tracking.end_run(run_id, status)
     except Exception:  # noqa: BLE001, S110 - the store is down; the console still says why
         pass
     ctx.events({"event": "done", "index": task.index, "head": task.head,
-                "status": tracking.FAILED, "seconds": outcome.seconds,
-                "text": f"FAILED  {error.splitlines()[0][:200]}"})
+                "status": status, "seconds": outcome.seconds,
+                "text": f"{status}  {error.splitlines()[0][:200]}"})
     return outcome
 
 
@@ -250,7 +251,9 @@ def ensure_pretrained(task: CellTask, slot: Slot, ctx: Context) -> Pretrained:
                 return _pretrain(task, slot, ctx, pspec, ckpt, got.run_id)
         ctx.events({"event": "note", "text": f"{task.head}: waiting for its pretraining, "
                                              f"{got.holder}"})
-        time.sleep(WAIT_FOR_PRETRAINING_S)
+        if ctx.stop.event.wait(WAIT_FOR_PRETRAINING_S):
+            return Pretrained(tracking.KILLED, ckpt, error="interrupted while waiting for "
+                                                           "the pretraining on another node")
 
 
 def _pretrain(task: CellTask, slot: Slot, ctx: Context, pspec: RunSpec,

@@ -1,5 +1,6 @@
-"""bench/ is framework-free: it imports, validates grids and lists cells with torch and
-tensorflow blocked; and the module-level imports of bench/ and strategies/ form no cycle."""
+"""bench/ is framework-free: it imports, validates grids and lists cells with torch,
+tensorflow and Ray blocked (Ray is the optional extra of --ray only); and the module-level
+imports of bench/ and strategies/ form no cycle."""
 
 import ast
 import subprocess
@@ -12,7 +13,7 @@ BLOCK = """
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'tensorflow', 'keras'):
+        if name.split('.')[0] in ('torch', 'torchvision', 'tensorflow', 'keras', 'ray'):
             raise ImportError(f'{name} is blocked in this test')
 sys.meta_path.insert(0, Block())
 """
@@ -22,12 +23,14 @@ def test_bench_imports_with_frameworks_blocked():
     code = BLOCK + """
 import bench, bench.spec, bench.grid, bench.runner, bench.tracking, bench.report, bench.cli
 import bench.timing, bench.cell, bench.data, bench.driver, bench.batching, strategies
+import bench.pool, bench.execute, bench.claims, bench.progress, bench.cluster
 import strategies.registry
 import strategies.backbones
 g = bench.grid.load('default')
 assert g.specs
 assert bench.cli.main(['run', 'default', '--dry-run']) == 0
-for m in ('torch', 'tensorflow', 'keras'):
+assert bench.cli.main(['run', 'default', '--dry-run', '--parallel', '2']) == 0
+for m in ('torch', 'tensorflow', 'keras', 'ray'):
     assert m not in sys.modules, m
 print('ok', len(g.specs))
 """

@@ -9,6 +9,7 @@ on 40 digits at 16 px on the CPU.
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import signal
@@ -25,6 +26,7 @@ from bench import grid as gridmod
 from bench.execute import Slot
 from bench.forkserver import Launcher
 from bench.paths import ROOT
+from bench.progress import Progress
 
 # a cell that says where it runs (its slot, as bench/cell.py's take_slot applies it), stays
 # a moment so that cells overlap, and kills itself with SIGKILL when its strategy is `full`
@@ -250,3 +252,31 @@ def test_ctrl_c_stops_every_running_cell_and_marks_each_killed(store):
     while any(alive(int(p)) for p in pids) and time.time() < deadline:
         time.sleep(0.2)
     assert not any(alive(int(p)) for p in pids)
+
+
+def test_the_status_line_shows_every_running_cell_and_one_grid_eta():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+        def fileno(self):
+            raise OSError("not a real terminal")
+
+    out = Terminal()
+    p = Progress(total=4, slots=2, stream=out)
+    p({"event": "start", "index": 0, "head": "[1/4] torch/a"})
+    p({"event": "start", "index": 1, "head": "[2/4] torch/b"})
+    p({"event": "epoch", "index": 0, "phase": "head", "epoch": 1, "epochs": 2,
+       "fraction": 0.5})
+    live = out.getvalue().rsplit("\r\x1b[K", 1)[1]
+    assert live.startswith("2 running: [1/4] head epoch 1/2  |  [2/4] starting  |  grid ETA ")
+    p({"event": "done", "index": 0, "status": "FINISHED", "seconds": 10.0,
+       "text": "FINISHED  0m10s  test_acc 0.900"})
+    lines = out.getvalue().replace("\r\x1b[K", "\n").splitlines()
+    assert "[1/4] torch/a  FINISHED  0m10s  test_acc 0.900" in lines
+    # one finished cell of 10 s; one running with no progress yet and two not started are
+    # 10 s each; shared by two slots: 15 s
+    assert lines[-1] == "1 running: [2/4] starting  |  grid ETA 0m15s"
+    p({"event": "done", "index": 2, "head": "[3/4] torch/c", "status": "HELD",
+       "text": "HELD by another runner: running as run x"})
+    assert p.done_seconds == [10.0]  # a held cell is not a cell time
