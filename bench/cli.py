@@ -177,9 +177,9 @@ def _plan(args) -> int:
     try:
         g = gridmod.load(args.grid)
         gpus = plan.parse_gpus(args.gpus)
-        # measured costs: --from, else the grid's own experiment if the store exists
-        exp = args.from_ or (g.name if plan.store_exists() else None)
-        p = plan.make_plan(g, exp, args.overhead_s, args.images_per_s)
+        # measured costs: --from, else the grid's own experiment where the store has it
+        p = plan.make_plan(g, args.from_ or g.name, args.overhead_s, args.images_per_s,
+                           must_exist=bool(args.from_))
     except (gridmod.GridError, plan.PlanError) as e:
         print(e, file=sys.stderr)
         return 2

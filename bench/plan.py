@@ -296,14 +296,15 @@ class Plan:
 
 
 def make_plan(grid, experiment: str | None = None, overhead_s: float = SCHEDULING_OVERHEAD_S,
-              images_per_s: float = TRAIN_IMAGES_PER_S_RESNET50) -> Plan:
+              images_per_s: float = TRAIN_IMAGES_PER_S_RESNET50,
+              must_exist: bool = False) -> Plan:
     """Every cell of `grid` costed: measured from `experiment`'s runs where it has them (no
-    experiment, or none in the store: all modelled)."""
+    experiment, or none in the store: all modelled; a PlanError if `must_exist`)."""
     if not overhead_s >= 0 or not math.isfinite(overhead_s):
         raise PlanError(f"--overhead-s {overhead_s!r}: allowed: seconds >= 0")
     if not images_per_s > 0 or not math.isfinite(images_per_s):
         raise PlanError(f"--images-per-s {images_per_s!r}: allowed: images per second > 0")
-    by_cell, similar = _lookup(experiment) if experiment else ({}, {})
+    by_cell, similar = _lookup(experiment, must_exist) if experiment else ({}, {})
     sizes: dict[tuple[str, int], Sizes] = {}
     cells, kinds = [], set()
     for s in grid.specs:
@@ -326,10 +327,15 @@ def make_plan(grid, experiment: str | None = None, overhead_s: float = SCHEDULIN
     return Plan(grid, cells, overhead_s, images_per_s, experiment, tuple(sorted(kinds)))
 
 
-def _lookup(experiment: str):
+def _lookup(experiment: str, must_exist: bool):
     from bench import tracking
 
-    exp_id = tracking.experiment_id(experiment, create=False)
+    exp_id = None
+    if store_exists():  # looking in a missing sqlite store would create it
+        exp_id = tracking.experiment_id(experiment, create=False)
+    if exp_id is None and must_exist:
+        raise PlanError(f"--from {experiment!r}: no MLflow experiment of that name at "
+                        f"{tracking.tracking_uri()}")
     return measured_runs(exp_id) if exp_id else ({}, {})
 
 
@@ -365,7 +371,7 @@ def render(plan: Plan, gpus: tuple[int, ...]) -> str:
     sources.append(f"{counts['modelled']} modelled")
     where = (f" from experiment {plan.experiment!r}"
              + (f" on {', '.join(plan.device_kinds)}" if plan.device_kinds else "")
-             if plan.experiment else "")
+             if plan.experiment and counts["modelled"] < n else "")
     lines.append(f"Per-cell costs: {', '.join(sources)}{where}.")
     if counts["modelled"]:
         lines.append(f"Modelled: ResNet-50 full training at {plan.images_per_s:,.0f} images/s "

@@ -182,6 +182,9 @@ def test_measured_cell_seconds_replace_the_model(store, capsys):
     tracking.experiment_id("elsewhere")
     assert cli.main(["plan", "gpu", "--from", "elsewhere"]) == 0
     assert "0 measured, 315 modelled" in capsys.readouterr().out
+    # an experiment named by --from that is not there is an error, not a silent model
+    assert cli.main(["plan", "gpu", "--from", "no-such-experiment"]) == 2
+    assert "--from 'no-such-experiment': no MLflow experiment" in capsys.readouterr().err
 
 
 def test_no_store_is_not_created(tmp_path, monkeypatch, capsys):
@@ -191,6 +194,8 @@ def test_no_store_is_not_created(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "0 measured, 315 modelled" in out
     assert "| 32 |" in out and "| resnet50 | full | 9 |" in out
+    assert cli.main(["plan", "gpu", "--from", "gpu"]) == 2
+    assert "--from 'gpu': no MLflow experiment" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()
 
 
