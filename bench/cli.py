@@ -4,6 +4,8 @@
                         [--parallel auto|N] [--gpus 0,2,5] [--ray auto|ADDRESS]
     python -m bench report [GRID-or-EXPERIMENT-or-RUN_ID] [--parent RUN_ID] [--all]
                            [--out reports/] [--curves BACKBONE] [--no-log]
+    python -m bench plan [GRID] [--gpus 1,8,32] [--from EXPERIMENT] [--overhead-s S]
+                         [--images-per-s N]
 """
 
 from __future__ import annotations
@@ -169,6 +171,22 @@ def _parent_grid(parent: str):
         return None
 
 
+def _plan(args) -> int:
+    from bench import plan
+
+    try:
+        g = gridmod.load(args.grid)
+        gpus = plan.parse_gpus(args.gpus)
+        # measured costs: --from, else the grid's own experiment where the store has it
+        p = plan.make_plan(g, args.from_ or g.name, args.overhead_s, args.images_per_s,
+                           must_exist=bool(args.from_))
+    except (gridmod.GridError, plan.PlanError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(plan.render(p, gpus))
+    return 0
+
+
 def _looks_like_run_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
@@ -214,6 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-log", action="store_true",
                    help="do not log report.md to the parent run")
     p.set_defaults(fn=_report)
+    from bench import plan  # framework-free, no MLflow at import: its defaults
+
+    q = sub.add_parser("plan", help="expected wall time of a grid on 1, 8, 32 GPUs")
+    q.add_argument("grid", nargs="?", default="gpu",
+                   help="a grid file, or the name of a shipped grid (default: gpu)")
+    q.add_argument("--gpus", default=",".join(map(str, plan.DEFAULT_GPUS)), metavar="1,8,32",
+                   help="GPU counts to plan for (default 1,8,32)")
+    q.add_argument("--from", dest="from_", metavar="EXPERIMENT",
+                   help="MLflow experiment whose finished cells' cell_seconds replace the "
+                        "model (default: the grid's own experiment, if the store has it)")
+    q.add_argument("--overhead-s", type=float, default=plan.SCHEDULING_OVERHEAD_S,
+                   metavar="S", help="scheduling overhead per cell in seconds (default "
+                                     "%(default)s, from benchmarks/test_4_scale.py)")
+    q.add_argument("--images-per-s", type=float, default=plan.TRAIN_IMAGES_PER_S_RESNET50,
+                   metavar="N", help="the model's anchor: ResNet-50 full training images/s "
+                                     "on one GPU (default %(default)g)")
+    q.set_defaults(fn=_plan)
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.argv = argv[1:]
