@@ -207,8 +207,10 @@ def _task(task: CellTask, env: dict, events, threads: int | None) -> Outcome:
                 threads=threads)
 
     def send(ev: dict) -> None:
+        # fire and forget: a task blocked in ray.get (as Queue.put_nowait is) lends its CPUs
+        # to another task, which would run a second cell on this cell's cores
         try:
-            events.put_nowait({**ev, "sent": time.time()})
+            events.actor.put_nowait.remote({**ev, "sent": time.time()})
         except Exception:  # noqa: BLE001, S110 - the console misses a line, the store has it
             pass
 

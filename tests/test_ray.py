@@ -144,3 +144,21 @@ def test_a_lost_worker_is_retried_once_then_the_cell_is_recorded(store, ray_loca
     assert second.info.status == "FAILED"
     assert first.data.tags["tlbench.ray_task_id"] == second.data.tags["tlbench.ray_task_id"]
     assert tracking.get_run(result.parent_run_id).info.status == "FAILED"
+
+
+@pytest.mark.timeout(600)
+def test_a_cpu_cell_holds_the_cores_ray_gave_it_for_its_whole_run(store, ray_local):
+    """cpus_per_cell=2 on a 2-CPU instance: one cell at a time, each with two threads. (A
+    task blocked in ray.get lends its CPUs to the next task: the cell's console events must
+    not block, or two cells would share the cores.)"""
+    path = write_grid(store, "raycpu", '["feature_extraction", "full"]', epochs=3)
+    g = gridmod.load(path).on_device("cpu")
+    result = runner.run_grid(g, path.read_text(), stream=sys.stdout,
+                             executor=cluster.RayExecutor(g, gpus_per_cell=0, cpus_per_cell=2))
+    assert [o.status for o in result.outcomes] == ["FINISHED"] * 2
+    c = tracking.client()
+    runs = [c.get_run(o.run_id) for o in result.outcomes]
+    assert {r.data.tags["tlbench.threads"] for r in runs} == {"2"}
+    assert {r.data.tags["tlbench.cuda_visible_devices"] for r in runs} == {"(unset)"}
+    first, second = sorted((r.info for r in runs), key=lambda i: i.start_time)
+    assert first.end_time <= second.start_time  # one after the other
