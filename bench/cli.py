@@ -37,13 +37,19 @@ def _run(args) -> int:
         if args.parallel is not None:
             g = dataclasses.replace(g, parallel=pool.parse_parallel(args.parallel))
         gpus = pool.parse_gpus(args.gpus) if args.gpus else None
-        if ray_address and gpus is not None:
-            raise pool.SlotError("--gpus picks GPUs of this machine; on Ray the cluster "
-                                 "places each cell on a GPU of its own (leave --gpus out)")
+        if ray_address and (gpus is not None or args.parallel is not None):
+            raise pool.SlotError("--gpus and --parallel place cells on this machine; on Ray "
+                                 "the cluster places each cell on a GPU (or cores) of its "
+                                 "own: leave them out")
         if ray_address:
             from bench import cluster
 
-            executor = cluster.RayExecutor.connect(ray_address, g)
+            if args.device:
+                g = dataclasses.replace(g, device=args.device)
+            try:
+                executor = cluster.RayExecutor.connect(ray_address, g)
+            except cluster.ClusterError as e:
+                raise pool.SlotError(str(e)) from None
             g = executor.grid  # stamped with the device kind of the cluster's workers
         else:
             # every cell stamped with its device kind before anything looks for finished

@@ -84,12 +84,15 @@ FORWARD_SHARE = 1 / 3
 """A forward pass (frozen blocks, val, test) as a share of a full training step per image."""
 
 STARTUP_S = 5.0
-"""A modelled cell's process start-up: its child process, the framework import, the data and
-weights opened from the cache (benchmarks/test_3_startup.py measures the fork part)."""
+"""A modelled cell's fixed cost besides its images: its process (forked from the warm fork
+server: ~0.01 s, benchmarks/test_3_startup.py), the CUDA context, building the model and
+loading its weights, starting the data loaders. A guess until a GPU run of the grid measures
+it (a measured cell_seconds includes it: --from)."""
 
-SCHEDULING_OVERHEAD_S = 1.0
-"""Per cell: claiming it, starting and ending its MLflow run, handing the GPU on. Measured by
-benchmarks/test_4_scale.py (the value here is a placeholder until it is)."""
+SCHEDULING_OVERHEAD_S = 0.33
+"""Per cell: claiming it, its MLflow run, handing its device to the next cell. Measured by
+benchmarks/test_4_scale.py on the offline default grid, one cell at a time on 2 idle CPU
+cores: 0.24 s a cell in the local pool, 0.33 s as a Ray task (the larger is taken)."""
 
 OFFICIAL_SIZES = {
     # source: (official train+val images, official test images, classes); the pool the card's

@@ -60,6 +60,7 @@ def warm(tmp_path_factory):
         yield cache
 
 
+@pytest.mark.timeout(2400)  # three default grids and a smoke run: ~11 min on 2 idle cores
 def test_default_grid_serial_parallel_and_ray(benchmark, report, warm, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="the ray extra: pip install 'tlbench[ray]'")
     from bench import cluster
