@@ -106,15 +106,20 @@ def test_slots_that_cannot_be_had_are_refused_before_anything_runs(store, monkey
     for call, says in cases:
         with pytest.raises(pool.SlotError, match=says):
             call()
+    # the command line says so and runs nothing
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    for args, says in [(["--parallel", "9", "--device", "cpu"], "allowed: 1.."),
+                       (["--ray", "auto", "--gpus", "0"], "leave them out"),
+                       (["--ray", "auto"], "no Ray cluster to connect to")]:
+        done = subprocess.run([sys.executable, "-m", "bench", "run", str(path), *args],
+                              cwd=store, capture_output=True, text=True,
+                              env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)
+        assert done.returncode == 2 and says in done.stderr, (args, done.stderr)
+        assert "nothing was run" in done.stderr
     bad = path.read_text().replace("[run]\n", "[run]\nparallel = 0\n")
     path.write_text(bad)
     with pytest.raises(gridmod.GridError, match=r"run.parallel = 0: allowed: \"auto\""):
         gridmod.load(path)
-    # the command line says so and runs nothing
-    done = subprocess.run([sys.executable, "-m", "bench", "run", "refuse", "--parallel", "9",
-                           "--device", "cpu"], cwd=store, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
-    assert done.returncode == 2
 
 
 @pytest.mark.slow
