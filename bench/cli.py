@@ -2,6 +2,7 @@
 
     python -m bench run [GRID] [--smoke] [--dry-run] [--rerun] [--device DEV]
                         [--parallel auto|N] [--gpus 0,2,5] [--ray auto|ADDRESS]
+                        [--cpus-per-cell N]
     python -m bench report [GRID-or-EXPERIMENT-or-RUN_ID] [--parent RUN_ID] [--all]
                            [--out reports/] [--curves BACKBONE] [--no-log]
     python -m bench plan [GRID] [--gpus 1,8,32] [--from EXPERIMENT] [--overhead-s S]
@@ -37,6 +38,11 @@ def _run(args) -> int:
         if args.parallel is not None:
             g = dataclasses.replace(g, parallel=pool.parse_parallel(args.parallel))
         gpus = pool.parse_gpus(args.gpus) if args.gpus else None
+        if args.cpus_per_cell != 1 and not ray_address:
+            raise pool.SlotError("--cpus-per-cell is for --ray (on one machine --parallel N "
+                                 "splits the cores)")
+        if args.cpus_per_cell <= 0:
+            raise pool.SlotError(f"--cpus-per-cell {args.cpus_per_cell:g}: allowed: > 0")
         if ray_address and (gpus is not None or args.parallel is not None):
             raise pool.SlotError("--gpus and --parallel place cells on this machine; on Ray "
                                  "the cluster places each cell on a GPU (or cores) of its "
@@ -47,7 +53,8 @@ def _run(args) -> int:
             if args.device:
                 g = dataclasses.replace(g, device=args.device)
             try:
-                executor = cluster.RayExecutor.connect(ray_address, g)
+                executor = cluster.RayExecutor.connect(ray_address, g,
+                                                       cpus_per_cell=args.cpus_per_cell)
             except cluster.ClusterError as e:
                 raise pool.SlotError(str(e)) from None
             g = executor.grid  # stamped with the device kind of the cluster's workers
@@ -219,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the cells as Ray tasks on a Ray cluster (default: RAY_ADDRESS "
                         "if set; `off` to ignore it); needs the ray extra: pip install "
                         "'tlbench[ray]'")
+    r.add_argument("--cpus-per-cell", type=float, default=1, metavar="N",
+                   help="with --ray: CPUs each cell asks Ray for (a CPU grid's cells use "
+                        "that many threads; default 1)")
     r.set_defaults(fn=_run)
     p = sub.add_parser("report", help="tables, figures and report.md from MLflow")
     p.add_argument("selection", nargs="?",

@@ -117,3 +117,13 @@ def server_store(mlflow_server, tmp_path, monkeypatch, request):
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
     name = f"{request.node.name}-{uuid.uuid4().hex[:8]}".replace("[", "-").replace("]", "")
     return ServerStore(tmp_path, mlflow_server, name)
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def any_store(request):
+    """(the test's folder, a grid name of its own) on a local sqlite store (`store`) or on
+    the session's tracking server (`server_store`): a test run against both."""
+    if request.param == "sqlite":
+        return request.getfixturevalue("store"), "on-sqlite"
+    s = request.getfixturevalue("server_store")
+    return s.path, s.name

@@ -7,56 +7,17 @@ store; both a local sqlite store and a real `mlflow server` (artifacts proxied) 
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
+from test_pretrain import pretrain_runs
+from test_pretrain import run as run_grid
 
-from bench import grid as gridmod
-from bench import pretrain, runner, tracking
+from bench import pretrain, tracking
 
 pytestmark = pytest.mark.slow
 
-GRID = """
-name = "{name}"
-[axes]
-framework = ["torch"]
-backbone = ["resnet18"]
-weights = ["pretrained:digits_a[epochs=1,subset=80]"]
-strategy = ["feature_extraction"]
-dataset = ["digits_b"]
-[defaults]
-subset = 40
-image_size = 16
-batch_size = 16
-epochs = 1
-[run]
-device = "cpu"
-[datasets.digits_a]
-source = "sklearn_digits"
-classes = [0, 1, 2, 3, 4]
-[datasets.digits_b]
-source = "sklearn_digits"
-classes = [5, 6, 7, 8, 9]
-"""
-
-
-@pytest.fixture(params=["sqlite", "server"])
-def shared_store(request):
-    """(the test's folder, a grid name): a local sqlite store, or the session's server."""
-    if request.param == "sqlite":
-        return request.getfixturevalue("store"), "shared-ckpt"
-    s = request.getfixturevalue("server_store")
-    return s.path, s.name
-
-
 def run(folder, name, rerun=False):
-    g = folder / "g.toml"
-    g.write_text(GRID.format(name=name))
-    return runner.run_grid(gridmod.load(g), g.read_text(), rerun=rerun, stream=sys.stderr)
-
-
-def pretrain_runs(exp_id: str) -> list:
-    return tracking._search(exp_id, f"tags.`{tracking.TAG}kind` = 'pretrain'")
+    return run_grid(folder, '["feature_extraction"]', name=name, rerun=rerun)
 
 
 def new_node(folder, monkeypatch, n: int) -> None:
@@ -67,8 +28,8 @@ def new_node(folder, monkeypatch, n: int) -> None:
 
 
 @pytest.mark.timeout(600)
-def test_checkpoint_made_once_travels_through_the_store(shared_store, monkeypatch, capsys):
-    folder, name = shared_store
+def test_checkpoint_made_once_travels_through_the_store(any_store, monkeypatch, capsys):
+    folder, name = any_store
     first = run(folder, name)
     assert [o.status for o in first.outcomes] == ["FINISHED"], first.outcomes[0].error
     exp_id = first.experiment_id

@@ -110,7 +110,8 @@ def test_slots_that_cannot_be_had_are_refused_before_anything_runs(store, monkey
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     for args, says in [(["--parallel", "9", "--device", "cpu"], "allowed: 1.."),
                        (["--ray", "auto", "--gpus", "0"], "leave them out"),
-                       (["--ray", "auto"], "no Ray cluster to connect to")]:
+                       (["--ray", "auto"], "no Ray cluster to connect to"),
+                       (["--cpus-per-cell", "4"], "is for --ray")]:
         done = subprocess.run([sys.executable, "-m", "bench", "run", str(path), *args],
                               cwd=store, capture_output=True, text=True,
                               env={**env, "PYTHONPATH": str(ROOT)}, timeout=120)
@@ -150,16 +151,7 @@ def test_cells_on_their_own_cores_at_once_give_the_serial_numbers(store):
         assert ha == hb and len(ha) == 2
 
 
-# ---- claims: through a local sqlite store and a real `mlflow server` --------------------------
-@pytest.fixture(params=["sqlite", "server"])
-def any_store(request):
-    """(the test's folder, a grid name of its own) on either kind of store."""
-    if request.param == "sqlite":
-        return request.getfixturevalue("store"), "claims"
-    s = request.getfixturevalue("server_store")
-    return s.path, s.name
-
-
+# ---- claims: through a local sqlite store and a real `mlflow server` (conftest any_store) ---
 @pytest.mark.timeout(300)
 def test_a_claim_whose_owner_died_is_taken_over_and_a_live_one_is_not(any_store):
     store, name = any_store

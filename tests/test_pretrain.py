@@ -236,7 +236,7 @@ def test_keras_checkpoint_roundtrip_and_reinit_top_blocks(tmp_path):
 
 # ---- the runner: pretrain once per key, link, re-make a corrupted checkpoint ---------------
 GRID = """
-name = "pt"
+name = "{name}"
 [axes]
 framework = ["torch"]
 backbone = ["resnet18"]
@@ -253,11 +253,12 @@ device = "cpu"
 """ + CARDS
 
 
-def run(tmp_path: Path, strategies: str):
+def run(tmp_path: Path, strategies: str, name: str = "pt", rerun: bool = False):
+    """A grid of cells on `pretrained:digits_a[epochs=1,subset=80]` weights, run."""
     g = tmp_path / "g.toml"
-    g.write_text(GRID.format(strategies=strategies))
+    g.write_text(GRID.format(strategies=strategies, name=name))
     # the stream looked up now: the test's captured stderr, not the one at import time
-    return runner.run_grid(gridmod.load(g), g.read_text(), stream=sys.stderr)
+    return runner.run_grid(gridmod.load(g), g.read_text(), rerun=rerun, stream=sys.stderr)
 
 
 def pretrain_runs(exp_id: str) -> list:
@@ -306,7 +307,7 @@ def test_runner_pretrains_once_links_cells_and_remakes_a_corrupted_checkpoint(st
 def test_failed_pretraining_fails_its_cells_once_with_the_cause(store, monkeypatch):
     g = store / "g.toml"
     # the source names a class the dataset lacks: the pretraining run fails
-    g.write_text(GRID.format(strategies='["feature_extraction", "full"]')
+    g.write_text(GRID.format(strategies='["feature_extraction", "full"]', name="pt")
                  .replace("classes = [0, 1, 2, 3, 4]", "classes = [0, 1, 12]"))
     result = runner.run_grid(gridmod.load(g), g.read_text())
     assert [o.status for o in result.outcomes] == ["FAILED", "FAILED"]

@@ -40,6 +40,29 @@ def executor(g: gridmod.Grid) -> cluster.RayExecutor:
     return cluster.RayExecutor(g, gpus_per_cell=1)
 
 
+def run_killing(g: gridmod.Grid, text: str, kill, times: int) -> tuple:
+    """Run the grid on Ray while a thread calls kill(run, cell_pid) on each RUNNING cell run
+    whose process has started, until `times` runs have been handed to it. Returns (the
+    grid's result, the ids of the runs handed to kill, in order)."""
+    killed: list[str] = []
+
+    def watch():
+        deadline = time.time() + 600
+        while time.time() < deadline and len(killed) < times:
+            exp_id = tracking.experiment_id(g.name, create=False)
+            for r in tracking.cell_runs(exp_id, "RUNNING") if exp_id else []:
+                pid = r.data.tags.get("tlbench.cell_pid")
+                if pid and r.info.run_id not in killed and kill(r, int(pid)):
+                    killed.append(r.info.run_id)
+            time.sleep(0.3)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    result = runner.run_grid(g, text, stream=sys.stdout, executor=executor(g))
+    watcher.join(timeout=10)
+    return result, killed
+
+
 @pytest.mark.timeout(900)
 def test_ray_cells_get_a_gpu_each_run_at_once_and_give_the_serial_numbers(store, ray_local):
     path = write_grid(store, "ray", '["feature_extraction", "full"]', epochs=2)
@@ -82,23 +105,14 @@ def test_a_ray_cell_killed_with_sigkill_is_recorded_while_the_others_finish(stor
     path = write_grid(store, "raykill", '["feature_extraction", "partial[depth=1]", "full"]',
                       epochs=40)
     g = gridmod.load(path).on_device("cpu")
-    killed: list[str] = []
 
-    def kill_full_cell():
-        deadline = time.time() + 600
-        while time.time() < deadline and not killed:
-            exp_id = tracking.experiment_id("raykill", create=False)
-            for r in tracking.cell_runs(exp_id, "RUNNING") if exp_id else []:
-                pid = r.data.tags.get("tlbench.cell_pid")
-                if pid and r.data.params.get("strategy") == "full":
-                    os.kill(int(pid), signal.SIGKILL)
-                    killed.append(r.info.run_id)
-            time.sleep(0.3)
+    def kill_full_cell(run, pid: int) -> bool:
+        if run.data.params.get("strategy") != "full":
+            return False
+        os.kill(pid, signal.SIGKILL)
+        return True
 
-    killer = threading.Thread(target=kill_full_cell, daemon=True)
-    killer.start()
-    result = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
-    killer.join(timeout=10)
+    result, killed = run_killing(g, path.read_text(), kill_full_cell, times=1)
     status = {o.spec.strategy: o for o in result.outcomes}
     assert killed and status["full"].run_id == killed[0]
     assert status["full"].status == "FAILED" and "SIGKILL" in status["full"].error
@@ -114,26 +128,15 @@ def test_a_lost_worker_is_retried_once_then_the_cell_is_recorded(store, ray_loca
     dies too, the driver records the cell FAILED and the grid ends."""
     path = write_grid(store, "raylost", '["full"]', epochs=200)
     g = gridmod.load(path).on_device("cpu")
-    killed: list[str] = []
 
-    def kill_workers():
-        deadline = time.time() + 600
-        while time.time() < deadline and len(killed) < 2:
-            exp_id = tracking.experiment_id("raylost", create=False)
-            for r in tracking.cell_runs(exp_id, "RUNNING") if exp_id else []:
-                pid = r.data.tags.get("tlbench.cell_pid")
-                if pid and r.info.run_id not in killed:
-                    # the cell's parent is the worker's fork server; its parent, the worker
-                    worker = psutil.Process(int(pid)).parent().parent()
-                    assert "ray" in " ".join(worker.cmdline()).lower()
-                    worker.kill()
-                    killed.append(r.info.run_id)
-            time.sleep(0.3)
+    def kill_worker(run, pid: int) -> bool:
+        # the cell's parent is the worker's fork server; its parent, the Ray worker
+        worker = psutil.Process(pid).parent().parent()
+        assert "ray" in " ".join(worker.cmdline()).lower()
+        worker.kill()
+        return True
 
-    killer = threading.Thread(target=kill_workers, daemon=True)
-    killer.start()
-    result = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
-    killer.join(timeout=10)
+    result, killed = run_killing(g, path.read_text(), kill_worker, times=2)
     assert len(killed) == 2, killed
     (o,) = result.outcomes
     assert o.status == "FAILED" and "Ray" in o.error and o.run_id == killed[1]

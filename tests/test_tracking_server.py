@@ -10,36 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_faults import write_grid
 
 from bench import grid as gridmod
 from bench import report, runner, tracking
 
 pytestmark = pytest.mark.slow
 
-GRID = """
-name = "{name}"
-[axes]
-framework = ["torch"]
-backbone = ["resnet18"]
-weights = ["none"]
-strategy = ["feature_extraction", "full"]
-dataset = ["digits"]
-seed = [0]
-[defaults]
-subset = 40
-image_size = 16
-batch_size = 16
-epochs = 1
-[run]
-device = "cpu"
-"""
-
-
 @pytest.mark.timeout(600)
 def test_grid_records_and_resumes_through_a_tracking_server(server_store):
     assert tracking.tracking_uri() == server_store.uri
-    path = server_store.path / "g.toml"
-    path.write_text(GRID.format(name=server_store.name))
+    path = write_grid(server_store.path, server_store.name, '["feature_extraction", "full"]')
     g = gridmod.load(path)
     first = runner.run_grid(g, path.read_text(), stream=sys.stderr)
     assert [o.status for o in first.outcomes] == ["FINISHED", "FINISHED"], \
