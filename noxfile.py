@@ -8,6 +8,7 @@
     nox -s tests                      # the test suite
     nox -s perf                       # benchmarks/: the harness's overheads as ratios
     nox -s perf -- --device cuda      # ... plus the GPU benchmark (ResNet-50, 224 px, bf16)
+    nox -s perf -- -k scale           # scheduling overhead (local, Ray), --parallel 2
     nox -s lint
 
 Every session shares one environment, .nox/tlbench, installed from pyproject.toml and
@@ -85,7 +86,8 @@ def ui(session: nox.Session) -> None:
 @nox.session(python=False)
 def perf(session: nox.Session) -> None:
     """The benchmarks (pytest-benchmark): train step vs a hand-written loop (PyTorch) and
-    plain model.fit (Keras), cached vs recomputed feature extraction, per-cell start-up;
+    plain model.fit (Keras), cached vs recomputed feature extraction, per-cell start-up,
+    scheduling overhead and --parallel 2 on the default grid (`-- -k scale`, ~12 min);
     ratios printed at the end. `-- --device cuda` adds the GPU benchmark."""
     _run(session, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider",
          "--benchmark-columns=median,min,max,rounds", *session.posargs)
