@@ -64,8 +64,12 @@ def run_killing(g: gridmod.Grid, text: str, kill, times: int) -> tuple:
 
 
 @pytest.mark.timeout(900)
-def test_ray_cells_get_a_gpu_each_run_at_once_and_give_the_serial_numbers(store, ray_local):
-    path = write_grid(store, "ray", '["feature_extraction", "full"]', epochs=2)
+def test_ray_cells_get_a_gpu_each_run_at_once_and_give_the_serial_numbers(any_store,
+                                                                          ray_local):
+    """On a sqlite store, and on a real `mlflow server` with proxied artifacts (a cluster's
+    set-up: the workers record to the server)."""
+    store, name = any_store
+    path = write_grid(store, name, '["feature_extraction", "full"]', epochs=2)
     g = gridmod.load(path).on_device("cpu")
     first = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
     assert [o.status for o in first.outcomes] == ["FINISHED"] * 2, first.outcomes
@@ -90,7 +94,7 @@ def test_ray_cells_get_a_gpu_each_run_at_once_and_give_the_serial_numbers(store,
 
     # the same cells run one at a time here, with one thread as each Ray cell had: the same
     # numbers, bit for bit
-    serial = dataclasses.replace(g, name="ray-serial")
+    serial = dataclasses.replace(g, name=f"{name}-serial")
     here = runner.run_grid(serial, path.read_text(), stream=sys.stdout,
                            executor=pool.LocalPool([Slot("one", None, threads=1)],
                                                    Launcher()))
