@@ -122,7 +122,10 @@ def _say_restored(grid: Grid, exp_id: str, rerun: bool, stream) -> None:
 
 def install_sigterm_handler() -> None:
     """SIGTERM (a scheduler stopping the job) ends the grid like Ctrl-C: cell and parent
-    runs are marked KILLED, finished cells stay FINISHED."""
+    runs are marked KILLED, finished cells stay FINISHED. SIGINT does so too even where the
+    shell that started the runner ignored it (a `cmd &` in a script): a runner is stopped the
+    same way whoever asks."""
     def handler(signum, frame):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
