@@ -42,15 +42,6 @@ class Claim:
     holder: str = ""  # who holds it instead (for the console), when run_id is None
 
 
-def owner_tags(task_id: str = "") -> dict[str, str]:
-    """What identifies the owner of a claim: host, process, heartbeat (and a Ray task)."""
-    tags = {"host": socket.gethostname(), "pid": str(os.getpid()),
-            "heartbeat": f"{time.time():.0f}"}
-    if task_id:
-        tags["ray_task_id"] = task_id
-    return tags
-
-
 def claim(exp_id: str, parent: str, spec, label: str, device: str, kind: str = "cell",
           since_ms: int | None = None, task_id: str = "") -> Claim:
     """Create `spec`'s run under `parent` if no live or finished run holds its hash.
@@ -59,8 +50,9 @@ def claim(exp_id: str, parent: str, spec, label: str, device: str, kind: str = "
     by any runner) hold the cell; older ones are what --rerun runs again."""
     for attempt in range(TRIES):
         take_over(exp_id, spec.hash, kind, task_id)
+        # the owner's host, pid and first heartbeat come with every run (tracking)
         run_id = tracking.start_cell(exp_id, parent, spec, label, device, kind=kind,
-                                     tags=owner_tags(task_id))
+                                     tags={"ray_task_id": task_id} if task_id else None)
         holder = _holder(exp_id, spec.hash, kind, run_id, since_ms)
         if holder is None:
             return Claim(run_id)
