@@ -393,21 +393,25 @@ def render(plan: Plan, gpus: tuple[int, ...]) -> str:
     lines += ["", "Where the time goes: minutes per cell (its own compute), by dataset; "
                   "GPU-hours over the grid (start-up and overhead included).", ""]
     datasets = list(dict.fromkeys(c.spec.dataset for c in plan.cells))
-    lines += ["| backbone | strategy | cells | " + " | ".join(f"{d} min" for d in datasets)
-              + " | GPU-h | share |",
-              "|---|---|---:|" + "---:|" * len(datasets) + "---:|---:|"]
-    groups: dict[tuple[str, str], list[CellCost]] = defaultdict(list)
+    # a framework column when the grid has several: measured costs differ between them
+    frameworks = len({c.spec.framework for c in plan.cells}) > 1
+    fw_head, fw_rule = ("framework | ", "---|") if frameworks else ("", "")
+    lines += [f"| {fw_head}backbone | strategy | cells | "
+              + " | ".join(f"{d} min" for d in datasets) + " | GPU-h | share |",
+              f"|{fw_rule}---|---|---:|" + "---:|" * len(datasets) + "---:|---:|"]
+    groups: dict[tuple[str, ...], list[CellCost]] = defaultdict(list)
     for c in plan.cells:
-        groups[(c.spec.backbone, c.spec.strategy)].append(c)
+        key = (c.spec.framework,) if frameworks else ()
+        groups[(*key, c.spec.backbone, c.spec.strategy)].append(c)
     total = sum(c.slot_seconds(plan.overhead_s) for c in plan.cells) or 1.0
-    for (backbone, strategy), cs in groups.items():
+    for key, cs in groups.items():
         per = []
         for d in datasets:
             secs = [c.seconds for c in cs if c.spec.dataset == d]
             per.append(_minutes(np.mean(secs)) if secs else "—")
         gpu_s = sum(c.slot_seconds(plan.overhead_s) for c in cs)
-        lines.append(f"| {backbone} | {strategy} | {len(cs)} | " + " | ".join(per)
+        lines.append(f"| {' | '.join(key)} | {len(cs)} | " + " | ".join(per)
                      + f" | {gpu_s / 3600:.1f} | {gpu_s / total:.0%} |")
-    lines.append(f"| **all** | | {n} | " + " | ".join("" for _ in datasets)
-                 + f" | {total / 3600:.1f} | 100% |")
+    lines.append(f"| **all** | {'| ' if frameworks else ''}| {n} | "
+                 + " | ".join("" for _ in datasets) + f" | {total / 3600:.1f} | 100% |")
     return "\n".join(lines)
