@@ -23,7 +23,7 @@ from bench import grid as gridmod
 
 def _run(args) -> int:
     try:
-        g = gridmod.load(args.grid, smoke=args.smoke)
+        g = gridmod.load(args.grid, smoke=args.smoke, check_data=not args.dry_run)
     except gridmod.GridError as e:
         print(e, file=sys.stderr)
         return 2
@@ -76,6 +76,8 @@ def _run(args) -> int:
               + (f" ({g.duplicates} duplicates removed)" if g.duplicates else ""))
         for s in g.specs:
             print(f"  {s.hash}  {g.label(s)}")
+        for problem in g.data_problems:
+            print(f"not runnable here yet: {problem}")
         return 0
     from bench import report, runner, tracking
     from bench.forkserver import Launcher

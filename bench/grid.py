@@ -94,6 +94,9 @@ class Grid:
     deterministic: str | bool = "auto"
     parallel: str | int = "auto"  # cells at once on one machine (bench/pool.py)
     device_kind: str | None = None  # set by on_device(): the kind every spec is stamped with
+    # what keeps the grid's data from being read here (an image folder not there yet), when
+    # loaded with check_data=False (--dry-run lists the cells and says so; a run refuses)
+    data_problems: tuple[str, ...] = ()
 
     def label(self, s: RunSpec) -> str:
         return s.label(self.varying)
@@ -127,17 +130,21 @@ def resolve_path(path: str | os.PathLike) -> Path:
     raise GridError(str(path), [f"file {str(path)!r} not found (shipped grids: {available})"])
 
 
-def load(path: str | os.PathLike, smoke: bool = False) -> Grid:
+def load(path: str | os.PathLike, smoke: bool = False, check_data: bool = True) -> Grid:
+    """The grid file at `path` (or a shipped grid's name), every cell validated. With
+    `check_data=False` an image folder that is missing or unreadable is not a GridError but
+    one of the grid's `data_problems` (what --dry-run shows)."""
     p = resolve_path(path)
     try:
         with p.open("rb") as fh:
             doc = tomllib.load(fh)
     except tomllib.TOMLDecodeError as e:
         raise GridError(str(p), [f"not valid TOML: {e}"]) from None
-    return from_dict(doc, str(p), smoke=smoke)
+    return from_dict(doc, str(p), smoke=smoke, check_data=check_data)
 
 
-def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
+def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
+              check_data: bool = True) -> Grid:
     problems: list[str] = []
     bad = sorted(set(doc) - TOP_KEYS)
     if bad:
@@ -154,6 +161,9 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
             problems.append(f"{key} = {sections[key]!r}: must be a table ([{key}])")
             sections[key] = {}
     cards = _cards(sections["datasets"], problems)
+    if not check_data:
+        for card in cards.values():
+            card.setdefault("_problem", None)  # folders are looked at below, not per cell
     axes = _axes(sections["axes"], problems)
     defaults = _scalars(sections["defaults"], "defaults", problems)
     smoke_over = {**SMOKE_DEFAULTS, **_scalars(sections["smoke"], "smoke", problems)}
@@ -175,11 +185,19 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False) -> Grid:
             unique.append(s)
     used = {s.dataset for s in unique} | {pretrain.pretrain_spec(s).dataset for s in unique
                                           if pretrain.is_pretrained(s.weights)}
+    data_problems = []
+    if not check_data:
+        for k in sorted(used):
+            if cards[k]["source"] == "image_folder":
+                cards[k].pop("_problem", None)
+                if _folder_problem(cards[k]):
+                    data_problems.append(f"dataset {k!r}: {cards[k]['_problem']}")
     return Grid(name=f"{name}-smoke" if smoke else name, path=where, specs=unique,
                 cards={k: {f: x for f, x in v.items() if f != "_problem"}
                        for k, v in cards.items() if k in used}, varying=varying,
                 description=str(doc.get("description", "")), smoke=smoke,
-                duplicates=len(specs) - len(unique), **run)
+                duplicates=len(specs) - len(unique), data_problems=tuple(data_problems),
+                **run)
 
 
 # ---- pieces ------------------------------------------------------------------------------
