@@ -43,7 +43,8 @@ class Claim:
 
 
 def claim(exp_id: str, parent: str, spec, label: str, device: str, kind: str = "cell",
-          since_ms: int | None = None, task_id: str = "") -> Claim:
+          since_ms: int | None = None, task_id: str = "", run_name: str | None = None,
+          tags: dict[str, str] | None = None) -> Claim:
     """Create `spec`'s run under `parent` if no live or finished run holds its hash.
 
     `since_ms`: with --rerun, only FINISHED runs started at or after it (in this invocation,
@@ -51,8 +52,9 @@ def claim(exp_id: str, parent: str, spec, label: str, device: str, kind: str = "
     for attempt in range(TRIES):
         take_over(exp_id, spec.hash, kind, task_id)
         # the owner's host, pid and first heartbeat come with every run (tracking)
+        extra = {**(tags or {}), **({"ray_task_id": task_id} if task_id else {})}
         run_id = tracking.start_cell(exp_id, parent, spec, label, device, kind=kind,
-                                     tags={"ray_task_id": task_id} if task_id else None)
+                                     tags=extra or None, run_name=run_name)
         holder = _holder(exp_id, spec.hash, kind, run_id, since_ms)
         if holder is None:
             return Claim(run_id)

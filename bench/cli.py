@@ -202,6 +202,29 @@ def _plan(args) -> int:
     return 0
 
 
+def _ui(args) -> int:
+    """The MLflow UI with one worker (a local store needs no more; each is ~285 MB), after a
+    direct link per experiment to its runs (the model-training view)."""
+    from bench import tracking
+
+    base = f"http://{args.host}:{args.port}"
+    links = tracking.ui_links(base)
+    for name, url in links:
+        print(f"  {name}: {url}")
+    if not links:
+        print(f"  no experiments yet in {tracking.tracking_uri()}: `nox -s bench` makes one")
+    print(f"MLflow UI on {base} (store {tracking.tracking_uri()}); Ctrl-C stops it",
+          flush=True)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--host", args.host, "--port",
+           str(args.port), "--workers", str(args.workers), "--backend-store-uri",
+           tracking.tracking_uri(), *args.extra]
+    if args.print_only:
+        print(" ".join(cmd))
+        return 0
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
 def _looks_like_run_id(text: str) -> bool:
     return len(text) == 32 and all(c in "0123456789abcdef" for c in text)
 
@@ -267,6 +290,14 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="N", help="the model's anchor: ResNet-50 full training images/s "
                                      "on one GPU (default %(default)g)")
     q.set_defaults(fn=_plan)
+    u = sub.add_parser("ui", help="the MLflow UI (one worker), after a link per experiment")
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=int(os.environ.get("MLFLOW_PORT", "5000")))
+    u.add_argument("--workers", type=int, default=1)
+    u.add_argument("--print-only", action="store_true",
+                   help="print the links and the mlflow command, start nothing")
+    u.add_argument("extra", nargs=argparse.REMAINDER, help="more `mlflow ui` options")
+    u.set_defaults(fn=_ui)
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     args.argv = argv[1:]

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 
 from bench import claims, devices, tracking
-from bench.execute import CellTask, Context, Outcome, Slot, Stop, execute
+from bench.execute import CellTask, Context, Outcome, Slot, Stop, execute, run_names
 from bench.grid import Grid
 
 # the driver's environment that tasks get: where the store and the harness's files are
@@ -141,7 +141,8 @@ class RayExecutor:
             run_id = runs[0].info.run_id
         else:
             got = claims.claim(task.exp_id, task.parent, task.spec,
-                               task.grid.label(task.spec), task.grid.device)
+                               task.grid.label(task.spec), task.grid.device,
+                               **run_names(task.grid, task.spec))
             run_id = got.run_id
         if run_id:
             tracking.set_tags(run_id, {"error": error})

@@ -141,11 +141,20 @@ class Context:
     stop: Stop
 
 
+def run_names(grid: Grid, spec: RunSpec) -> dict:
+    """claims.claim's keywords for how a cell's run reads in the UI: its run name (what
+    tells it apart first), its configuration across frameworks and seeds (tag
+    tlbench.config, to group by) and the command that made it (MLflow's Source)."""
+    return {"run_name": grid.run_name(spec),
+            "tags": {"config": grid.config(spec),
+                     "mlflow.source.name": tracking.source_name(grid)}}
+
+
 def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:
     """Claim, prepare, run and record one cell; never raises for the cell's own failure."""
     spec, grid = task.spec, task.grid
     got = claims.claim(task.exp_id, task.parent, spec, grid.label(spec), grid.device,
-                       since_ms=task.since_ms, task_id=task.task_id)
+                       since_ms=task.since_ms, task_id=task.task_id, **run_names(grid, spec))
     if got.run_id is None:
         ctx.events({"event": "done", "index": task.index, "head": task.head, "status": HELD,
                     "text": f"HELD by another runner: {got.holder}"})
@@ -246,7 +255,8 @@ def ensure_pretrained(task: CellTask, slot: Slot, ctx: Context) -> Pretrained:
             # a finished pretraining whose file this host lacks does not hold the claim
             got = claims.claim(task.exp_id, task.parent, pspec, label, task.grid.device,
                                kind="pretrain", since_ms=int(time.time() * 1000),
-                               task_id=task.task_id)
+                               task_id=task.task_id, run_name=f"pretrain {pspec.name}",
+                               tags={"mlflow.source.name": tracking.source_name(task.grid)})
             if got.run_id is not None:
                 return _pretrain(task, slot, ctx, pspec, ckpt, got.run_id)
         ctx.events({"event": "note", "text": f"{task.head}: waiting for its pretraining, "

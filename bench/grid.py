@@ -46,7 +46,9 @@ Schema (see bench/grids/default.toml for a commented example):
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import os
 import tomllib
 from dataclasses import dataclass, fields
@@ -68,6 +70,7 @@ SPEC_FIELDS = {f.name: f for f in fields(RunSpec) if f.name != "strategy_params"
 SET_BY_RUNNER = {"device_kind": "it is set from run.device / --device (the kind of device "
                                 "the cell runs on: cpu, mps or cuda:<model>)"}
 REQUIRED_AXES = ("framework", "backbone", "dataset")
+RUN_NAME_LAST = ("framework", "backbone", "dataset", "subset", "seed")  # end of a run name
 
 
 class GridError(ValueError):
@@ -100,6 +103,38 @@ class Grid:
 
     def label(self, s: RunSpec) -> str:
         return s.label(self.varying)
+
+    def run_name(self, s: RunSpec) -> str:
+        """The cell's MLflow run name: what tells it apart from the grid's other cells first
+        (strategy, then the fields the grid varies), the framework, and the seed where seeds
+        vary: `partial[depth=3,bn=frozen] · imagenet · lr=0.001 · torch`. The UI's run list
+        cuts names at ~20 characters, so what is the same in every cell (the backbone and
+        dataset of a one-backbone, one-dataset grid) is left to the label (tag
+        tlbench.label, the run's description)."""
+        parts = [s.strategy_label]
+        for f in self.varying:
+            if f in RUN_NAME_LAST or f in ("strategy", "strategy_params"):
+                continue
+            v = getattr(s, f)
+            parts.append(str(v) if f == "weights" else f"{f}={specmod.format_value(v)}")
+        parts += [getattr(s, f) for f in ("backbone", "dataset") if f in self.varying]
+        if "subset" in self.varying:
+            parts.append(f"n={s.subset}")
+        parts.append(s.framework)
+        if "seed" in self.varying:
+            parts.append(f"seed{s.seed}")
+        return " · ".join(parts)
+
+    def config(self, s: RunSpec) -> str:
+        """What a cell is across frameworks and seeds (tag tlbench.config, MLflow's "Group
+        by"): its name and varied fields without framework and seed, plus a short hash of
+        every other field, so cells that differ in anything else never share a group."""
+        shown = [f for f in self.varying if f not in ("framework", "seed")]
+        rest = {k: v for k, v in s.canonical().items() if k not in ("framework", "seed")}
+        digest = hashlib.sha256(json.dumps(rest, sort_keys=True, default=str).encode())
+        name = s.label(tuple(shown)).replace(f"{s.framework}/", "", 1)
+        name = name.replace(f"/seed{s.seed}", "", 1)
+        return f"{name} #{digest.hexdigest()[:6]}"
 
     def on_device(self, device: str | None = None) -> Grid:
         """This grid run on `device` (default: its run.device), every cell stamped with the

@@ -197,6 +197,9 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
+format_value = _fmt  # how a field's value reads in names and labels (bench/grid.py)
+
+
 def _parse(text: str, typ: type) -> object:
     if typ is bool:
         if text not in ("true", "false"):

@@ -80,6 +80,9 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow 3 UI's view of an experiment
+
+
 def experiment_id(name: str, create: bool = True) -> str | None:
     return open_experiment(name, create)[0]
 
@@ -96,13 +99,18 @@ def open_experiment(name: str, create: bool = True) -> tuple[str | None, bool]:
     exp = c.get_experiment_by_name(name)
     if exp is None and create:
         try:
-            return c.create_experiment(name), False
+            # the UI opens a model-training experiment on its runs (MLflow 3 guesses a GenAI
+            # experiment otherwise, and shows traces and evaluation runs first)
+            return c.create_experiment(name, tags={EXPERIMENT_KIND: "custom_model_development"}
+                                       ), False
         except MlflowException:
             exp = c.get_experiment_by_name(name)  # another runner created it meanwhile
             if exp is None:
                 raise
     if exp is None:
         return None, False
+    if EXPERIMENT_KIND not in exp.tags and create:  # made by an older harness
+        c.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
     if exp.lifecycle_stage == "deleted":
         c.restore_experiment(exp.experiment_id)
         return exp.experiment_id, True
@@ -120,10 +128,39 @@ def git_commit() -> str:
         return ""
 
 
+def _full_commit() -> str:
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def _host_tags() -> dict[str, str]:
-    """Who owns the run (bench/claims.py): host, process, last heartbeat; and the code."""
-    return {TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()),
-            TAG + "heartbeat": f"{time.time():.0f}", TAG + "git_commit": git_commit()}
+    """Who owns the run (bench/claims.py): host, process, last heartbeat; and the code (also
+    in MLflow's own source tags, which fill the UI's "Source" and "Git commit")."""
+    tags = {TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()),
+            TAG + "heartbeat": f"{time.time():.0f}", TAG + "git_commit": git_commit(),
+            "mlflow.source.type": "LOCAL"}
+    commit = _full_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags
+
+
+def source_name(grid) -> str:
+    """The command that made a grid's runs, as the UI's "Source" column shows it."""
+    try:
+        path = os.path.relpath(grid.path)
+    except ValueError:
+        path = grid.path
+    return f"python -m bench run {path}"
+
+
+def _tag_key(k: str) -> str:
+    """tlbench.<k> for the harness's own tags; MLflow's (mlflow.*) as they are."""
+    return k if k.startswith("mlflow.") else TAG + k
 
 
 # ---- runs --------------------------------------------------------------------------------
@@ -138,6 +175,7 @@ def start_parent(exp_id: str, grid, n_todo: int, grid_text: str,
                              TAG + "device_kind": grid.device_kind or "cpu",
                              TAG + "cells": str(len(grid.specs)), TAG + "todo": str(n_todo),
                              "mlflow.note.content": grid.description, **_host_tags(),
+                             "mlflow.source.name": source_name(grid),
                              **{TAG + k: str(v) for k, v in (tags or {}).items()}})
     c.log_text(run.info.run_id, grid_text, "grid.toml")
     # the cells this invocation expects, so a report can name the ones that never ran
@@ -152,19 +190,24 @@ def cell_list(grid) -> list[dict]:
 
 
 def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: str,
-               kind: str = "cell", tags: dict[str, str] | None = None) -> str:
+               kind: str = "cell", tags: dict[str, str] | None = None,
+               run_name: str | None = None) -> str:
     """A nested run for one spec: kind 'cell' (a grid cell) or 'pretrain' (a pretraining
     that cells link to with tlbench.pretrain_run_id; never counted as a finished cell).
-    `tags` (tlbench. prefix added) override the owner tags (bench/claims.py)."""
+    `label`: the full label (tag tlbench.label and the run's description); `run_name`: what
+    the UI's run list shows (the label when not given). `tags` (tlbench. prefix added,
+    except to mlflow.* keys) override the owner tags (bench/claims.py)."""
     c, extra = client(), tags
     tags = {PARENT_TAG: parent_id, TAG + "kind": kind, TAG + "spec_hash": spec.hash,
-            TAG + "name": spec.name, TAG + "framework": spec.framework,
+            TAG + "name": spec.name, TAG + "label": label, TAG + "framework": spec.framework,
             TAG + "backbone": spec.backbone, TAG + "strategy": spec.strategy_label,
-            TAG + "dataset": spec.dataset, TAG + "device_requested": device, **_host_tags()}
+            TAG + "dataset": spec.dataset, TAG + "device_requested": device,
+            "mlflow.note.content": f"{label}\n\ncell {spec.hash} of `{spec.name}`",
+            **_host_tags()}
     if kind == "pretrain":
         tags[TAG + "role"] = "pretrain"
-    run = c.create_run(exp_id, run_name=label, tags={**tags, **{TAG + k: str(v) for k, v in
-                                                                (extra or {}).items()}})
+    run = c.create_run(exp_id, run_name=run_name or label,
+                       tags={**tags, **{_tag_key(k): str(v) for k, v in (extra or {}).items()}})
     rid = run.info.run_id
     from mlflow.entities import Param
 
@@ -295,20 +338,37 @@ def log_checkpoint(run_id: str, files: list[Path], key: str, sha256: str) -> Non
     set_tags(run_id, {"checkpoint_key": key, "checkpoint_sha256": sha256})
 
 
-def find_checkpoint_runs(key: str, limit: int = 5) -> list:
-    """FINISHED runs that published the checkpoint `key`, in any active experiment of the
-    store, newest first."""
+def active_experiments() -> list:
+    """Every active experiment of the store."""
     from mlflow.entities import ViewType
 
     c = client()
-    exp_ids, token = [], None
+    out, token = [], None
     while True:
         page = c.search_experiments(view_type=ViewType.ACTIVE_ONLY, max_results=1000,
                                     page_token=token)
-        exp_ids += [e.experiment_id for e in page]
+        out += list(page)
         token = page.token
         if not token:
-            break
+            return out
+
+
+def ui_links(base_url: str) -> list[tuple[str, str]]:
+    """(experiment name, the link that opens its runs in the UI's model-training view) for
+    every experiment a grid ran in, newest first."""
+    exps = [e for e in active_experiments()
+            if e.tags.get(EXPERIMENT_KIND) == "custom_model_development" or e.name != "Default"]
+    exps.sort(key=lambda e: e.last_update_time or 0, reverse=True)
+    return [(e.name, f"{base_url.rstrip('/')}/#/experiments/{e.experiment_id}/runs")
+            for e in exps]
+
+
+def find_checkpoint_runs(key: str, limit: int = 5) -> list:
+    """FINISHED runs that published the checkpoint `key`, in any active experiment of the
+    store, newest first."""
+
+    c = client()
+    exp_ids = [e.experiment_id for e in active_experiments()]
     if not exp_ids:
         return []
     return list(c.search_runs(exp_ids, filter_string=f"tags.`{TAG}checkpoint_key` = '{key}' "
@@ -393,7 +453,8 @@ def run_row(run) -> dict:
            "parent_run_id": tags.get(PARENT_TAG),
            "run_name": info.run_name, "status": info.status, "start_time": info.start_time,
            "end_time": info.end_time, "name": tags.get(TAG + "name"),
-           "label": info.run_name,  # the grid's label: the name plus fields it varies
+           # the grid's label: the name plus fields it varies (older runs: their run name)
+           "label": tags.get(TAG + "label") or info.run_name,
            "spec_hash": tags.get(TAG + "spec_hash"),
            "role": tags.get(TAG + "role") or tags.get(TAG + "kind") or "cell",
            "device": tags.get(TAG + "device", ""), "error": tags.get(TAG + "error", "")}

@@ -605,3 +605,26 @@ def test_image_folder_with_one_class_is_refused(tmp_path):
                                           "root": str(tmp_path / "pets")}}))
     assert "axes.dataset: dataset = 'pets'" in msg and str(tmp_path / "pets") in msg
     assert "one class folder (cat)" in msg and "at least two" in msg
+
+
+def test_run_names_put_what_differs_first_and_configs_group_like_with_like():
+    g = grid.load("default")
+    names = [g.run_name(s) for s in g.specs]
+    assert len(set(names)) == len(names)  # every cell's run name is its own
+    scratch = [s for s in g.specs if s.weights == "none" and s.precise_bn == 320]
+    assert sorted(g.run_name(s) for s in scratch) == [
+        "full · none · lr=0.001 · precise_bn=320 · keras",
+        "full · none · lr=0.001 · precise_bn=320 · torch"]
+    # a configuration is everything but framework and seed: the two frameworks' cells of one
+    # row share it, and no two rows do (precise_bn 0 and 320 are apart)
+    configs = {}
+    for s in g.specs:
+        configs.setdefault(g.config(s), set()).add(s.framework)
+    assert len(configs) == len(g.specs) // 2
+    assert all(fws == {"torch", "keras"} for fws in configs.values())
+    seeds = grid.load("gpu")
+    by_config = {}
+    for s in seeds.specs:
+        by_config.setdefault(seeds.config(s), set()).add((s.framework, s.seed))
+    assert all(len(v) == 6 for v in by_config.values())  # 2 frameworks x 3 seeds
+    assert "seed0" in seeds.run_name(seeds.specs[0])  # seeds vary: the name says which

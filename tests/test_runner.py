@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from fault_helpers import processes_in
 
+from bench import cli, report, runner, tracking
 from bench import grid as gridmod
-from bench import report, runner, tracking
 from bench.paths import ROOT
 
 pytestmark = pytest.mark.slow
@@ -98,7 +98,7 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(store):
     assert any("could not be loaded" in f for f in report.failures(df))
 
 
-def test_resume_skips_finished_cells(store):
+def test_resume_skips_finished_cells(store, capsys):
     path = write_grid(store / "g.toml", "g2")
     g = gridmod.load(path)
     first = runner.run_grid(g, path.read_text(), stream=sys.stdout)
@@ -108,6 +108,25 @@ def test_resume_skips_finished_cells(store):
     assert second.parent_run_id is None  # nothing to do: no empty parent run either
     runs = runs_by_status("g2")
     assert len(runs["FINISHED"]) == 2 and set(runs) == {"FINISHED"}
+
+    # how the runs read in the MLflow UI: what tells a cell apart first in its run name, the
+    # full label and the configuration in tags, the description, the source and the commit
+    c = tracking.client()
+    exp = c.get_experiment(first.experiment_id)
+    assert exp.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
+    for r in runs["FINISHED"]:
+        tags, strategy = r.data.tags, r.data.params["strategy_label"]
+        assert r.info.run_name == f"{strategy} · torch"  # one backbone, dataset, seed: left out
+        assert tags["tlbench.label"] == f"torch/resnet18/{strategy}/digits[n=40]/seed0"
+        assert tags["tlbench.config"].startswith(f"resnet18/{strategy}/digits[n=40] #")
+        assert tags["mlflow.note.content"].startswith(tags["tlbench.label"])
+        assert tags["mlflow.source.name"] == "python -m bench run g.toml"
+        assert len(tags["mlflow.source.git.commit"]) == 40
+    parent = c.get_run(first.parent_run_id)
+    assert parent.data.tags["mlflow.source.name"] == "python -m bench run g.toml"
+    assert cli.main(["ui", "--print-only"]) == 0
+    assert f"g2: http://127.0.0.1:5000/#/experiments/{first.experiment_id}/runs" in \
+        capsys.readouterr().out
 
     # the report reads these runs back: one row per cell, the numbers MLflow holds
     df = report.runs_frame(first.experiment_id)
