@@ -267,7 +267,7 @@ def test_keras_cells_never_import_torch(fake, tmp_path):
         backbone = ["mobilenet_v3_small"]
         weights = ["none"]
         strategy = ["feature_extraction"]
-        dataset = ["cifar10", "cifar100", "flowers102", "oxford_pet", "flowers102_vtab1k"]
+        dataset = ["cifar10", "cifar100", "flowers102", "oxford_pet"]
         seed = [0]
         [defaults]
         image_size = 32
@@ -292,10 +292,9 @@ def test_keras_cells_never_import_torch(fake, tmp_path):
         runs = tracking.cell_runs(tracking.experiment_id("sources", create=False))
     finally:
         del os.environ["MLFLOW_TRACKING_URI"]
-    assert len(runs) == 5
     assert {r.info.status for r in runs} == {"FINISHED"}, done.stderr[-4000:]
-    assert {r.data.params["dataset"] for r in runs} == {
-        "cifar10", "cifar100", "flowers102", "oxford_pet", "flowers102_vtab1k"}
+    assert sorted(r.data.params["dataset"] for r in runs) == [
+        "cifar10", "cifar100", "flowers102", "oxford_pet"]
 
 
 # ---- the VTAB-1k protocol: train_size / val_size ------------------------------------------------
