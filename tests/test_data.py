@@ -51,7 +51,8 @@ def write_folder(root: Path, layout: dict[str, int]) -> Path:
 # ---- cards -----------------------------------------------------------------------------------
 def test_shipped_cards_are_valid():
     cards = shipped_cards()
-    assert {"digits", "mnist5k", "cifar10", "flowers102", "oxford_pet"} <= set(cards)
+    assert {"digits", "mnist5k", "cifar10", "cifar100", "flowers102", "oxford_pet",
+            "flowers102_vtab1k", "oxford_pet_vtab1k", "cifar100_vtab1k"} <= set(cards)
     for name, card in cards.items():
         checked = check_card(card, f"datasets/{name}.toml")
         assert checked["name"] == name
@@ -61,7 +62,10 @@ def test_shipped_cards_are_valid():
             assert "test_fraction" not in split
         else:
             assert 0 < split["test_fraction"] < 1
-        assert 0 < split["val_fraction"] < 1
+        if "train_size" in split:  # VTAB-1k: counts instead of a fraction
+            assert split["train_size"] > 0 and "val_fraction" not in split
+        else:
+            assert 0 < split["val_fraction"] < 1
     assert cards["cifar10"]["split"]["test"] == "official"
 
 
@@ -313,7 +317,7 @@ def no_network(monkeypatch):
         monkeypatch.delenv(var, raising=False)
 
 
-@pytest.mark.parametrize("name", ["cifar10", "flowers102", "oxford_pet"])
+@pytest.mark.parametrize("name", ["cifar10", "cifar100", "flowers102", "oxford_pet"])
 def test_torchvision_dataset_offline_with_empty_cache_says_where(name, tmp_path, monkeypatch,
                                                                  no_network):
     pytest.importorskip("torchvision")

@@ -7,6 +7,14 @@ grid file. A card names its source, and the split rule used by the split manifes
     [split]
     val_fraction = 0.2             # the seeds' validation_split
     test_fraction = 0.2            # or: test = "official" (the dataset's own test split)
+
+The VTAB-1k protocol (Zhai et al. 2019): counts instead of val_fraction, drawn (seeded,
+stratified) from what the test split leaves, the test split kept whole:
+
+    [split]
+    test = "official"
+    train_size = 800
+    val_size = 200
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from bench.data.sources import SOURCES
 from bench.paths import datasets_dir
 
 CARD_KEYS = {"name", "description", "source", "root", "url", "split", "classes"}
-SPLIT_KEYS = {"val_fraction", "test_fraction", "test"}
+SPLIT_KEYS = {"val_fraction", "test_fraction", "test", "train_size", "val_size"}
 
 
 class CardError(ValueError):
@@ -63,7 +71,20 @@ def check_card(card: dict, where: str) -> dict:
     if unknown:
         raise CardError(f"{where}.split: unknown key(s) {sorted(unknown)}; allowed: "
                         f"{sorted(SPLIT_KEYS)}")
-    split.setdefault("val_fraction", 0.2)
+    sized = [k for k in ("train_size", "val_size") if k in split]
+    if sized:  # counts (VTAB-1k: 800 + 200) instead of val_fraction
+        if len(sized) == 1:
+            raise CardError(f"{where}.split.{sized[0]}: train_size and val_size go together "
+                            f"(VTAB-1k: train_size = 800, val_size = 200)")
+        if "val_fraction" in split:
+            raise CardError(f"{where}.split.val_fraction: not with train_size and val_size; "
+                            f"allowed: either val_fraction or train_size + val_size")
+        for key, least in (("train_size", 1), ("val_size", 0)):
+            v = split[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < least:
+                raise CardError(f"{where}.split.{key} = {v!r}: must be an integer >= {least}")
+    else:
+        split.setdefault("val_fraction", 0.2)
     if split.get("test") not in (None, "official"):
         raise CardError(f"{where}.split.test = {split['test']!r}: only \"official\" is allowed")
     if split.get("test") is None:

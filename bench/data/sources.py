@@ -8,6 +8,8 @@ and offline with an empty cache stop with a message saying what to put where.
 from __future__ import annotations
 
 import gzip
+import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,56 +175,173 @@ def _image_folder(card: dict) -> DataSource:
     return DataSource(card["name"], labels, classes, files=files)
 
 
-# ---- torchvision datasets, through torchvision's own download and cache ------------------
+# ---- torchvision's datasets: its download and cache for the files, read without torch ---
+# The files are those torchvision downloads, in its layout under cache_dir()/"torchvision",
+# read here with pickle, numpy, scipy and plain text: a Keras cell never imports torch.
+# torchvision is imported only to download missing files; labels, class names and the
+# official splits are torchvision's own (tests/test_sources.py compares them).
 def torchvision_root() -> Path:
     return cache_dir() / "torchvision"
 
 
-def _tv_dataset(cls_name: str, card: dict, **kw):
-    import torchvision.datasets as tvd
+@dataclass(frozen=True)
+class _TvFiles:
+    cls_name: str  # the torchvision.datasets class that downloads them
+    download_kw: dict  # one call with these downloads every file
+    needed: tuple[str, ...]  # paths under torchvision_root()
+    layout: str  # what a user puts where, offline
 
+
+_CIFAR10 = _TvFiles("CIFAR10", {"train": True}, tuple(
+    f"cifar-10-batches-py/{f}" for f in (*(f"data_batch_{i}" for i in range(1, 6)),
+                                         "test_batch", "batches.meta")),
+    "cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (the pickles inside "
+    "cifar-10-python.tar.gz)")
+_CIFAR100 = _TvFiles("CIFAR100", {"train": True}, tuple(
+    f"cifar-100-python/{f}" for f in ("train", "test", "meta")),
+    "cifar-100-python/{train, test, meta} (the pickles inside cifar-100-python.tar.gz)")
+_FLOWERS = _TvFiles("Flowers102", {"split": "train"}, tuple(
+    f"flowers-102/{f}" for f in ("jpg", "imagelabels.mat", "setid.mat")),
+    "flowers-102/jpg/image_00001.jpg .. image_08189.jpg (102flowers.tgz), "
+    "flowers-102/imagelabels.mat and flowers-102/setid.mat")
+_PETS = _TvFiles("OxfordIIITPet", {"split": "trainval"}, tuple(
+    f"oxford-iiit-pet/{f}" for f in ("images", "annotations/trainval.txt",
+                                     "annotations/test.txt")),
+    "oxford-iiit-pet/images/<image_id>.jpg (images.tar.gz) and "
+    "oxford-iiit-pet/annotations/trainval.txt, test.txt (annotations.tar.gz)")
+
+
+def _tv_files(card: dict, tv: _TvFiles) -> Path:
+    """torchvision_root() once every file of `tv` is there: downloaded through torchvision
+    when missing, else a DatasetError that says which files to put where."""
     root = torchvision_root()
-    root.mkdir(parents=True, exist_ok=True)
+    missing = [f for f in tv.needed if not (root / f).exists()]
+    if not missing:
+        return root
     try:
-        return getattr(tvd, cls_name)(root=str(root), download=True, **kw)
-    except Exception as e:  # URLError, RuntimeError("Dataset not found"), ...
-        raise DatasetError(
-            f"dataset {card['name']!r}: torchvision.datasets.{cls_name} could not be loaded "
-            f"or downloaded into {root} ({type(e).__name__}: {e}). Offline, put the "
-            f"dataset's files ({card.get('url', 'see torchvision docs')}) into {root} as "
-            f"torchvision lays them out, or run once with internet."
-        ) from e
+        import torchvision.datasets as tvd
+    except ImportError as e:
+        why = f"torchvision, which downloads them, is not installed ({e})"
+    else:
+        root.mkdir(parents=True, exist_ok=True)
+        try:
+            getattr(tvd, tv.cls_name)(root=str(root), download=True, **tv.download_kw)
+            why = "torchvision's download did not write them"
+        except Exception as e:  # URLError, RuntimeError("Dataset not found"), ...
+            why = (f"torchvision.datasets.{tv.cls_name} could not download them "
+                   f"({type(e).__name__}: {e})")
+        missing = [f for f in tv.needed if not (root / f).exists()]
+        if not missing:
+            return root
+    raise DatasetError(
+        f"dataset {card['name']!r}: missing under {root}: {', '.join(missing)}; {why}. "
+        f"Offline, put the dataset's files ({card.get('url', 'see the card')}) into {root} "
+        f"as torchvision lays them out: {tv.layout}; or run once with internet and "
+        f"torchvision installed.")
+
+
+def _missing_images(card: dict, files: list[str]) -> None:
+    missing = [f for f in files if not os.path.exists(f)]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more"
+                                          if len(missing) > 5 else "")
+        raise DatasetError(f"dataset {card['name']!r}: {len(missing)} image(s) named by its "
+                           f"annotations are missing: {shown}")
+
+
+def _unpickle(path: Path) -> dict:
+    with path.open("rb") as fh:
+        return pickle.load(fh, encoding="latin1")  # the files torchvision itself unpickles
+
+
+def _cifar(card: dict, tv: _TvFiles, train: list[str], test: list[str], label_key: str,
+           meta: str, names_key: str) -> DataSource:
+    folder = _tv_files(card, tv) / tv.needed[0].split("/")[0]
+    images, labels, is_test = [], [], []
+    for name in train + test:
+        entry = _unpickle(folder / name)
+        images.append(np.asarray(entry["data"], np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(entry[label_key], np.int64))
+        is_test.append(np.full(len(labels[-1]), name in test))
+    return DataSource(card["name"], np.concatenate(labels),
+                      list(_unpickle(folder / meta)[names_key]),
+                      images=np.ascontiguousarray(np.concatenate(images).transpose(0, 2, 3, 1)),
+                      official_test=np.concatenate(is_test))
 
 
 @source("torchvision_cifar10")
 def _cifar10(card: dict) -> DataSource:
-    parts = [_tv_dataset("CIFAR10", card, train=t) for t in (True, False)]
-    images = np.concatenate([p.data for p in parts])
-    labels = np.concatenate([np.asarray(p.targets) for p in parts]).astype(np.int64)
-    official_test = np.r_[np.zeros(len(parts[0]), bool), np.ones(len(parts[1]), bool)]
-    return DataSource(card["name"], labels, list(parts[0].classes), images=images,
-                      official_test=official_test)
+    return _cifar(card, _CIFAR10, [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                  "labels", "batches.meta", "label_names")
 
 
-def _tv_files(card: dict, cls_name: str, splits: list[str], test_split: str,
-              files_attr: str) -> DataSource:
-    files, labels, test = [], [], []
-    for split in splits:
-        ds = _tv_dataset(cls_name, card, split=split)
-        f = [str(p) for p in getattr(ds, files_attr)]
-        files += f
-        labels += list(ds._labels)
-        test += [split == test_split] * len(f)
-    classes = list(getattr(ds, "classes", [str(i) for i in range(max(labels) + 1)]))
-    return DataSource(card["name"], np.asarray(labels, np.int64), classes, files=files,
-                      official_test=np.asarray(test))
+@source("torchvision_cifar100")
+def _cifar100(card: dict) -> DataSource:
+    # the 100 fine classes (torchvision's CIFAR100 targets), not the 20 coarse superclasses
+    return _cifar(card, _CIFAR100, ["train"], ["test"], "fine_labels", "meta",
+                  "fine_label_names")
+
+
+FLOWERS102_CLASSES = [  # torchvision.datasets.Flowers102.classes, in label order
+    'pink primrose', 'hard-leaved pocket orchid', 'canterbury bells', 'sweet pea',
+    'english marigold', 'tiger lily', 'moon orchid', 'bird of paradise', 'monkshood',
+    'globe thistle', 'snapdragon', "colt's foot", 'king protea', 'spear thistle',
+    'yellow iris', 'globe-flower', 'purple coneflower', 'peruvian lily', 'balloon flower',
+    'giant white arum lily', 'fire lily', 'pincushion flower', 'fritillary', 'red ginger',
+    'grape hyacinth', 'corn poppy', 'prince of wales feathers', 'stemless gentian',
+    'artichoke', 'sweet william', 'carnation', 'garden phlox', 'love in the mist',
+    'mexican aster', 'alpine sea holly', 'ruby-lipped cattleya', 'cape flower',
+    'great masterwort', 'siam tulip', 'lenten rose', 'barbeton daisy', 'daffodil',
+    'sword lily', 'poinsettia', 'bolero deep blue', 'wallflower', 'marigold', 'buttercup',
+    'oxeye daisy', 'common dandelion', 'petunia', 'wild pansy', 'primula', 'sunflower',
+    'pelargonium', 'bishop of llandaff', 'gaura', 'geranium', 'orange dahlia',
+    'pink-yellow dahlia?', 'cautleya spicata', 'japanese anemone', 'black-eyed susan',
+    'silverbush', 'californian poppy', 'osteospermum', 'spring crocus', 'bearded iris',
+    'windflower', 'tree poppy', 'gazania', 'azalea', 'water lily', 'rose', 'thorn apple',
+    'morning glory', 'passion flower', 'lotus', 'toad lily', 'anthurium', 'frangipani',
+    'clematis', 'hibiscus', 'columbine', 'desert-rose', 'tree mallow', 'magnolia', 'cyclamen',
+    'watercress', 'canna lily', 'hippeastrum', 'bee balm', 'ball moss', 'foxglove',
+    'bougainvillea', 'camellia', 'mallow', 'mexican petunia', 'bromelia', 'blanket flower',
+    'trumpet creeper', 'blackberry lily',
+]
 
 
 @source("torchvision_flowers102")
 def _flowers(card: dict) -> DataSource:
-    return _tv_files(card, "Flowers102", ["train", "val", "test"], "test", "_image_files")
+    from scipy.io import loadmat
+
+    folder = _tv_files(card, _FLOWERS) / "flowers-102"
+    set_ids = loadmat(folder / "setid.mat", squeeze_me=True)
+    image_labels = np.atleast_1d(loadmat(folder / "imagelabels.mat", squeeze_me=True)["labels"])
+    files, labels, test = [], [], []
+    for key in ("trnid", "valid", "tstid"):  # torchvision's train, val and test splits
+        ids = np.atleast_1d(set_ids[key]).astype(np.int64)  # image ids, 1-based
+        files += [str(folder / "jpg" / f"image_{i:05d}.jpg") for i in ids]
+        labels.append(image_labels[ids - 1].astype(np.int64) - 1)  # labels 1..102 -> 0..101
+        test += [key == "tstid"] * len(ids)
+    _missing_images(card, files)
+    return DataSource(card["name"], np.concatenate(labels), list(FLOWERS102_CLASSES),
+                      files=files, official_test=np.asarray(test))
 
 
 @source("torchvision_oxford_pet")
 def _pets(card: dict) -> DataSource:
-    return _tv_files(card, "OxfordIIITPet", ["trainval", "test"], "test", "_images")
+    folder = _tv_files(card, _PETS) / "oxford-iiit-pet"
+    files, labels, test, names = [], [], [], {}
+    for split in ("trainval", "test"):
+        for line in (folder / "annotations" / f"{split}.txt").read_text().splitlines():
+            if not line.strip() or line.startswith("#"):
+                continue
+            image_id, class_id = line.split()[:2]  # then species (1 cat, 2 dog), breed id
+            files.append(str(folder / "images" / f"{image_id}.jpg"))
+            labels.append(int(class_id) - 1)  # class ids 1..37 -> 0..36
+            test.append(split == "test")
+            # torchvision's name: the image id without its number, "_" -> " ", title case
+            names[labels[-1]] = " ".join(p.title() for p in image_id.rsplit("_", 1)[0].split("_"))
+    if sorted(names) != list(range(len(names))):
+        raise DatasetError(f"dataset {card['name']!r}: {folder / 'annotations'} names class "
+                           f"ids {sorted(k + 1 for k in names)}; expected 1..{len(names)}")
+    _missing_images(card, files)
+    return DataSource(card["name"], np.asarray(labels, np.int64),
+                      [names[k] for k in range(len(names))], files=files,
+                      official_test=np.asarray(test))
