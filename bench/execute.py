@@ -145,9 +145,10 @@ def run_names(grid: Grid, spec: RunSpec) -> dict:
     """claims.claim's keywords for how a cell's run reads in the UI: its run name (what
     tells it apart first), its configuration across frameworks and seeds (tag
     tlbench.config, to group by) and the command that made it (MLflow's Source)."""
-    return {"run_name": grid.run_name(spec),
-            "tags": {"config": grid.config(spec),
-                     "mlflow.source.name": tracking.source_name(grid)}}
+    tags = {"config": grid.config(spec), "mlflow.source.name": tracking.source_name(grid)}
+    if grid.cards.get(spec.dataset, {}).get("split", {}).get("test") == "val":
+        tags["test_split"] = "val: no held-out test split, test_acc is the validation part's"
+    return {"run_name": grid.run_name(spec), "tags": tags}
 
 
 def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:

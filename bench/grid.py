@@ -211,6 +211,13 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
 
     # expansion checks every field of every cell, so one report lists every problem
     specs, varying = _expand(axes, defaults, smoke_over if smoke else {}, cards, problems)
+    for s in specs:  # the weights tested must not be chosen on the part that is tested
+        if s.select == "best_val" and cards.get(s.dataset, {}).get("split", {}).get(
+                "test") == "val":
+            problems.append(f"select = 'best_val' with dataset = {s.dataset!r}, whose split "
+                            f"has test = \"val\": the weights would be chosen on the part "
+                            f"they are tested on; allowed: select = \"last\", or a card "
+                            f"that holds out a test split")
     if problems:
         raise GridError(where, _unique(problems))
     unique, seen = [], set()

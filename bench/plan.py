@@ -100,6 +100,7 @@ OFFICIAL_SIZES = {
     "torchvision_flowers102": (2040, 6149, 102),  # 10 train + 10 val a class
     "torchvision_oxford_pet": (3680, 3669, 37),  # trainval / test
     "torchvision_cifar10": (50000, 10000, 10),  # data_batch_1..5 / test_batch
+    "torchvision_cifar100": (50000, 10000, 100),  # train / test
 }
 
 DEFAULT_GPUS = (1, 8, 32)

@@ -73,6 +73,7 @@ def methods(data: ReportData) -> str:
         f"Hardware: {vals('device')} (host {vals('t_host')}); {device_sentence(cells)} "
         f"Versions: {_versions(cells)}.",
         determinism_sentence(done), contention_sentence(done), divergence_sentence(cells),
+        _test_split_sentence(cells),
         "Accuracy is top-1 on each cell's held-out test split; groups of seeds show mean, "
         "std and a 95% t-interval (n=1: the single value). Throughput is the median step "
         "rate after warm-up with the device synchronised before each clock read.",
@@ -85,6 +86,19 @@ def methods(data: ReportData) -> str:
     else:
         parts.append(f"All {n} cells finished.")
     return " ".join(x for x in parts if x)
+
+
+def _test_split_sentence(cells: pd.DataFrame) -> str:
+    """Cells whose card holds out no test split (split.test = "val", the seeds' protocol)."""
+    tags = cells.get("t_test_split")
+    if tags is None:
+        return ""
+    n = int(tags.fillna("").astype(str).str.startswith("val").sum())
+    if not n:
+        return ""
+    return (f"{n} of {len(cells)} cells hold out no test split (their dataset card's "
+            f"split.test = \"val\", as the seed recipes read their data): their test "
+            f"accuracy is the validation part's, with no selection on it (select = \"last\").")
 
 
 def _span(values) -> str:

@@ -6,7 +6,9 @@ grid file. A card names its source, and the split rule used by the split manifes
     classes = [0, 1, 2, 3, 4]      # optional: a class subset, relabelled 0..k-1
     [split]
     val_fraction = 0.2             # the seeds' validation_split
-    test_fraction = 0.2            # or: test = "official" (the dataset's own test split)
+    test_fraction = 0.2            # or: test = "official" (the dataset's own test split),
+                                   # or test = "val" (none held out: the val part is tested,
+                                   # what the seeds report)
 
 The VTAB-1k protocol (Zhai et al. 2019): counts instead of val_fraction, drawn (seeded,
 stratified) from what the test split leaves, the test split kept whole:
@@ -85,8 +87,13 @@ def check_card(card: dict, where: str) -> dict:
                 raise CardError(f"{where}.split.{key} = {v!r}: must be an integer >= {least}")
     else:
         split.setdefault("val_fraction", 0.2)
-    if split.get("test") not in (None, "official"):
-        raise CardError(f"{where}.split.test = {split['test']!r}: only \"official\" is allowed")
+    if split.get("test") not in (None, "official", "val"):
+        raise CardError(f"{where}.split.test = {split['test']!r}: allowed: \"official\" (the "
+                        f"dataset's own test split) or \"val\" (no held-out test: the "
+                        f"validation part is tested, as the seeds do)")
+    if split.get("test") == "val" and "test_fraction" in split:
+        raise CardError(f"{where}.split.test_fraction: not with test = \"val\" (which holds "
+                        f"out no test part); allowed: one of them")
     if split.get("test") is None:
         split.setdefault("test_fraction", 0.2)
     for key in ("val_fraction", "test_fraction"):

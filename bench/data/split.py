@@ -51,15 +51,20 @@ def make_split(labels: np.ndarray, seed: int, subset: int, split: dict,
         if official_test is None:
             raise ValueError("split.test = 'official' but the source has no official test split")
         test, pool = idx[official_test], idx[~official_test]
+    elif split.get("test") == "val":  # nothing held out: the val part is also the test part
+        test, pool = idx[:0], idx
     else:
         test, pool = _stratified_take(labels, idx, split["test_fraction"], rng)
     if "train_size" in split:
-        return _sized(labels, test, pool, subset, split, rng)
+        m = _sized(labels, test, pool, subset, split, rng)
+        return {**m, "test": m["val"]} if split.get("test") == "val" else m
     if subset and subset < len(pool):
         # subset = the number of labelled training+validation samples (test kept whole),
         # drawn per class so every class keeps its share
         pool, _ = _stratified_take(labels, pool, subset / len(pool), rng)
     val, train = _stratified_take(labels, pool, split["val_fraction"], rng)
+    if split.get("test") == "val":
+        test = val
     return {"train": train.tolist(), "val": val.tolist(), "test": test.tolist()}
 
 
