@@ -124,6 +124,12 @@ def test_resume_skips_finished_cells(store, capsys):
         assert len(tags["mlflow.source.git.commit"]) == 40
     parent = c.get_run(first.parent_run_id)
     assert parent.data.tags["mlflow.source.name"] == "python -m bench run g.toml"
+    # the parent's row sums the invocation up
+    accs = [r.data.metrics["test_acc"] for r in runs["FINISHED"]]
+    pm = parent.data.metrics
+    assert (pm["cells_finished"], pm["cells_failed"], pm["cells_skipped"]) == (2, 0, 0)
+    assert pm["test_acc_best"] == max(accs) and pm["test_acc_mean"] == pytest.approx(
+        sum(accs) / 2)
     assert cli.main(["ui", "--print-only"]) == 0
     assert f"g2: http://127.0.0.1:5000/#/experiments/{first.experiment_id}/runs" in \
         capsys.readouterr().out
