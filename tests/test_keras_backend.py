@@ -18,6 +18,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -826,26 +827,78 @@ def test_parity_accuracy(keras_cell, torch_side):
 
 
 # ---- 9. feature caching -----------------------------------------------------------------------
-def test_feature_cache_trains_exactly_as_uncached(cache):
+EVERY_CUT = [(b, k) for b in KERAS_BACKBONES for k in range(1, catalog.BACKBONES[b].n_blocks)]
+
+
+def _infer(model, x):
+    with warnings.catch_warnings():  # a plain array for the model's named input: fine
+        warnings.simplefilter("ignore", UserWarning)
+        return model(x, training=False)
+
+
+@pytest.fixture(scope="module")
+def logits_once(built):
+    """(images, the whole model's inference-mode logits on them), once per backbone."""
+    out = {}
+
+    def get(name):
+        if name not in out:
+            x = images(2, seed=1)
+            out[name] = x, _infer(built(name).model, x).numpy()
+        return out[name]
+
+    return get
+
+
+@pytest.mark.parametrize("backbone,n_frozen", EVERY_CUT)
+def test_split_after_frozen_blocks(built, logits_once, backbone, n_frozen):
+    """Every shipped backbone gets a prefix cut at every depth: `below` holds exactly the
+    frozen blocks' layers (the model's own), `above` the rest, and above(below(x)) is
+    model(x) bit for bit in inference mode. ConvNeXt's cut is the residual add (an op, not a
+    layer) after each stage's last layer."""
+    from strategies.keras_backend import split_after
+
+    kb = built(backbone)
+    frozen = set(kb.blocks[:n_frozen])
+    below, above = split_after(kb, n_frozen)
+    layers = {id(la) for la in kb.model.layers}
+    below_layers = [la for la in below.layers if id(la) in layers]
+    above_layers = [la for la in above.layers if id(la) in layers]
+    assert len(below_layers) == len(below.layers)  # the model's own layers, no copies
+    assert len(above_layers) == len(above.layers) - 1  # and the cut's new input layer
+    assert {id(la) for la in below_layers} == {
+        id(la) for la in kb.model.layers if kb.owner[la.name] in frozen}
+    assert not {kb.owner[la.name] for la in above_layers} & frozen
+    x, logits = logits_once(backbone)
+    np.testing.assert_array_equal(_infer(above, _infer(below, x)).numpy(), logits)
+
+
+@pytest.mark.parametrize("backbone,strategy,depth,label", [
+    ("mobilenet_v2", "two_stage", 2, "head=features; finetune=prefix:7 blocks"),
+    # cut at a residual add; ~2 min on a loaded 2-core CPU
+    pytest.param("convnext_tiny", "partial", 1, "prefix:4 blocks", marks=pytest.mark.slow),
+])
+def test_feature_cache_trains_exactly_as_uncached(cache, backbone, strategy, depth, label):
     """two_stage[depth=2] on MobileNetV2: the head phase on cached features, the fine-tuning
-    phase on the cached output of the bottom 7 blocks; the same losses and accuracies as the
-    uncached path, epoch by epoch (inference mode through the frozen part, the same items in
-    the same seeded order)."""
+    phase on the cached output of the bottom 7 blocks (partial[depth=1] on ConvNeXt: the
+    bottom 4); the same losses and accuracies as the uncached path, epoch by epoch (inference
+    mode through the frozen part, the same items in the same seeded order)."""
     card = check_card(shipped_cards()["digits"], "digits")
-    params = registry.get("two_stage").with_defaults({"depth": 2})
+    params = registry.get(strategy).with_defaults({"depth": depth})
     runs = {}
     for feature_cache in (False, True):
-        spec = RunSpec(framework="keras", backbone="mobilenet_v2", dataset="digits",
-                       strategy="two_stage", strategy_params=tuple(params.items()),
+        spec = RunSpec(framework="keras", backbone=backbone, dataset="digits",
+                       strategy=strategy, strategy_params=tuple(params.items()),
                        weights="none", subset=60, image_size=32, batch_size=16, epochs=2,
                        feature_cache=feature_cache)
         ctx = RecordingContext()
         run_cell(spec, card, ctx)
         runs[feature_cache] = ctx, {k: v for f in ctx.finals for k, v in f.items()}
     (off, off_final), (on, on_final) = runs[False], runs[True]
+    n_frozen = catalog.BACKBONES[backbone].n_blocks - depth
     assert off.tags["feature_cache"] == "off: feature_cache = false"
-    assert on.tags["feature_cache"] == "head=features; finetune=prefix:7 blocks"
-    assert on.tags["train_rate_of"] == "blocks above the cached bottom 7"
+    assert on.tags["feature_cache"] == label
+    assert on.tags["train_rate_of"] == f"blocks above the cached bottom {n_frozen}"
     for (_, a), (_, b) in zip(off.epochs, on.epochs, strict=True):
         for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), k

@@ -609,17 +609,20 @@ def _cell(tmp_path, monkeypatch, strategy: str, params: dict, feature_cache: boo
     return ctx
 
 
-@pytest.mark.parametrize("strategy,params,label", [
-    ("feature_extraction", {}, "features"),
-    ("partial", {"depth": 2}, "prefix:3 blocks"),
-    ("two_stage", {"depth": 2}, "head=features; finetune=prefix:3 blocks"),
+@pytest.mark.parametrize("strategy,params,label,backbone", [
+    ("feature_extraction", {}, "features", "resnet18"),
+    ("partial", {"depth": 2}, "prefix:3 blocks", "resnet18"),
+    ("two_stage", {"depth": 2}, "head=features; finetune=prefix:3 blocks", "resnet18"),
+    # its "SAME" padding convolutions stay opaque to torch.fx (cache.py)
+    ("partial", {"depth": 2}, "prefix:7 blocks", "efficientnet_lite0"),
 ])
 def test_feature_cache_trains_exactly_as_uncached(tmp_path, monkeypatch, strategy, params,
-                                                  label):
+                                                  label, backbone):
     """Cached features (eval mode through the frozen part, the same items in the same seeded
     order) give the uncached path's losses and accuracies, epoch by epoch."""
-    off = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=False)
-    on = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=True)
+    off = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=False,
+                backbone=backbone)
+    on = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=True, backbone=backbone)
     assert off.tags["feature_cache"] == "off: feature_cache = false"
     assert on.tags["feature_cache"] == label
     assert on.tags["train_rate_of"] != off.tags["train_rate_of"] == "whole model"
@@ -737,14 +740,37 @@ def test_a_cell_identified_with_another_device_refuses_to_run(tmp_path, monkeypa
     assert ctx.epochs == [] and ctx.finals == []
 
 
-@pytest.mark.parametrize("backbone,n_frozen", [("resnet18", 1), ("resnet18", 3),
-                                               ("mobilenet_v2", 4), ("efficientnet_b0", 6),
-                                               ("convnext_tiny", 2)])
-def test_split_after_frozen_blocks(backbone, n_frozen):
+TORCH_BACKBONES = sorted(BLOCK_MAPS)
+EVERY_CUT = [(b, k) for b in TORCH_BACKBONES
+             for k in range(1, catalog.BACKBONES[b].n_blocks)]
+
+
+@pytest.fixture(scope="module")
+def built_once():
+    """Each backbone built once (weights none) with its eval-mode logits on one batch."""
+    models = {}
+
+    def get(name):
+        if name not in models:
+            torch.manual_seed(0)
+            tb = build(name, "none", NUM_CLASSES)
+            x = torch.randn(2, 3, SIZE, SIZE)
+            tb.model.eval()
+            with torch.no_grad():
+                models[name] = tb, x, tb.model(x)
+        return models[name]
+
+    return get
+
+
+@pytest.mark.parametrize("backbone,n_frozen", EVERY_CUT)
+def test_split_after_frozen_blocks(built_once, backbone, n_frozen):
+    """Every shipped backbone gets a prefix cut at every depth: the prefix holds exactly the
+    frozen blocks' parameters (the model's own), and suffix(prefix(x)) is model(x) bit for
+    bit in eval mode (EfficientNet-Lite0's input-dependent "SAME" padding included)."""
     from strategies.torch_backend.cache import shares_parameters, split_after
 
-    torch.manual_seed(0)
-    tb = build(backbone, "none", NUM_CLASSES)
+    tb, x, logits = built_once(backbone)
     phase = registry.Phase(len(tb.block_map.blocks) - n_frozen)
     apply_phase(tb, phase)
     set_train_mode(tb, phase)
@@ -756,9 +782,33 @@ def test_split_after_frozen_blocks(backbone, n_frozen):
     by_name = dict(tb.model.named_parameters())
     assert prefix_params == {id(by_name[n]) for n, o in owners.items() if o in frozen}
     tb.model.eval()
-    x = torch.randn(2, 3, SIZE, SIZE)
     with torch.no_grad():
-        assert torch.allclose(suffix(prefix(x)), tb.model(x), atol=1e-5)
+        assert torch.equal(suffix(prefix(x)), logits)
+
+
+class _DataDependent(torch.nn.Module):
+    """A container whose forward branches on a tensor's value: fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 4, 1), torch.nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        return self.b(x) if x.sum() > 0 else x
+
+
+def test_split_after_refuses_an_untraceable_model_with_the_reason():
+    from strategies.torch_backend.backbones import BlockMap, TorchBackbone
+    from strategies.torch_backend.cache import split_after
+
+    model = torch.nn.Sequential(_DataDependent(), torch.nn.Conv2d(4, 4, 1),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, NUM_CLASSES))
+    tb = TorchBackbone("branchy", model, BlockMap({"b1": ("0",), "b2": ("1",)}, "4", 4))
+    with pytest.raises(driver.CacheUnavailable, match=r"torch.fx cannot trace branchy "
+                                                       r"\(TraceError: .*"):
+        split_after(tb, 1)
 
 
 # ---- 10. the GPU path's options, executed on the CPU ------------------------------------------

@@ -143,6 +143,55 @@ def peak_memory_mb(device_type: str) -> float:
     return batching.host_peak_memory_mb()
 
 
+def split_after(kb, n_frozen: int) -> tuple[keras.Model, keras.Model]:
+    """(below, above), two functional models on the model's own layers with
+    above(below(x)) == model(x): below runs the bottom `n_frozen` blocks. The cut is the first
+    point at or after the frozen blocks' last layer where a single tensor is live, found in
+    the functional graph's operations (input to output, Keras' order): a block's last named
+    layer need not be it, e.g. ConvNeXt's residual add (an op, not a layer) follows each
+    block's `_identity` layer. CacheUnavailable when a layer of a trainable block comes first.
+    """
+    model = kb.model
+    frozen = set(kb.blocks[:n_frozen])
+    ops = model.operations
+    node_of: dict[int, list] = {}
+    for nodes in model._nodes_by_depth.values():
+        for nd in nodes:
+            node_of.setdefault(id(nd.operation), []).append(nd)
+    if any(len(node_of.get(id(op), ())) != 1 for op in ops):
+        raise driver.CacheUnavailable(f"Keras' {kb.name}: an operation is not called exactly "
+                                      f"once in the graph")
+    layer_owner = {id(la): kb.owner[la.name] for la in model.layers}
+    owners = [layer_owner.get(id(op)) for op in ops]  # None: an op (`+`), not a layer
+    made_at, last_use = {}, {}
+    for i, op in enumerate(ops):
+        nd = node_of[id(op)][0]
+        for t in nd.input_tensors:
+            last_use[id(t)] = i
+        for t in nd.outputs:
+            made_at[id(t)] = i, t
+    for t in model.outputs:
+        last_use[id(t)] = len(ops)
+    last = max((i for i, o in enumerate(owners) if o in frozen), default=-1)
+    for p in range(last, len(ops) - 1):
+        if owners[p] is not None and owners[p] not in frozen:
+            break  # a trainable layer before any single-tensor cut
+        live = [t for i, t in made_at.values() if i <= p and last_use.get(id(t), -1) > p]
+        if len(live) == 1 and not isinstance(ops[made_at[id(live[0])][0]],
+                                             keras.layers.InputLayer):
+            return _split_at(kb, live[0])
+    raise driver.CacheUnavailable(f"Keras' {kb.name}: no single tensor leaves the bottom "
+                                  f"{n_frozen} blocks")
+
+
+def _split_at(kb, cut) -> tuple[keras.Model, keras.Model]:
+    try:
+        return keras.Model(kb.model.inputs, cut), keras.Model(cut, kb.model.output)
+    except ValueError as e:  # the part above reads more than the one cut tensor
+        raise driver.CacheUnavailable(
+            f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
+
+
 class KerasSession:
     """The Keras side of bench.driver's loop (see bench.driver.Session)."""
 
@@ -217,19 +266,14 @@ class KerasSession:
         """Split the functional model at the head's input ('features') or after the bottom
         `n_frozen` blocks ('prefix'); the part below runs once through predict() (inference
         mode: frozen BatchNorm, no dropout), the part above trains on its outputs."""
-        kb, model = self.kb, self.kb.model
+        kb = self.kb
         if kind == "features":
-            cut = kb.head_layers[0].input
+            below, above = _split_at(kb, kb.head_layers[0].input)
             parts = dict(self.loaders)
         else:
-            cut = kb.block_layers(kb.blocks[n_frozen - 1])[-1].output
+            below, above = split_after(kb, n_frozen)
             parts = {"train": self.loaders["train"]}
-        try:
-            below = keras.Model(model.inputs, cut)
-            above = keras.Model(cut, model.output)
-        except ValueError as e:  # the blocks above read more than the one cut tensor
-            raise driver.CacheUnavailable(
-                f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
+        cut = above.inputs[0]
         itemsize = 2 if cut.dtype in ("bfloat16", "float16") else np.dtype(cut.dtype).itemsize
         per_item = int(np.prod(cut.shape[1:])) * itemsize
         need = per_item * sum(b.n for b in parts.values())

@@ -6,12 +6,16 @@ Two cuts (bench/driver.py decides which a phase gets):
 - `prefix`: the bottom blocks are frozen; torch.fx splits the traced model after them, at the
   first point where a single tensor crosses, into a prefix (cached) and a suffix (trained).
   Both GraphModules hold the model's own modules (shared parameters, buffers and train/eval
-  flags). A model fx cannot trace (EfficientNet-Lite0's control flow) or without a
-  single-tensor cut gets `CacheUnavailable` with the reason.
+  flags). Every shipped backbone gets this cut at every depth (tested). A model fx cannot
+  trace, or without a single-tensor cut, gets `CacheUnavailable` with the reason.
 
-The suffix is traced with the model in the phase's training mode (bench's set_train_mode),
-because tracing bakes a non-leaf module's `self.training` (torchvision's StochasticDepth)
-into the graph: it is used for training only; evaluation runs the whole model.
+The tracer keeps every module without submodules opaque (a `call_module` node, run as it is,
+owned by its block), torch.nn's and others alike: EfficientNet-Lite0's SameConv2d computes
+TensorFlow's "SAME" padding from its input's size, which fx cannot trace through, and
+torchvision's StochasticDepth and LayerNorm2d run their own forward unchanged. Only modules
+with submodules are traced through. Tracing bakes such a module's `self.training` into the
+graph, so the suffix is traced with the model in the phase's training mode (bench's
+set_train_mode): it is used for training only; evaluation runs the whole model.
 """
 
 from __future__ import annotations
@@ -38,6 +42,21 @@ def head_inputs(tb: TorchBackbone, x: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
+class _LeafTracer(fx.Tracer):
+    """fx's tracer with every module that has no submodules kept opaque (see the docstring):
+    the computation is the module's own forward, unchanged."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return next(m.children(), None) is None or super().is_leaf_module(
+            m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> fx.GraphModule:
+    tracer = _LeafTracer()
+    graph = tracer.trace(model)
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
 def _owner_fn(tb: TorchBackbone):
     prefixes = [(p, b) for b, ps in tb.block_map.blocks.items() for p in ps]
     prefixes.append((tb.block_map.classifier, "head"))
@@ -55,7 +74,7 @@ def split_after(tb: TorchBackbone, n_frozen: int) -> tuple[fx.GraphModule, fx.Gr
     blocks = list(tb.block_map.blocks)
     frozen = set(blocks[:n_frozen])
     try:
-        gm = fx.symbolic_trace(tb.model)
+        gm = _trace(tb.model)
     except Exception as e:  # noqa: BLE001 - any tracing failure means no prefix cache
         raise CacheUnavailable(f"torch.fx cannot trace {tb.name} "
                                f"({type(e).__name__}: {str(e)[:120]})") from e
