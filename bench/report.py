@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import tracking
+from bench import report_html, tracking
 from bench.report_frame import (
     BASE_KEYS,
     CONTENDED,
@@ -143,8 +143,10 @@ def write(data: ReportData, out: Path, figures: dict[str, list[str]],
     for paths in figures.values():
         for p in paths:
             w.files += [out / p, (out / p).with_suffix(".svg")]
-    (out / "report.md").write_text(report_markdown(data, tables, figures))
-    w.files.append(out / "report.md")
+    md = report_markdown(data, tables, figures)
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(report_html.render(md, out, f"Report: {data.experiment}"))
+    w.files += [out / "report.md", out / "report.html"]
     if log and data.parent:
         tracking.log_report(data.parent["run_id"], str(out))
         w.logged_to = data.parent["run_id"]

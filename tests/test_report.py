@@ -5,6 +5,7 @@ broken weights file) run once for the module in its own MLflow store."""
 from __future__ import annotations
 
 import math
+import re
 import sys
 
 import numpy as np
@@ -506,6 +507,20 @@ def test_cli_writes_every_file_and_logs_report_to_parent(grid_store, capsys):
     assert {"report.md", "tables", "figures", "grid.toml", "cells.json"} <= arts
     logged = c.download_artifacts(result.parent_run_id, "report.md", str(tmp))
     assert open(logged).read() == md
+    # every relative link and figure of report.md names an artifact the parent run holds
+    targets = re.findall(r"\]\(([^)#:]+)\)", md)
+    assert "tables/accuracy.csv" in targets and "runs.csv" in targets
+    for target in targets:
+        folder_part, _, name = target.rpartition("/")
+        assert name in {a.path.rpartition("/")[2]
+                        for a in c.list_artifacts(result.parent_run_id, folder_part or None)
+                        }, target
+    # report.html: the same report with its figures inline, for the UI's artifact view
+    page = (folder / "report.html").read_text()
+    assert "report.html" in arts and page.count('src="data:image/png;base64,') == \
+        md.count("![")
+    assert "<table>" in page and "6 cells of the 6 the grid expects" in page
+    assert "<code>tables/accuracy.csv</code> in this run's artifacts" in page
 
 
 @pytest.mark.slow
