@@ -359,8 +359,10 @@ def ui_links(base_url: str) -> list[tuple[str, str]]:
     exps = [e for e in active_experiments()
             if e.tags.get(EXPERIMENT_KIND) == "custom_model_development" or e.name != "Default"]
     exps.sort(key=lambda e: e.last_update_time or 0, reverse=True)
-    return [(e.name, f"{base_url.rstrip('/')}/#/experiments/{e.experiment_id}/runs")
-            for e in exps]
+    # workflowType: the UI's GenAI / Model training switch (kept in the browser otherwise, and
+    # GenAI in a fresh one)
+    return [(e.name, f"{base_url.rstrip('/')}/#/experiments/{e.experiment_id}/runs"
+                     f"?workflowType=machine_learning") for e in exps]
 
 
 def find_checkpoint_runs(key: str, limit: int = 5) -> list:

@@ -131,8 +131,8 @@ def test_resume_skips_finished_cells(store, capsys):
     assert pm["test_acc_best"] == max(accs) and pm["test_acc_mean"] == pytest.approx(
         sum(accs) / 2)
     assert cli.main(["ui", "--print-only"]) == 0
-    assert f"g2: http://127.0.0.1:5000/#/experiments/{first.experiment_id}/runs" in \
-        capsys.readouterr().out
+    assert (f"g2: http://127.0.0.1:5000/#/experiments/{first.experiment_id}/runs"
+            f"?workflowType=machine_learning") in capsys.readouterr().out
 
     # the report reads these runs back: one row per cell, the numbers MLflow holds
     df = report.runs_frame(first.experiment_id)
