@@ -58,6 +58,11 @@ class CellContext:
     def artifact(self, name: str, text: str) -> None:
         emit("artifact", name=name, text=text)
 
+    def log_inputs(self, inputs: list[dict]) -> None:
+        """The cell's data as MLflow dataset inputs (tracking.log_inputs: name, digest,
+        source_type, source, profile, context)."""
+        emit("inputs", inputs=inputs)
+
     def elapsed(self) -> float:
         return time.perf_counter() - self.started
 

@@ -443,6 +443,8 @@ def _record_event(line: str, run_id: str, outcome: Outcome, log, ctx: Context, i
         tracking.set_tags(run_id, ev["tags"])
     elif kind == "artifact":
         tracking.log_text(run_id, ev["text"], ev["name"])
+    elif kind == "inputs":
+        tracking.log_inputs(run_id, ev["inputs"])
     elif kind == "startup":
         tracking.log_metrics(run_id, {"startup_seconds": time.perf_counter() - started})
     elif kind == "error":

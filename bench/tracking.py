@@ -231,6 +231,18 @@ def set_tags(run_id: str, tags: dict[str, str]) -> None:
                                      for k, v in tags.items()])
 
 
+def log_inputs(run_id: str, inputs: list[dict]) -> None:
+    """Datasets a run read, for the UI's Datasets column and panel: each a dict of name,
+    digest, source_type, source, profile (strings) and context (train, val, test: the
+    input's `mlflow.data.context` tag)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    client().log_inputs(run_id, datasets=[
+        DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
+                             profile=d.get("profile")),
+                     tags=[InputTag("mlflow.data.context", d["context"])]) for d in inputs])
+
+
 def log_text(run_id: str, text: str, name: str) -> None:
     client().log_text(run_id, text, name)
 
