@@ -172,7 +172,10 @@ def test_decoded_rows_of_a_part(files):
 
 
 CELL = """
-import json, sys
+import json, os, sys
+cpus = sorted(os.sched_getaffinity(0))  # a core each: no thread spins against the other's
+os.sched_setaffinity(0, {{cpus[0] if "{fw}" == "torch" else cpus[-1]}})
+os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np
 from helpers import RecordingContext
 from bench.data import check_card, decoded, prepare

@@ -81,12 +81,15 @@ class Batches:
         self.shuffle = shuffle
         self.gen = torch.Generator().manual_seed(seed)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        arrays = isinstance(items, (np.ndarray, DecodedImages))
+        decoded = isinstance(items, DecodedImages)  # rows of a decoded cache, at `size`
+        arrays = decoded or isinstance(items, np.ndarray)
         resident = arrays and self.n * 3 * size * size <= IN_MEMORY_BYTES
-        decoded = isinstance(items, DecodedImages)
-        self.data_path = (("decoded-" if decoded else "") + ("resident" if resident else
-                          "per-batch" if decoded else "arrays-resized-per-batch")
-                          if arrays else "files")
+        if decoded:
+            self.data_path = "decoded-resident" if resident else "decoded-per-batch"
+        elif arrays:
+            self.data_path = "resident" if resident else "arrays-resized-per-batch"
+        else:
+            self.data_path = "files"
         self.loader = None
         if resident:
             self.x = to_chw_uint8(items.read() if decoded else items, size).to(device)
