@@ -171,6 +171,21 @@ def test_decoded_rows_of_a_part(files):
     assert decoded.decoded_parts(arrays, SIZE) == (arrays, "no files: an array dataset")
 
 
+def test_a_cache_that_cannot_be_written_leaves_the_files(files, monkeypatch):
+    (Path(decoded.cache_dir()) / "decoded").mkdir(parents=True)
+    leftover = _npy(files).with_name(f".{_npy(files).name}.999.tmp")
+    leftover.write_bytes(b"a killed builder's")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(decoded, "_build", full_disk)
+    parts = {"train": (files, np.zeros(len(files)))}
+    assert decoded.decoded_parts(parts, SIZE) == (
+        parts, "failed, files decoded every epoch: [Errno 28] No space left on device")
+    assert not leftover.exists()
+
+
 CELL = """
 import json, os, sys
 cpus = sorted(os.sched_getaffinity(0))  # a core each: no thread spins against the other's

@@ -154,6 +154,8 @@ def open_cache(files: list[str], size: int) -> tuple[np.ndarray, str]:
         if array is not None:
             return array, "reused"
         meta.unlink(missing_ok=True)  # a .npy without its .json is not a cache
+        for tmp in folder.glob(f".{npy.name}.*.tmp"):  # a killed builder's; we hold the lock
+            tmp.unlink(missing_ok=True)
         t0 = time.perf_counter()
         _build(npy, meta, files, size)
         seconds = time.perf_counter() - t0
@@ -175,11 +177,14 @@ def verify(files: list[str], size: int, full: bool = True) -> bool:
 def decoded_parts(parts: dict[str, tuple], size: int) -> tuple[dict[str, tuple], str]:
     """Split parts whose items are file paths -> the same parts with DecodedImages items
     (one cache for the union of their files), and a note for the cell's tags. Parts of an
-    array dataset are returned as they are."""
+    array dataset, or of one whose cache cannot be written, are returned as they are."""
     if not any(isinstance(items, list) for items, _ in parts.values()):
         return parts, "no files: an array dataset"
     files = sorted({f for items, _ in parts.values() if isinstance(items, list) for f in items})
-    array, how = open_cache(files, size)
+    try:
+        array, how = open_cache(files, size)
+    except OSError as e:  # a full disk, a read-only cache: the cell still runs, from files
+        return parts, f"failed, files decoded every epoch: {e}"
     row = {f: i for i, f in enumerate(files)}
     out = {name: (DecodedImages(array, [row[f] for f in items], how), labels)
            if isinstance(items, list) else (items, labels)
