@@ -9,7 +9,13 @@ Throughput (bench.timing): `train_images_per_sec` is the last phase's data-fed r
 over its steps, warm-up excluded, device synchronised before each clock read);
 `model_only_train_images_per_sec` is the same train step on a synthetic batch already on the
 device; a cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only rate is tagged
-`input_bound`.
+`input_bound`, with the data path that fed it (`data_path`).
+
+Decoded cache (`decoded_cache`, on by default): a file dataset's images are decoded and
+resized once into a memory-mapped array (bench/data/decoded.py), shared by every cell at that
+size; the parts' items become its rows and take the array path (resident when they fit, else
+read per batch), with the file path's pixels bit for bit. The tag `decoded_cache` says
+whether it was built or reused.
 
 Feature caching (`feature_cache`, on by default): a phase whose whole backbone is frozen, with
 augmentation off, computes the head's inputs once (eval mode, the weights' preprocessing
@@ -51,6 +57,7 @@ import numpy as np
 from bench import data as bdata
 from bench import pretrain
 from bench.contention import CpuProbe
+from bench.data import decoded
 from bench.spec import RunSpec
 from bench.timing import StepMeter
 from strategies import registry
@@ -58,6 +65,14 @@ from strategies import registry
 WARMUP_STEPS = 3  # steps excluded from every throughput median
 MODEL_ONLY_STEPS = 10
 INPUT_BOUND_RATIO = 0.9
+# Session.data_path -> the words the input_bound tag uses for it
+DATA_PATHS = {
+    "resident": "arrays resident",
+    "arrays-resized-per-batch": "arrays resized every batch",
+    "files": "files decoded every epoch",
+    "decoded-resident": "decoded cache, resident",
+    "decoded-per-batch": "decoded cache, read per batch",
+}
 FEATURE_CACHE_MB = 1024  # cached inputs held on the device at most (TLBENCH_FEATURE_CACHE_MB)
 
 
@@ -91,7 +106,7 @@ class Session(Protocol):
     weights, so after it only param_counts, peak_memory_mb and sync may come.
     """
 
-    data_path: str  # how the training images reach the model ("resident", "dataloader", ...)
+    data_path: str  # how the training images reach the model: a key of DATA_PATHS
 
     def start(self, device: str) -> dict[str, str]:
         """Set the device up; return the tags device (its name: 'NVIDIA H200', 'cpu (...)'),
@@ -253,6 +268,13 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     prepared = bdata.prepare(card, spec.seed, spec.subset)
     num_classes = prepared.source.num_classes
     parts = {k: prepared.part(k) for k in ("train", "val", "test")}
+    if spec.decoded_cache:
+        t0 = time.perf_counter()
+        parts, note = decoded.decoded_parts(parts, spec.image_size)
+        ctx.log_final({"decoded_cache_seconds": time.perf_counter() - t0})
+    else:
+        note = "off: decoded_cache = false"
+    ctx.set_tags({"decoded_cache": note})
     n_train = len(parts["train"][1])
     ctx.log_final({"n_train": n_train, "n_val": len(parts["val"][1]),
                    "n_test": len(parts["test"][1]), "num_classes": num_classes})
@@ -339,10 +361,11 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         layers = max(bn_layers, default=0)
         tags["precise_bn"] = (f"{layers} BatchNorm layers from {len(bn_sample)} train images"
                               if layers else "no BatchNorm layer trains")
-    tags["input_bound"] = (str(data_fed < INPUT_BOUND_RATIO * model_only).lower()
-                           if data_fed and model_only else
+    fed_by = DATA_PATHS.get(session.data_path, session.data_path)
+    tags["input_bound"] = (f"{str(data_fed < INPUT_BOUND_RATIO * model_only).lower()} "
+                           f"({fed_by})" if data_fed and model_only else
                            f"unknown: the last phase ran no steps past the {WARMUP_STEPS} "
-                           f"warm-up steps")
+                           f"warm-up steps ({fed_by})")
     ctx.set_tags(tags)
     final["wall_seconds"] = ctx.elapsed()
     final["peak_memory_mb"] = session.peak_memory_mb()
@@ -404,9 +427,11 @@ def precise_bn_sample(spec: RunSpec, n_train: int) -> np.ndarray | None:
 
 
 def take(part: tuple, indices) -> tuple:
-    """(items, labels) of a split part at `indices`: arrays indexed, file lists picked."""
+    """(items, labels) of a split part at `indices`: arrays (and decoded-cache rows) indexed,
+    file lists picked."""
     items, labels = part
-    items = items[indices] if isinstance(items, np.ndarray) else [items[i] for i in indices]
+    items = (items[indices] if isinstance(items, (np.ndarray, decoded.DecodedImages))
+             else [items[i] for i in indices])
     return items, np.asarray(labels)[indices]
 
 

@@ -22,6 +22,7 @@ Schema (see bench/grids/default.toml for a commented example):
     lr = 1e-3
     precise_bn = 0                       # BatchNorm stats recomputed from N train images
     feature_cache = true                 # speed options, recorded as params like any field:
+    decoded_cache = true                 # image files decoded once, kept in a memmap
     channels_last = false                # PyTorch NHWC memory format
     compile = false                      # torch.compile / Keras jit_compile
     workers = -1                         # loader workers / tf.data parallel calls; -1 auto

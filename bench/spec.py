@@ -68,6 +68,7 @@ class RunSpec:
     device_kind: str = "cpu"
     # speed options (canonical() omits defaults, so cells without them keep their hashes)
     feature_cache: bool = True  # frozen backbone/prefix computed once (bench/driver.py)
+    decoded_cache: bool = True  # image files decoded once into a memmap (bench/data/decoded.py)
     channels_last: bool = False  # PyTorch NHWC memory format (Keras is NHWC already)
     compile: bool = False  # torch.compile / Keras jit_compile (XLA)
     # loader workers (PyTorch) / tf.data parallel calls; -1 = auto

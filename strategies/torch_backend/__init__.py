@@ -149,7 +149,7 @@ class TorchSession:
                                    shuffle=(k == "train"), seed=spec.seed, workers=workers)
                         for k in parts}
         self.cached: dict = {}
-        self.data_path = "resident" if self.loaders["train"].resident else "dataloader"
+        self.data_path = self.loaders["train"].data_path
         self.parts, self.workers, self.bn_batches = parts, workers, None
 
     # weights the harness pretrained (bench/pretrain.py)

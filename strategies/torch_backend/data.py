@@ -1,9 +1,10 @@
 """The PyTorch data adapter: split parts -> uint8 batches on the device -> normalised floats.
 
-Small array datasets are resized once and kept on the device as uint8 (no DataLoader, no
-per-epoch decoding); file lists and arrays too big for that go through a DataLoader with
-workers and pinned memory. Normalisation and augmentation run on the device, per batch, the
-same for both paths.
+Small array datasets, and the rows of a decoded cache (bench/data/decoded.py: files decoded
+once), are resized once and kept on the device as uint8 (no DataLoader, no per-epoch
+decoding); file lists, decoded rows and arrays too big for that go through a DataLoader with
+workers and pinned memory (decoded rows: read from the memmap, already at size).
+Normalisation and augmentation run on the device, per batch, the same for every path.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
 from bench import batching
+from bench.data.decoded import DecodedImages
 
 IN_MEMORY_BYTES = 1 << 30  # resized uint8 tensors up to 1 GiB stay resident on the device
 
@@ -54,6 +56,19 @@ class _ItemDataset(Dataset):
         return x, int(self.labels[i])
 
 
+class _EpochOrder(torch.utils.data.Sampler):
+    """The DataLoader's sampler: each epoch, the Batches' order()."""
+
+    def __init__(self, batches: Batches):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return self.batches.used
+
+    def __iter__(self):
+        return iter(self.batches.order().tolist())
+
+
 class Batches:
     """Batches of (uint8 images on the device, labels on the device) for one split part."""
 
@@ -66,19 +81,30 @@ class Batches:
         self.shuffle = shuffle
         self.gen = torch.Generator().manual_seed(seed)
         self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-        resident = isinstance(items, np.ndarray) and self.n * 3 * size * size <= IN_MEMORY_BYTES
+        decoded = isinstance(items, DecodedImages)  # rows of a decoded cache, at `size`
+        arrays = decoded or isinstance(items, np.ndarray)
+        resident = arrays and self.n * 3 * size * size <= IN_MEMORY_BYTES
+        if decoded:
+            self.data_path = "decoded-resident" if resident else "decoded-per-batch"
+        elif arrays:
+            self.data_path = "resident" if resident else "arrays-resized-per-batch"
+        else:
+            self.data_path = "files"
         self.loader = None
         if resident:
-            self.x = to_chw_uint8(items, size).to(device)
+            self.x = to_chw_uint8(items.read() if decoded else items, size).to(device)
             self.y = self.labels.to(device)
         else:
             if workers is None:
                 workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+            # the sampler draws this epoch's order() (the resident path's, so the same part
+            # sees the same batches through either path); the loader's own generator only
+            # seeds its workers, and leaves the global RNG alone
             self.loader = DataLoader(
                 _ItemDataset(items, np.asarray(labels), size), batch_size=batch_size,
-                shuffle=shuffle, generator=self.gen, num_workers=workers,
-                pin_memory=device.type == "cuda", persistent_workers=workers > 0,
-                drop_last=self.used < self.n)
+                sampler=_EpochOrder(self), generator=torch.Generator().manual_seed(seed),
+                num_workers=workers, pin_memory=device.type == "cuda",
+                persistent_workers=workers > 0)
 
     @property
     def resident(self) -> bool:
@@ -88,9 +114,9 @@ class Batches:
         return batching.num_batches(self.used, self.batch_size)
 
     def order(self) -> torch.Tensor:
-        """This epoch's item order: a seeded permutation drawn from this loader's generator
-        (the DataLoader's sampler draws the same `randperm(n, generator)`), so a cached view
-        of the same items (CachedBatches) sees the same batches in the same order."""
+        """This epoch's item order: a seeded permutation drawn from this part's generator
+        (the DataLoader's sampler draws it too), so a cached view of the same items
+        (CachedBatches) sees the same batches in the same order."""
         return (torch.randperm(self.n, generator=self.gen)[:self.used] if self.shuffle
                 else torch.arange(self.n))
 
@@ -113,7 +139,7 @@ class Batches:
             return
         loader = DataLoader(self.loader.dataset, batch_size=self.batch_size, shuffle=False,
                             num_workers=self.loader.num_workers,
-                            pin_memory=self.loader.pin_memory)
+                            pin_memory=self.loader.pin_memory, generator=torch.Generator())
         for x, y in loader:
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
