@@ -266,6 +266,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     session.seed(spec.seed)
 
     prepared = bdata.prepare(card, spec.seed, spec.subset)
+    ctx.log_inputs(bdata.dataset_inputs(card, prepared, spec.seed, spec.subset))
     num_classes = prepared.source.num_classes
     parts = {k: prepared.part(k) for k in ("train", "val", "test")}
     if spec.decoded_cache:

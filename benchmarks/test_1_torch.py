@@ -59,6 +59,9 @@ class QuietContext(CellContext):
     def artifact(self, name, text):
         pass
 
+    def log_inputs(self, inputs):
+        pass
+
 
 def _images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)

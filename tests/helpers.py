@@ -51,6 +51,9 @@ class RecordingContext(CellContext):
     def artifact(self, name, text):
         self.artifacts[name] = text
 
+    def log_inputs(self, inputs):
+        self.inputs = inputs
+
     def elapsed(self):
         self.elapsed_calls += 1
         return super().elapsed()

@@ -6,6 +6,7 @@ Each test gets its own MLflow store (sqlite in tmp) and dataset cache; cells are
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -122,6 +123,18 @@ def test_resume_skips_finished_cells(store, capsys):
         assert tags["mlflow.note.content"].startswith(tags["tlbench.label"])
         assert tags["mlflow.source.name"] == "python -m bench run g.toml"
         assert len(tags["mlflow.source.git.commit"]) == 40
+    # the data each cell read, as MLflow dataset inputs: one per split part, the same
+    # digests for the two cells (same dataset, subset and seed: the same images)
+    seen = []
+    for r in runs["FINISHED"]:
+        inputs = c.get_run(r.info.run_id).inputs.dataset_inputs
+        by_part = {i.tags[0].value: i.dataset for i in inputs}
+        assert set(by_part) == {"train", "val", "test"}
+        assert all(d.name == "digits" and d.source_type == "sklearn_digits"
+                   for d in by_part.values())
+        assert json.loads(by_part["train"].profile)["num_rows"] == r.data.metrics["n_train"]
+        seen.append({k: d.digest for k, d in by_part.items()})
+    assert seen[0] == seen[1] and len(set(seen[0].values())) == 3
     parent = c.get_run(first.parent_run_id)
     assert parent.data.tags["mlflow.source.name"] == "python -m bench run g.toml"
     # the parent's row sums the invocation up

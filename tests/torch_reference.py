@@ -63,6 +63,7 @@ class Recorder:
         self.ctx.set_tags = self.tags.update
         self.ctx.progress = lambda **state: None
         self.ctx.artifact = lambda name, text: None
+        self.ctx.log_inputs = lambda inputs: None
 
 
 def run(spec_params: dict, card: dict) -> dict:
