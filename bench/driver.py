@@ -14,7 +14,7 @@ device; a cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only 
 Decoded cache (`decoded_cache`, on by default): a file dataset's images are decoded and
 resized once into a memory-mapped array (bench/data/decoded.py), shared by every cell at that
 size; the parts' items become its rows and take the array path (resident when they fit, else
-read per batch), with the file path's pixels bit for bit. The tag `decoded_cache` says
+read per batch), with the file path's pixels bit for bit. The tag `decoded_cache_used` says
 whether it was built or reused.
 
 Feature caching (`feature_cache`, on by default): a phase whose whole backbone is frozen, with
@@ -22,7 +22,7 @@ augmentation off, computes the head's inputs once (eval mode, the weights' prepr
 included) and trains the head on them; a phase whose bottom blocks are frozen caches their
 output when it fits in FEATURE_CACHE_MB and trains the blocks above. The same items in the
 same seeded order reach the trained part, so accuracy is the uncached path's (tested). The
-tag `feature_cache` says what each phase got, or why not; `train_rate_of` says what the
+tag `feature_cache_used` says what each phase got, or why not; `train_rate_of` says what the
 train rates measure (a cached phase trains only the part above the cut).
 
 Equal budgets and fair records: every strategy trains exactly the cell's `epochs` (the
@@ -275,7 +275,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         ctx.log_final({"decoded_cache_seconds": time.perf_counter() - t0})
     else:
         note = "off: decoded_cache = false"
-    ctx.set_tags({"decoded_cache": note})
+    ctx.set_tags({"decoded_cache_used": note})
     n_train = len(parts["train"][1])
     ctx.log_final({"n_train": n_train, "n_val": len(parts["val"][1]),
                    "n_test": len(parts["test"][1]), "num_classes": num_classes})
@@ -355,7 +355,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     final["contention_share"] = probe.share
     data_fed, model_only = final["train_images_per_sec"], final.get(
         "model_only_train_images_per_sec")
-    tags = {"feature_cache": _cache_tag(cache_labels), "train_rate_of": rate_of,
+    tags = {"feature_cache_used": _cache_tag(cache_labels), "train_rate_of": rate_of,
             "contended": probe.tag(), "diverged": diverged_tag(history)}
     if bn_sample is not None:
         final["precise_bn_seconds"] = bn_seconds

@@ -201,9 +201,9 @@ def throughput_table(df: pd.DataFrame) -> Table:
         for col in ("train_images_per_sec", "model_only_train_images_per_sec",
                     "inference_images_per_sec"):
             r[col] = finished_values(rows, col).mean()
-        for tag in ("input_bound", "feature_cache"):
+        for col, tag in (("input_bound", "input_bound"), ("feature_cache", "feature_cache_used")):
             vals = finished_rows(rows).get(f"t_{tag}", pd.Series(dtype=object)).dropna()
-            r[tag] = ",".join(sorted(set(vals))) if len(vals) else None
+            r[col] = ",".join(sorted(set(vals))) if len(vals) else None
         r["contended"] = contended_cells(rows)
         r["contention_share"] = _max_share(finished_rows(rows))
         r["not_finished"] = not_finished(rows)

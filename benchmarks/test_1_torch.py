@@ -156,7 +156,7 @@ def test_feature_extraction_cached_vs_recompute(benchmark, device, report, tmp_p
     benchmark.pedantic(lambda: results[True].append(cell(True)), setup=timed_recompute,
                        rounds=2, iterations=1)
     cached, recompute = results[True][-1], results[False][-1]
-    assert cached.tags["feature_cache"] == "features"
+    assert cached.tags["feature_cache_used"] == "features"
     acc_cached, acc_recompute = cached.final["test_acc"], recompute.final["test_acc"]
     assert acc_cached == pytest.approx(acc_recompute, abs=1e-6)
     speedup = statistics.median(recompute_times) / benchmark.stats.stats.median

@@ -256,9 +256,9 @@ def test_cells_train_the_same_with_the_cache_on_and_off(folder, tmp_path):
         off, on = runs["off"], runs["on"]
         assert runs["paths"] == {"files": "files", "resident": "decoded-resident",
                                  "per_batch": "decoded-per-batch"}
-        assert off["tags"]["decoded_cache"] == "off: decoded_cache = false"
-        assert on["tags"]["decoded_cache"].endswith(": 40 images at 32 px, 0 MiB")
-        notes.append(on["tags"]["decoded_cache"].split(":")[0].split()[0])
+        assert off["tags"]["decoded_cache_used"] == "off: decoded_cache = false"
+        assert on["tags"]["decoded_cache_used"].endswith(": 40 images at 32 px, 0 MiB")
+        notes.append(on["tags"]["decoded_cache_used"].split(":")[0].split()[0])
         assert (off["tags"]["data_path"], on["tags"]["data_path"]) == ("files",
                                                                        "decoded-resident")
         assert off["tags"]["input_bound"].endswith("(files decoded every epoch)")

@@ -896,8 +896,8 @@ def test_feature_cache_trains_exactly_as_uncached(cache, backbone, strategy, dep
         runs[feature_cache] = ctx, {k: v for f in ctx.finals for k, v in f.items()}
     (off, off_final), (on, on_final) = runs[False], runs[True]
     n_frozen = catalog.BACKBONES[backbone].n_blocks - depth
-    assert off.tags["feature_cache"] == "off: feature_cache = false"
-    assert on.tags["feature_cache"] == label
+    assert off.tags["feature_cache_used"] == "off: feature_cache = false"
+    assert on.tags["feature_cache_used"] == label
     assert on.tags["train_rate_of"] == f"blocks above the cached bottom {n_frozen}"
     for (_, a), (_, b) in zip(off.epochs, on.epochs, strict=True):
         for k in ("train_loss", "train_acc", "val_loss", "val_acc"):

@@ -623,8 +623,8 @@ def test_feature_cache_trains_exactly_as_uncached(tmp_path, monkeypatch, strateg
     off = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=False,
                 backbone=backbone)
     on = _cell(tmp_path, monkeypatch, strategy, params, feature_cache=True, backbone=backbone)
-    assert off.tags["feature_cache"] == "off: feature_cache = false"
-    assert on.tags["feature_cache"] == label
+    assert off.tags["feature_cache_used"] == "off: feature_cache = false"
+    assert on.tags["feature_cache_used"] == label
     assert on.tags["train_rate_of"] != off.tags["train_rate_of"] == "whole model"
     for (_, a), (_, b) in zip(off.epochs, on.epochs, strict=True):
         for k in ("train_loss", "train_acc", "val_loss", "val_acc"):
@@ -641,7 +641,7 @@ def test_feature_cache_trains_exactly_as_uncached(tmp_path, monkeypatch, strateg
 def test_feature_cache_that_does_not_fit_says_so(tmp_path, monkeypatch):
     monkeypatch.setenv("TLBENCH_FEATURE_CACHE_MB", "0.01")
     ctx = _cell(tmp_path, monkeypatch, "partial", {"depth": 2}, feature_cache=True)
-    tag = ctx.tags["feature_cache"]
+    tag = ctx.tags["feature_cache_used"]
     assert tag.startswith("off: the bottom 3 blocks' output not cached: needs"), tag
     assert "0 MB allowed" in tag and ctx.tags["train_rate_of"] == "whole model"
 
@@ -680,7 +680,7 @@ def test_a_real_cell_calls_the_session_in_protocol_order(tmp_path, monkeypatch):
     tail = (["snapshot", "evaluate"] if ctx.final["best_val_epoch"] == 2
             else ["restore", "evaluate"])
     assert check.calls[15:] == tail + ["param_counts", "model_only_rates", "peak_memory_mb"]
-    assert ctx.tags["feature_cache"] == "head=features; finetune=prefix:3 blocks"
+    assert ctx.tags["feature_cache_used"] == "head=features; finetune=prefix:3 blocks"
 
 
 # ---- 9b. fair comparisons: the budget trained, the weights tested, divergence, device ------
