@@ -84,8 +84,10 @@ def ui(session: nox.Session) -> None:
 def perf(session: nox.Session) -> None:
     """The benchmarks (pytest-benchmark): train step vs a hand-written loop (PyTorch) and
     plain model.fit (Keras), cached vs recomputed feature extraction, per-cell start-up,
-    scheduling overhead and --parallel 2 on the default grid (`-- -k scale`, ~12 min);
-    ratios printed at the end. `-- --device cuda` adds the GPU benchmark."""
+    scheduling overhead and --parallel 2 on the default grid (`-- -k scale`, ~12 min),
+    input pipelines per core from JPEG files and from the decoded cache (`-- -k input`);
+    ratios printed at the end. `-- --device cuda` adds the GPU benchmark (and
+    benchmarks/gpu_check.sh runs it with the gpu_check grid)."""
     _run(session, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider",
          "--benchmark-columns=median,min,max,rounds", *session.posargs)
 
