@@ -224,7 +224,8 @@ def _references(ref: pd.DataFrame, extras: list[str]) -> list[Series]:
     ref = ref[ref["n"] > 0]
     shown = _varying(ref, extras)
     out = []
-    for r in ref.sort_values(["p_strategy_label", *extras, "framework"]).itertuples():
+    ref = ref.assign(fw_order=ref["framework"].map(lambda f: FW_ORDER.get(f, 9)))
+    for r in ref.sort_values(["p_strategy_label", *extras, "fw_order"]).itertuples():
         row = r._asdict()
         params = _kv({k: row[k] for k in shown}, shown, ", ")
         label = (f"from scratch: {r.p_strategy_label}{', ' + params if params else ''} "
@@ -296,7 +297,8 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
     handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
     labels = [s.label for s in [*panel.series, *panel.references]]  # drawing order
     if labels:
-        ax.legend([handles[x] for x in labels], labels, fontsize=7, loc="upper center", frameon=False,
+        ax.legend([handles[x] for x in labels], labels, fontsize=7, loc="upper center",
+                  frameon=False,
                   bbox_to_anchor=(0.5, -0.2 if "\n" in ax.get_xlabel() else -0.16),
                   ncol=1 if len(labels) <= 8 else 2)
 
