@@ -1,12 +1,36 @@
 """Figures from the report's flat frame (matplotlib, Agg canvas), each as PNG and SVG.
 
-    accuracy_vs_depth_<dataset>   test accuracy vs unfrozen blocks, a panel per backbone, a
-                                  line per framework, error bars = 95% t-interval
-    pareto_<dataset>              test accuracy vs train images/s, the Pareto front marked;
+    accuracy_vs_depth_<dataset>   test accuracy (mean over seeds; bars: 95% t-interval when
+                                  n > 1) vs blocks trainable in the last phase (0 = feature
+                                  extraction ... n = full; reinit_top: the top blocks it
+                                  re-initialises), a panel per (backbone, pretrained
+                                  weights), titled key=value. Each panel holds every
+                                  strategy of those weights: feature_extraction, partial
+                                  and full as one line per framework and variant
+                                  (bn=frozen ...), two_stage, reinit_top and the rest as
+                                  their own marked series; cells that differ in a param the
+                                  grid varies (lr, precise_bn ...) are separate series whose
+                                  labels name it ("torch full[bn=frozen] lr=0.0001"). The
+                                  backbone's from-scratch cells (weights none) are labelled
+                                  horizontal reference lines, a panel of their own only
+                                  where no pretrained cell of the backbone finished. Colour
+                                  = configuration; torch solid and filled, keras dashed and
+                                  hollow, shifted apart on x; one y range for all panels,
+                                  at least 0.2 wide, within [0, 1]; legends below the axes.
+    pareto_<dataset>              test accuracy vs train images/s (log), one point per
+                                  configuration and framework: colour = configuration
+                                  (legend: strategy and the params that vary, key=value),
+                                  marker = framework, the Pareto front stepped and circled;
                                   hollow: timed on a shared machine, not on the front
-    curves_<backbone>_<dataset>   train and val accuracy per epoch of one backbone's cells
+    curves_<backbone>_<dataset>   train and val accuracy per epoch (mean over seeds) of one
+                                  backbone's cells, side by side on one y range, a line per
+                                  configuration and framework (colour = configuration,
+                                  torch solid, keras dashed), legend below
 
-Uses matplotlib's object API (no pyplot): no global state, no display needed.
+depth_panels / depth_figures, pareto_figure and curve_figures return what is drawn (the
+panels' series, matplotlib Figures) for tests; accuracy_vs_depth, pareto and
+learning_curves save them. Uses matplotlib's object API (no pyplot): no global state, no
+display needed.
 """
 
 from __future__ import annotations
