@@ -301,8 +301,6 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
         g = greys[r.config]
         ax.axhline(r.y[0], color=g, lw=1.3, linestyle="--" if r.framework == "torch" else ":",
                    label=r.label)
-        if r.err[0] > 0:
-            ax.axhspan(r.y[0] - r.err[0], r.y[0] + r.err[0], color=g, alpha=0.1, lw=0)
     if panel.notes:
         ax.text(0.01, 0.01, "not finished: " + "; ".join(panel.notes), transform=ax.transAxes,
                 fontsize=6, va="bottom", wrap=True)
@@ -310,6 +308,10 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
     n = info.n_blocks if info else None
     if n:
         ax.set_xlim(-0.5, n + 0.5)
+    for i, r in enumerate(panel.references):  # intervals as bars at the right edge
+        if r.err[0] > 0:
+            ax.errorbar([ax.get_xlim()[1] - 0.1 - 0.08 * i], r.y, yerr=r.err, color=greys[r.config],
+                        capsize=3, lw=1, linestyle="none")
     ax.set_xlabel(f"blocks trainable in the last phase (0 = feature extraction"
                   f"{f', {n} = full' if n else ''})"
                   + ("\nreinit_top: its top blocks, re-initialised"
@@ -348,6 +350,7 @@ def depth_figures(df: pd.DataFrame) -> dict:
         for ax, panel in zip(axes, panels, strict=False):
             _draw_depth_panel(ax, panel, colors, greys)
             ax.set_ylim(*y_limits(values))
+        for ax in axes[::2]:
             ax.set_ylabel("test accuracy")
         fig.suptitle(f"dataset={dataset}: test accuracy vs blocks trainable "
                      "(mean over seeds; bars: 95% t-interval when n > 1)", fontsize=10)
