@@ -249,13 +249,12 @@ def _references(ref: pd.DataFrame, extras: list[str]) -> list[Series]:
     shown = _varying(ref, extras)
     out = []
     ref = ref.assign(fw_order=ref["framework"].map(lambda f: FW_ORDER.get(f, 9)))
-    for r in ref.sort_values(["p_strategy_label", *extras, "fw_order"]).itertuples():
-        row = r._asdict()
-        params = _kv({k: row[k] for k in shown}, shown, ", ")
-        label = (f"from scratch: {r.p_strategy_label}{', ' + params if params else ''} "
-                 f"({r.framework}) {r.mean:.3f}")
-        out.append(Series(label, r.framework, "reference", [], [r.mean], [r.err],
-                          (r.p_strategy_label, params)))
+    for _, r in ref.sort_values(["p_strategy_label", *extras, "fw_order"]).iterrows():
+        params = _kv(r, shown, ", ")
+        label = (f"from scratch: {r['p_strategy_label']}{', ' + params if params else ''} "
+                 f"({r['framework']}) {r['mean']:.3f}")
+        out.append(Series(label, r["framework"], "reference", [], [r["mean"]], [r["err"]],
+                          (r["p_strategy_label"], params)))
     return out
 
 
