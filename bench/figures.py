@@ -70,7 +70,7 @@ def _figure(n_panels: int, width: float = 4.2, height: float = 3.4, cols: int = 
 
 def _plain_axes(ax) -> None:
     """Integer x ticks (blocks, epochs) and y values as they are (no 1e-9+0.1 offset)."""
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
     ax.yaxis.get_major_formatter().set_useOffset(False)
 
 
@@ -206,6 +206,9 @@ class Panel:
     def title(self) -> str:
         return f"backbone={self.backbone}, weights={self.weights}"
 
+    def wrapped_title(self, width: int = 60) -> str:
+        return self.title if len(self.title) <= width else self.title.replace(", ", ",\n")
+
 
 def _depth_series(p: pd.DataFrame, extras: list[str]) -> list[Series]:
     """A panel's points as series: the depth family (feature_extraction/partial/full) one
@@ -313,10 +316,11 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
                         capsize=3, lw=1, linestyle="none")
     ax.set_xlabel(f"blocks trainable in the last phase (0 = feature extraction"
                   f"{f', {n} = full' if n else ''})"
-                  + ("\nreinit_top: its top blocks, re-initialised"
+                  + ("\nreinit_top: x = its re-initialised top blocks (copied=finetune "
+                     "trains the rest too)"
                      if any(s.kind == "reinit_top" for s in panel.series) else ""),
                   fontsize=8)
-    ax.set_title(panel.title, fontsize=9)
+    ax.set_title(panel.wrapped_title(), fontsize=9)
     _plain_axes(ax)
     ax.grid(alpha=0.3)
     handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
@@ -324,7 +328,7 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
     if labels:
         ax.legend([handles[x] for x in labels], labels, fontsize=7, loc="upper center",
                   frameon=False,
-                  bbox_to_anchor=(0.5, -0.2 if "\n" in ax.get_xlabel() else -0.16),
+                  bbox_to_anchor=(0.5, -0.27 if "\n" in ax.get_xlabel() else -0.17),
                   ncol=1 if len(labels) <= 8 else 2)
 
 
@@ -417,7 +421,10 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
     d = d.assign(config=[_config_label(r, keys) for _, r in d.iterrows()])
     configs = sorted(d["config"].unique())
     colors = _colors(configs)
-    fig, axes = _figure(1, 10.0 if len(configs) <= 16 else 14.0, 4.6)
+    entries = len(configs) + d["framework"].nunique() + 1 + bool(d["contended"].any())
+    ncol = 1 if len(configs) <= 6 else 2
+    fig, axes = _figure(1, 7.0 if ncol == 1 else 10.0,
+                        4.4 + 0.15 * math.ceil(entries / ncol))
     ax = axes[0]
     for fw, g in d.groupby("framework"):
         for shared, h in g.groupby("contended"):
@@ -447,9 +454,8 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
 
     handles, labels = ax.get_legend_handles_labels()
     handles += [Patch(color=colors[c]) for c in configs]  # colour, not a framework's marker
-    ax.legend(handles, labels + configs, fontsize=7, loc="upper left",
-              bbox_to_anchor=(1.02, 1.0), frameon=False,
-              ncol=1 if len(configs) <= 16 else 2)
+    ax.legend(handles, labels + configs, fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=ncol)
     return fig
 
 
@@ -483,8 +489,9 @@ def curve_figures(data: report.ReportData, backbone: str | None = None) -> dict:
         colors = _colors(configs)
         series = sorted(d.groupby(["config", "p_framework"]).groups,
                         key=lambda cf: (cf[0], FW_ORDER.get(cf[1], 9)))
-        ncol = 2 if len(series) <= 24 else 3
-        fig, axes = _figure(2, 5.2, 3.4 + 0.15 * math.ceil(len(series) / ncol),
+        fws = sorted(d["p_framework"].unique(), key=lambda f: FW_ORDER.get(f, 9))
+        ncol = 1 if len(configs) + len(fws) <= 5 else 2
+        fig, axes = _figure(2, 5.2, 3.4 + 0.15 * math.ceil((len(configs) + len(fws)) / ncol),
                             sharey=True)
         values = []
         for ax, key in zip(axes, ("train_acc", "val_acc"), strict=True):
@@ -497,14 +504,22 @@ def curve_figures(data: report.ReportData, backbone: str | None = None) -> dict:
                         linestyle=FW_LINE.get(fw, ":"), color=colors[cfg],
                         label=f"{fw} {cfg}")
             _plain_axes(ax)
+            ax.set_xlim(0.5, d["step"].max() + 0.5)
             ax.set_xlabel("epoch")
             ax.set_title(key.replace("_acc", " accuracy"), fontsize=9)
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("accuracy (mean over seeds)")
         for ax in axes:
             ax.set_ylim(*y_limits(values))
-        fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center",
-                   fontsize=7, ncol=ncol, frameon=False)
+        from matplotlib.lines import Line2D
+
+        # colour names the configuration, line and marker the framework: n + 2 entries, not
+        # n x 2
+        handles = [Line2D([], [], color=colors[c], lw=2) for c in configs]
+        handles += [Line2D([], [], color="0.3", marker=MARKERS.get(f, "^"), ms=3,
+                           linestyle=FW_LINE.get(f, ":")) for f in fws]
+        fig.legend(handles, configs + fws, loc="outside lower center", fontsize=7,
+                   ncol=ncol, frameon=False)
         fig.suptitle(f"backbone={backbone}, dataset={dataset}: learning curves",
                      fontsize=10)
         out[dataset] = fig

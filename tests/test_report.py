@@ -444,8 +444,9 @@ def test_pareto_and_curves_label_series_by_the_params_that_vary():
     left, right = _visible(fig)
     assert left.get_ylim() == right.get_ylim()
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert len(legend) == len(set(legend)) == 12  # 6 configurations x 2 frameworks
-    assert "keras full weights=none lr=0.001 precise_bn=320" in legend
+    assert len(legend) == len(set(legend)) == 8  # colour: 6 configurations; line: 2 frameworks
+    assert {"full weights=none lr=0.001 precise_bn=320", "torch", "keras"} <= set(legend)
+    assert len(left.get_lines()) == 12  # a line per configuration and framework
 
 
 def _diverged_frame() -> pd.DataFrame:
