@@ -15,7 +15,8 @@
                                   horizontal reference lines, a panel of their own only
                                   where no pretrained cell of the backbone finished. Colour
                                   = configuration; torch solid and filled, keras dashed and
-                                  hollow, shifted apart on x; one y range for all panels,
+                                  hollow; series shifted apart on x by a
+                                  fraction of a block; one y range for all panels,
                                   at least 0.2 wide, within [0, 1]; legends below the axes.
     pareto_<dataset>              test accuracy vs train images/s (log), one point per
                                   configuration and framework: colour = configuration
@@ -176,9 +177,7 @@ def y_limits(values, min_width: float = 0.2) -> tuple[float, float]:
 
 FW_LINE = {"torch": "-", "keras": "--"}  # and keras hollow: framework is fill and dash
 FW_ORDER = {fw: i for i, fw in enumerate(report.FRAMEWORK_ORDER)}
-# x offsets, so that points at one x (the frameworks', two_stage beside partial) all show
-FW_SHIFT = {"torch": -0.07, "keras": 0.07}
-KIND_SHIFT = {"two_stage": 0.25}
+FW_SIDE = {"torch": -1, "keras": 1}
 KIND_MARKERS = {"depth": "o", "two_stage": "D", "reinit_top": "^"}
 REF_GREYS = ("0.15", "0.5", "0.35", "0.65")
 
@@ -290,10 +289,22 @@ def depth_panels(df: pd.DataFrame) -> dict[str, list[Panel]]:
     return out
 
 
+def _x_shifts(panel: Panel) -> dict:
+    """A small x offset per series, constant along it, so that points at one x (two
+    frameworks, two_stage beside partial, two lrs at full) all show: configurations side
+    by side, each framework's on its own side."""
+    configs = sorted({s.config for s in panel.series}, key=str)
+    step = min(0.14, 0.7 / max(len(configs), 1))
+    centre = {c: (i - (len(configs) - 1) / 2) * step for i, c in enumerate(configs)}
+    return {s.label: centre[s.config] + FW_SIDE.get(s.framework, 0) * step / 4
+            for s in panel.series}
+
+
 def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
+    shifts = _x_shifts(panel)
     for s in panel.series:
         c = colors[s.config]
-        shift = FW_SHIFT.get(s.framework, 0) + KIND_SHIFT.get(s.kind, 0)
+        shift = shifts[s.label]
         ax.errorbar([x + shift for x in s.x], s.y,
                     yerr=[e if e > 0 else 0 for e in s.err], color=c,
                     marker=KIND_MARKERS.get(s.kind, "v"), ms=6, capsize=3,
@@ -355,8 +366,9 @@ def depth_figures(df: pd.DataFrame) -> dict:
             ax.set_ylim(*y_limits(values))
         for ax in axes[::2]:
             ax.set_ylabel("test accuracy")
-        fig.suptitle(f"dataset={dataset}: test accuracy vs blocks trainable "
-                     "(mean over seeds; bars: 95% t-interval when n > 1)", fontsize=10)
+        fig.suptitle(f"dataset={dataset}: test accuracy vs blocks trainable"
+                     + ("\n" if len(panels) == 1 else " ")
+                     + "(mean over seeds; bars: 95% t-interval when n > 1)", fontsize=10)
         out[dataset] = fig
     return out
 
