@@ -164,14 +164,10 @@ def y_limits(values, min_width: float = 0.2) -> tuple[float, float]:
     v = [float(x) for x in values if x is not None and pd.notna(x)]
     lo, hi = (min(v), max(v)) if v else (0.0, 1.0)
     pad = max(0.02, 0.08 * (hi - lo))
-    lo, hi = lo - pad, hi + pad
+    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)  # an interval past 0 or 1: n is small
     if hi - lo < min_width:
-        mid = (lo + hi) / 2
-        lo, hi = mid - min_width / 2, mid + min_width / 2
-    if lo < 0:
-        lo, hi = 0.0, min(1.0, hi - lo)
-    if hi > 1:
-        lo, hi = max(0.0, lo - (hi - 1)), 1.0
+        lo = min(max(0.0, (lo + hi - min_width) / 2), 1.0 - min_width)
+        hi = lo + min_width
     return lo, hi
 
 

@@ -425,6 +425,14 @@ def test_accuracy_vs_depth_shares_a_sensible_y_range_and_scratch_only_gets_a_pan
     assert lo < 0.0975 and hi > 0.92
 
 
+def test_y_limits_pad_clip_and_never_zoom():
+    assert figures.y_limits([0.0975, 0.0975 + 3e-9]) == (0.0, 0.2)  # no float-noise zoom
+    assert figures.y_limits([0.99, 1.0]) == (0.8, 1.0)
+    lo, hi = figures.y_limits([-0.2, 0.47])  # an interval past 0 is clipped, not shifted
+    assert lo == 0 and hi == pytest.approx(0.47 + 0.08 * 0.67)
+    assert figures.y_limits([]) == (0.0, 1.0)
+
+
 def test_pareto_and_curves_label_series_by_the_params_that_vary():
     df = _default_like_frame()
     pts, x = figures.pareto_points(df)
