@@ -15,14 +15,15 @@
                                   horizontal reference lines, a panel of their own only
                                   where no pretrained cell of the backbone finished. Colour
                                   = configuration; torch solid and filled, keras dashed and
-                                  hollow; series shifted apart on x by a
-                                  fraction of a block; one y range for all panels,
+                                  hollow; each series shifted on x by a fraction of a block
+                                  so that none hides another; one y range for all panels,
                                   at least 0.2 wide, within [0, 1]; legends below the axes.
     pareto_<dataset>              test accuracy vs train images/s (log), one point per
                                   configuration and framework: colour = configuration
                                   (legend: strategy and the params that vary, key=value),
                                   marker = framework, the Pareto front stepped and circled;
-                                  hollow: timed on a shared machine, not on the front
+                                  hollow: timed on a shared machine, not on the front; the
+                                  title names the backbone and weights all points share
     curves_<backbone>_<dataset>   train and val accuracy per epoch (mean over seeds) of one
                                   backbone's cells, side by side on one y range, a line per
                                   configuration and framework (colour = configuration,
@@ -456,7 +457,9 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
     ax.set_ylim(*y_limits(d["mean"]))
     ax.set_xlabel(f"{xlabel}, log scale")
     ax.set_ylabel("test accuracy (mean over seeds)")
-    ax.set_title(f"dataset={dataset}: test accuracy vs train throughput", fontsize=10)
+    same = [k for k in ("p_backbone", "p_weights") if k in d and k not in keys and len(d)]
+    ax.set_title(f"dataset={dataset}: test accuracy vs train throughput"
+                 + (f"\n{_kv(d.iloc[0], same, ', ')}" if same else ""), fontsize=10)
     ax.grid(alpha=0.3)
     from matplotlib.patches import Patch
 
