@@ -334,9 +334,11 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
     handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
     labels = [s.label for s in [*panel.series, *panel.references]]  # drawing order
     if labels:
+        # below the tick labels and x label, a fixed distance (in the legend's font size)
+        # from the axes, whatever their height, so that the layout settles
+        below = (28 + 10 * (ax.get_xlabel().count("\n") + 1)) / 7
         ax.legend([handles[x] for x in labels], labels, fontsize=7, loc="upper center",
-                  frameon=False,
-                  bbox_to_anchor=(0.5, -0.27 if "\n" in ax.get_xlabel() else -0.17),
+                  frameon=False, bbox_to_anchor=(0.5, 0), borderaxespad=below,
                   ncol=1 if len(labels) <= 8 else 2)
 
 
@@ -351,8 +353,10 @@ def depth_figures(df: pd.DataFrame) -> dict:
         greys = {c: REF_GREYS[i % len(REF_GREYS)] for i, c in enumerate(refs)}
         entries = max(len(p.series) + len(p.references) for p in panels)
         rows_of_legend = entries if entries <= 8 else math.ceil(entries / 2)
+        two_lines = any(s.kind == "reinit_top" for p in panels for s in p.series)  # xlabel
         fig, axes = _figure(len(panels), 5.6 if entries <= 8 else 8.0,
-                            3.6 + 0.16 * rows_of_legend, cols=2, sharey=True)
+                            3.6 + 0.17 * rows_of_legend + 0.3 * two_lines, cols=2,
+                            sharey=True)
         values = []
         for p in panels:
             for s in [*p.series, *p.references]:
