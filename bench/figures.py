@@ -1,18 +1,45 @@
 """Figures from the report's flat frame (matplotlib, Agg canvas), each as PNG and SVG.
 
-    accuracy_vs_depth_<dataset>   test accuracy vs unfrozen blocks, a panel per backbone, a
-                                  line per framework, error bars = 95% t-interval
-    pareto_<dataset>              test accuracy vs train images/s, the Pareto front marked;
-                                  hollow: timed on a shared machine, not on the front
-    curves_<backbone>_<dataset>   train and val accuracy per epoch of one backbone's cells
+    accuracy_vs_depth_<dataset>   test accuracy (mean over seeds; bars: 95% t-interval when
+                                  n > 1) vs blocks trainable in the last phase (0 = feature
+                                  extraction ... n = full; reinit_top: the top blocks it
+                                  re-initialises), a panel per (backbone, pretrained
+                                  weights), titled key=value. Each panel holds every
+                                  strategy of those weights: feature_extraction, partial
+                                  and full as one line per framework and variant
+                                  (bn=frozen ...), two_stage, reinit_top and the rest as
+                                  their own marked series; cells that differ in a param the
+                                  grid varies (lr, precise_bn ...) are separate series whose
+                                  labels name it ("torch full[bn=frozen] lr=0.0001"). The
+                                  backbone's from-scratch cells (weights none) are labelled
+                                  horizontal reference lines, a panel of their own only
+                                  where no pretrained cell of the backbone finished. Colour
+                                  = configuration; torch solid and filled, keras dashed and
+                                  hollow; each series shifted on x by a fraction of a block
+                                  so that none hides another; one y range for all panels,
+                                  at least 0.2 wide, within [0, 1]; legends below the axes.
+    pareto_<dataset>              test accuracy vs train images/s (log), one point per
+                                  configuration and framework: colour = configuration
+                                  (legend: strategy and the params that vary, key=value),
+                                  marker = framework, the Pareto front stepped and circled;
+                                  hollow: timed on a shared machine, not on the front; the
+                                  title names the backbone and weights all points share
+    curves_<backbone>_<dataset>   train and val accuracy per epoch (mean over seeds) of one
+                                  backbone's cells, side by side on one y range, a line per
+                                  configuration and framework (colour = configuration,
+                                  torch solid, keras dashed), legend below
 
-Uses matplotlib's object API (no pyplot): no global state, no display needed.
+depth_panels / depth_figures, pareto_figure and curve_figures return what is drawn (the
+panels' series, matplotlib Figures) for tests; accuracy_vs_depth, pareto and
+learning_curves save them. Uses matplotlib's object API (no pyplot): no global state, no
+display needed.
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -30,13 +57,14 @@ SPEEDS = {"train_images_per_sec": "train images/s (data-fed)",
           "model_only_train_images_per_sec": "train images/s (model-only)"}
 
 
-def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
+def _figure(n_panels: int, width: float = 4.2, height: float = 3.4, cols: int = 3,
+            sharey: bool = False):
     from matplotlib.figure import Figure
 
-    cols = min(n_panels, 3)
+    cols = min(n_panels, cols)
     rows = math.ceil(n_panels / cols)
     fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey).ravel()
     for ax in axes[n_panels:]:
         ax.set_visible(False)
     return fig, axes
@@ -44,7 +72,7 @@ def _figure(n_panels: int, width: float = 4.2, height: float = 3.4):
 
 def _plain_axes(ax) -> None:
     """Integer x ticks (blocks, epochs) and y values as they are (no 1e-9+0.1 offset)."""
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
     ax.yaxis.get_major_formatter().set_useOffset(False)
 
 
@@ -106,55 +134,249 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
     return acc
 
 
-def _panel_keys(keys: list[str]) -> list[str]:
-    return [k for k in keys if k not in ("p_dataset", "p_strategy_label")]
+def _name(key: str) -> str:
+    return key[2:] if key.startswith("p_") else key
+
+
+def _fmt(v) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def _varying(rows: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The keys that take more than one value among the rows: what a label must name."""
+    return [k for k in keys if k in rows and rows[k].astype(str).nunique() > 1]
+
+
+def _kv(row, keys: list[str], sep: str = " ") -> str:
+    return sep.join(f"{_name(k)}={_fmt(row[k])}" for k in keys)
+
+
+def _colors(configs: list) -> dict:
+    """One colour per configuration, the same in every panel of a figure."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(configs) <= 10 else "tab20"]
+    return {c: cmap(i % cmap.N) for i, c in enumerate(configs)}
+
+
+def y_limits(values, min_width: float = 0.2) -> tuple[float, float]:
+    """A y range for accuracies: every value (error bars and reference lines included),
+    padded, at least `min_width` wide, within [0, 1]. Never a zoom onto float noise."""
+    v = [float(x) for x in values if x is not None and pd.notna(x)]
+    lo, hi = (min(v), max(v)) if v else (0.0, 1.0)
+    pad = max(0.02, 0.08 * (hi - lo))
+    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)  # an interval past 0 or 1: n is small
+    if hi - lo < min_width:
+        lo = min(max(0.0, (lo + hi - min_width) / 2), 1.0 - min_width)
+        hi = lo + min_width
+    return lo, hi
+
+
+FW_LINE = {"torch": "-", "keras": "--"}  # and keras hollow: framework is fill and dash
+FW_ORDER = {fw: i for i, fw in enumerate(report.FRAMEWORK_ORDER)}
+FW_SIDE = {"torch": -1, "keras": 1}
+KIND_MARKERS = {"depth": "o", "two_stage": "D", "reinit_top": "^"}
+REF_GREYS = ("0.15", "0.5", "0.35", "0.65")
+
+
+@dataclass
+class Series:
+    label: str
+    framework: str
+    kind: str  # "depth" (feature_extraction/partial/full), a strategy name, or "reference"
+    x: list[float]
+    y: list[float]
+    err: list[float]  # half-width of the 95% t-interval (0 for n = 1)
+    config: tuple = ()  # the colour key: the same configuration in both frameworks
+
+
+@dataclass
+class Panel:
+    backbone: str
+    weights: str
+    series: list[Series] = field(default_factory=list)
+    references: list[Series] = field(default_factory=list)  # from scratch, x unused
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return f"backbone={self.backbone}, weights={self.weights}"
+
+    def wrapped_title(self, width: int = 60) -> str:
+        return self.title if len(self.title) <= width else self.title.replace(", ", ",\n")
+
+
+def _depth_series(p: pd.DataFrame, extras: list[str]) -> list[Series]:
+    """A panel's points as series: the depth family (feature_extraction/partial/full) one
+    line per framework, variant and value of the varied params; feature extraction, which
+    trains no block, starts each variant's line; every other strategy its own series."""
+    p = p[p["n"] > 0].copy()
+    if p.empty:
+        return []
+    shown = _varying(p, extras)
+    p["kind"] = p["strategy"].where(~p["strategy"].isin(DEPTH_FAMILY), "depth")
+    p["variant"] = p["p_strategy_label"].map(_variant)
+    p["params"] = p[extras].astype(str).agg("|".join, axis=1) if extras else ""
+    depth = p[p["kind"] == "depth"]
+    rows = []
+    for _, r in p.iterrows():
+        lines = depth[(depth["strategy"] != "feature_extraction")
+                      & (depth["framework"] == r["framework"])
+                      & (depth["params"] == r["params"])]["variant"].unique()
+        if r["strategy"] == "feature_extraction" and r["variant"] == "" and len(lines):
+            rows += [{**r, "variant": v} for v in lines]
+        else:
+            rows.append(dict(r))
+    p = pd.DataFrame(rows)
+    p["fw_order"] = p["framework"].map(lambda f: FW_ORDER.get(f, len(FW_ORDER)))
+    out = []
+    for (kind, variant, params, _, fw), g in p.groupby(
+            ["kind", "variant", "params", "fw_order", "framework"], sort=True):
+        g = g.sort_values("depth")
+        name = "/".join(dict.fromkeys(g["strategy"])) if kind == "depth" else kind
+        name += f"[{variant}]" if variant else ""
+        label = " ".join(x for x in (fw, name, _kv(g.iloc[0], shown)) if x)
+        out.append(Series(label, fw, kind, list(g["depth"]), list(g["mean"]),
+                          list(g["err"]), (kind, variant, params)))
+    return out
+
+
+def _references(ref: pd.DataFrame, extras: list[str]) -> list[Series]:
+    """From-scratch cells as labelled horizontal lines: 'from scratch: full, precise_bn=320
+    (torch) 0.747'."""
+    ref = ref[ref["n"] > 0]
+    shown = _varying(ref, extras)
+    out = []
+    ref = ref.assign(fw_order=ref["framework"].map(lambda f: FW_ORDER.get(f, 9)))
+    for _, r in ref.sort_values(["p_strategy_label", *extras, "fw_order"]).iterrows():
+        params = _kv(r, shown, ", ")
+        label = (f"from scratch: {r['p_strategy_label']}{', ' + params if params else ''} "
+                 f"({r['framework']}) {r['mean']:.3f}")
+        out.append(Series(label, r["framework"], "reference", [], [r["mean"]], [r["err"]],
+                          (r["p_strategy_label"], params)))
+    return out
+
+
+def depth_panels(df: pd.DataFrame) -> dict[str, list[Panel]]:
+    """{dataset: panels}: a panel per (backbone, pretrained weights), from-scratch cells of
+    the backbone as its reference lines; from-scratch cells get a panel of their own only
+    where the backbone has no pretrained cell that finished."""
+    s = _summary_frame(df)
+    if s.empty:
+        return {}
+    keys = report.group_keys(df)
+    extras = [k for k in keys if k not in report.BASE_KEYS]
+    scratch = s["p_weights"].astype(str) == "none"
+    out = {}
+    for dataset, d in s.groupby("p_dataset", sort=True):
+        panels = []
+        for backbone, b in d.groupby("p_backbone", sort=True):
+            ref, pre = b[scratch[b.index]], b[~scratch[b.index]]
+            refs = _references(ref, extras)
+            groups = list(pre.groupby("p_weights", sort=True))
+            if not (pre["n"] > 0).any() and len(ref):
+                groups.append(("none", ref))
+            for weights, p in groups:
+                panel = Panel(str(backbone), str(weights), _depth_series(p, extras),
+                              refs if weights != "none" else [])
+                panel.notes = [f"{r.framework} {r.p_strategy_label} ({r.not_finished})"
+                               for r in p.itertuples() if r.not_finished]
+                panels.append(panel)
+        out[str(dataset)] = panels
+    return out
+
+
+def _x_shifts(panel: Panel) -> dict:
+    """A small x offset per series, constant along it, so that points at one x (two
+    frameworks, two_stage beside partial, two lrs at full) all show: configurations side
+    by side, each framework's on its own side."""
+    configs = sorted({s.config for s in panel.series}, key=str)
+    step = min(0.14, 0.7 / max(len(configs), 1))
+    centre = {c: (i - (len(configs) - 1) / 2) * step for i, c in enumerate(configs)}
+    return {s.label: centre[s.config] + FW_SIDE.get(s.framework, 0) * step / 4
+            for s in panel.series}
+
+
+def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
+    shifts = _x_shifts(panel)
+    for s in panel.series:
+        c = colors[s.config]
+        shift = shifts[s.label]
+        ax.errorbar([x + shift for x in s.x], s.y,
+                    yerr=[e if e > 0 else 0 for e in s.err], color=c,
+                    marker=KIND_MARKERS.get(s.kind, "v"), ms=6, capsize=3,
+                    linestyle=FW_LINE.get(s.framework, ":"),
+                    mfc="white" if s.framework != "torch" else c, label=s.label)
+    for r in panel.references:
+        g = greys[r.config]
+        ax.axhline(r.y[0], color=g, lw=1.3, linestyle="--" if r.framework == "torch" else ":",
+                   label=r.label)
+    if panel.notes:
+        ax.text(0.01, 0.01, "not finished: " + "; ".join(panel.notes), transform=ax.transAxes,
+                fontsize=6, va="bottom", wrap=True)
+    info = backbones.BACKBONES.get(panel.backbone)
+    n = info.n_blocks if info else None
+    if n:
+        ax.set_xlim(-0.5, n + 0.5)
+    for i, r in enumerate(panel.references):  # intervals as bars at the right edge
+        if r.err[0] > 0:
+            ax.errorbar([ax.get_xlim()[1] - 0.1 - 0.08 * i], r.y, yerr=r.err, color=greys[r.config],
+                        capsize=3, lw=1, linestyle="none")
+    ax.set_xlabel(f"blocks trainable in the last phase (0 = feature extraction"
+                  f"{f', {n} = full' if n else ''})"
+                  + ("\nreinit_top: x = its re-initialised top blocks (copied=finetune "
+                     "trains the rest too)"
+                     if any(s.kind == "reinit_top" for s in panel.series) else ""),
+                  fontsize=8)
+    ax.set_title(panel.wrapped_title(), fontsize=9)
+    _plain_axes(ax)
+    ax.grid(alpha=0.3)
+    handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
+    labels = [s.label for s in [*panel.series, *panel.references]]  # drawing order
+    if labels:
+        # below the tick labels and x label, a fixed distance (in the legend's font size)
+        # from the axes, whatever their height, so that the layout settles
+        below = (28 + 10 * (ax.get_xlabel().count("\n") + 1)) / 7
+        ax.legend([handles[x] for x in labels], labels, fontsize=7, loc="upper center",
+                  frameon=False, bbox_to_anchor=(0.5, 0), borderaxespad=below,
+                  ncol=1 if len(labels) <= 8 else 2)
+
+
+def depth_figures(df: pd.DataFrame) -> dict:
+    """{dataset: matplotlib Figure} of accuracy vs blocks trainable (see depth_panels); one
+    y range for all panels of a figure (y_limits)."""
+    out = {}
+    for dataset, panels in depth_panels(df).items():
+        configs = sorted({s.config for p in panels for s in p.series}, key=str)
+        refs = sorted({r.config for p in panels for r in p.references}, key=str)
+        colors = _colors(configs)
+        greys = {c: REF_GREYS[i % len(REF_GREYS)] for i, c in enumerate(refs)}
+        entries = max(len(p.series) + len(p.references) for p in panels)
+        rows_of_legend = entries if entries <= 8 else math.ceil(entries / 2)
+        two_lines = any(s.kind == "reinit_top" for p in panels for s in p.series)  # xlabel
+        fig, axes = _figure(len(panels), 5.6 if entries <= 8 else 8.0,
+                            3.6 + 0.17 * rows_of_legend + 0.3 * two_lines, cols=2,
+                            sharey=True)
+        values = []
+        for p in panels:
+            for s in [*p.series, *p.references]:
+                values += [y + e for y, e in zip(s.y, s.err, strict=True)]
+                values += [y - e for y, e in zip(s.y, s.err, strict=True)]
+        for ax, panel in zip(axes, panels, strict=False):
+            _draw_depth_panel(ax, panel, colors, greys)
+            ax.set_ylim(*y_limits(values))
+        for ax in axes[::2]:
+            ax.set_ylabel("test accuracy")
+        fig.suptitle(f"dataset={dataset}: test accuracy vs blocks trainable"
+                     + ("\n" if len(panels) == 1 else " ")
+                     + "(mean over seeds; bars: 95% t-interval when n > 1)", fontsize=10)
+        out[dataset] = fig
+    return out
 
 
 def accuracy_vs_depth(df: pd.DataFrame, folder: Path) -> list[str]:
-    s = _summary_frame(df)
-    if s.empty:
-        return []
-    keys = report.group_keys(df)
-    panel_keys = _panel_keys(keys)
-    out = []
-    for dataset, d in s.groupby("p_dataset", sort=True):
-        panels = list(d.groupby(panel_keys, sort=True))
-        fig, axes = _figure(len(panels))
-        for ax, (pk, p) in zip(axes, panels, strict=False):
-            pk = pk if isinstance(pk, tuple) else (pk,)
-            for (fw, variant, other), g in p.groupby(
-                    [p["framework"], p["p_strategy_label"].map(_variant),
-                     p["strategy"].where(~p["strategy"].isin(DEPTH_FAMILY), "")], sort=True):
-                g = g[g["n"] > 0].sort_values("depth")
-                if g.empty:
-                    continue
-                name = " ".join(x for x in (fw, other, variant) if x)
-                ax.errorbar(g["depth"], g["mean"], yerr=g["err"], marker=MARKERS.get(fw, "^"),
-                            color=COLORS.get(fw, "C2"), linestyle=":" if other else
-                            ("--" if variant else "-"), mfc="none" if other else None,
-                            capsize=3, label=name)
-            gaps = p[p["not_finished"] != ""]
-            if len(gaps):
-                ax.text(0.01, 0.01, "not finished: " + "; ".join(
-                    f"{r.framework} {r.p_strategy_label} ({r.not_finished})"
-                    for r in gaps.itertuples()), transform=ax.transAxes, fontsize=6,
-                        va="bottom", wrap=True)
-            ax.set_title(" / ".join(str(v) for v in pk), fontsize=9)
-            _plain_axes(ax)
-            lo, hi = ax.get_ylim()  # an interval past 0 or 1 says n is small, not more
-            ax.set_ylim(max(lo, -0.02), min(hi, 1.02))
-            info = backbones.BACKBONES.get(str(p["p_backbone"].iloc[0]))
-            if info:
-                ax.set_xlim(-0.3, info.n_blocks + 0.3)
-            ax.set_xlabel("unfrozen blocks (0 = head only)")
-            ax.set_ylabel("test accuracy")
-            ax.grid(alpha=0.3)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7)
-        fig.suptitle(f"{dataset}: accuracy vs unfreeze depth (mean, 95% t-interval)",
-                     fontsize=10)
-        out.append(_save(fig, folder, f"accuracy_vs_depth_{dataset}"))
-    return out
+    return [_save(fig, folder, f"accuracy_vs_depth_{dataset}")
+            for dataset, fig in depth_figures(df).items()]
 
 
 def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.Series:
@@ -190,18 +412,40 @@ def pareto(df: pd.DataFrame, folder: Path) -> list[str]:
             for dataset, d in s.groupby("p_dataset", sort=True)] if x else []
 
 
+def _config_keys(rows: pd.DataFrame) -> list[str]:
+    """The params that tell the rows' configurations apart, strategy label first."""
+    keys = [c for c in rows.columns if c.startswith("p_") and c not in
+            ("p_dataset", "p_strategy_label", "p_framework", "p_seed", "p_strategy")
+            and not c.startswith("p_strategy.")]
+    return _varying(rows, sorted(keys, key=lambda k: (k not in report.BASE_KEYS, k)))
+
+
+def _config_label(row, keys: list[str]) -> str:
+    """'full[bn=frozen] weights=imagenet lr=0.0001': the strategy as labelled, then the
+    params that vary, key=value."""
+    return " ".join(x for x in (str(row["p_strategy_label"]), _kv(row, keys)) if x)
+
+
 def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
-    """Accuracy vs train speed of one dataset's points (pareto_points); hollow markers:
-    timed while other processes used the machine, left off the front."""
-    fig, axes = _figure(1, 6.5, 4.6)
+    """Accuracy vs train speed of one dataset's points (pareto_points): colour =
+    configuration (strategy and the params that vary), marker = framework; hollow: timed
+    while other processes used the machine, left off the front."""
+    keys = _config_keys(d)
+    d = d.assign(config=[_config_label(r, keys) for _, r in d.iterrows()])
+    configs = sorted(d["config"].unique())
+    colors = _colors(configs)
+    entries = len(configs) + d["framework"].nunique() + 1 + bool(d["contended"].any())
+    ncol = 1 if len(configs) <= 6 else 2
+    fig, axes = _figure(1, 7.0 if ncol == 1 else 10.0,
+                        4.4 + 0.15 * math.ceil(entries / ncol))
     ax = axes[0]
-    colors = {b: f"C{i}" for i, b in enumerate(sorted(d["p_backbone"].unique()))}
     for fw, g in d.groupby("framework"):
         for shared, h in g.groupby("contended"):
-            c = [colors[b] for b in h["p_backbone"]]
+            c = [colors[x] for x in h["config"]]
             ax.scatter(h["speed"], h["mean"], marker=MARKERS.get(fw, "^"), s=36, zorder=3,
                        facecolors="none" if shared else c, edgecolors=c,
                        linewidths=1.2 if shared else None)
+    for fw in sorted(d["framework"].unique(), key=lambda f: FW_ORDER.get(f, 9)):
         ax.scatter([], [], marker=MARKERS.get(fw, "^"), c="0.45", label=fw)
     if d["contended"].any():
         ax.scatter([], [], marker="o", facecolors="none", edgecolors="0.45",
@@ -211,19 +455,22 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
             alpha=0.6, label="Pareto front", zorder=2)
     ax.scatter(f["speed"], f["mean"], facecolors="none", edgecolors="k",
                s=110, zorder=4)
-    for r in f.itertuples():  # only the front is named: the rest overlap too much
-        ax.annotate(f"{r.framework} {r.p_backbone} {r.p_strategy_label}", (r.speed,
-                    r.mean), fontsize=6, xytext=(4, 4), textcoords="offset points")
-    for b, c in colors.items():
-        ax.scatter([], [], marker="D", c=c, label=b)
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:,.0f}"))
     ax.yaxis.get_major_formatter().set_useOffset(False)
+    ax.set_ylim(*y_limits(d["mean"]))
     ax.set_xlabel(f"{xlabel}, log scale")
     ax.set_ylabel("test accuracy (mean over seeds)")
-    ax.set_title(f"{dataset}: accuracy vs train throughput", fontsize=10)
+    same = [k for k in ("p_backbone", "p_weights") if k in d and k not in keys and len(d)]
+    ax.set_title(f"dataset={dataset}: test accuracy vs train throughput"
+                 + (f"\n{_kv(d.iloc[0], same, ', ')}" if same else ""), fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    from matplotlib.patches import Patch
+
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Patch(color=colors[c]) for c in configs]  # colour, not a framework's marker
+    ax.legend(handles, labels + configs, fontsize=7, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=ncol)
     return fig
 
 
@@ -237,38 +484,68 @@ def pick_backbone(df: pd.DataFrame) -> str | None:
     return sorted(counts[counts == counts.max()].index)[0]
 
 
-def learning_curves(data: report.ReportData, folder: Path,
-                    backbone: str | None = None) -> list[str]:
+def curve_figures(data: report.ReportData, backbone: str | None = None) -> dict:
+    """{dataset: Figure}: train and val accuracy per epoch (mean over seeds) of one
+    backbone's finished cells, side by side on one y range; colour = configuration,
+    solid = torch, dashed = keras, legend below."""
     df, hist = data.cells, data.history
     backbone = backbone or pick_backbone(df)
     if backbone is None or hist.empty:
-        return []
-    keys = report.group_keys(df)
-    line_keys = [k for k in keys if k not in ("p_dataset", "p_backbone")] + ["p_framework"]
+        return {}
+    keys = [k for k in report.group_keys(df) if k not in ("p_dataset", "p_backbone")]
     cells = df[(df["p_backbone"] == backbone) & (df["status"] == "FINISHED")]
-    h = hist.merge(cells[["run_id", "p_dataset", *line_keys]], on="run_id")
-    out = []
+    h = hist.merge(cells[["run_id", "p_dataset", "p_framework", *keys]], on="run_id")
+    out = {}
     for dataset, d in h.groupby("p_dataset", sort=True):
-        fig, axes = _figure(2)
+        shown = _varying(d, [k for k in keys if k != "p_strategy_label"])
+        d = d.assign(config=[_config_label(r, shown) for _, r in
+                             d[["p_strategy_label", *shown]].iterrows()])
+        configs = sorted(d["config"].unique())
+        colors = _colors(configs)
+        series = sorted(d.groupby(["config", "p_framework"]).groups,
+                        key=lambda cf: (cf[0], FW_ORDER.get(cf[1], 9)))
+        fws = sorted(d["p_framework"].unique(), key=lambda f: FW_ORDER.get(f, 9))
+        ncol = 1 if len(configs) + len(fws) <= 5 else 2
+        fig, axes = _figure(2, 5.2, 3.4 + 0.15 * math.ceil((len(configs) + len(fws)) / ncol),
+                            sharey=True)
+        values = []
         for ax, key in zip(axes, ("train_acc", "val_acc"), strict=True):
             k = d[d["key"] == key]
-            for i, (lk, g) in enumerate(k.groupby(line_keys, sort=True)):
-                lk = lk if isinstance(lk, tuple) else (lk,)
+            for cfg, fw in series:
+                g = k[(k["config"] == cfg) & (k["p_framework"] == fw)]
                 mean = g.groupby("step")["value"].mean()
-                fw = lk[-1]
+                values += list(mean.values)
                 ax.plot(mean.index, mean.values, marker=MARKERS.get(fw, "^"), ms=3,
-                        linestyle="-" if fw == "torch" else "--", color=f"C{i % 10}",
-                        label=" ".join(str(v) for v in lk))
+                        linestyle=FW_LINE.get(fw, ":"), color=colors[cfg],
+                        label=f"{fw} {cfg}")
             _plain_axes(ax)
-            ax.set_ylim(-0.02, 1.02)
+            ax.set_xlim(0.5, d["step"].max() + 0.5)
             ax.set_xlabel("epoch")
-            ax.set_ylabel(key.replace("_", " "))
+            ax.set_title(key.replace("_acc", " accuracy"), fontsize=9)
             ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=6)
-        fig.suptitle(f"{backbone} on {dataset}: learning curves (mean over seeds)",
+        axes[0].set_ylabel("accuracy (mean over seeds)")
+        for ax in axes:
+            ax.set_ylim(*y_limits(values))
+        from matplotlib.lines import Line2D
+
+        # colour names the configuration, line and marker the framework: n + 2 entries, not
+        # n x 2
+        handles = [Line2D([], [], color=colors[c], lw=2) for c in configs]
+        handles += [Line2D([], [], color="0.3", marker=MARKERS.get(f, "^"), ms=3,
+                           linestyle=FW_LINE.get(f, ":")) for f in fws]
+        fig.legend(handles, configs + fws, loc="outside lower center", fontsize=7,
+                   ncol=ncol, frameon=False)
+        fig.suptitle(f"backbone={backbone}, dataset={dataset}: learning curves",
                      fontsize=10)
-        out.append(_save(fig, folder, f"curves_{backbone}_{dataset}"))
+        out[dataset] = fig
     return out
+
+
+def learning_curves(data: report.ReportData, folder: Path,
+                    backbone: str | None = None) -> list[str]:
+    backbone = backbone or pick_backbone(data.cells)
+    return [_save(fig, folder, f"curves_{backbone}_{dataset}")
+            for dataset, fig in curve_figures(data, backbone).items()]
 
 
 def all_figures(data: report.ReportData, folder: Path,

@@ -346,6 +346,117 @@ def test_pareto_leaves_contended_points_off_the_front():
     assert plain.set_index(["p_strategy_label", "framework"]).loc[("full", "torch"), "front"]
 
 
+def _default_like_frame() -> pd.DataFrame:
+    """The default grid's shape, 2 seeds: each strategy at its own lr, two from-scratch
+    controls apart in precise_bn, at chance and not."""
+    rows = []
+    im = {"p_weights": "imagenet", "p_precise_bn": 0}
+    for fw in ("torch", "keras"):
+        for seed in (0, 1):
+            cells = [("feature_extraction", None, "feature_extraction", 1e-3, 0.69 + seed / 50,
+                      im, 4000.0),
+                     ("partial", "3", "partial[depth=3,bn=frozen]", 1e-3, 0.86, im, 300.0),
+                     ("full", None, "full[bn=frozen]", 1e-4, 0.91, im, 200.0),
+                     ("two_stage", "3", "two_stage[depth=3,lr_scale=0.1]", 1e-3, 0.85, im, 900.0),
+                     ("full", None, "full", 1e-3, 0.0975, {"p_precise_bn": 0}, 190.0),
+                     ("full", None, "full", 1e-3, 0.74, {"p_precise_bn": 320}, 190.0)]
+            for strategy, depth, label, lr, acc, extra, ips in cells:
+                rid = f"{fw}-{label}-{lr}-{extra}-{seed}"
+                rows.append(_row(fw, strategy, seed, acc, depth=depth, ips=ips,
+                                 **{"p_strategy_label": label, "p_lr": lr, "run_id": rid,
+                                    "spec_hash": rid, **extra}))
+    return pd.DataFrame(rows)
+
+
+def _visible(fig):
+    return [ax for ax in fig.axes if ax.get_visible()]
+
+
+def test_accuracy_vs_depth_one_panel_per_backbone_and_weights():
+    df = _default_like_frame()
+    (panel,) = figures.depth_panels(df)["digits"]  # not one per lr or precise_bn
+    assert panel.title == "backbone=mobilenet_v2, weights=imagenet"
+    series = {s.label: s for s in panel.series}
+    assert set(series) == {f"{fw} {name}" for fw in ("torch", "keras") for name in (
+        "feature_extraction/partial[bn=frozen] lr=0.001", "full[bn=frozen] lr=0.0001",
+        "two_stage[lr_scale=0.1] lr=0.001")}
+    line = series["torch feature_extraction/partial[bn=frozen] lr=0.001"]
+    assert line.x == [0, 3] and line.y[1] == pytest.approx(0.86)
+    assert line.err[0] == pytest.approx(stats.t.ppf(0.975, 1) * 0.01)  # 0.69, 0.71
+    assert series["keras full[bn=frozen] lr=0.0001"].x == [9]
+    assert series["torch two_stage[lr_scale=0.1] lr=0.001"].kind == "two_stage"
+    assert [r.label for r in panel.references] == [
+        "from scratch: full, precise_bn=0 (torch) 0.098",
+        "from scratch: full, precise_bn=0 (keras) 0.098",
+        "from scratch: full, precise_bn=320 (torch) 0.740",
+        "from scratch: full, precise_bn=320 (keras) 0.740"]
+
+    fig = figures.depth_figures(df)["digits"]
+    (ax,) = _visible(fig)
+    assert ax.get_title() == panel.title
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert set(legend) == set(series) | {r.label for r in panel.references}
+    refs = [ln for ln in ax.get_lines() if ln.get_label().startswith("from scratch")]
+    assert len(refs) == 4 and all(len(set(ln.get_ydata())) == 1 for ln in refs)  # level
+    lo, hi = ax.get_ylim()  # the reference at chance and the interval of 0.69/0.71 inside
+    assert 0 <= lo < 0.0975 - 0.01 and 0.92 < hi <= 1
+
+
+def test_accuracy_vs_depth_shares_a_sensible_y_range_and_scratch_only_gets_a_panel():
+    df = _default_like_frame()
+    scratch = df[df["p_weights"] == "none"]
+    scratch = scratch[scratch["p_precise_bn"] == 0]  # every cell at 0.0975: no zoom
+    (panel,) = figures.depth_panels(scratch)["digits"]
+    assert panel.title == "backbone=mobilenet_v2, weights=none" and not panel.references
+    assert [s.label for s in panel.series] == ["torch full", "keras full"]
+    (ax,) = _visible(figures.depth_figures(scratch)["digits"])
+    lo, hi = ax.get_ylim()
+    assert hi - lo >= 0.1 and lo <= 0.0975 <= hi and lo >= 0
+    other = df[df["p_weights"] == "imagenet"].assign(p_weights="pretrained:mnist_a",
+                                                     test_acc=0.3)
+    other["run_id"] = other["run_id"] + "-a"
+    two = pd.concat([df, other], ignore_index=True)
+    panels = figures.depth_panels(two)["digits"]
+    assert [p.weights for p in panels] == ["imagenet", "pretrained:mnist_a"]
+    assert all(len(p.references) == 4 for p in panels)  # scratch in each, no panel of its own
+    axes = _visible(figures.depth_figures(two)["digits"])
+    assert len(axes) == 2 and axes[0].get_ylim() == axes[1].get_ylim()
+    lo, hi = axes[0].get_ylim()
+    assert lo < 0.0975 and hi > 0.92
+
+
+def test_y_limits_pad_clip_and_never_zoom():
+    assert figures.y_limits([0.0975, 0.0975 + 3e-9]) == (0.0, 0.2)  # no float-noise zoom
+    assert figures.y_limits([0.99, 1.0]) == (0.8, 1.0)
+    lo, hi = figures.y_limits([-0.2, 0.47])  # an interval past 0 is clipped, not shifted
+    assert lo == 0 and hi == pytest.approx(0.47 + 0.08 * 0.67)
+    assert figures.y_limits([]) == (0.0, 1.0)
+
+
+def test_pareto_and_curves_label_series_by_the_params_that_vary():
+    df = _default_like_frame()
+    pts, x = figures.pareto_points(df)
+    fig = figures.pareto_figure(pts, "digits", figures.SPEEDS[x])
+    ax = fig.axes[0]
+    assert ax.get_title().startswith("dataset=digits:")
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert {"torch", "keras", "Pareto front", "full weights=none lr=0.001 precise_bn=320",
+            "full[bn=frozen] weights=imagenet lr=0.0001 precise_bn=0"} <= set(labels)
+    assert ax.get_ylim()[1] - ax.get_ylim()[0] >= 0.1
+    hist = pd.DataFrame([{"run_id": r, "key": k, "step": e, "value": 0.5}
+                         for r in df["run_id"] for k in ("train_acc", "val_acc")
+                         for e in (1, 2)])
+    data = report.ReportData(df, hist, "x", "0")
+    fig = figures.curve_figures(data)["digits"]
+    assert fig.get_suptitle().startswith("backbone=mobilenet_v2, dataset=digits")
+    left, right = _visible(fig)
+    assert left.get_ylim() == right.get_ylim()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert len(legend) == len(set(legend)) == 8  # colour: 6 configurations; line: 2 frameworks
+    assert {"full weights=none lr=0.001 precise_bn=320", "torch", "keras"} <= set(legend)
+    assert len(left.get_lines()) == 12  # a line per configuration and framework
+
+
 def _diverged_frame() -> pd.DataFrame:
     rows = [_recorded("torch", "full", 0, 0.10, 100.0,
                       t_diverged="true: final train loss 2.4 above the first epoch's 2.3"),
