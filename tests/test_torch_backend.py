@@ -618,6 +618,7 @@ def _cell(tmp_path, monkeypatch, strategy: str, params: dict, feature_cache: boo
     ("feature_extraction", {}, "features", "resnet18"),
     ("partial", {"depth": 2}, "prefix:3 blocks", "resnet18"),
     ("two_stage", {"depth": 2}, "head=features; finetune=prefix:3 blocks", "resnet18"),
+    ("blocks", {"names": "stage2+stage4"}, "prefix:2 blocks", "resnet18"),  # frozen stage3
     # its "SAME" padding convolutions stay opaque to torch.fx (cache.py)
     ("partial", {"depth": 2}, "prefix:7 blocks", "efficientnet_lite0"),
 ])
