@@ -60,6 +60,7 @@ from bench.contention import CpuProbe
 from bench.data import decoded
 from bench.spec import RunSpec
 from bench.timing import StepMeter
+from strategies import backbones as bb
 from strategies import registry
 
 WARMUP_STEPS = 3  # steps excluded from every throughput median
@@ -443,12 +444,14 @@ def cache_plan(spec: RunSpec, phase: registry.Phase, n_blocks: int) -> tuple[str
         return "feature_cache = false"
     if spec.augmentation != "none":
         return f"augmentation = {spec.augmentation!r} changes the inputs every epoch"
-    k = registry.resolve_depth(phase.trainable_blocks, n_blocks)
-    if k == 0:
+    blocks = bb.get(spec.backbone).blocks
+    n_frozen = registry.frozen_bottom(phase, blocks, spec.backbone)
+    if n_frozen == n_blocks:
         return "features", n_blocks
-    if k >= n_blocks:
-        return "every block trains"
-    return "prefix", n_blocks - k
+    if n_frozen == 0:
+        return ("every block trains" if phase.blocks is None
+                else f"the bottom block ({blocks[0]}) trains")
+    return "prefix", n_frozen
 
 
 def cache_limit_bytes() -> int:

@@ -496,17 +496,40 @@ def _strategy_params(selector: str, info: bb.BackboneInfo | None, where: str,
             msg = _check_param(p, v, info)
             if msg:
                 problems.append(f"{where}: strategy = {selector!r}: {p.name} = {v!r}: {msg}")
-        lists[p.name] = [float(v) if p.kind == "float" and not msg else v
+        lists[p.name] = [_normalise(p, v, info) if not msg else v
                          for v, msg in ((v, _check_param(p, v, info)) for v in vals)]
-    if any(k not in allowed for k in given) or not all(lists.values()):
+    problem = strat.backbone_problem(info) if strat.backbone_problem else None
+    if problem:
+        problems.append(f"{where}: strategy = {selector!r}: {problem}")
+    if any(k not in allowed for k in given) or not all(lists.values()) or problem:
         return []
     names = list(lists)
     return [(sname, dict(zip(names, combo, strict=True)))
             for combo in itertools.product(*(lists[n] for n in names))]
 
 
+def _normalise(p: registry.Param, v, info: bb.BackboneInfo):
+    """A valid value in its stored form: floats as floats, a block set in backbone order (so
+    stage1+stem and stem+stage1 are one cell)."""
+    if p.kind == "float":
+        return float(v)
+    if p.kind == "blocks":
+        names = registry.split_blocks(v)
+        return "+".join(b for b in info.blocks if b in names)
+    return v
+
+
 def _check_param(p: registry.Param, v, info: bb.BackboneInfo) -> str | None:
-    if p.kind == "depth":
+    if p.kind == "blocks":
+        names = registry.split_blocks(v) if isinstance(v, str) else (str(v),)
+        unknown = [b for b in names if b not in info.blocks]
+        if unknown or len(set(names)) != len(names):
+            what = (f"unknown block(s) {', '.join(map(repr, unknown))}" if unknown
+                    else "a block named twice")
+            return (f"{what}; allowed: '+'-joined names of {info.name}'s blocks: "
+                    f"{', '.join(info.blocks)} (a comma sweeps sets: names=stem,stage1 is "
+                    f"two cells, names=stem+stage1 one)")
+    elif p.kind == "depth":
         if v == "all":
             return None
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= info.n_blocks:

@@ -172,7 +172,9 @@ def modelled_seconds(spec: RunSpec, sizes: Sizes,
     n_blocks = bb.get(spec.backbone).n_blocks
     units = sizes.test * FORWARD_SHARE
     for phase, epochs in registry.get(spec.strategy).phases(spec.params, spec.epochs):
-        trained = registry.resolve_depth(phase.trainable_blocks, n_blocks)
+        # backward through every block above the lowest trained one
+        trained = n_blocks - registry.frozen_bottom(phase, bb.get(spec.backbone).blocks,
+                                                    spec.backbone)
         cached = cache_plan(spec, phase, n_blocks)
         if isinstance(cached, tuple) and cached[0] == "features":
             units += (sizes.train + sizes.val) * FORWARD_SHARE  # once; the head is ~free

@@ -16,6 +16,11 @@ plus, at most, a small hook per framework backend.
     reinit_top[depth=k,copied=c]  top k blocks re-initialised and trained, the bottom ones
                                   copied and frozen (c=frozen) or fine-tuned (c=finetune):
                                   Yosinski et al. 2014's AnB / AnB+ with n = blocks - k
+    blocks[names=a+b]             the named blocks + head trainable, any set (surgical
+                                  fine-tuning, Lee et al. 2023); `+` joins one set, a comma
+                                  sweeps sets as everywhere: names=stem,stage4 is two cells
+    bitfit                        only the biases (every block) + head (Ben Zaken et al. 2022)
+    norm                          only the norm layers' gamma/beta (every block) + head
 """
 
 from __future__ import annotations
@@ -31,6 +36,12 @@ BN_POLICIES = ("train", "frozen")
 Keras training=True); 'frozen' keeps them in inference mode, as the Keras transfer-learning
 guide recommends after unfreezing."""
 
+ONLY = ("all", "bias", "norm")
+"""Which parameters of a phase's trainable blocks train: all of them; the biases ('bias':
+every additive bias, the convolutions' and linear layers' and the norm layers' beta, which
+PyTorch names `bias` too); or the normalisation layers' affine gamma and beta ('norm':
+BatchNorm, LayerNorm, GroupNorm). The head always trains whole."""
+
 
 @dataclass(frozen=True)
 class Phase:
@@ -39,11 +50,14 @@ class Phase:
     lr_scale: float = 1.0
     bn: str = "train"
     name: str = "train"
+    blocks: tuple[str, ...] | None = None  # these named blocks trainable; None: the top ones
+    only: str = "all"  # which parameters of the trainable blocks train (ONLY)
 
 
 @dataclass(frozen=True)
 class Param:
-    """A strategy parameter. `kind` is 'depth' (an int in 1..n_blocks or 'all'), 'float',
+    """A strategy parameter. `kind` is 'depth' (an int in 1..n_blocks or 'all'), 'blocks' (a
+    set of the backbone's block names joined by '+', stored in backbone order), 'float',
     'int' or 'choice'."""
 
     name: str
@@ -63,6 +77,8 @@ class Strategy:
     params: tuple[Param, ...] = field(default=())
     # top blocks re-initialised (random, as weights='none') before training; None = none
     build_reinit: Callable[[dict], int | str] | None = None
+    # why the strategy cannot run on a backbone (BackboneInfo), or None; checked at grid load
+    backbone_problem: Callable[[object], str | None] | None = None
 
     def reinit_depth(self, params: dict) -> int | str:
         """How many top blocks start from random init instead of the loaded weights (0 =
@@ -167,6 +183,29 @@ def top_blocks(blocks: list[str], depth: int | str, backbone: str) -> list[str]:
     return list(blocks[len(blocks) - k:]) if k else []
 
 
+def phase_blocks(phase: Phase, blocks: list[str] | tuple[str, ...], backbone: str) -> list[str]:
+    """The blocks a phase trains (all or, with `only`, some of their parameters), input to
+    output order: its named `blocks`, else the top `trainable_blocks`."""
+    if phase.blocks is None:
+        return top_blocks(list(blocks), phase.trainable_blocks, backbone)
+    unknown = [b for b in phase.blocks if b not in blocks]
+    if unknown:
+        raise ValueError(f"{backbone}: unknown block(s) {', '.join(unknown)}; its blocks: "
+                         f"{', '.join(blocks)}")
+    return [b for b in blocks if b in phase.blocks]
+
+
+def frozen_bottom(phase: Phase, blocks: list[str] | tuple[str, ...], backbone: str) -> int:
+    """How many bottom blocks the phase leaves wholly frozen (what a prefix cache may skip)."""
+    trained = phase_blocks(phase, blocks, backbone)
+    return list(blocks).index(trained[0]) if trained else len(blocks)
+
+
+def split_blocks(value: str) -> tuple[str, ...]:
+    """A 'blocks' parameter's value, 'stem+stage1', as its names."""
+    return tuple(b.strip() for b in str(value).split("+"))
+
+
 _DEPTH = Param("depth", "depth", help="top named blocks to unfreeze (1..n_blocks or 'all')")
 _BN = Param("bn", "choice", default="train", choices=BN_POLICIES,
             help="BatchNorm in the unfrozen blocks")
@@ -230,4 +269,54 @@ register(Strategy(
     build_phases=lambda p: [Phase(p["depth"] if p["copied"] == "frozen" else ALL,
                                   name="finetune")],
     build_reinit=lambda p: p["depth"],
+))
+
+register(Strategy(
+    name="blocks",
+    description=(
+        "Surgical fine-tuning (Lee et al., ICLR 2023): the named blocks and the head "
+        "trainable, any set, the rest frozen. `names=stem+stage1` is one set."
+    ),
+    params=(
+        Param("names", "blocks", help="the blocks to train, '+'-joined: stem+stage1"),
+        _BN,
+    ),
+    build_phases=lambda p: [Phase(0, blocks=split_blocks(p["names"]), bn=p["bn"],
+                                  name="finetune")],
+))
+
+# Running statistics are state outside the trained set: frozen (inference mode) by default
+# keeps "only the biases / only gamma and beta change" literally true; bn=train is the other
+# arm (Frankle et al. 2021 train BatchNorm's affine parameters with batch statistics).
+_BN_FROZEN = Param("bn", "choice", default="frozen", choices=BN_POLICIES,
+                   help="BatchNorm running statistics while the biases / affine params train")
+
+
+def _no_norm_layers(info) -> str | None:
+    if info.family == "vgg":
+        return (f"{info.name} has no normalisation layers: norm would train the head only "
+                f"(use feature_extraction)")
+    return None
+
+
+register(Strategy(
+    name="bitfit",
+    description=(
+        "BitFit (Ben Zaken et al., ACL 2022) on a CNN: only the bias terms of every block "
+        "(convolutions', linear layers', norm layers' beta) and the head train."
+    ),
+    params=(_BN_FROZEN,),
+    build_phases=lambda p: [Phase(ALL, bn=p["bn"], only="bias", name="finetune")],
+))
+
+register(Strategy(
+    name="norm",
+    description=(
+        "Only the normalisation layers' affine parameters (BatchNorm/LayerNorm gamma and "
+        "beta, every block) and the head train (Frankle et al., ICLR 2021: 'Training "
+        "BatchNorm and only BatchNorm')."
+    ),
+    params=(_BN_FROZEN,),
+    build_phases=lambda p: [Phase(ALL, bn=p["bn"], only="norm", name="finetune")],
+    backbone_problem=_no_norm_layers,
 ))

@@ -7,17 +7,22 @@ import time
 import pytest
 
 from bench.cell import CellContext
+from strategies import backbones as catalog
 from strategies import registry
 
 
-def strategy_test_params(strategy: registry.Strategy) -> dict:
-    """Defaults, plus a value for every required parameter (depth=2)."""
+def strategy_test_params(strategy: registry.Strategy, backbone: str = "resnet18") -> dict:
+    """Defaults, plus a value for every required parameter (depth=2; blocks: the backbone's
+    first and third, a set with a frozen block between)."""
     out = {}
     for p in strategy.params:
         if p.default is not None:
             out[p.name] = p.default
         elif p.kind == "depth":
             out[p.name] = 2
+        elif p.kind == "blocks":
+            blocks = catalog.get(backbone).blocks
+            out[p.name] = f"{blocks[0]}+{blocks[2]}"
         elif p.kind == "choice":
             out[p.name] = p.choices[0]
         elif p.kind in ("int", "float"):

@@ -43,7 +43,7 @@ KERAS_BACKBONES = sorted(n for n, b in catalog.BACKBONES.items() if "keras" in b
 tf = keras = kdata = configure_device = run_cell = build = None
 BLOCK_MAPS = PINNABLE = PinnableBatchNormalization = PinnableDropout = None
 Batches = random_flip = random_translate = to_hwc_uint8 = None
-Trainer = apply_phase = trainable_blocks = None
+Trainer = apply_phase = trainable_blocks = selected = None
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -55,7 +55,7 @@ def _keras_side():
     meet this: each runs one framework in a process of its own."""
     global tf, keras, kdata, configure_device, run_cell, build, BLOCK_MAPS, PINNABLE
     global PinnableBatchNormalization, PinnableDropout, Batches, random_flip, random_translate
-    global to_hwc_uint8, Trainer, apply_phase, trainable_blocks
+    global to_hwc_uint8, Trainer, apply_phase, trainable_blocks, selected
     import tensorflow as tf
 
     # One TensorFlow thread: these models are tiny, and the PyTorch reference trains on the
@@ -77,7 +77,7 @@ def _keras_side():
         random_translate,
         to_hwc_uint8,
     )
-    from strategies.keras_backend.train import Trainer, apply_phase, trainable_blocks
+    from strategies.keras_backend.train import Trainer, apply_phase, selected, trainable_blocks
 
     keras = importlib.import_module("keras")  # after the backend chose TensorFlow for it
     assert keras.backend.backend() == "tensorflow"
@@ -316,7 +316,7 @@ def test_every_strategy_trains_one_step(strategy_name):
     """VGG16: few layers, so each phase's train step traces quickly on a CPU."""
     keras.utils.set_random_seed(0)
     strategy = registry.get(strategy_name)
-    phases = strategy.phases(strategy_test_params(strategy), epochs=2)
+    phases = strategy.phases(strategy_test_params(strategy, "vgg16"), epochs=2)
     assert phases
     kb = build("vgg16", "none", NUM_CLASSES, image_size=SIZE)
     trainer = Trainer(kb)
@@ -327,7 +327,11 @@ def test_every_strategy_trains_one_step(strategy_name):
         assert n_epochs >= 1
         params = trainer.compile_phase(phase, "adam", lr * phase.lr_scale)
         expected = set(trainable_blocks(kb, phase)) | {"head"}
-        assert {v.path for v in params} == {p for p, o in owners.items() if o in expected}
+        # by variable: a phase with `only` (bitfit, norm) trains part of its blocks
+        chosen = {v.path for la in kb.model.layers for v in la.weights
+                  if kb.owner[la.name] == "head" or selected(la, v, phase.only)}
+        assert {v.path for v in params} == {p for p, o in owners.items()
+                                            if o in expected and p in chosen}
         assert float(kb.model.optimizer.learning_rate) == pytest.approx(lr * phase.lr_scale)
         before = kb.model.get_layer("head").kernel.numpy().copy()
         row = trainer.train_epoch(batches)

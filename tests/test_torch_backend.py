@@ -37,6 +37,7 @@ from strategies.torch_backend.data import Batches, Preprocess, random_translate,
 from strategies.torch_backend.train import (
     Trainer,
     apply_phase,
+    selected_parameters,
     set_train_mode,
     trainable_blocks,
 )
@@ -158,8 +159,12 @@ def test_every_strategy_trains_one_step(strategy_name, backbone):
         assert n_epochs >= 1
         params = apply_phase(tb, phase)
         expected = set(trainable_blocks(tb, phase)) | {"head"}
+        # by parameter: a phase with `only` (bitfit, norm) trains part of its blocks
+        chosen = {id(p) for b in trainable_blocks(tb, phase) for m in tb.block_modules(b)
+                  for p in selected_parameters(m, phase.only)}
         assert {id(p) for p in params} == {id(by_name[n]) for n, o in owners.items()
-                                           if o in expected}
+                                           if o == "head" or (o in expected
+                                                              and id(by_name[n]) in chosen)}
         set_train_mode(tb, phase)
         before = tb.head.weight.detach().clone()
         opt = torch.optim.Adam(params, lr=1e-3 * phase.lr_scale)
@@ -613,6 +618,7 @@ def _cell(tmp_path, monkeypatch, strategy: str, params: dict, feature_cache: boo
     ("feature_extraction", {}, "features", "resnet18"),
     ("partial", {"depth": 2}, "prefix:3 blocks", "resnet18"),
     ("two_stage", {"depth": 2}, "head=features; finetune=prefix:3 blocks", "resnet18"),
+    ("blocks", {"names": "stage2+stage4"}, "prefix:2 blocks", "resnet18"),  # frozen stage3
     # its "SAME" padding convolutions stay opaque to torch.fx (cache.py)
     ("partial", {"depth": 2}, "prefix:7 blocks", "efficientnet_lite0"),
 ])

@@ -7,6 +7,9 @@ neither its weights nor its BatchNorm moving statistics move, and EfficientNet's
 depth is off in it, as PyTorch's eval(). `bn="frozen"` pins the BatchNorm layers of the
 trainable blocks too while their gamma/beta stay trainable: exactly PyTorch's `bn.eval()` with
 `requires_grad=True` (Keras' usual recipe, `bn.trainable = False`, would freeze gamma/beta too).
+A phase with `only` (bitfit, norm) sets `Variable.trainable` per variable inside its trainable
+layers (Keras 3's `trainable_weights` honours it); the layers stay trainable, so their
+BatchNorm follows `bn` as in PyTorch.
 
 Pinning cannot be done with `model(x, training=False)` on a sub-model: in Keras 3 a functional
 model passes its own `training` value to every layer it calls, overriding a `training=False`
@@ -29,13 +32,29 @@ from strategies.keras_backend.backbones import (
     PinnableBatchNormalization,
     PinnableDropout,
 )
-from strategies.registry import Phase, top_blocks
+from strategies.registry import Phase, phase_blocks
 
 TORCH_ADAM_EPSILON = 1e-8  # torch.optim.Adam/AdamW's default (Keras': 1e-7)
+_AFFINE_NORMS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                 keras.layers.GroupNormalization)
 
 
 def trainable_blocks(kb: KerasBackbone, phase: Phase) -> list[str]:
-    return top_blocks(kb.blocks, phase.trainable_blocks, kb.name)
+    return phase_blocks(phase, kb.blocks, kb.name)
+
+
+def selected(layer: keras.layers.Layer, variable, only: str) -> bool:
+    """Whether a phase with `only` (registry.ONLY) trains `variable` of leaf `layer`, as
+    PyTorch's selected_parameters: biases = every `bias` (convolutions, dense layers) and the
+    norm layers' `beta` (PyTorch's norm `bias`); norm = the norm layers' gamma and beta."""
+    if only == "all":
+        return True
+    norm = isinstance(layer, _AFFINE_NORMS)
+    if only == "bias":
+        return variable.name == ("beta" if norm else "bias")
+    if only == "norm":
+        return norm and variable.name in ("gamma", "beta")
+    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm")
 
 
 def _sublayers(layer: keras.layers.Layer):
@@ -51,7 +70,11 @@ def apply_phase(kb: KerasBackbone, phase: Phase) -> list:
     for layer in kb.model.layers:
         trainable = kb.owner[layer.name] in unfrozen
         layer.trainable = trainable
+        only = "all" if kb.owner[layer.name] == "head" else phase.only
         for sub in _sublayers(layer):
+            if trainable and not hasattr(sub, "layers"):  # a leaf: per-variable trainability
+                for v in sub.trainable_weights:  # layer.trainable = True made them all True
+                    v.trainable = selected(sub, v, only)
             if isinstance(sub, PinnableBatchNormalization):
                 sub.pinned = not trainable or phase.bn == "frozen"
             elif isinstance(sub, PinnableDropout):

@@ -3,7 +3,8 @@
 Frozen means frozen: a frozen block has requires_grad=False, is left out of the optimizer,
 and runs in eval mode (so its BatchNorm running statistics never move) even while the rest
 of the model trains. `bn="frozen"` extends eval mode to the BatchNorm layers of the
-trainable blocks too.
+trainable blocks too. A phase with `only` (bitfit, norm) sets requires_grad per parameter
+inside its trainable blocks; their modules keep the trainable blocks' mode.
 """
 
 from __future__ import annotations
@@ -15,14 +16,31 @@ from torch import nn
 
 from bench.driver import Diverged
 from bench.timing import StepMeter
-from strategies.registry import Phase, top_blocks
+from strategies.registry import Phase, phase_blocks
 from strategies.torch_backend.backbones import TorchBackbone
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
+# the norm layers whose affine weight/bias `only="norm"` trains (torchvision's LayerNorm2d is
+# an nn.LayerNorm)
+_AFFINE_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
 
 def trainable_blocks(tb: TorchBackbone, phase: Phase) -> list[str]:
-    return top_blocks(list(tb.block_map.blocks), phase.trainable_blocks, tb.name)
+    return phase_blocks(phase, list(tb.block_map.blocks), tb.name)
+
+
+def selected_parameters(module: nn.Module, only: str) -> list[nn.Parameter]:
+    """The parameters of `module` a phase with `only` trains (registry.ONLY): every one, the
+    biases (every parameter named `bias`: convolutions', linear layers', norm layers' beta),
+    or the norm layers' affine weight and bias."""
+    if only == "all":
+        return list(module.parameters())
+    if only == "bias":
+        return [p for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] == "bias"]
+    if only == "norm":
+        return [p for m in module.modules() if isinstance(m, _AFFINE_NORMS)
+                for p in m.parameters(recurse=False)]
+    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm")
 
 
 def apply_phase(tb: TorchBackbone, phase: Phase) -> list[nn.Parameter]:
@@ -30,7 +48,8 @@ def apply_phase(tb: TorchBackbone, phase: Phase) -> list[nn.Parameter]:
     tb.model.requires_grad_(False)
     for block in trainable_blocks(tb, phase):
         for m in tb.block_modules(block):
-            m.requires_grad_(True)
+            for p in selected_parameters(m, phase.only):
+                p.requires_grad_(True)
     tb.head.requires_grad_(True)
     return [p for p in tb.model.parameters() if p.requires_grad]
 
