@@ -171,7 +171,8 @@ def modelled_seconds(spec: RunSpec, sizes: Sizes,
 
     n_blocks = bb.get(spec.backbone).n_blocks
     units = sizes.test * FORWARD_SHARE
-    for phase, epochs in registry.get(spec.strategy).phases(spec.params, spec.epochs):
+    for phase, epochs in registry.get(spec.strategy).phases(spec.params, spec.epochs,
+                                                         n_blocks):
         trained = registry.resolve_depth(phase.trainable_blocks, n_blocks)
         cached = cache_plan(spec, phase, n_blocks)
         if isinstance(cached, tuple) and cached[0] == "features":
