@@ -278,6 +278,7 @@ KERAS_CHECKS = textwrap.dedent('''
         keras.utils.set_random_seed(0)
         kb = build("mobilenet_v3_small", "none", 3, image_size=32)
         Trainer(kb, jit_compile=False).compile_phase(phase(name, params), "adam", 1e-3, 1e-4)
+        kb.model.run_eagerly = True  # no trace: seconds, not a minute, on a CPU
         kb.model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
         return [v.numpy() for v in kb.model.weights]
 
@@ -298,6 +299,7 @@ KERAS_CHECKS = textwrap.dedent('''
         params = trainer.compile_phase(ph, "adam", 1e-2)
         trainable = set(kb.blocks[len(kb.blocks) - k:])
         assert {owner[v.path] for v in params} == trainable | {"head"}, ph
+        kb.model.run_eagerly = True
         before = {v.path: v.numpy().copy() for v in kb.model.weights}
         kb.model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
         for v in kb.model.weights:
