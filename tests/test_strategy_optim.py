@@ -241,7 +241,8 @@ KERAS_CHECKS = textwrap.dedent('''
         scales = registry.block_lr_scales(kb.blocks, ph)
         opt = make_optimizer("adam", 0.1, 0.0, phase_hooks(kb, ph, params))
         before = [v.numpy().copy() for v in params]
-        opt.apply([tf.fill(v.shape, 0.5) for v in params], params)
+        opt.build(params)  # then one traced step, as fit() runs it
+        tf.function(lambda g: opt.apply(g, params))([tf.fill(v.shape, 0.5) for v in params])
         for v, b in zip(params, before):
             close(b - v.numpy(), np.full(v.shape, 0.1 * scales[owner[v.path]]))
         assert {owner[v.path] for v in params} == set(scales)
