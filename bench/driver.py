@@ -292,7 +292,14 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         ctx.set_tags({"reinit_blocks": ",".join(session.reinit_top(depth))})
     ctx.set_tags({"data_path": session.data_path})
 
-    phases = strategy.phases(spec.params, spec.epochs)
+    phases = strategy.phases(spec.params, spec.epochs, session.n_blocks)
+    # the schedule (gradual unfreezing's unfreezings) and each phase's per-block lrs (llrd)
+    ctx.set_tags({"phases": ", ".join(f"{ph.name}={n}" for ph, n in phases)})
+    block_lrs = {ph.name: registry.block_lrs_tag(list(bb.get(spec.backbone).blocks), ph,
+                                                 spec.lr * ph.lr_scale)
+                 for ph, _ in phases if ph.lr_decay != 1.0}
+    if block_lrs:
+        ctx.set_tags({"block_lrs": _cache_tag(block_lrs)})
     total_epochs = sum(e for _, e in phases)
     steps_per_epoch = -(-n_train // spec.batch_size)
     history, best, epoch, best_state = [], (-1.0, 0), 0, None
@@ -320,7 +327,8 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
             val = session.evaluate("val")
             row.update(val_loss=val["loss"], val_acc=val["acc"], epoch_seconds=seconds,
                        epoch_train_images_per_sec=n_train / seconds, lr=lr,
-                       trainable_params=trainable)
+                       trainable_params=trainable, trainable_blocks=registry.resolve_depth(
+                           phase.trainable_blocks, session.n_blocks))
             ctx.log_epoch(epoch, row)
             history.append({"epoch": epoch, "phase": phase.name, **row})
             if val["acc"] > best[0]:

@@ -171,7 +171,8 @@ def modelled_seconds(spec: RunSpec, sizes: Sizes,
 
     n_blocks = bb.get(spec.backbone).n_blocks
     units = sizes.test * FORWARD_SHARE
-    for phase, epochs in registry.get(spec.strategy).phases(spec.params, spec.epochs):
+    for phase, epochs in registry.get(spec.strategy).phases(spec.params, spec.epochs,
+                                                         n_blocks):
         # backward through every block above the lowest trained one
         trained = n_blocks - registry.frozen_bottom(phase, bb.get(spec.backbone).blocks,
                                                     spec.backbone)

@@ -21,12 +21,18 @@ plus, at most, a small hook per framework backend.
                                   sweeps sets as everywhere: names=stem,stage4 is two cells
     bitfit                        only the biases (every block) + head (Ben Zaken et al. 2022)
     norm                          only the norm layers' gamma/beta (every block) + head
+    llrd[decay=d]                 everything trainable, the head at lr, the block d blocks
+                                  below it at lr*decay^d (timm's layer_decay)
+    l2sp[alpha=a,beta=b]          everything trainable, penalty a/2 ||w - w0||^2 on the
+                                  backbone and b/2 ||w||^2 on the head (Li et al. 2018)
+    gradual[every=e]              the head alone, then one more top block every e epochs
+                                  (ULMFiT's gradual unfreezing): phases from the budget
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 ALL = -1
 """`trainable_blocks` value meaning every block of the backbone."""
@@ -52,6 +58,12 @@ class Phase:
     name: str = "train"
     blocks: tuple[str, ...] | None = None  # these named blocks trainable; None: the top ones
     only: str = "all"  # which parameters of the trainable blocks train (ONLY)
+    # layer-wise lr decay: the head at lr, the block d blocks below it at lr * lr_decay**d
+    # (the top block d = 1); 1.0 = one lr for everything (block_lr_scales)
+    lr_decay: float = 1.0
+    # L2-SP: (alpha, beta) adds alpha * (w - w0) to the backbone's gradients (w0 = the
+    # weights at the phase's start) and beta * w to the head's; None = no penalty
+    l2sp: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,11 @@ class Strategy:
     build_reinit: Callable[[dict], int | str] | None = None
     # why the strategy cannot run on a backbone (BackboneInfo), or None; checked at grid load
     backbone_problem: Callable[[object], str | None] | None = None
+    # phases that depend on the budget (gradual unfreezing): (params, epochs, n_blocks or
+    # None) -> phases whose epoch_share is their epoch count; replaces build_phases, and
+    # min_budget(params) says the fewest epochs it can train
+    build_schedule: Callable[[dict, int, int | None], list[Phase]] | None = None
+    min_budget: Callable[[dict], int] | None = None
 
     def reinit_depth(self, params: dict) -> int | str:
         """How many top blocks start from random init instead of the loaded weights (0 =
@@ -96,7 +113,10 @@ class Strategy:
         return {**{p.name: p.default for p in self.params if p.default is not None}, **params}
 
     def min_epochs(self, params: dict) -> int:
-        """The smallest budget this strategy can train: one epoch per phase with a share."""
+        """The smallest budget this strategy can train: one epoch per phase with a share
+        (a schedule: its min_budget)."""
+        if self.build_schedule:
+            return self.min_budget(self.with_defaults(params))
         return max(1, sum(ph.epoch_share > 0 for ph in self.build_phases(
             self.with_defaults(params))))
 
@@ -105,22 +125,38 @@ class Strategy:
         need = self.min_epochs(params)
         if epochs >= need:
             return None
+        if self.build_schedule:
+            return (f"{self.name} unfreezes its first block after the head-only epochs; "
+                    f"allowed: epochs >= {need}")
         names = [ph.name for ph in self.build_phases(self.with_defaults(params))
                  if ph.epoch_share > 0]
         return (f"{self.name} trains {len(names)} phases ({', '.join(names)}) of at least "
                 f"one epoch each; allowed: epochs >= {need}")
 
-    def phases(self, params: dict, epochs: int) -> list[tuple[Phase, int]]:
+    def phases(self, params: dict, epochs: int,
+               n_blocks: int | None = None) -> list[tuple[Phase, int]]:
         """The phases with their epoch counts for a cell of `epochs` epochs: the counts sum
         to `epochs` exactly (every strategy trains the cell's whole budget, no more), each
         phase with a share > 0 gets at least one epoch, the rest go by largest remainder of
-        share x epochs (ties to the later phase: 5 epochs at 0.5/0.5 are 2 + 3)."""
-        phases = self.build_phases(self.with_defaults(params))
+        share x epochs (ties to the later phase: 5 epochs at 0.5/0.5 are 2 + 3).
+        `n_blocks` (the backbone's) caps a schedule's depths: the phases past the last
+        block become one 'all' phase; without it a schedule's depths are not capped (fine
+        for budget checks; a run passes it)."""
         problem = self.budget_problem(params, epochs)
         if problem:
             raise BudgetError(f"epochs = {epochs}: {problem}")
-        return list(zip(phases, split_epochs([ph.epoch_share for ph in phases], epochs),
-                        strict=True))
+        if self.build_schedule:
+            phases = self.build_schedule(self.with_defaults(params), epochs, n_blocks)
+        else:
+            phases = self.build_phases(self.with_defaults(params))
+        out = []
+        for ph, n in zip(phases, split_epochs([ph.epoch_share for ph in phases], epochs),
+                         strict=True):
+            if out and replace(out[-1][0], epoch_share=1) == replace(ph, epoch_share=1):
+                n += out.pop()[1]  # equal consecutive phases are one phase
+                ph = replace(ph, epoch_share=n)
+            out.append((ph, n))
+        return out
 
 
 class BudgetError(ValueError):
@@ -204,6 +240,30 @@ def frozen_bottom(phase: Phase, blocks: list[str] | tuple[str, ...], backbone: s
 def split_blocks(value: str) -> tuple[str, ...]:
     """A 'blocks' parameter's value, 'stem+stage1', as its names."""
     return tuple(b.strip() for b in str(value).split("+"))
+def block_lr_scales(blocks: list[str], phase: Phase) -> dict[str, float]:
+    """Each named block's lr relative to the phase's lr, and the head's (1.0): the top block
+    at lr_decay, the next at lr_decay**2, ... (timm's layer_decay counted in named blocks)."""
+    n = len(blocks)
+    scales = {b: phase.lr_decay ** (n - i) for i, b in enumerate(blocks)}
+    return {**scales, "head": 1.0}
+
+
+def block_lrs_tag(blocks: list[str], phase: Phase, lr: float) -> str:
+    """'stem=2.4e-05, ..., head=0.001': the learning rates a phase trains each block at."""
+    return ", ".join(f"{b}={lr * s:.4g}" for b, s in block_lr_scales(blocks, phase).items())
+
+
+def _gradual(p: dict, epochs: int, n_blocks: int | None) -> list[Phase]:
+    """The head alone for `every` epochs, then one more top block every `every` epochs;
+    the last phase takes what is left of the budget."""
+    every, out, i = p["every"], [], 0
+    while every * i < epochs:
+        depth = i if n_blocks is None or i < n_blocks else ALL
+        name = "head" if i == 0 else "all" if depth == ALL else f"top{i}"
+        out.append(Phase(depth, epoch_share=min(every, epochs - every * i),
+                         bn=p["bn"], name=name))
+        i += 1
+    return out
 
 
 _DEPTH = Param("depth", "depth", help="top named blocks to unfreeze (1..n_blocks or 'all')")
@@ -319,4 +379,52 @@ register(Strategy(
     params=(_BN_FROZEN,),
     build_phases=lambda p: [Phase(ALL, bn=p["bn"], only="norm", name="finetune")],
     backbone_problem=_no_norm_layers,
+))
+
+register(Strategy(
+    name="llrd",
+    description=(
+        "Layer-wise learning-rate decay (timm's layer_decay; fastai's discriminative rates): "
+        "everything trainable, the head at lr, each named block below at lr*decay^distance."
+    ),
+    params=(
+        Param("decay", "float", default=0.7, minimum=1e-3, maximum=1.0,
+              help="lr ratio between a block and the one above it (1.0 = full)"),
+        _BN,
+    ),
+    build_phases=lambda p: [Phase(ALL, bn=p["bn"], lr_decay=p["decay"], name="finetune")],
+))
+
+register(Strategy(
+    name="l2sp",
+    description=(
+        "L2-SP (Li et al., ICML 2018): everything trainable, the backbone pulled toward its "
+        "starting weights (alpha/2 ||w - w0||^2), the head toward zero (beta/2 ||w||^2)."
+    ),
+    params=(
+        Param("alpha", "float", default=0.01, minimum=0.0, maximum=10.0,
+              help="weight of the penalty toward the starting backbone weights"),
+        Param("beta", "float", default=0.01, minimum=0.0, maximum=10.0,
+              help="weight of the plain L2 penalty on the head"),
+        _BN,
+    ),
+    build_phases=lambda p: [Phase(ALL, bn=p["bn"], l2sp=(p["alpha"], p["beta"]),
+                                  name="finetune")],
+))
+
+register(Strategy(
+    name="gradual",
+    description=(
+        "Gradual unfreezing (ULMFiT, Howard & Ruder 2018): the head alone for `every` "
+        "epochs, then one more top block every `every` epochs until all train or the budget "
+        "ends; a fresh optimizer at each unfreezing. Needs epochs >= every + 1."
+    ),
+    params=(
+        Param("every", "int", default=1, minimum=1, maximum=100,
+              help="epochs between two unfreezings"),
+        _BN,
+    ),
+    build_phases=lambda p: [],  # unused: the phases come from the budget
+    build_schedule=_gradual,
+    min_budget=lambda p: p["every"] + 1,
 ))

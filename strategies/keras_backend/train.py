@@ -32,7 +32,7 @@ from strategies.keras_backend.backbones import (
     PinnableBatchNormalization,
     PinnableDropout,
 )
-from strategies.registry import Phase, phase_blocks
+from strategies.registry import Phase, block_lr_scales, phase_blocks
 
 TORCH_ADAM_EPSILON = 1e-8  # torch.optim.Adam/AdamW's default (Keras': 1e-7)
 _AFFINE_NORMS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
@@ -151,21 +151,90 @@ class L2SGD(_CoupledL2, keras.optimizers.SGD):
     pass
 
 
-def make_optimizer(name: str, lr: float, weight_decay: float) -> keras.optimizers.Optimizer:
+class _PerVariable:
+    """A phase's optimizer hooks, the PyTorch side's meaning (torch_backend/train.py
+    phase_optimizer). `lr_scales` [(variable, scale)]: layer-wise lr decay, each variable's
+    update computed at learning_rate * scale (the update, not the gradient: Adam is
+    invariant to a gradient's scale), AdamW's decoupled decay too, as a PyTorch param
+    group's lr. `l2sp` [(variable, coefficient, w0 or None)]: L2-SP's gradient,
+    c * (w - w0) (backbone) or c * w (head), added to the gradient before the step."""
+
+    def __init__(self, lr_scales=(), l2sp=(), **kwargs):
+        super().__init__(**kwargs)
+        self._lr_scales = {self._var_key(v): s for v, s in lr_scales}
+        self._l2sp = {self._var_key(v): (c, w0) for v, c, w0 in l2sp}
+
+    def apply(self, grads, trainable_variables=None):
+        if self._l2sp:
+            variables = (trainable_variables if trainable_variables is not None
+                         else self._trainable_variables)
+            out = []
+            for g, v in zip(grads, variables, strict=True):
+                c, w0 = self._l2sp.get(self._var_key(v), (0.0, None))
+                if g is not None and c:
+                    d = v.value if w0 is None else v.value - w0
+                    g = g + keras.ops.cast(c, g.dtype) * keras.ops.cast(d, g.dtype)
+                out.append(g)
+            grads = out
+        return super().apply(grads, trainable_variables)
+
+    def _scale(self, variable) -> float:
+        return self._lr_scales.get(self._var_key(variable), 1.0)
+
+    def update_step(self, gradient, variable, learning_rate):
+        scale = self._scale(variable)
+        if scale != 1.0:
+            learning_rate = learning_rate * keras.ops.cast(scale, learning_rate.dtype)
+        return super().update_step(gradient, variable, learning_rate)
+
+    def _apply_weight_decay(self, variables):
+        if self.weight_decay is None or not self._lr_scales:
+            return super()._apply_weight_decay(variables)
+        for v in variables:
+            if self._use_weight_decay(v):
+                lr = keras.ops.cast(self.learning_rate, v.dtype) * self._scale(v)
+                v.assign(v - v * keras.ops.cast(self.weight_decay, v.dtype) * lr)
+
+
+def phase_hooks(kb: KerasBackbone, phase: Phase, variables: list) -> dict:
+    """make_optimizer's keyword arguments for a phase over its trainable `variables`:
+    lr_scales (lr_decay != 1) and l2sp (w0 copied now, the phase's start)."""
+    owner = kb.weight_owner()
+    hooks = {}
+    if phase.lr_decay != 1.0:
+        scales = block_lr_scales(kb.blocks, phase)
+        hooks["lr_scales"] = [(v, scales[owner[v.path]]) for v in variables
+                              if scales[owner[v.path]] != 1.0]
+    if phase.l2sp is not None:
+        alpha, beta = phase.l2sp
+        terms = [(v, beta, None) if owner[v.path] == "head"
+                 else (v, alpha, tf.constant(v.numpy())) for v in variables]
+        hooks["l2sp"] = [t for t in terms if t[1]]
+    return hooks
+
+
+def make_optimizer(name: str, lr: float, weight_decay: float,
+                   hooks: dict | None = None) -> keras.optimizers.Optimizer:
     """The PyTorch side's optimizers with PyTorch's definitions (momentum 0.9 for sgd; Adam's
-    epsilon 1e-8; adam/sgd weight decay as L2 on the gradient, adamw decoupled)."""
+    epsilon 1e-8; adam/sgd weight decay as L2 on the gradient, adamw decoupled); `hooks`
+    (phase_hooks) adds a phase's per-variable lr scales and L2-SP gradient."""
     if name == "adam":
+        base, kw = keras.optimizers.Adam, {"epsilon": TORCH_ADAM_EPSILON}
         if weight_decay:
-            return L2Adam(weight_decay, learning_rate=lr, epsilon=TORCH_ADAM_EPSILON)
-        return keras.optimizers.Adam(learning_rate=lr, epsilon=TORCH_ADAM_EPSILON)
-    if name == "adamw":
-        return keras.optimizers.AdamW(learning_rate=lr, weight_decay=weight_decay,
-                                      epsilon=TORCH_ADAM_EPSILON)
-    if name == "sgd":
+            base, kw = L2Adam, {**kw, "l2": weight_decay}
+    elif name == "adamw":
+        base, kw = keras.optimizers.AdamW, {"weight_decay": weight_decay,
+                                            "epsilon": TORCH_ADAM_EPSILON}
+    elif name == "sgd":
+        base, kw = keras.optimizers.SGD, {"momentum": 0.9}
         if weight_decay:
-            return L2SGD(weight_decay, learning_rate=lr, momentum=0.9)
-        return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
-    raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
+            base, kw = L2SGD, {**kw, "l2": weight_decay}
+    else:
+        raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
+    if hooks:
+        base = type(f"PerVariable{base.__name__}", (_PerVariable, base), {})
+        kw = {**kw, **hooks}
+    return base(learning_rate=lr, **kw)
 
 
 def sync_fn(device_type: str):
@@ -218,7 +287,7 @@ class Trainer:
     def compile_phase(self, phase: Phase, optimizer: str, lr: float,
                       weight_decay: float = 0.0) -> list:
         params = apply_phase(self.kb, phase)
-        self._optimizer = (optimizer, lr, weight_decay)
+        self._optimizer = (optimizer, lr, weight_decay, phase_hooks(self.kb, phase, params))
         self._compile(self.kb.model)
         self.train_model = self.kb.model
         return params

@@ -30,7 +30,7 @@ from strategies.torch_backend.train import (
     Trainer,
     apply_phase,
     autocast,
-    make_optimizer,
+    phase_optimizer,
     recalibrate_bn,
     set_train_mode,
     sync_fn,
@@ -170,7 +170,7 @@ class TorchSession:
         self.phase = phase
         self.cached = {}
         params = apply_phase(self.tb, phase)
-        self.opt = make_optimizer(optimizer, params, lr, weight_decay)
+        self.opt = phase_optimizer(self.tb, phase, params, optimizer, lr, weight_decay)
         return sum(p.numel() for p in params)
 
     def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:

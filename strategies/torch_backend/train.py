@@ -16,7 +16,7 @@ from torch import nn
 
 from bench.driver import Diverged
 from bench.timing import StepMeter
-from strategies.registry import Phase, phase_blocks
+from strategies.registry import Phase, block_lr_scales, phase_blocks
 from strategies.torch_backend.backbones import TorchBackbone
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -107,6 +107,46 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float):
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     raise ValueError(f"unknown optimizer {name!r}; allowed: adam, adamw, sgd")
+
+
+def phase_optimizer(tb: TorchBackbone, phase: Phase, params: list[nn.Parameter], name: str,
+                    lr: float, weight_decay: float):
+    """make_optimizer for a phase's trainable `params`, with the phase's optimizer hooks:
+    lr_decay -> one param group per named block at lr * its block_lr_scales; l2sp -> its
+    penalty's gradient added before every step (l2sp_hook)."""
+    groups = params
+    if phase.lr_decay != 1.0:
+        owner = dict(zip((id(p) for _, p in tb.model.named_parameters()),
+                         tb.param_owner().values(), strict=True))
+        scales = block_lr_scales(list(tb.block_map.blocks), phase)
+        groups = [{"params": [p for p in params if owner[id(p)] == block], "lr": lr * s}
+                  for block, s in scales.items()]
+        groups = [g for g in groups if g["params"]]
+    opt = make_optimizer(name, groups, lr, weight_decay)
+    if phase.l2sp is not None:
+        opt.register_step_pre_hook(l2sp_hook(tb, params, *phase.l2sp))
+    return opt
+
+
+def l2sp_hook(tb: TorchBackbone, params: list[nn.Parameter], alpha: float, beta: float):
+    """An optimizer step pre-hook adding the gradient of L2-SP (Li et al. 2018),
+    alpha/2 ||w - w0||^2 over the backbone and beta/2 ||w||^2 over the head, to the
+    gradients: alpha * (w - w0) and beta * w, w0 the weights now (the phase's start). It
+    runs inside opt.step(), so after GradScaler has unscaled the gradients; a zero
+    coefficient adds nothing."""
+    owner = dict(zip((id(p) for _, p in tb.model.named_parameters()),
+                     tb.param_owner().values(), strict=True))
+    terms = [(p, beta, None) if owner[id(p)] == "head" else (p, alpha, p.detach().clone())
+             for p in params]
+    terms = [t for t in terms if t[1]]
+
+    @torch.no_grad()
+    def hook(opt, args, kwargs):
+        for p, c, w0 in terms:
+            if p.grad is not None:
+                p.grad.add_(p if w0 is None else p - w0, alpha=c)
+
+    return hook
 
 
 def autocast(device: torch.device, precision: str):
