@@ -157,7 +157,7 @@ class Grid:
 def resolve_path(path: str | os.PathLike) -> Path:
     """A path as given, or the name of a shipped grid (`default`, `gpu`)."""
     p = Path(path)
-    if p.exists():
+    if p.is_file():  # a folder of that name (./strategies, the package) is not a grid
         return p
     shipped = grids_dir() / (p.name if p.suffix == ".toml" else f"{p.name}.toml")
     if shipped.exists() and len(p.parts) == 1:

@@ -640,3 +640,9 @@ def test_run_names_put_what_differs_first_and_configs_group_like_with_like():
         by_config.setdefault(seeds.config(s), set()).add((s.framework, s.seed))
     assert all(len(v) == 6 for v in by_config.values())  # 2 frameworks x 3 seeds
     assert "seed0" in seeds.run_name(seeds.specs[0])  # seeds vary: the name says which
+
+
+def test_a_folder_named_like_a_shipped_grid_is_not_taken_for_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "strategies").mkdir()  # as in the repository root: the package
+    assert grid.resolve_path("strategies") == grid.grids_dir() / "strategies.toml"
