@@ -104,6 +104,15 @@ def test_a_permuted_card_splits_into_the_clean_cards_images():
         np.testing.assert_array_equal(labels, sources.derangement(10, 0)[plain.part(part)[1]])
 
 
+def test_a_pretraining_on_the_clean_card_holds_out_the_targets_test_images():
+    # the same seed: the test part is drawn first, the same whatever the subset
+    source = prepare(card("clean_source"), 2, 900)
+    for target in (card("c", corruption=CORRUPTION), card("p", label_permutation=0)):
+        test = prepare(target, 2, 300).split["test"]
+        np.testing.assert_array_equal(test, source.split["test"])
+        assert not set(test) & (set(source.split["train"]) | set(source.split["val"]))
+
+
 def test_the_options_are_recorded_with_the_dataset_inputs():
     c = card(corruption=CORRUPTION, label_permutation=2)
     (train, *_) = dataset_inputs(c, prepare(c, 0, 200), 0, 200)
@@ -159,7 +168,7 @@ def test_the_surgical_grid():
     blocks = bb.get("mobilenet_v2").blocks
     assert {s.params["names"] for s in g.specs if s.strategy == "blocks"} == {
         blocks[0], blocks[-1]} == {"stem", "top_conv"}
-    assert g.cards["mnist5k_c"]["corruption"]["invert"] is True
+    assert g.cards["mnist5k_c"]["corruption"]["noise_std"] > 0
     assert g.cards["mnist5k_perm"]["label_permutation"] == 0
     # the source: clean MNIST-5k, pretrained once per framework and seed, shared by the
     # two targets and every strategy
