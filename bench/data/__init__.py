@@ -39,7 +39,8 @@ def dataset_inputs(card: dict, prepared: Prepared, seed: int, subset: int) -> li
     card and the split rule, the profile its size and classes."""
     source = {"card": card["name"], "source": card["source"], "split": card["split"],
               "seed": seed, "subset": subset,
-              **{k: card[k] for k in ("root", "url", "classes") if k in card}}
+              **{k: card[k] for k in ("root", "url", "classes", "corruption", "label_permutation")
+                 if k in card}}
     out = []
     for part in ("train", "val", "test"):
         idx = prepared.split[part]
@@ -55,5 +56,6 @@ def dataset_inputs(card: dict, prepared: Prepared, seed: int, subset: int) -> li
 
 def prepare(card: dict, seed: int, subset: int) -> Prepared:
     src = load(card)
-    m = manifest(card["name"], src.labels, seed, subset, card["split"], src.official_test)
+    strata = src.labels if src.strata is None else src.strata
+    m = manifest(card["name"], strata, seed, subset, card["split"], src.official_test)
     return Prepared(src, {k: np.asarray(v, dtype=np.int64) for k, v in m.items()})

