@@ -241,6 +241,24 @@ KERAS_CHECKS = textwrap.dedent('''
     assert all(np.array_equal(p, q) for p, q in zip(a, b, strict=True))
     assert not any(np.array_equal(p, q) for p, q in zip(a, c, strict=True))
     out["seed"] = "ok"
+
+    # a cell: the driver's tags, the adapters merged for the inference rate
+    import os, tempfile
+    os.environ["TLBENCH_CACHE"] = tempfile.mkdtemp()
+    import sys
+    sys.path.insert(0, "tests")
+    from helpers import RecordingContext
+    from bench.data import check_card, shipped_cards
+    from bench.spec import RunSpec
+    from strategies.keras_backend import run_cell
+    params = registry.get("lora").with_defaults({"depth": DEPTH})
+    spec = RunSpec(framework="keras", backbone="mobilenet_v3_small", dataset="digits",
+                   strategy="lora", strategy_params=tuple(params.items()), weights="none",
+                   subset=40, image_size=32, batch_size=16, epochs=1)
+    ctx = RecordingContext()
+    run_cell(spec, check_card(shipped_cards()["digits"], "digits"), ctx)
+    out["cell"] = {**{k: ctx.tags[k] for k in ("lora", "lora_merge", "feature_cache_used")},
+                   **{k: ctx.finals[-1][k] for k in ("trainable_params", "total_params")}}
     print("RESULT " + json.dumps(out))
 ''')
 
@@ -260,3 +278,20 @@ def keras_results() -> dict:
 @pytest.mark.parametrize("check", ["mobilenet_v2", "mobilenet_v3_small", "seed"])
 def test_keras(keras_results, check):
     assert keras_results.get(check) == "ok", keras_results["stderr"]
+
+
+def test_keras_cell_logs_the_same_adapters_as_pytorch(keras_results):
+    """mobilenet_v3_small's top two blocks: the same layers adapted in both frameworks, the
+    same adapter parameter count; Keras' merge is exact (it computes with the merged kernel's
+    very sum every step)."""
+    cell = keras_results.get("cell")
+    assert cell, keras_results["stderr"]
+    tb = build("mobilenet_v3_small", "none", 10)
+    apply_phase(tb, _phase(), seed=0)
+    assert cell["lora"] == tb.notes["lora"]
+    assert cell["lora"].startswith("rank=4, alpha=8 (scale 2): 13 layers adapted (13 conv) in "
+                                   "stage4+top_conv, 30720 adapter parameters; 3 grouped")
+    assert cell["lora_merge"].startswith("13 adapters merged")
+    assert float(cell["lora_merge"].rsplit("= ", 1)[1]) < 1e-4
+    assert cell["trainable_params"] == 30720 + 576 * 10 + 10
+    assert cell["feature_cache_used"] == "prefix:4 blocks"

@@ -79,6 +79,9 @@ def apply_phase(kb: KerasBackbone, phase: Phase, seed: int = 0) -> list:
     unfrozen = set(trainable_blocks(kb, phase)) | {"head"}
     for layer in kb.model.layers:
         trainable = kb.owner[layer.name] in unfrozen
+        # False first: Keras 3 resets its variables' flags only when `trainable` is assigned
+        # a new value, and an earlier phase with `only` (lora, bitfit) left some False
+        layer.trainable = False
         layer.trainable = trainable
         only = "all" if kb.owner[layer.name] == "head" else phase.only
         for sub in _sublayers(layer):
