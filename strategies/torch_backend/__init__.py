@@ -249,10 +249,12 @@ class TorchSession:
         self.tb.model.eval()
         model = trainer.forward_of()
         if lora.adapters(self.tb.model):  # LoRA: inference on the merged weights
-            with torch.no_grad(), autocast(dev, spec.precision):
-                unmerged = model(x).float()
-                n = lora.merge(self.tb.model)
-                diff = (model(x).float() - unmerged).abs().max().item()
+            with torch.no_grad():
+                with autocast(dev, spec.precision):
+                    unmerged = model(x).float()
+                n = lora.merge(self.tb.model)  # in the weights' precision, not autocast's
+                with autocast(dev, spec.precision):
+                    diff = (model(x).float() - unmerged).abs().max().item()
             self.tb.notes["lora_merge"] = (f"{n} adapters merged into their weights for "
                                            f"inference_images_per_sec; max |merged - "
                                            f"unmerged| logit = {diff:.3g}")
