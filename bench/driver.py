@@ -108,6 +108,9 @@ class Session(Protocol):
     """
 
     data_path: str  # how the training images reach the model: a key of DATA_PATHS
+    # optional: tags a strategy's backend hook adds (LoRA's adapters and their merge), read
+    # after model_only_rates
+    notes: dict[str, str]
 
     def start(self, device: str) -> dict[str, str]:
         """Set the device up; return the tags device (its name: 'NVIDIA H200', 'cpu (...)'),
@@ -366,6 +369,8 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         "model_only_train_images_per_sec")
     tags = {"feature_cache_used": _cache_tag(cache_labels), "train_rate_of": rate_of,
             "contended": probe.tag(), "diverged": diverged_tag(history)}
+    # what a strategy's backend hook did (LoRA: its adapters, their merge for inference)
+    tags.update(getattr(session, "notes", None) or {})
     if bn_sample is not None:
         final["precise_bn_seconds"] = bn_seconds
         layers = max(bn_layers, default=0)

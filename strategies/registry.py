@@ -27,6 +27,9 @@ plus, at most, a small hook per framework backend.
                                   backbone and b/2 ||w||^2 on the head (Li et al. 2018)
     gradual[every=e]              the head alone, then one more top block every e epochs
                                   (ULMFiT's gradual unfreezing): phases from the budget
+    lora[rank=r,alpha=a,depth=k]  low-rank adapters on the convolutions and linear layers of
+                                  the top k blocks, backbone frozen (Hu et al. 2022;
+                                  strategies/lora.py)
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ BN_POLICIES = ("train", "frozen")
 Keras training=True); 'frozen' keeps them in inference mode, as the Keras transfer-learning
 guide recommends after unfreezing."""
 
-ONLY = ("all", "bias", "norm")
+ONLY = ("all", "bias", "norm", "lora")
 """Which parameters of a phase's trainable blocks train: all of them; the biases ('bias':
 every additive bias, the convolutions' and linear layers' and the norm layers' beta, which
-PyTorch names `bias` too); or the normalisation layers' affine gamma and beta ('norm':
-BatchNorm, LayerNorm, GroupNorm). The head always trains whole."""
+PyTorch names `bias` too); the normalisation layers' affine gamma and beta ('norm':
+BatchNorm, LayerNorm, GroupNorm); or the low-rank adapters the backend adds to them ('lora',
+with Phase.lora set: strategies/lora.py). The head always trains whole."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,13 @@ class Phase:
     # L2-SP: (alpha, beta) adds alpha * (w - w0) to the backbone's gradients (w0 = the
     # weights at the phase's start) and beta * w to the head's; None = no penalty
     l2sp: tuple[float, float] | None = None
+    # LoRA: (rank, alpha) adapters added to the trainable blocks' convolutions and linear
+    # layers when the phase begins (strategies/lora.py); trains them with only='lora'
+    lora: tuple[int, float] | None = None
+
+    def __post_init__(self):
+        if (self.only == "lora") != (self.lora is not None):
+            raise ValueError("only='lora' and lora=(rank, alpha) go together")
 
 
 @dataclass(frozen=True)
@@ -427,4 +438,23 @@ register(Strategy(
     build_phases=lambda p: [],  # unused: the phases come from the budget
     build_schedule=_gradual,
     min_budget=lambda p: p["every"] + 1,
+))
+
+
+register(Strategy(
+    name="lora",
+    description=(
+        "LoRA (Hu et al., ICLR 2022) on a CNN: low-rank adapters W + (alpha/rank) B A on the "
+        "convolutions and linear layers of the top `depth` blocks (grouped/depthwise "
+        "convolutions left out), backbone frozen, BatchNorm in inference mode, the head "
+        "trained; merged into the weights for the inference-speed measurement."
+    ),
+    params=(
+        Param("rank", "int", default=4, minimum=1, maximum=256, help="the adapters' rank"),
+        Param("alpha", "float", default=8.0, minimum=1e-6, maximum=1e4,
+              help="scale: the delta is (alpha/rank) * B @ A"),
+        Param("depth", "depth", help="top named blocks adapted (1..n_blocks or 'all')"),
+    ),
+    build_phases=lambda p: [Phase(p["depth"], bn="frozen", only="lora",
+                                  lora=(int(p["rank"]), float(p["alpha"])), name="lora")],
 ))

@@ -321,13 +321,13 @@ def test_every_strategy_trains_one_step(strategy_name):
     kb = build("vgg16", "none", NUM_CLASSES, image_size=SIZE)
     trainer = Trainer(kb)
     batches = tiny_batches(8)
-    owners = kb.weight_owner()
     lr = 1e-3
     for phase, n_epochs in phases:
         assert n_epochs >= 1
         params = trainer.compile_phase(phase, "adam", lr * phase.lr_scale)
+        owners = kb.weight_owner()  # after compile_phase: a LoRA phase has added adapters
         expected = set(trainable_blocks(kb, phase)) | {"head"}
-        # by variable: a phase with `only` (bitfit, norm) trains part of its blocks
+        # by variable: a phase with `only` (bitfit, norm, lora) trains part of its blocks
         chosen = {v.path for la in kb.model.layers for v in la.weights
                   if kb.owner[la.name] == "head" or selected(la, v, phase.only)}
         assert {v.path for v in params} == {p for p, o in owners.items()

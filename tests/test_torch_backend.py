@@ -153,13 +153,14 @@ def test_every_strategy_trains_one_step(strategy_name, backbone):
     tb = build(backbone, "none", NUM_CLASSES)
     trainer = Trainer(tb, CPU)
     (x, y), = fake_batches(1, batch=4)
-    owners = tb.param_owner()
-    by_name = dict(tb.model.named_parameters())
     for phase, n_epochs in phases:
         assert n_epochs >= 1
         params = apply_phase(tb, phase)
+        # after apply_phase: a LoRA phase has added its adapters (owned by their blocks)
+        owners = tb.param_owner()
+        by_name = dict(tb.model.named_parameters())
         expected = set(trainable_blocks(tb, phase)) | {"head"}
-        # by parameter: a phase with `only` (bitfit, norm) trains part of its blocks
+        # by parameter: a phase with `only` (bitfit, norm, lora) trains part of its blocks
         chosen = {id(p) for b in trainable_blocks(tb, phase) for m in tb.block_modules(b)
                   for p in selected_parameters(m, phase.only)}
         assert {id(p) for p in params} == {id(by_name[n]) for n, o in owners.items()

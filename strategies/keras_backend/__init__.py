@@ -29,6 +29,7 @@ import tensorflow as tf  # noqa: E402
 from bench import batching, driver  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
+from strategies.keras_backend import lora  # noqa: E402
 from strategies.keras_backend.backbones import (  # noqa: E402
     build,
     load_backbone,
@@ -232,7 +233,7 @@ class KerasSession:
         self.kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
         # spec.channels_last: nothing to do, Keras on TensorFlow is NHWC already
         self.trainer = Trainer(self.kb, self.device_type, topk=driver.test_topk(num_classes),
-                               jit_compile=spec.compile)
+                               jit_compile=spec.compile, seed=spec.seed)
         parallel = tf.data.AUTOTUNE if spec.workers < 0 else max(1, spec.workers)
         self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size,
                                    shuffle=(k == "train"), seed=spec.seed,
@@ -256,6 +257,10 @@ class KerasSession:
     @property
     def n_blocks(self) -> int:
         return len(self.kb.blocks)
+
+    @property
+    def notes(self) -> dict[str, str]:
+        return self.kb.notes
 
     def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
         self.cached = {}
@@ -320,7 +325,8 @@ class KerasSession:
         the train step traced for the real data (train_on_batch would trace another one,
         costing as much as the first epoch's tracing). tf.data copies the batch to the
         device each step, a few MB at most: small next to a training step. Inference: images
-        -> logits through the whole model."""
+        -> logits through the whole model (LoRA: on the weights with the adapters merged,
+        checked against the unmerged logits; the difference is in the notes)."""
         spec, model = self.spec, self.kb.model
         rng = np.random.default_rng(0)
         x = rng.integers(0, 256, (spec.batch_size, spec.image_size, spec.image_size, 3),
@@ -336,6 +342,14 @@ class KerasSession:
         self.trainer.train_model.fit(synthetic, epochs=1, verbose=0, shuffle=False,
                                      callbacks=[StepTimer(meter, lambda i: spec.batch_size)])
         x_device = tf.constant(x)
+        if lora.adapted_layers(model):  # LoRA: inference on the merged weights
+            unmerged = np.asarray(model(x_device, training=False), np.float32)
+            n = lora.merge(model)
+            diff = np.abs(np.asarray(model(x_device, training=False), np.float32)
+                          - unmerged).max()
+            self.kb.notes["lora_merge"] = (f"{n} adapters merged into their weights for "
+                                           f"inference_images_per_sec; max |merged - "
+                                           f"unmerged| logit = {diff:.3g}")
         infer_rate = measure(lambda: model.predict_on_batch(x_device), spec.batch_size,
                              steps, warmup, self.sync)
         return {"model_only_train_images_per_sec": meter.median,

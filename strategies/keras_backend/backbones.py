@@ -202,6 +202,7 @@ class KerasBackbone:
     owner: dict[str, str]  # layer name -> block ('head' for the new head)
     claimed: frozenset[str]  # layers a block pattern names (the rest inherited a block)
     parameters: frozenset[str]  # paths of the weights trainable when unfrozen (not BN stats)
+    notes: dict[str, str] = field(default_factory=dict)  # tags a strategy's hook adds (lora)
 
     @property
     def blocks(self) -> list[str]:

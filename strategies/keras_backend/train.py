@@ -9,7 +9,9 @@ trainable blocks too while their gamma/beta stay trainable: exactly PyTorch's `b
 `requires_grad=True` (Keras' usual recipe, `bn.trainable = False`, would freeze gamma/beta too).
 A phase with `only` (bitfit, norm) sets `Variable.trainable` per variable inside its trainable
 layers (Keras 3's `trainable_weights` honours it); the layers stay trainable, so their
-BatchNorm follows `bn` as in PyTorch.
+BatchNorm follows `bn` as in PyTorch. A LoRA phase (only='lora') first enables Keras' LoRA on
+the trainable blocks' Conv2D and Dense layers (lora.py) and trains the adapters alone, with
+the head.
 
 Pinning cannot be done with `model(x, training=False)` on a sub-model: in Keras 3 a functional
 model passes its own `training` value to every layer it calls, overriding a `training=False`
@@ -27,6 +29,7 @@ import tensorflow as tf
 
 from bench.driver import Diverged
 from bench.timing import StepMeter
+from strategies.keras_backend import lora
 from strategies.keras_backend.backbones import (
     KerasBackbone,
     PinnableBatchNormalization,
@@ -54,7 +57,9 @@ def selected(layer: keras.layers.Layer, variable, only: str) -> bool:
         return variable.name == ("beta" if norm else "bias")
     if only == "norm":
         return norm and variable.name in ("gamma", "beta")
-    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm")
+    if only == "lora":
+        return variable.name in lora.ADAPTER_NAMES
+    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm, lora")
 
 
 def _sublayers(layer: keras.layers.Layer):
@@ -63,12 +68,20 @@ def _sublayers(layer: keras.layers.Layer):
         yield from _sublayers(sub)
 
 
-def apply_phase(kb: KerasBackbone, phase: Phase) -> list:
+def apply_phase(kb: KerasBackbone, phase: Phase, seed: int = 0) -> list:
     """Set `trainable` and the pinned layers for the phase; return the trainable variables
-    (head included). Recompile the model afterwards."""
+    (head included). Recompile the model afterwards. A LoRA phase adds its adapters first
+    (once; A drawn from `seed`, the cell's), their summary in kb.notes['lora']."""
+    if phase.lora is not None:
+        tag = lora.install(kb, trainable_blocks(kb, phase), *phase.lora, seed=seed)
+        if tag:
+            kb.notes["lora"] = tag
     unfrozen = set(trainable_blocks(kb, phase)) | {"head"}
     for layer in kb.model.layers:
         trainable = kb.owner[layer.name] in unfrozen
+        # False first: Keras 3 resets its variables' flags only when `trainable` is assigned
+        # a new value, and an earlier phase with `only` (lora, bitfit) left some False
+        layer.trainable = False
         layer.trainable = trainable
         only = "all" if kb.owner[layer.name] == "head" else phase.only
         for sub in _sublayers(layer):
@@ -276,8 +289,9 @@ class Trainer:
     shares its layers (weights, trainable flags, pinned BatchNorm) with the whole model."""
 
     def __init__(self, kb: KerasBackbone, device_type: str = "cpu", topk: int = 1,
-                 jit_compile: bool | str = "auto"):
+                 jit_compile: bool | str = "auto", seed: int = 0):
         self.kb = kb
+        self.seed = seed  # the cell's: LoRA's adapter init
         self.topk = topk
         self.jit_compile = jit_compile
         self.sync = sync_fn(device_type)
@@ -286,7 +300,7 @@ class Trainer:
 
     def compile_phase(self, phase: Phase, optimizer: str, lr: float,
                       weight_decay: float = 0.0) -> list:
-        params = apply_phase(self.kb, phase)
+        params = apply_phase(self.kb, phase, self.seed)
         self._optimizer = (optimizer, lr, weight_decay, phase_hooks(self.kb, phase, params))
         self._compile(self.kb.model)
         self.train_model = self.kb.model

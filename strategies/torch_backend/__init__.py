@@ -18,7 +18,7 @@ import torch
 from bench import batching, driver
 from bench.spec import RunSpec
 from bench.timing import measure
-from strategies.torch_backend import cache
+from strategies.torch_backend import cache, lora
 from strategies.torch_backend.backbones import (
     build,
     load_backbone,
@@ -166,10 +166,14 @@ class TorchSession:
     def n_blocks(self) -> int:
         return len(self.tb.block_map.blocks)
 
+    @property
+    def notes(self) -> dict[str, str]:
+        return self.tb.notes
+
     def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
         self.phase = phase
         self.cached = {}
-        params = apply_phase(self.tb, phase)
+        params = apply_phase(self.tb, phase, seed=self.spec.seed)
         self.opt = phase_optimizer(self.tb, phase, params, optimizer, lr, weight_decay)
         return sum(p.numel() for p in params)
 
@@ -223,7 +227,9 @@ class TorchSession:
 
     def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
         """The last phase's train step on a synthetic batch already on the device (cached
-        inputs' shape when the phase trained on a cache), and inference images -> logits."""
+        inputs' shape when the phase trained on a cache), and inference images -> logits
+        (LoRA: on the weights with the adapters merged, checked against the unmerged
+        logits; the difference is in the notes)."""
         trainer, spec, dev = self.trainer, self.spec, self.device
         gen = torch.Generator(device="cpu").manual_seed(0)
         x = torch.randint(0, 256, (spec.batch_size, 3, spec.image_size, spec.image_size),
@@ -242,6 +248,16 @@ class TorchSession:
                              spec.batch_size, steps, warmup, self.sync)
         self.tb.model.eval()
         model = trainer.forward_of()
+        if lora.adapters(self.tb.model):  # LoRA: inference on the merged weights
+            with torch.no_grad():
+                with autocast(dev, spec.precision):
+                    unmerged = model(x).float()
+                n = lora.merge(self.tb.model)  # in the weights' precision, not autocast's
+                with autocast(dev, spec.precision):
+                    diff = (model(x).float() - unmerged).abs().max().item()
+            self.tb.notes["lora_merge"] = (f"{n} adapters merged into their weights for "
+                                           f"inference_images_per_sec; max |merged - "
+                                           f"unmerged| logit = {diff:.3g}")
 
         def infer():
             with torch.no_grad(), autocast(dev, spec.precision):

@@ -11,7 +11,7 @@ parameter belongs to exactly one block or to the head.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -85,6 +85,7 @@ class TorchBackbone:
     block_map: BlockMap
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    notes: dict[str, str] = field(default_factory=dict)  # tags a strategy's hook adds (lora)
 
     def block_modules(self, block: str) -> list[nn.Module]:
         return [self.model.get_submodule(p) for p in self.block_map.blocks[block]]

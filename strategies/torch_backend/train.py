@@ -4,7 +4,9 @@ Frozen means frozen: a frozen block has requires_grad=False, is left out of the 
 and runs in eval mode (so its BatchNorm running statistics never move) even while the rest
 of the model trains. `bn="frozen"` extends eval mode to the BatchNorm layers of the
 trainable blocks too. A phase with `only` (bitfit, norm) sets requires_grad per parameter
-inside its trainable blocks; their modules keep the trainable blocks' mode.
+inside its trainable blocks; their modules keep the trainable blocks' mode. A LoRA phase
+(only='lora') first wraps the trainable blocks' convolutions and linear layers with adapters
+(lora.py) and trains those alone, with the head.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from torch import nn
 
 from bench.driver import Diverged
 from bench.timing import StepMeter
+from strategies.lora import ADAPTER_NAMES
 from strategies.registry import Phase, block_lr_scales, phase_blocks
+from strategies.torch_backend import lora
 from strategies.torch_backend.backbones import TorchBackbone
 
 _NORMS = (nn.modules.batchnorm._BatchNorm,)
@@ -40,11 +44,20 @@ def selected_parameters(module: nn.Module, only: str) -> list[nn.Parameter]:
     if only == "norm":
         return [p for m in module.modules() if isinstance(m, _AFFINE_NORMS)
                 for p in m.parameters(recurse=False)]
-    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm")
+    if only == "lora":
+        return [p for n, p in module.named_parameters()
+                if n.rsplit(".", 1)[-1] in ADAPTER_NAMES]
+    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm, lora")
 
 
-def apply_phase(tb: TorchBackbone, phase: Phase) -> list[nn.Parameter]:
-    """Set requires_grad for the phase; return the trainable parameters (head included)."""
+def apply_phase(tb: TorchBackbone, phase: Phase, seed: int = 0) -> list[nn.Parameter]:
+    """Set requires_grad for the phase; return the trainable parameters (head included). A
+    LoRA phase adds its adapters first (once; A drawn from `seed`, the cell's), their
+    summary in tb.notes['lora']."""
+    if phase.lora is not None:
+        tag = lora.install(tb, trainable_blocks(tb, phase), *phase.lora, seed=seed)
+        if tag:
+            tb.notes["lora"] = tag
     tb.model.requires_grad_(False)
     for block in trainable_blocks(tb, phase):
         for m in tb.block_modules(block):

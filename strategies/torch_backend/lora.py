@@ -1,0 +1,116 @@
+"""LoRA for torchvision backbones (strategies/lora.py has the method and its choices).
+
+An adapted nn.Conv2d / nn.Linear is replaced, in place in its parent, by a LoRAConv2d /
+LoRALinear: a subclass that keeps the original `weight` and `bias` Parameter objects (same
+names, so the block map's owner prefixes and the frozen weights stay what they were) and adds
+`lora_A` (rank, in*kh*kw) and `lora_B` (out, rank). The forward is the standard factorised
+conv-LoRA: conv(x, W) + (alpha/rank) * conv1x1(conv(x, A as (rank, in, kh, kw)), B), A taking
+W's stride, padding and dilation: exactly conv(x, W + (alpha/rank) * (B @ A) reshaped), at
+rank channels' cost instead of materialising the delta every step. `merge()` folds the delta
+into W; the merged layer computes as the plain one.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from strategies import lora as common
+
+
+class _LoRA:
+    rank: int
+    scale: float
+    merged: bool
+
+    def _init_lora(self, gen, rank: int, alpha: float, out: int, fan_in: int) -> None:
+        dev, dtype = self.weight.device, self.weight.dtype
+        self.rank, self.scale, self.merged = rank, alpha / rank, False
+        a = torch.from_numpy(common.init_a(gen, rank, fan_in)).to(dev, dtype)
+        self.lora_A = nn.Parameter(a)
+        self.lora_B = nn.Parameter(torch.zeros(out, rank, device=dev, dtype=dtype))
+
+    def delta(self) -> torch.Tensor:
+        """(alpha/rank) * B @ A in W's shape."""
+        return (self.scale * (self.lora_B @ self.lora_A)).reshape(self.weight.shape)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.add_(self.delta().to(self.weight.dtype))
+            self.merged = True
+
+
+class LoRAConv2d(_LoRA, nn.Conv2d):
+    @classmethod
+    def wrap(cls, conv: nn.Conv2d, gen, rank: int, alpha: float) -> LoRAConv2d:
+        new = cls.__new__(cls)
+        new.__dict__.update(conv.__dict__)  # the same Parameters, buffers, hyperparameters
+        new._parameters = dict(conv._parameters)
+        new._init_lora(gen, rank, alpha, conv.out_channels,
+                       conv.weight[0].numel())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self._conv_forward(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        a = self.lora_A.reshape(self.rank, *self.weight.shape[1:])
+        low = self._conv_forward(x, a, None)  # W's stride, padding, dilation
+        return out + self.scale * F.conv2d(low, self.lora_B[:, :, None, None])
+
+
+class LoRALinear(_LoRA, nn.Linear):
+    @classmethod
+    def wrap(cls, linear: nn.Linear, gen, rank: int, alpha: float) -> LoRALinear:
+        new = cls.__new__(cls)
+        new.__dict__.update(linear.__dict__)
+        new._parameters = dict(linear._parameters)
+        new._init_lora(gen, rank, alpha, linear.out_features, linear.in_features)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return out
+        return out + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def adapters(model: nn.Module) -> list[_LoRA]:
+    return [m for m in model.modules() if isinstance(m, _LoRA)]
+
+
+def install(tb, blocks: list[str], rank: int, alpha: float, seed: int) -> str | None:
+    """Replace every non-grouped nn.Conv2d and every nn.Linear under `blocks` (input to
+    output order) by its LoRA wrapper, A drawn from the cell's seed; return the `lora` tag,
+    or None when the blocks are adapted already (a later phase)."""
+    if adapters(tb.model):
+        return None
+    gen = common.rng(seed)
+    adapted, skipped, n_params = {"conv": 0, "linear": 0}, 0, 0
+    for block in blocks:
+        for prefix in tb.block_map.blocks[block]:
+            root = tb.model.get_submodule(prefix)
+            for name, m in list(root.named_modules()):
+                if type(m) is nn.Conv2d and m.groups == 1:
+                    new, kind = LoRAConv2d.wrap(m, gen, rank, alpha), "conv"
+                elif type(m) is nn.Linear:
+                    new, kind = LoRALinear.wrap(m, gen, rank, alpha), "linear"
+                else:
+                    skipped += type(m) is nn.Conv2d
+                    continue
+                full = f"{prefix}.{name}" if name else prefix
+                parent, _, attr = full.rpartition(".")
+                setattr(tb.model.get_submodule(parent), attr, new)
+                adapted[kind] += 1
+                n_params += new.lora_A.numel() + new.lora_B.numel()
+    return common.summary(rank, alpha, adapted, skipped, blocks, n_params)
+
+
+def merge(model: nn.Module) -> int:
+    """Fold every adapter into its weight; return how many."""
+    found = adapters(model)
+    for m in found:
+        m.merge()
+    return len(found)
