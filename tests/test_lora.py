@@ -295,3 +295,30 @@ def test_keras_cell_logs_the_same_adapters_as_pytorch(keras_results):
     assert float(cell["lora_merge"].rsplit("= ", 1)[1]) < 1e-4
     assert cell["trainable_params"] == 30720 + 576 * 10 + 10
     assert cell["feature_cache_used"] == "prefix:4 blocks"
+
+
+def test_lite0_same_padding_convolutions_take_adapters_as_in_keras():
+    """EfficientNet-Lite0's convolutions are SameConv2d (TF "SAME" padding), a subclass of
+    nn.Conv2d: adapted through its own padding rule, the same 11 layers (56,512 adapter
+    parameters) as Keras adapts in the top 3 blocks; merged == unmerged."""
+    import torch
+
+    from strategies.torch_backend import lora as tlora
+    from strategies.torch_backend.backbones import build
+
+    tb = build("efficientnet_lite0", "imagenet", 10)  # shipped in a wheel: offline
+    tb.model.eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = tb.model(x)
+    tag = tlora.install(tb, ["stage6", "stage7", "top_conv"], 4, 8, 0)
+    assert "11 layers adapted (11 conv)" in tag and "56512 adapter parameters" in tag
+    with torch.no_grad():
+        assert torch.equal(tb.model(x), before)
+        for m in tlora.adapters(tb.model):
+            m.lora_B.normal_(std=0.1)
+        adapted = tb.model(x)
+    assert not torch.allclose(adapted, before)
+    assert tlora.merge(tb.model) == 11
+    with torch.no_grad():
+        torch.testing.assert_close(tb.model(x), adapted, rtol=1e-5, atol=1e-5)

@@ -36,8 +36,14 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow's "SAME" padding (asymmetric when the total is odd)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(_same_pad(x, self.kernel_size[0], self.stride[0]), self.weight,
-                        self.bias, self.stride, 0, self.dilation, self.groups)
+        return self.conv_with(x, self.weight, self.bias)
+
+    def conv_with(self, x: torch.Tensor, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+        """This layer's convolution (its padding rule) with another weight: what a LoRA
+        adapter (strategies/torch_backend/lora.py) runs its low-rank path through."""
+        return F.conv2d(_same_pad(x, self.kernel_size[0], self.stride[0]), weight, bias,
+                        self.stride, 0, self.dilation, self.groups)
 
 
 def _same_pad(x: torch.Tensor, k: int, s: int) -> torch.Tensor:

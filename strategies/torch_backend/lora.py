@@ -43,8 +43,14 @@ class _LoRA:
 
 
 class LoRAConv2d(_LoRA, nn.Conv2d):
+    """Also for a subclass of nn.Conv2d with its own padding rule (EfficientNet-Lite0's
+    SameConv2d): it declares `conv_with(x, weight, bias)`, and the wrapper becomes a
+    subclass of it, both paths running through that rule."""
+
     @classmethod
     def wrap(cls, conv: nn.Conv2d, gen, rank: int, alpha: float) -> LoRAConv2d:
+        if type(conv) is not nn.Conv2d:
+            cls = _subclass_for(type(conv))
         new = cls.__new__(cls)
         new.__dict__.update(conv.__dict__)  # the same Parameters, buffers, hyperparameters
         new._parameters = dict(conv._parameters)
@@ -53,12 +59,31 @@ class LoRAConv2d(_LoRA, nn.Conv2d):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._conv_forward(x, self.weight, self.bias)
+        conv = getattr(self, "conv_with", None) or self._conv_forward
+        out = conv(x, self.weight, self.bias)
         if self.merged:
             return out
         a = self.lora_A.reshape(self.rank, *self.weight.shape[1:])
-        low = self._conv_forward(x, a, None)  # W's stride, padding, dilation
+        low = conv(x, a, None)  # W's stride, padding, dilation
         return out + self.scale * F.conv2d(low, self.lora_B[:, :, None, None])
+
+
+_SUBCLASSES: dict[type, type] = {}
+
+
+def _subclass_for(base: type) -> type:
+    """LoRAConv2d over a Conv2d subclass that says how it convolves (conv_with)."""
+    if not callable(getattr(base, "conv_with", None)):
+        raise TypeError(f"{base.__name__} subclasses nn.Conv2d without conv_with(x, weight, "
+                        f"bias): a LoRA adapter cannot follow its forward")
+    if base not in _SUBCLASSES:
+        _SUBCLASSES[base] = type(f"LoRA{base.__name__}", (LoRAConv2d, base), {})
+    return _SUBCLASSES[base]
+
+
+def _adaptable_conv(m: nn.Module) -> bool:
+    return isinstance(m, nn.Conv2d) and not isinstance(m, _LoRA) and (
+        type(m) is nn.Conv2d or callable(getattr(type(m), "conv_with", None)))
 
 
 class LoRALinear(_LoRA, nn.Linear):
@@ -93,12 +118,15 @@ def install(tb, blocks: list[str], rank: int, alpha: float, seed: int) -> str | 
         for prefix in tb.block_map.blocks[block]:
             root = tb.model.get_submodule(prefix)
             for name, m in list(root.named_modules()):
-                if type(m) is nn.Conv2d and m.groups == 1:
+                if _adaptable_conv(m) and m.groups == 1:
                     new, kind = LoRAConv2d.wrap(m, gen, rank, alpha), "conv"
                 elif type(m) is nn.Linear:
                     new, kind = LoRALinear.wrap(m, gen, rank, alpha), "linear"
+                elif isinstance(m, nn.Conv2d) and not _adaptable_conv(m):
+                    raise TypeError(f"{tb.name}: {type(m).__name__} at {prefix}.{name} "
+                                    f"cannot take a LoRA adapter (no conv_with)")
                 else:
-                    skipped += type(m) is nn.Conv2d
+                    skipped += isinstance(m, nn.Conv2d)
                     continue
                 full = f"{prefix}.{name}" if name else prefix
                 parent, _, attr = full.rpartition(".")
