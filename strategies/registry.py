@@ -3,7 +3,10 @@
 A strategy is a short list of phases. Each phase says how many of the backbone's top blocks
 are trainable (0 = the new head only, ALL = everything), what share of the cell's epochs it
 gets, the learning-rate scale relative to the cell's lr, and what BatchNorm does in the
-trainable blocks. BatchNorm in frozen blocks never updates: frozen means frozen.
+trainable blocks; optionally which named blocks train instead of the top ones (`blocks`),
+which of their parameters (`only`: biases, norm layers' affine, LoRA adapters), a per-block
+learning-rate decay (`lr_decay`) and an L2-SP penalty (`l2sp`). BatchNorm in frozen blocks
+never updates: frozen means frozen.
 
 Adding a strategy (gradual unfreezing, BN-only tuning, ...) is one `register(...)` call here
 plus, at most, a small hook per framework backend.
