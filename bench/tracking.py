@@ -80,6 +80,7 @@ def tracking_uri() -> str:
     return mlflow.get_tracking_uri()
 
 
+INPUT_TRIES = 4  # log_inputs attempts (tracking.log_inputs: a race on the datasets table)
 EXPERIMENT_KIND = "mlflow.experimentKind"  # the MLflow 3 UI's view of an experiment
 
 
@@ -236,11 +237,25 @@ def log_inputs(run_id: str, inputs: list[dict]) -> None:
     digest, source_type, source, profile (strings) and context (train, val, test: the
     input's `mlflow.data.context` tag)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
 
-    client().log_inputs(run_id, datasets=[
-        DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
-                             profile=d.get("profile")),
-                     tags=[InputTag("mlflow.data.context", d["context"])]) for d in inputs])
+    datasets = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
+                                     profile=d.get("profile")),
+                             tags=[InputTag("mlflow.data.context", d["context"])])
+                for d in inputs]
+    # A store keeps one row per (experiment, name, digest) and makes it on first use: two
+    # cells of one split logging at once (--parallel, Ray) race to create it, and the loser
+    # gets a UNIQUE-constraint error. Its retry finds the row and links it. Inputs describe
+    # the cell's data; a store that still refuses them costs a tag, never the cell's record.
+    for attempt in range(INPUT_TRIES):
+        try:
+            client().log_inputs(run_id, datasets=datasets)
+            return
+        except MlflowException as e:
+            if attempt == INPUT_TRIES - 1:
+                set_tags(run_id, {"inputs": f"not logged: {type(e).__name__}: {e}"[:500]})
+                return
+            time.sleep(0.2 * (attempt + 1))
 
 
 def log_text(run_id: str, text: str, name: str) -> None:

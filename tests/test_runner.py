@@ -230,3 +230,33 @@ def test_dry_run_lists_cells_without_running(store):
     assert "torch/resnet18/feature_extraction/digits[n=40]/seed0" in done.stdout
     assert "torch/resnet18/full/digits[n=40]/seed0" in done.stdout
     assert not (store / "mlflow.db").exists()
+
+
+@pytest.mark.timeout(120)
+def test_two_cells_logging_the_same_dataset_at_once_both_record_it(store):
+    """MLflow keeps one datasets row per (experiment, name, digest), made on first use: two
+    cells of one split logging their inputs at once race to make it (seen: a --parallel 2
+    cell FAILED with a UNIQUE-constraint error). Both runs must end up with the inputs."""
+    import threading
+
+    exp = tracking.experiment_id("race")
+    c = tracking.client()
+    for round_ in range(8):
+        inputs = [{"name": "digits", "digest": f"d{round_}", "source_type": "sklearn_digits",
+                   "source": "{}", "context": "train", "profile": "{}"}]
+        runs = [c.create_run(exp).info.run_id for _ in range(2)]
+        barrier = threading.Barrier(2)
+
+        def log(run_id, inputs=inputs, barrier=barrier):
+            barrier.wait()
+            tracking.log_inputs(run_id, inputs)
+
+        threads = [threading.Thread(target=log, args=(r,)) for r in runs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in runs:
+            run = c.get_run(r)
+            assert [i.dataset.digest for i in run.inputs.dataset_inputs] == [f"d{round_}"]
+            assert "tlbench.inputs" not in run.data.tags
