@@ -62,3 +62,23 @@ class RecordingContext(CellContext):
     def elapsed(self):
         self.elapsed_calls += 1
         return super().elapsed()
+
+
+def keras_script_results(script: str) -> dict:
+    """Run `script` in a fresh interpreter with the TensorFlow backend (torch and tensorflow
+    never share a process); its last `RESULT {json}` line, plus rc and the stderr tail."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from bench.paths import ROOT
+
+    pytest.importorskip("tensorflow")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(ROOT),
+                               "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    return {"rc": proc.returncode, "stderr": proc.stderr[-4000:],
+            **(json.loads(lines[-1][7:]) if lines else {})}

@@ -9,10 +9,6 @@ init follows the cell's seed. Tiny models, weights='none', 32 px."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -20,9 +16,8 @@ import torch
 from torch import nn
 
 from bench.data import check_card, shipped_cards
-from bench.paths import ROOT
 from bench.spec import RunSpec
-from helpers import RecordingContext
+from helpers import RecordingContext, keras_script_results
 from strategies import registry
 from strategies.lora import ADAPTER_NAMES
 from strategies.torch_backend import lora, run_cell
@@ -265,14 +260,7 @@ KERAS_CHECKS = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def keras_results() -> dict:
-    pytest.importorskip("tensorflow")
-    proc = subprocess.run([sys.executable, "-c", KERAS_CHECKS], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600,
-                          env={**os.environ, "PYTHONPATH": str(ROOT),
-                               "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return {"rc": proc.returncode, "stderr": proc.stderr[-4000:],
-            **(json.loads(lines[-1][7:]) if lines else {})}
+    return keras_script_results(KERAS_CHECKS)
 
 
 @pytest.mark.parametrize("check", ["mobilenet_v2", "mobilenet_v3_small", "seed"])

@@ -4,18 +4,14 @@ tensorflow and torch in one process can crash it). Tiny models, weights='none', 
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from bench.data import check_card, shipped_cards
-from bench.paths import ROOT
 from bench.spec import RunSpec
-from helpers import RecordingContext
+from helpers import RecordingContext, keras_script_results
 from strategies import registry
 from strategies.torch_backend import run_cell
 from strategies.torch_backend.backbones import build
@@ -315,14 +311,7 @@ KERAS_CHECKS = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def keras_results() -> dict:
-    pytest.importorskip("tensorflow")
-    proc = subprocess.run([sys.executable, "-c", KERAS_CHECKS], cwd=ROOT, capture_output=True,
-                          text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT),
-                               "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    return {"rc": proc.returncode, "stderr": proc.stderr[-4000:],
-            **(json.loads(lines[-1][7:]) if lines else {})}
+    return keras_script_results(KERAS_CHECKS)
 
 
 @pytest.mark.parametrize("check", ["llrd", "l2sp", "gradual"])
