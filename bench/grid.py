@@ -57,7 +57,14 @@ from pathlib import Path
 
 from bench import devices, pretrain
 from bench import spec as specmod
-from bench.data import CardError, DatasetError, check_card, scan_image_folder, shipped_cards
+from bench.data import (
+    CardError,
+    DatasetError,
+    card_digest,
+    check_card,
+    scan_image_folder,
+    shipped_cards,
+)
 from bench.paths import grids_dir
 from bench.spec import RunSpec, SelectorError, parse_selector
 from strategies import FRAMEWORKS, registry
@@ -69,7 +76,9 @@ SMOKE_DEFAULTS = {"subset": 120, "epochs": 1}
 SPEC_FIELDS = {f.name: f for f in fields(RunSpec) if f.name != "strategy_params"}
 # RunSpec fields the harness sets itself, never a grid file: why, for the refusal
 SET_BY_RUNNER = {"device_kind": "it is set from run.device / --device (the kind of device "
-                                "the cell runs on: cpu, mps or cuda:<model>)"}
+                                "the cell runs on: cpu, mps or cuda:<model>)",
+                 "card_digests": "it is computed from the dataset cards the cell reads "
+                                 "(edit the card: [datasets.<name>] or datasets/<name>.toml)"}
 REQUIRED_AXES = ("framework", "backbone", "dataset")
 RUN_NAME_LAST = ("framework", "backbone", "dataset", "subset", "seed")  # end of a run name
 
@@ -402,8 +411,17 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str],
                          smoke_epochs, f"{loc('epochs')}: epochs", str(selector), problems)
         if epochs is not None:
             cells.append(RunSpec(**{**base, "epochs": epochs}, strategy=sname,
-                                 strategy_params=tuple(p.items())))
+                                 strategy_params=tuple(p.items()),
+                                 card_digests=_card_digests(base, cards)))
     return cells
+
+
+def _card_digests(values: dict, cards: dict) -> str:
+    """`name=digest` of the cell's dataset card and its pretraining's source card."""
+    names = {values["dataset"]}
+    if pretrain.is_pretrained(str(values.get("weights", ""))):
+        names.add(pretrain.parse(values["weights"])[0])
+    return ",".join(f"{n}={card_digest(cards[n])}" for n in sorted(names))
 
 
 def _budget(sname: str, params: dict, epochs: int, smoke_epochs: int | None, where: str,

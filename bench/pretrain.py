@@ -133,8 +133,11 @@ def pretrain_spec(cell):
         return None
     dataset, params = parse(cell.weights)
     p = {k: params.get(k, v.default) for k, v in PARAMS.items()}
+    digests = dict(d.split("=", 1) for d in cell.card_digests.split(",") if d)
     return dataclasses.replace(
-        cell, dataset=dataset, subset=p["subset"], strategy="full", strategy_params=(),
+        cell, dataset=dataset,
+        card_digests=f"{dataset}={digests[dataset]}" if dataset in digests else "",
+        subset=p["subset"], strategy="full", strategy_params=(),
         weights="none", epochs=p["epochs"], head="linear", select="last",
         lr=cell.lr if p["lr"] is None else p["lr"],
         seed=cell.seed if p["seed"] is None else p["seed"])

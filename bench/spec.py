@@ -66,6 +66,10 @@ class RunSpec:
     # the kind of device the cell is measured on (bench/devices.py): cpu, mps or
     # cuda:<model>. Part of the identity: a cell on another device is another measurement.
     device_kind: str = "cpu"
+    # `name=digest,...` of every dataset card the cell reads (its dataset and a pretraining's
+    # source; bench/data/cards.py card_digest), set by the grid: editing a card's split or
+    # shift options changes the cell's identity. "" for a spec made without a grid.
+    card_digests: str = ""
     # speed options (canonical() omits defaults, so cells without them keep their hashes)
     feature_cache: bool = True  # frozen backbone/prefix computed once (bench/driver.py)
     decoded_cache: bool = True  # image files decoded once into a memmap (bench/data/decoded.py)

@@ -646,3 +646,50 @@ def test_a_folder_named_like_a_shipped_grid_is_not_taken_for_it(tmp_path, monkey
     monkeypatch.chdir(tmp_path)
     (tmp_path / "strategies").mkdir()  # as in the repository root: the package
     assert grid.resolve_path("strategies") == grid.grids_dir() / "strategies.toml"
+
+
+# ---- a cell's data is part of its identity ---------------------------------------------------
+def _card_grid(noise=80.0, description="noisy digits", split=None, weights="imagenet"):
+    card = {"source": "sklearn_digits", "description": description,
+            "corruption": {"noise_std": noise}}
+    if split:
+        card["split"] = split
+    return from_dict(doc({"dataset": ["noisy", "digits"], "weights": [weights]},
+                         datasets={"noisy": card}), "x.toml")
+
+
+def _hashes(g):
+    return {s.dataset: s.hash for s in g.specs}
+
+
+def test_editing_a_card_makes_new_cells_and_leaves_the_others():
+    base = _hashes(_card_grid())
+    # what decides the data: the shift options and the split rule
+    assert _hashes(_card_grid(noise=60.0))["noisy"] != base["noisy"]
+    assert _hashes(_card_grid(split={"val_fraction": 0.3}))["noisy"] != base["noisy"]
+    # the cells of the other, unedited card keep their identity
+    assert _hashes(_card_grid(noise=60.0))["digits"] == base["digits"]
+    # words about the data are not the data
+    assert _hashes(_card_grid(description="other words")) == base
+    s = next(s for s in _card_grid().specs if s.dataset == "noisy")
+    assert s.card_digests.startswith("noisy=") and len(s.card_digests) == len("noisy=") + 12
+    assert RunSpec.from_params(s.to_params()) == s  # logged and read back whole
+
+
+def test_editing_a_pretraining_source_card_makes_a_new_pretraining():
+    from bench import pretrain
+
+    def pspec_and_cell(noise):
+        g = _card_grid(noise=noise, weights="pretrained:noisy[epochs=1]")
+        cell = next(s for s in g.specs if s.dataset == "digits")
+        return pretrain.pretrain_spec(cell), cell
+
+    (p80, c80), (p60, c60) = pspec_and_cell(80.0), pspec_and_cell(60.0)
+    assert p80.card_digests.startswith("noisy=") and "digits=" not in p80.card_digests
+    assert p80.hash != p60.hash  # another checkpoint, not the cached one
+    assert c80.hash != c60.hash  # and the cells built on it are other cells
+
+
+def test_card_digests_are_not_a_grid_field():
+    msg = problems(doc(defaults={"card_digests": "digits=0"}))
+    assert "defaults.card_digests: not a grid field: it is computed from the dataset cards" in msg

@@ -9,11 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.data.cards import CardError, check_card, shipped_cards
+from bench.data.cards import CardError, card_digest, check_card, shipped_cards
 from bench.data.sources import DatasetError, DataSource, load, scan_image_folder
 from bench.data.split import manifest
 
-__all__ = ["CardError", "DataSource", "DatasetError", "Prepared", "check_card",
+__all__ = ["CardError", "DataSource", "DatasetError", "Prepared", "card_digest", "check_card",
            "dataset_inputs", "prepare",
            "scan_image_folder", "shipped_cards"]
 

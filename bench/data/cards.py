@@ -27,6 +27,8 @@ stratified) from what the test split leaves, the test split kept whole:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import tomllib
 
 from bench.data.sources import ARRAY_SOURCES, SOURCES
@@ -152,3 +154,17 @@ def _check_options(card: dict, where: str) -> None:
             raise CardError(f"{where}.label_permutation = {v!r}: must be an integer >= 0 "
                             f"(the seed of the permutation of the classes; every class "
                             f"moves)")
+
+
+# what in a card does not change the images, labels or split a cell sees
+_NOT_DATA = {"name", "description", "url"}
+
+
+def card_digest(card: dict) -> str:
+    """12 hex digits of everything in a checked card that decides the data a cell sees
+    (source, root, classes, shift options, split rule): part of a cell's identity
+    (RunSpec.card_digests), so editing a card's split or corruption makes new cells instead
+    of resuming the old results. Its name, description and download url are left out."""
+    kept = {k: v for k, v in card.items() if k not in _NOT_DATA and not k.startswith("_")}
+    blob = json.dumps(kept, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
