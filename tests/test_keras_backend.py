@@ -880,16 +880,20 @@ def test_split_after_frozen_blocks(built, logits_once, backbone, n_frozen):
 # ConvNeXt's cut (at a residual add) is proven by test_split_after_frozen_blocks (the two
 # parts give the whole model's logits bit for bit at every depth); training it here too took
 # ~2 min of the suite's 30 for code that is the same for every backbone.
-@pytest.mark.parametrize("backbone,strategy,depth,label", [
-    ("mobilenet_v2", "two_stage", 2, "head=features; finetune=prefix:7 blocks"),
+@pytest.mark.parametrize("backbone,strategy,params,label,n_frozen", [
+    ("mobilenet_v2", "two_stage", {"depth": 2}, "head=features; finetune=prefix:7 blocks", 7),
+    # a named set with a frozen block inside it (stage6 runs in the suffix, inference mode)
+    ("mobilenet_v2", "blocks", {"names": "stage5+stage7"}, "prefix:5 blocks", 5),
 ])
-def test_feature_cache_trains_exactly_as_uncached(cache, backbone, strategy, depth, label):
+def test_feature_cache_trains_exactly_as_uncached(cache, backbone, strategy, params, label,
+                                                  n_frozen):
     """two_stage[depth=2] on MobileNetV2: the head phase on cached features, the fine-tuning
-    phase on the cached output of the bottom 7 blocks (partial[depth=1] on ConvNeXt: the
-    bottom 4); the same losses and accuracies as the uncached path, epoch by epoch (inference
-    mode through the frozen part, the same items in the same seeded order)."""
+    phase on the cached output of the bottom 7 blocks; blocks[names=stage5+stage7] on the
+    cached output of the bottom 5, stage6 frozen between the trained ones. The same losses
+    and accuracies as the uncached path, epoch by epoch (inference mode through the frozen
+    part, the same items in the same seeded order)."""
     card = check_card(shipped_cards()["digits"], "digits")
-    params = registry.get(strategy).with_defaults({"depth": depth})
+    params = registry.get(strategy).with_defaults(params)
     runs = {}
     for feature_cache in (False, True):
         spec = RunSpec(framework="keras", backbone=backbone, dataset="digits",
@@ -900,7 +904,6 @@ def test_feature_cache_trains_exactly_as_uncached(cache, backbone, strategy, dep
         run_cell(spec, card, ctx)
         runs[feature_cache] = ctx, {k: v for f in ctx.finals for k, v in f.items()}
     (off, off_final), (on, on_final) = runs[False], runs[True]
-    n_frozen = catalog.BACKBONES[backbone].n_blocks - depth
     assert off.tags["feature_cache_used"] == "off: feature_cache = false"
     assert on.tags["feature_cache_used"] == label
     assert on.tags["train_rate_of"] == f"blocks above the cached bottom {n_frozen}"
