@@ -126,8 +126,9 @@ class Session(Protocol):
     def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
         """The model (backbone, weights, new head) and the loaders of the split parts."""
 
-    def load_backbone(self, path: str) -> None:
-        """Weights the harness pretrained (strategies/<framework>_backend/backbones.py)."""
+    def load_backbone(self, path: str, head: bool = False) -> None:
+        """Weights the harness pretrained (strategies/<framework>_backend/backbones.py); the
+        head too when `head` (head_init = "source"), else it keeps its fresh init."""
 
     def reinit_top(self, depth: int | str) -> list[str]:
         """Re-initialise the top `depth` blocks (the AnB protocol); return their names."""
@@ -289,7 +290,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     # weights pretrained by the harness on a source dataset, then the AnB re-initialisation
     checkpoint = pretrain.checkpoint_for(spec, ctx)
     if checkpoint:
-        session.load_backbone(checkpoint)
+        session.load_backbone(checkpoint, head=spec.head_init == "source")
     depth = strategy.reinit_depth(spec.params)
     if depth:
         ctx.set_tags({"reinit_blocks": ",".join(session.reinit_top(depth))})

@@ -65,6 +65,7 @@ from bench.data import (
     scan_image_folder,
     shipped_cards,
 )
+from bench.data.sources import class_count
 from bench.paths import grids_dir
 from bench.spec import RunSpec, SelectorError, parse_selector
 from strategies import FRAMEWORKS, registry
@@ -228,6 +229,7 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
                             f"has test = \"val\": the weights would be chosen on the part "
                             f"they are tested on; allowed: select = \"last\", or a card "
                             f"that holds out a test split")
+        problems += _head_problems(s, cards)
     if problems:
         raise GridError(where, _unique(problems))
     unique, seen = [], set()
@@ -438,6 +440,47 @@ def _budget(sname: str, params: dict, epochs: int, smoke_epochs: int | None, whe
                         f"{problem}")
         return None
     return epochs
+
+
+def _head_problems(s: RunSpec, cards: dict) -> list[str]:
+    """Why a cell's head_init / blocks[head=frozen] cannot run: the source's head exists only
+    for `pretrained:` weights, is linear (pretrain_spec), and fits the target only with as
+    many classes; a frozen head that is not the source's is a fixed random projection."""
+    out = []
+    frozen = s.strategy == "blocks" and s.params.get("head") == "frozen"
+    if frozen and s.head_init != "source":
+        out.append(f"strategy = {s.strategy_label!r} with head_init = {s.head_init!r}: a "
+                   f"frozen new head is a fixed random projection of the features, never "
+                   f"trained; allowed: head_init = \"source\" (the pretraining's trained "
+                   f"head) or head=train")
+    if s.head_init != "source":
+        return out
+    if not pretrain.is_pretrained(s.weights):
+        out.append(f"head_init = 'source' with weights = {s.weights!r}: only weights the "
+                   f"harness pretrained have a source head; allowed: weights = "
+                   f"\"pretrained:<dataset>[...]\", or head_init = \"new\"")
+        return out
+    if s.head != "linear":
+        out.append(f"head_init = 'source' with head = {s.head!r}: the pretraining trains a "
+                   f"linear head; allowed: head = \"linear\", or head_init = \"new\"")
+    try:
+        source = pretrain.parse(s.weights)[0]
+    except pretrain.WeightsError:
+        return out  # reported with the weights field
+    if source not in cards or s.dataset not in cards:
+        return out  # reported with the weights / dataset field
+    have, want = class_count(cards[source]), class_count(cards[s.dataset])
+    if have is None or want is None:
+        unknown = source if have is None else s.dataset
+        out.append(f"head_init = 'source' with weights = {s.weights!r} and dataset = "
+                   f"{s.dataset!r}: the class count of dataset {unknown!r} cannot be known "
+                   f"here without its data (give its card `classes = [...]`), so the "
+                   f"source head's fit cannot be checked; allowed: head_init = \"new\"")
+    elif have != want:
+        out.append(f"head_init = 'source' with weights = {s.weights!r}: the source {source!r} "
+                   f"has {have} classes, dataset {s.dataset!r} has {want}; the source's head "
+                   f"fits only a target with the same classes; allowed: head_init = \"new\"")
+    return out
 
 
 def _folder_problem(card: dict) -> str | None:

@@ -13,7 +13,8 @@ checkpoint makes a new one.
                                             the cell's lr and seed
     pretrained:digits_a[epochs=20,lr=0.01]
 
-The checkpoint holds the backbone without its head (each backend writes its own format) and a
+The checkpoint holds the backbone and its trained linear head (each backend writes its own
+format; a cell loads the head only with `head_init = "source"`, else its head is new) and a
 JSON sidecar with its sha256; a file that does not match it (truncated, corrupted) is
 deleted and made again, never loaded. A file lock around check-and-make means two runners
 (or two cells on two GPUs) needing the same pretraining make it once. Across machines the
@@ -138,7 +139,7 @@ def pretrain_spec(cell):
         cell, dataset=dataset,
         card_digests=f"{dataset}={digests[dataset]}" if dataset in digests else "",
         subset=p["subset"], strategy="full", strategy_params=(),
-        weights="none", epochs=p["epochs"], head="linear", select="last",
+        weights="none", epochs=p["epochs"], head="linear", head_init="new", select="last",
         lr=cell.lr if p["lr"] is None else p["lr"],
         seed=cell.seed if p["seed"] is None else p["seed"])
 

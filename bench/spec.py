@@ -30,6 +30,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
 SELECTS = ("last", "best_val")  # which weights the test evaluates (bench/driver.py)
 HEADS = tuple(_backbones.HEADS)  # declared in strategies/backbones.py
+HEAD_INITS = ("new", "source")  # the head's start: fresh, or the pretraining's trained head
 
 
 def _checked(default, **constraint):
@@ -55,6 +56,9 @@ class RunSpec:
     lr: float = _checked(1e-3, minimum=0, exclusive=True)
     weight_decay: float = _checked(0.0, minimum=0)
     head: str = _checked("linear", choices=HEADS)
+    # "source": the head starts as the `pretrained:` source's trained head (same classes),
+    # so a label shift is one the head must undo (Lee et al. 2023); "new": a fresh head
+    head_init: str = _checked("new", choices=HEAD_INITS)
     precision: str = _checked("fp32", choices=PRECISIONS)
     augmentation: str = _checked("none", choices=AUGMENTATIONS)
     seed: int = _checked(0, minimum=0)

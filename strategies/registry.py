@@ -21,7 +21,9 @@ plus, at most, a small hook per framework backend.
                                   Yosinski et al. 2014's AnB / AnB+ with n = blocks - k
     blocks[names=a+b]             the named blocks + head trainable, any set (surgical
                                   fine-tuning, Lee et al. 2023); `+` joins one set, a comma
-                                  sweeps sets as everywhere: names=stem,stage4 is two cells
+                                  sweeps sets as everywhere: names=stem,stage4 is two cells;
+                                  head=frozen keeps the head as loaded (needs
+                                  head_init="source": the pretraining's head)
     bitfit                        only the biases (every block) + head (Ben Zaken et al. 2022)
     norm                          only the norm layers' gamma/beta (every block) + head
     llrd[decay=d]                 everything trainable, the head at lr, the block d blocks
@@ -53,7 +55,8 @@ ONLY = ("all", "bias", "norm", "lora")
 every additive bias, the convolutions' and linear layers' and the norm layers' beta, which
 PyTorch names `bias` too); the normalisation layers' affine gamma and beta ('norm':
 BatchNorm, LayerNorm, GroupNorm); or the low-rank adapters the backend adds to them ('lora',
-with Phase.lora set: strategies/lora.py). The head always trains whole."""
+with Phase.lora set: strategies/lora.py). The head trains whole, or not at all
+(Phase.train_head False)."""
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,18 @@ class Phase:
     # LoRA: (rank, alpha) adapters added to the trainable blocks' convolutions and linear
     # layers when the phase begins (strategies/lora.py); trains them with only='lora'
     lora: tuple[int, float] | None = None
+    # the head trains (default); False keeps it as loaded, bit for bit (blocks[head=frozen]
+    # with head_init="source": the source's head, the paper's "Block 1" arm)
+    train_head: bool = True
 
     def __post_init__(self):
         if (self.only == "lora") != (self.lora is not None):
             raise ValueError("only='lora' and lora=(rank, alpha) go together")
+        if not self.train_head and self.blocks is None and self.trainable_blocks == 0:
+            raise ValueError("a phase with a frozen head and no trainable block trains "
+                             "nothing")
+        if not self.train_head and self.blocks == ():
+            raise ValueError("a phase with a frozen head and no named block trains nothing")
 
 
 @dataclass(frozen=True)
@@ -349,14 +360,17 @@ register(Strategy(
     name="blocks",
     description=(
         "Surgical fine-tuning (Lee et al., ICLR 2023): the named blocks and the head "
-        "trainable, any set, the rest frozen. `names=stem+stage1` is one set."
+        "trainable, any set, the rest frozen. `names=stem+stage1` is one set; head=frozen "
+        "trains the named blocks alone under the source's head (head_init='source')."
     ),
     params=(
         Param("names", "blocks", help="the blocks to train, '+'-joined: stem+stage1"),
         _BN,
+        Param("head", "choice", default="train", choices=("train", "frozen"),
+              help="the head: trained, or frozen as loaded (needs head_init='source')"),
     ),
     build_phases=lambda p: [Phase(0, blocks=split_blocks(p["names"]), bn=p["bn"],
-                                  name="finetune")],
+                                  name="finetune", train_head=p["head"] == "train")],
 ))
 
 # Running statistics are state outside the trained set: frozen (inference mode) by default

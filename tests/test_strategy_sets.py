@@ -56,7 +56,7 @@ def _grid(strategy: str, backbone: str = "resnet18", framework: str = "torch"):
 def test_a_set_is_plus_joined_and_a_comma_sweeps_sets():
     assert parse_selector("blocks[names=stem+stage1]") == ("blocks", {"names": ["stem+stage1"]})
     (one,) = _grid("blocks[names=stage1+stem]").specs  # stored in backbone order: one cell
-    assert one.params == {"names": "stem+stage1", "bn": "train"}
+    assert one.params == {"names": "stem+stage1", "bn": "train", "head": "train"}
     two = _grid("blocks[names=stem,stage4+stage1]").specs
     assert [s.params["names"] for s in two] == ["stem", "stage1+stage4"]
     phase, = (p for p, _ in registry.get("blocks").phases(one.params, 1))

@@ -153,7 +153,8 @@ def test_bad_option_values_are_refused_naming_the_key(options, expected):
 
 
 # ---- the grid ------------------------------------------------------------------------------
-STRATEGIES = {"blocks[names=stem]", "blocks[names=top_conv]", "full", "feature_extraction"}
+STRATEGIES = {"blocks[names=stem,head=frozen]", "blocks[names=top_conv,head=frozen]", "full",
+              "feature_extraction"}
 
 
 def test_the_surgical_grid():
@@ -164,6 +165,9 @@ def test_the_surgical_grid():
     assert {s.strategy_label for s in g.specs} == STRATEGIES
     assert {s.dataset for s in g.specs} == {"mnist5k_c", "mnist5k_perm"}
     assert {(s.backbone, s.image_size) for s in g.specs} == {("mobilenet_v2", 32)}
+    # the source's head, as in the paper: the permutation is a shift the head must undo
+    assert {s.head_init for s in g.specs} == {"source"}
+    assert {s.params["head"] for s in g.specs if s.strategy == "blocks"} == {"frozen"}
     # the first block (stem) and the last (top_conv) of the backbone the cells use
     blocks = bb.get("mobilenet_v2").blocks
     assert {s.params["names"] for s in g.specs if s.strategy == "blocks"} == {

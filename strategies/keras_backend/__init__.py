@@ -245,8 +245,8 @@ class KerasSession:
         self.parts, self.parallel, self.bn_batches, self.bn_probes = parts, parallel, None, {}
 
     # weights the harness pretrained (bench/pretrain.py)
-    def load_backbone(self, path: str) -> None:
-        load_backbone(self.kb, path)
+    def load_backbone(self, path: str, head: bool = False) -> None:
+        load_backbone(self.kb, path, head=head)
 
     def reinit_top(self, depth: int | str) -> list[str]:
         return reinit_top_blocks(self.kb, depth)

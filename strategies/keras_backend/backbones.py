@@ -416,24 +416,43 @@ def _backbone_variables(kb: KerasBackbone) -> dict[str, object]:
             for v in la.weights}
 
 
+HEAD_KEY = "head:"  # a checkpoint's head variables: HEAD_KEY + their path
+
+
+def _head_variables(kb: KerasBackbone) -> dict[str, object]:
+    return {p: v for la in kb.model.layers if kb.owner[la.name] == "head"
+            for v in la.weights for p in [HEAD_KEY + v.path]}
+
+
 def save_backbone(kb: KerasBackbone, path: str | Path) -> None:
-    """Every backbone variable by its path, as .npz (the head, sized for the source
-    dataset's classes, is left out)."""
-    arrays = {p: np.asarray(v.numpy()) for p, v in _backbone_variables(kb).items()}
+    """Every backbone variable by its path, and the trained head's under HEAD_KEY + path
+    (loaded only with head_init = "source"), as .npz."""
+    variables = {**_backbone_variables(kb), **_head_variables(kb)}
+    arrays = {p: np.asarray(v.numpy()) for p, v in variables.items()}
     with open(path, "wb") as fh:  # a file object: numpy would append .npz to a path
         np.savez(fh, **arrays)
 
 
-def load_backbone(kb: KerasBackbone, path: str | Path) -> None:
+def load_backbone(kb: KerasBackbone, path: str | Path, head: bool = False) -> None:
     """Load a checkpoint written by save_backbone; every backbone variable must be in it with
-    its shape (only the new head keeps its fresh init)."""
+    its shape. The head keeps its fresh init unless `head` (then the checkpoint's head is
+    loaded too, and must fit: the same head and classes)."""
     try:
         with np.load(path, allow_pickle=False) as saved:
             arrays = {k: saved[k] for k in saved.files}
     except Exception as e:  # truncated, not an npz
         raise ValueError(f"pretrained checkpoint {path} could not be read as .npz "
                          f"({type(e).__name__}: {e})") from e
+    saved_head = {k for k in arrays if k.startswith(HEAD_KEY)}
+    if head and not saved_head:
+        raise ValueError(f"pretrained checkpoint {path} holds no head (made before "
+                         f"checkpoints kept their head): delete it and its .json to pretrain "
+                         f"again, or use head_init = 'new'")
     variables = _backbone_variables(kb)
+    if head:
+        variables.update(_head_variables(kb))
+    else:
+        arrays = {k: v for k, v in arrays.items() if k not in saved_head}
     missing = sorted(set(variables) - set(arrays))
     unexpected = sorted(set(arrays) - set(variables))
     wrong = [p for p in set(variables) & set(arrays)

@@ -70,13 +70,14 @@ def _sublayers(layer: keras.layers.Layer):
 
 def apply_phase(kb: KerasBackbone, phase: Phase, seed: int = 0) -> list:
     """Set `trainable` and the pinned layers for the phase; return the trainable variables
-    (head included). Recompile the model afterwards. A LoRA phase adds its adapters first
-    (once; A drawn from `seed`, the cell's), their summary in kb.notes['lora']."""
+    (the head's unless the phase freezes it). Recompile the model afterwards. A LoRA phase
+    adds its adapters first (once; A drawn from `seed`, the cell's), their summary in
+    kb.notes['lora']."""
     if phase.lora is not None:
         tag = lora.install(kb, trainable_blocks(kb, phase), *phase.lora, seed=seed)
         if tag:
             kb.notes["lora"] = tag
-    unfrozen = set(trainable_blocks(kb, phase)) | {"head"}
+    unfrozen = set(trainable_blocks(kb, phase)) | ({"head"} if phase.train_head else set())
     for layer in kb.model.layers:
         trainable = kb.owner[layer.name] in unfrozen
         # False first: Keras 3 resets its variables' flags only when `trainable` is assigned

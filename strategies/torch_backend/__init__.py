@@ -153,8 +153,8 @@ class TorchSession:
         self.parts, self.workers, self.bn_batches = parts, workers, None
 
     # weights the harness pretrained (bench/pretrain.py)
-    def load_backbone(self, path: str) -> None:
-        load_backbone(self.tb, path)
+    def load_backbone(self, path: str, head: bool = False) -> None:
+        load_backbone(self.tb, path, head=head)
 
     def reinit_top(self, depth: int | str) -> list[str]:
         return reinit_top_blocks(self.tb, depth)

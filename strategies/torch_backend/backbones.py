@@ -198,26 +198,33 @@ def _under(key: str, prefixes) -> bool:
 
 
 def save_backbone(tb: TorchBackbone, path: str | Path) -> None:
-    """The state dict without the head (the source dataset's classes): what a cell on
-    another dataset can start from."""
-    state = {k: v for k, v in tb.model.state_dict().items()
-             if not _under(k, [tb.block_map.classifier])}
-    torch.save(state, path)
+    """The whole state dict, the trained head included: a cell on another dataset loads the
+    backbone (load_backbone), one on the same classes may start from the head too
+    (head_init = "source")."""
+    torch.save(tb.model.state_dict(), path)
 
 
-def load_backbone(tb: TorchBackbone, path: str | Path) -> None:
-    """Load a checkpoint written by save_backbone: every backbone tensor must be in it (only
-    the new head keeps its fresh init)."""
+def load_backbone(tb: TorchBackbone, path: str | Path, head: bool = False) -> None:
+    """Load a checkpoint written by save_backbone: every backbone tensor must be in it. The
+    head keeps its fresh init unless `head` (then the checkpoint's head is loaded too, and
+    must fit: the same head and classes)."""
+    state = load_weights_file(str(path))
+    if not head:
+        state = {k: v for k, v in state.items() if not _under(k, [tb.block_map.classifier])}
     try:
-        missing, unexpected = tb.model.load_state_dict(load_weights_file(str(path)),
-                                                       strict=False)
+        missing, unexpected = tb.model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # a tensor of another shape: another architecture
         raise ValueError(f"pretrained checkpoint {path} does not fit {tb.name}: "
                          f"{str(e).splitlines()[1].strip()}") from e
+    headless = [k for k in missing if _under(k, [tb.block_map.classifier])]
     missing = [k for k in missing if not _under(k, [tb.block_map.classifier])]
     if missing or unexpected:
         raise ValueError(f"pretrained checkpoint {path} does not fit {tb.name}: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
+    if head and headless:
+        raise ValueError(f"pretrained checkpoint {path} holds no head ({headless[:2]} "
+                         f"missing; made before checkpoints kept their head): delete it "
+                         f"and its .json to pretrain again, or use head_init = 'new'")
 
 
 def reinit_top_blocks(tb: TorchBackbone, depth: int | str) -> list[str]:

@@ -51,9 +51,9 @@ def selected_parameters(module: nn.Module, only: str) -> list[nn.Parameter]:
 
 
 def apply_phase(tb: TorchBackbone, phase: Phase, seed: int = 0) -> list[nn.Parameter]:
-    """Set requires_grad for the phase; return the trainable parameters (head included). A
-    LoRA phase adds its adapters first (once; A drawn from `seed`, the cell's), their
-    summary in tb.notes['lora']."""
+    """Set requires_grad for the phase; return the trainable parameters (the head's unless
+    the phase freezes it). A LoRA phase adds its adapters first (once; A drawn from `seed`,
+    the cell's), their summary in tb.notes['lora']."""
     if phase.lora is not None:
         tag = lora.install(tb, trainable_blocks(tb, phase), *phase.lora, seed=seed)
         if tag:
@@ -63,7 +63,7 @@ def apply_phase(tb: TorchBackbone, phase: Phase, seed: int = 0) -> list[nn.Param
         for m in tb.block_modules(block):
             for p in selected_parameters(m, phase.only):
                 p.requires_grad_(True)
-    tb.head.requires_grad_(True)
+    tb.head.requires_grad_(phase.train_head)  # frozen: kept as loaded (blocks[head=frozen])
     return [p for p in tb.model.parameters() if p.requires_grad]
 
 
