@@ -182,6 +182,34 @@ class Session(Protocol):
         """Wait for the device (every clock read follows one)."""
 
 
+class BackboneHandling:
+    """The Session methods that hand the built backbone to the backend's backbones module
+    (load_backbone, reinit_top, save_backbone) or read it (n_blocks, notes): the same
+    delegation in every framework, written once. A session derives from it, names its
+    backbones module in `backbone_module` and sets `backbone` in build."""
+
+    backbone_module: object  # strategies/<framework>_backend/backbones.py
+    backbone: object  # what build made: a TorchBackbone, a KerasBackbone
+
+    # weights the harness pretrained (bench/pretrain.py)
+    def load_backbone(self, path: str, head: bool = False) -> None:
+        self.backbone_module.load_backbone(self.backbone, path, head=head)
+
+    def reinit_top(self, depth: int | str) -> list[str]:
+        return self.backbone_module.reinit_top_blocks(self.backbone, depth)
+
+    def save_backbone(self, path: str) -> None:
+        self.backbone_module.save_backbone(self.backbone, path)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.backbone.block_map.blocks)
+
+    @property
+    def notes(self) -> dict[str, str]:
+        return self.backbone.notes
+
+
 _AFTER_BUILD = {"load_backbone", "reinit_top", "save_backbone", "begin_phase", "evaluate",
                 "snapshot", "restore", "param_counts"}
 _IN_A_PHASE = {"use_cache", "train_epoch", "recalibrate_bn", "model_only_rates"}

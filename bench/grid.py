@@ -70,6 +70,7 @@ from bench.paths import grids_dir
 from bench.spec import RunSpec, SelectorError, parse_selector
 from strategies import FRAMEWORKS, registry
 from strategies import backbones as bb
+from strategies.constraint import Constraint
 
 TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets"}
 RUN_KEYS = {"device", "timeout_minutes", "deterministic", "parallel"}
@@ -255,6 +256,17 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
 
 
 # ---- pieces ------------------------------------------------------------------------------
+# the [run] table's rules (device: bench/devices.py check)
+RUN_RULES = {
+    "timeout_minutes": Constraint(float, minimum=0, exclusive=True, unit="minutes",
+                                  help="leave it out for no limit"),
+    "deterministic": Constraint(bool, also=("auto",)),
+    "parallel": Constraint(int, minimum=1, also=("auto",),
+                           help="auto: one cell per visible GPU, one at a time on a CPU; "
+                                "N: N cells at once"),
+}
+
+
 def _run_table(run: dict, problems: list[str]) -> dict:
     """[run]: how the grid runs (not part of any cell's identity) -> Grid keyword arguments."""
     bad = sorted(set(run) - RUN_KEYS)
@@ -266,26 +278,16 @@ def _run_table(run: dict, problems: list[str]) -> dict:
     msg = devices.check(out["device"])
     if msg:
         problems.append(f"run.device = {out['device']!r}: {msg}")
-    t = out["timeout_minutes"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not t > 0):
-        problems.append(f"run.timeout_minutes = {t!r}: must be a number of minutes > 0 "
-                        f"(leave it out for no limit)")
-    d = out["deterministic"]
-    if not (isinstance(d, bool) or d == "auto"):
-        problems.append(f"run.deterministic = {d!r}: allowed: \"auto\", true, false")
-    problem = parallel_problem(out["parallel"])
-    if problem:
-        problems.append(f"run.parallel = {out['parallel']!r}: {problem}")
+    for key, rule in RUN_RULES.items():
+        msg = None if out[key] is None else rule.check(out[key])  # None: no timeout
+        if msg:
+            problems.append(f"run.{key} = {out[key]!r}: {msg}")
     return out
 
 
 def parallel_problem(value: object) -> str | None:
     """None for `auto` or a count of cells >= 1; else what is allowed."""
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
-                           and value >= 1):
-        return None
-    return "allowed: \"auto\" (one cell per visible GPU; one at a time on a CPU) or a " \
-           "number of cells at once >= 1"
+    return RUN_RULES["parallel"].check(value)
 
 
 def _unique(items: list[str]) -> list[str]:
@@ -596,12 +598,6 @@ def _check_param(p: registry.Param, v, info: bb.BackboneInfo) -> str | None:
         if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= info.n_blocks:
             return (f"allowed: 1..{info.n_blocks} or 'all' ({info.name} has {info.n_blocks} "
                     f"blocks: {', '.join(info.blocks)})")
-    elif p.kind in ("float", "int"):
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            return "must be a number"
-        if (p.minimum is not None and v < p.minimum) or (p.maximum is not None
-                                                         and v > p.maximum):
-            return f"allowed: {p.minimum}..{p.maximum}"
-    elif p.kind == "choice" and v not in p.choices:
-        return f"allowed: {', '.join(p.choices)}"
+    else:  # float, int, choice: the Param's own constraint
+        return p.constraint.problem(v)
     return None

@@ -36,9 +36,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.constraint import Constraint
 from bench.paths import atomic_write_text, cache_dir, file_lock
 from bench.selector import SelectorError, parse_selector
+from strategies.constraint import Constraint
 
 PREFIX = "pretrained:"
 
@@ -92,8 +92,9 @@ def parse(weights: str) -> tuple[str, dict]:
             raise WeightsError(f"{k} has {len(vals)} values; one pretraining per weights "
                                f"value (list several weights values to sweep)")
         v = vals[0]
-        if p.check.problem(v):  # stated whole: kind and bound in one phrase
-            raise WeightsError(f"{k} = {v!r}: must be {p.check.rule()} ({p.check.help})")
+        msg = p.check.check(v)  # stated whole: kind and bound in one phrase
+        if msg:
+            raise WeightsError(f"{k} = {v!r}: {msg}")
         params[k] = p.check.kind(v)
     return dataset, params
 

@@ -18,10 +18,10 @@ import typing
 from dataclasses import dataclass, field, fields
 
 from bench import pretrain as _pretrain
-from bench.constraint import Constraint
 from bench.selector import SelectorError, parse_selector, parse_value  # noqa: F401 - re-exported
 from strategies import backbones as _backbones
 from strategies import registry as _registry
+from strategies.constraint import Constraint
 
 SPEC_VERSION = 1  # bump when a field's meaning changes: old hashes then stop matching
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from strategies.constraint import lookup
+
 
 @dataclass(frozen=True)
 class BackboneInfo:
@@ -64,9 +66,4 @@ HEADS: dict[str, tuple[tuple[int, ...], float]] = {
 
 
 def get(name: str) -> BackboneInfo:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise KeyError(
-            f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}"
-        ) from None
+    return lookup(BACKBONES, name, "backbone")

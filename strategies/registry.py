@@ -42,6 +42,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from strategies.constraint import Constraint, lookup
+
 ALL = -1
 """`trainable_blocks` value meaning every block of the backbone."""
 
@@ -104,6 +106,16 @@ class Param:
     minimum: float | None = None
     maximum: float | None = None
     help: str = ""
+
+    @property
+    def constraint(self) -> Constraint | None:
+        """The rule of a 'float', 'int' or 'choice' parameter; None for 'depth' and
+        'blocks', whose values depend on the backbone (bench/grid.py checks them)."""
+        kinds = {"float": float, "int": int, "choice": None}
+        if self.kind not in kinds:
+            return None
+        return Constraint(kinds[self.kind], minimum=self.minimum, maximum=self.maximum,
+                          choices=self.choices, help=self.help)
 
 
 @dataclass(frozen=True)
@@ -221,12 +233,7 @@ def register(strategy: Strategy) -> Strategy:
 
 
 def get(name: str) -> Strategy:
-    try:
-        return STRATEGIES[name]
-    except KeyError:
-        raise UnknownStrategy(
-            f"unknown strategy {name!r}; registered: {', '.join(sorted(STRATEGIES))}"
-        ) from None
+    return lookup(STRATEGIES, name, "strategy", UnknownStrategy)
 
 
 def resolve_depth(depth: int | str, n_blocks: int) -> int:

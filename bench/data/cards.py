@@ -33,11 +33,28 @@ import tomllib
 
 from bench.data.sources import ARRAY_SOURCES, SOURCES
 from bench.paths import datasets_dir
+from strategies.constraint import Constraint
 
 CARD_KEYS = {"name", "description", "source", "root", "url", "split", "classes",
              "corruption", "label_permutation"}
-CORRUPTION_KEYS = {"noise_std", "invert", "seed"}
-SPLIT_KEYS = {"val_fraction", "test_fraction", "test", "train_size", "val_size"}
+# the shift options' rules (applied in bench/data/sources.py `load`)
+CORRUPTION = {
+    "noise_std": Constraint(float, minimum=0, maximum=255,
+                            help="the noise's standard deviation in pixel units"),
+    "invert": Constraint(bool),
+    "seed": Constraint(int, minimum=0),
+}
+CORRUPTION_KEYS = set(CORRUPTION)
+LABEL_PERMUTATION = Constraint(int, minimum=0, help="the seed of the permutation of the "
+                                                    "classes; every class moves")
+# [split]'s numbers (`test` is "official" or "val": its message explains each)
+SPLIT_NUMBERS = {
+    "train_size": Constraint(int, minimum=1),
+    "val_size": Constraint(int, minimum=0),
+    "val_fraction": Constraint(float, minimum=0, maximum=1, open_max=True),
+    "test_fraction": Constraint(float, minimum=0, maximum=1, open_max=True),
+}
+SPLIT_KEYS = {*SPLIT_NUMBERS, "test"}
 
 
 class CardError(ValueError):
@@ -92,10 +109,6 @@ def check_card(card: dict, where: str) -> dict:
         if "val_fraction" in split:
             raise CardError(f"{where}.split.val_fraction: not with train_size and val_size; "
                             f"allowed: either val_fraction or train_size + val_size")
-        for key, least in (("train_size", 1), ("val_size", 0)):
-            v = split[key]
-            if not isinstance(v, int) or isinstance(v, bool) or v < least:
-                raise CardError(f"{where}.split.{key} = {v!r}: must be an integer >= {least}")
     else:
         split.setdefault("val_fraction", 0.2)
     if split.get("test") not in (None, "official", "val"):
@@ -107,17 +120,13 @@ def check_card(card: dict, where: str) -> dict:
                         f"out no test part); allowed: one of them")
     if split.get("test") is None:
         split.setdefault("test_fraction", 0.2)
-    for key in ("val_fraction", "test_fraction"):
-        v = split.get(key)
-        if v is not None and not (isinstance(v, (int, float)) and 0 <= v < 1):
-            raise CardError(f"{where}.split.{key} = {v!r}: must be a number in [0, 1)")
+    for key, rule in SPLIT_NUMBERS.items():
+        msg = rule.check(split[key]) if key in split else None
+        if msg:
+            raise CardError(f"{where}.split.{key} = {split[key]!r}: {msg}")
     if split.get("val_fraction", 0) + split.get("test_fraction", 0) >= 1:
         raise CardError(f"{where}.split: val_fraction + test_fraction must be below 1")
     return {**card, "split": split}
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _check_options(card: dict, where: str) -> None:
@@ -131,16 +140,11 @@ def _check_options(card: dict, where: str) -> None:
         if unknown:
             raise CardError(f"{where}.corruption: unknown key(s) {sorted(unknown)}; allowed: "
                             f"{sorted(CORRUPTION_KEYS)}")
+        for key, rule in CORRUPTION.items():
+            msg = rule.check(c[key]) if key in c else None
+            if msg:
+                raise CardError(f"{where}.corruption.{key} = {c[key]!r}: {msg}")
         std = c.get("noise_std", 0.0)
-        if not (isinstance(std, (int, float)) and not isinstance(std, bool) and 0 <= std <= 255):
-            raise CardError(f"{where}.corruption.noise_std = {std!r}: must be a number in "
-                            f"[0, 255] (the noise's standard deviation in pixel units)")
-        if not isinstance(c.get("invert", False), bool):
-            raise CardError(f"{where}.corruption.invert = {c['invert']!r}: must be true or "
-                            f"false")
-        seed = c.get("seed", 0)
-        if not _is_int(seed) or seed < 0:
-            raise CardError(f"{where}.corruption.seed = {seed!r}: must be an integer >= 0")
         if std == 0 and not c.get("invert", False):
             raise CardError(f"{where}.corruption = {c!r}: corrupts nothing; allowed: "
                             f"noise_std > 0 and/or invert = true")
@@ -150,10 +154,9 @@ def _check_options(card: dict, where: str) -> None:
                             f"{', '.join(ARRAY_SOURCES)}")
     if "label_permutation" in card:
         v = card["label_permutation"]
-        if not _is_int(v) or v < 0:
-            raise CardError(f"{where}.label_permutation = {v!r}: must be an integer >= 0 "
-                            f"(the seed of the permutation of the classes; every class "
-                            f"moves)")
+        msg = LABEL_PERMUTATION.check(v)
+        if msg:
+            raise CardError(f"{where}.label_permutation = {v!r}: {msg}")
 
 
 # what in a card does not change the images, labels or split a cell sees

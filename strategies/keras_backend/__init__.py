@@ -29,13 +29,8 @@ import tensorflow as tf  # noqa: E402
 from bench import batching, driver  # noqa: E402
 from bench.spec import RunSpec  # noqa: E402
 from bench.timing import StepMeter, measure  # noqa: E402
-from strategies.keras_backend import lora  # noqa: E402
-from strategies.keras_backend.backbones import (  # noqa: E402
-    build,
-    load_backbone,
-    reinit_top_blocks,
-    save_backbone,
-)
+from strategies.keras_backend import backbones, lora  # noqa: E402
+from strategies.keras_backend.backbones import build  # noqa: E402
 from strategies.keras_backend.data import Batches, CachedBatches  # noqa: E402
 from strategies.keras_backend.train import (  # noqa: E402
     StepTimer,
@@ -193,8 +188,10 @@ def _split_at(kb, cut) -> tuple[keras.Model, keras.Model]:
             f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
 
 
-class KerasSession:
+class KerasSession(driver.BackboneHandling):
     """The Keras side of bench.driver's loop (see bench.driver.Session)."""
+
+    backbone_module = backbones
 
     def start(self, device: str) -> dict[str, str]:
         if keras.backend.backend() != "tensorflow":
@@ -230,7 +227,8 @@ class KerasSession:
     def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
         self.spec = spec
         keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
-        self.kb = build(spec.backbone, spec.weights, num_classes, spec.head, spec.image_size)
+        self.kb = self.backbone = build(spec.backbone, spec.weights, num_classes, spec.head,
+                                        spec.image_size)
         # spec.channels_last: nothing to do, Keras on TensorFlow is NHWC already
         self.trainer = Trainer(self.kb, self.device_type, topk=driver.test_topk(num_classes),
                                jit_compile=spec.compile, seed=spec.seed)
@@ -243,24 +241,6 @@ class KerasSession:
         self.cached: dict = {}
         self.data_path = self.loaders["train"].data_path
         self.parts, self.parallel, self.bn_batches, self.bn_probes = parts, parallel, None, {}
-
-    # weights the harness pretrained (bench/pretrain.py)
-    def load_backbone(self, path: str, head: bool = False) -> None:
-        load_backbone(self.kb, path, head=head)
-
-    def reinit_top(self, depth: int | str) -> list[str]:
-        return reinit_top_blocks(self.kb, depth)
-
-    def save_backbone(self, path: str) -> None:
-        save_backbone(self.kb, path)
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.kb.blocks)
-
-    @property
-    def notes(self) -> dict[str, str]:
-        return self.kb.notes
 
     def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
         self.cached = {}

@@ -18,13 +18,8 @@ import torch
 from bench import batching, driver
 from bench.spec import RunSpec
 from bench.timing import measure
-from strategies.torch_backend import cache, lora
-from strategies.torch_backend.backbones import (
-    build,
-    load_backbone,
-    reinit_top_blocks,
-    save_backbone,
-)
+from strategies.torch_backend import backbones, cache, lora
+from strategies.torch_backend.backbones import build
 from strategies.torch_backend.data import Batches, CachedBatches, Preprocess
 from strategies.torch_backend.train import (
     Trainer,
@@ -100,8 +95,10 @@ def peak_memory_mb(dev: torch.device) -> float:
     return batching.host_peak_memory_mb()
 
 
-class TorchSession:
+class TorchSession(driver.BackboneHandling):
     """The PyTorch side of bench.driver's loop (see bench.driver.Session)."""
+
+    backbone_module = backbones
 
     def start(self, device: str) -> dict[str, str]:
         self.device = resolve_device(device)
@@ -137,7 +134,7 @@ class TorchSession:
     def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
         self.spec = spec
         dev = self.device
-        self.tb = build(spec.backbone, spec.weights, num_classes, spec.head)
+        self.tb = self.backbone = build(spec.backbone, spec.weights, num_classes, spec.head)
         self.tb.model.to(dev)
         if spec.channels_last:  # NHWC: tensor-core convolutions without transposes
             self.tb.model.to(memory_format=torch.channels_last)
@@ -151,24 +148,6 @@ class TorchSession:
         self.cached: dict = {}
         self.data_path = self.loaders["train"].data_path
         self.parts, self.workers, self.bn_batches = parts, workers, None
-
-    # weights the harness pretrained (bench/pretrain.py)
-    def load_backbone(self, path: str, head: bool = False) -> None:
-        load_backbone(self.tb, path, head=head)
-
-    def reinit_top(self, depth: int | str) -> list[str]:
-        return reinit_top_blocks(self.tb, depth)
-
-    def save_backbone(self, path: str) -> None:
-        save_backbone(self.tb, path)
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.tb.block_map.blocks)
-
-    @property
-    def notes(self) -> dict[str, str]:
-        return self.tb.notes
 
     def begin_phase(self, phase, lr: float, optimizer: str, weight_decay: float) -> int:
         self.phase = phase
