@@ -272,9 +272,12 @@ def _pretrain(task: CellTask, slot: Slot, ctx: Context, pspec: RunSpec,
     """Run the pretraining `run_id` claimed, and commit its checkpoint to this host's cache."""
     ctx.heartbeat.add(run_id)
     partial = ckpt.partial_path
+    head = f"[pretrain] {pspec.name}"
+    # the pretraining's epochs show under its own name; the cell's start again after it
+    ctx.events({"event": "start", "index": task.index, "head": head})
     try:
         outcome = _run_child(run_id, task, slot, ctx, {"save_backbone_to": str(partial)},
-                             spec=pspec, head=f"[pretrain] {pspec.name}")
+                             spec=pspec, head=head)
         failed = None
         if outcome.status != tracking.FINISHED:
             failed = Pretrained(outcome.status, ckpt, run_id=run_id,
@@ -290,6 +293,7 @@ def _pretrain(task: CellTask, slot: Slot, ctx: Context, pspec: RunSpec,
     finally:
         partial.unlink(missing_ok=True)
         ctx.heartbeat.discard(run_id)
+        ctx.events({"event": "start", "index": task.index, "head": task.head})
     tracking.set_tags(run_id, {"checkpoint": str(ckpt.path), "checkpoint_sha256": meta["sha256"]})
     unpublished = pretrain.publish(ckpt, run_id)  # for the other nodes of a cluster
     if unpublished:

@@ -269,6 +269,10 @@ def pretrain_runs(exp_id: str) -> list:
 def test_runner_pretrains_once_links_cells_and_remakes_a_corrupted_checkpoint(store, capsys):
     first = run(store, '["feature_extraction", "reinit_top[depth=2]"]')
     assert [o.status for o in first.outcomes] == ["FINISHED", "FINISHED"]
+    # progress: the pretraining's epochs under its own name, then the cell's under the cell's
+    epochs = [ln for ln in capsys.readouterr().err.splitlines() if " epoch " in ln]
+    assert [ln.split()[0] for ln in epochs if "/digits_a" in ln] == ["[pretrain]"]
+    assert [ln.split()[0] for ln in epochs if "/digits_b" in ln] == ["[1/2]", "[2/2]"]
     pre = pretrain_runs(first.experiment_id)
     assert len(pre) == 1 and pre[0].info.status == "FINISHED"
     pre_id = pre[0].info.run_id
