@@ -1,15 +1,16 @@
 """The comparison tables, built from the flat frame (bench/report_frame.py) only: accuracy,
-throughput, cost, framework delta, best strategy. A Table is a numeric frame (CSV: numbers,
-with counts such as `contended` and `diverged` beside them) and a display frame (Markdown,
-LaTeX) whose cells say what did not finish and carry the marks † (timed on a shared machine)
-and ‡ (diverged), each explained in a footnote under the table."""
+throughput, cost, framework delta, best strategy. A Table holds numbers: a numeric frame
+(CSV: numbers, with counts such as `contended` and `diverged` beside them) and the cells as
+shown (numbers, summaries, labels, statuses of what did not finish), with the marks
+† (timed on a shared machine) and ‡ (diverged) and the notes of what did not finish as
+frames beside them, and a Column per shown column saying how its numbers are written.
+Rendering formats them (Table.display); each mark is explained in a footnote."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import pandas as pd
