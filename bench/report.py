@@ -9,9 +9,10 @@ each re-exported here so `report.<name>` keeps working:
     report_frame   the selection from MLflow into the flat frame (one row per cell, MISSING
                    rows for cells no run holds), and the row queries every table shares
     report_stats   mean, std, 95% t-interval over seeds; the paired t-test (scipy)
-    report_tables  the tables: a numeric frame (CSV) and a display frame with the marks
-                   † (timed on a shared machine) and ‡ (diverged) and their footnotes
-    report_latex   a display frame as a LaTeX booktabs table
+    report_tables  the tables: numbers (CSV; the cells as shown, with the marks
+                   † (timed on a shared machine) and ‡ (diverged) beside them), a formatter
+                   per column, and the footnotes
+    report_latex   a table's text as a LaTeX booktabs table (pandas Styler)
     report_text    report.md: the methods paragraph and its sentences, pretraining runs
 
 bench/figures.py draws the figures from the tables (it imports this module, never the

@@ -1,8 +1,10 @@
-"""A display frame as a LaTeX booktabs table; † and ‡ as superscript daggers."""
+"""A table's text as a LaTeX booktabs table through pandas' Styler; † and ‡ as superscript
+daggers."""
 
 from __future__ import annotations
 
 import pandas as pd
+from pandas.api.types import is_numeric_dtype
 
 from bench.report_frame import CONTENDED, DIVERGED
 
@@ -17,26 +19,20 @@ def tex_escape(text: object) -> str:
     return "".join(_TEX.get(ch, ch) for ch in str(text))
 
 
-def _unmarked(text: str) -> str:
-    for mark in MARKS:
-        text = text.replace(mark, "")
-    return text.replace(",", "").strip()
-
-
-def to_latex(t: pd.DataFrame, caption: str, footnotes: list[str] | None = None) -> str:
+def to_latex(t: pd.DataFrame, caption: str, footnotes: list[str] | None = None,
+             kinds: list[str] | None = None) -> str:
     """A booktabs table (\\toprule, \\midrule, \\bottomrule); needs \\usepackage{booktabs}.
+    `kinds` ('number' or 'text' per column; by dtype when not given): numbers right-aligned.
     Footnotes (what † and ‡ mean) go under the tabular, in small type."""
     if t.empty:
         return f"% {tex_escape(caption)}: nothing to compare\n"
-    numeric = [pd.to_numeric(t[c].astype(str).map(_unmarked), errors="coerce")
-               .notna().all() for c in t.columns]
-    spec = "".join("r" if n else "l" for n in numeric)
-    lines = [r"\begin{table}[htbp]", r"\centering", rf"\caption{{{tex_escape(caption)}}}",
-             rf"\begin{{tabular}}{{{spec}}}", r"\toprule",
-             " & ".join(tex_escape(c) for c in t.columns) + r" \\", r"\midrule"]
-    lines += [" & ".join(tex_escape("" if pd.isna(v) else v) for v in row) + r" \\"
-              for row in t.itertuples(index=False)]
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [rf"\par\footnotesize {tex_escape(f)}" for f in footnotes or [] if f]
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
+    kinds = kinds or ["number" if is_numeric_dtype(t[c]) else "text" for c in t.columns]
+    spec = "".join("r" if k == "number" else "l" for k in kinds)
+    tex = (t.style.hide(axis="index")
+           .format(lambda v: "" if v is None or v != v else tex_escape(v))  # NaN: blank
+           .format_index(tex_escape, axis="columns")
+           .to_latex(column_format=spec, hrules=True, caption=tex_escape(caption),
+                     environment="table", position="htbp", position_float="centering"))
+    notes = "".join(rf"\par\footnotesize {tex_escape(f)}" + "\n" for f in footnotes or [] if f)
+    head, end = tex.rsplit(r"\end{table}", 1)
+    return head + notes + r"\end{table}" + end

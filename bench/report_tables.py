@@ -1,12 +1,15 @@
 """The comparison tables, built from the flat frame (bench/report_frame.py) only: accuracy,
-throughput, cost, framework delta, best strategy. A Table is a numeric frame (CSV: numbers,
-with counts such as `contended` and `diverged` beside them) and a display frame (Markdown,
-LaTeX) whose cells say what did not finish and carry the marks † (timed on a shared machine)
-and ‡ (diverged), each explained in a footnote under the table."""
+throughput, cost, framework delta, best strategy. A Table holds numbers: a numeric frame
+(CSV: numbers, with counts such as `contended` and `diverged` beside them) and the cells as
+shown (numbers, summaries, labels, statuses of what did not finish), with the marks
+† (timed on a shared machine) and ‡ (diverged) and the notes of what did not finish as
+frames beside them, and a Column per shown column saying how its numbers are written.
+Rendering formats them (Table.display); each mark is explained in a footnote."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,13 +52,6 @@ def fmt_summary(s: dict, digits: int = 3) -> str:
         return f"{s['mean']:.{digits}f} (n=1)"
     return (f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} "
             f"[{s['ci_low']:.{digits}f}, {s['ci_high']:.{digits}f}] n={s['n']}")
-
-
-def _with_gaps(text: str, rows: pd.DataFrame) -> str:
-    gaps = not_finished(rows)
-    if not text:  # nothing finished: the statuses alone ("FAILED", "2 MISSING")
-        return status_labels(rows).iloc[0] if len(rows) == 1 else gaps
-    return f"{text}; {gaps}" if gaps else text
 
 
 def _max_share(rows: pd.DataFrame) -> float:
@@ -107,24 +103,99 @@ def diverged_footnote(df: pd.DataFrame) -> str:
     return f"{DIVERGED} diverged: final train loss above the first epoch's ({cells_phrase(n)})."
 
 
+def _text(value) -> str:
+    """A label as it is; a missing one as nothing."""
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) \
+        else str(value)
+
+
+@dataclass(frozen=True)
+class Column:
+    """How a shown column is written: `fmt` turns its number (or summary) into text; a str
+    in the column is a status or label ('3 MISSING', 'no pair') and is shown as it is.
+    `kind` 'number' right-aligns the column in LaTeX; `note` is how a cell's note (what did
+    not finish) follows its text."""
+
+    fmt: Callable[..., str] = _text
+    kind: str = "text"  # "number" or "text"
+    note: str = " ({})"  # how a note follows the text
+    mark_inside: bool = False  # fmt(value, mark) places the mark itself
+
+    def text(self, value, mark: str = "", note: str = "") -> str:
+        if isinstance(value, str):
+            text = _marked(value, bool(mark), mark)
+        elif self.mark_inside:
+            text = self.fmt(value, mark)
+        else:
+            text = _marked(self.fmt(value), bool(mark), mark)
+        return text + self.note.format(note) if note else text
+
+
+TEXT = Column()
+
+
 @dataclass
 class Table:
+    """`numeric` is written as CSV: one row per cell group and framework, numbers and
+    counts. `cells` is the table as shown: a row per table row, a column per shown column,
+    holding numbers (a summary dict for an accuracy), plain labels and statuses; `marks`
+    (same shape: '', † or ‡) and `notes` (same shape: what did not finish, '1 FAILED')
+    are data beside it, and `columns` says how each column is written (TEXT when not
+    named). Markdown and LaTeX both render `display`, the cells written out."""
+
     name: str
     title: str
     numeric: pd.DataFrame  # written as CSV
-    display: pd.DataFrame  # written as Markdown and LaTeX
+    cells: pd.DataFrame = field(default_factory=pd.DataFrame)  # what is shown, unformatted
+    columns: dict[str, Column] = field(default_factory=dict)
     note: str = ""
     footnotes: list[str] = field(default_factory=list)  # under the table: what marks mean
+    marks: pd.DataFrame | None = None  # per cell: "", CONTENDED or DIVERGED
+    notes: pd.DataFrame | None = None  # per cell: "" or what did not finish
+
+    def column(self, name: str) -> Column:
+        return self.columns.get(name, TEXT)
+
+    @property
+    def display(self) -> pd.DataFrame:
+        """The cells as text: each column's formatter, then its mark and note."""
+        marks = self.marks if self.marks is not None else _blank(self.cells)
+        notes = self.notes if self.notes is not None else _blank(self.cells)
+        out = pd.DataFrame(index=self.cells.index)
+        for c in self.cells.columns:
+            col = self.column(c)
+            out[c] = [col.text(v, m, n) for v, m, n in
+                      zip(self.cells[c], marks[c], notes[c], strict=True)]
+        return out
 
     def markdown(self) -> str:
-        body = self.display.to_markdown(index=False) if not self.display.empty \
+        body = self.display.to_markdown(index=False) if not self.cells.empty \
             else "(nothing to compare)"
         notes = "".join(f"\n{f}\n" for f in self.footnotes if f)
         return f"### {self.title}\n\n{self.note + chr(10) + chr(10) if self.note else ''}" \
                f"{body}\n{notes}"
 
     def latex(self) -> str:
-        return to_latex(self.display, self.title, self.footnotes)
+        kinds = [self.column(c).kind for c in self.cells.columns]
+        return to_latex(self.display, self.title, self.footnotes, kinds)
+
+
+def _blank(cells: pd.DataFrame) -> pd.DataFrame:
+    return pd.DataFrame("", index=cells.index, columns=cells.columns)
+
+
+def _frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Rows of {column: value or (value, mark) or (value, mark, note)} -> cells, marks,
+    notes (one frame each, the same shape)."""
+    cells, marks, notes = [], [], []
+    for r in rows:
+        parts = {c: (*v, "", "")[:3] if isinstance(v, tuple) else (v, "", "")
+                 for c, v in r.items()}
+        cells.append({c: p[0] for c, p in parts.items()})
+        marks.append({c: p[1] for c, p in parts.items()})
+        notes.append({c: p[2] for c, p in parts.items()})
+    return (pd.DataFrame(cells), pd.DataFrame(marks).fillna(""),
+            pd.DataFrame(notes).fillna(""))
 
 
 def _strategy_order(df: pd.DataFrame) -> pd.Series:
@@ -165,25 +236,35 @@ def accuracy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     (columns): mean ± std [95% t-interval] n over seeds."""
     keys = group_keys(df)
     fws = frameworks(df)
-    numeric, disp = [], {}
+    numeric, shown = [], {}
     for kv, fw, rows in _groups(df, keys):
         s = summarize(finished_values(rows, metric))
         numeric.append({**dict(zip(keys, kv, strict=True)), "framework": fw, **s,
                         "cells": len(rows), "diverged": diverged_cells(rows),
                         "not_finished": not_finished(rows)})
-        disp.setdefault(kv, {})[fw] = _with_gaps(_accuracy_text(s, rows), rows)
-    display = pd.DataFrame([{**{_header(k): v for k, v in zip(keys, kv, strict=True)},
-                             **{f"{metric} ({fw})": cols.get(fw, "not in grid")
-                                for fw in fws}}
-                            for kv, cols in disp.items()])
-    return Table("accuracy", "Test accuracy", pd.DataFrame(numeric), display,
+        shown.setdefault(kv, {})[fw] = _accuracy_cell(s, rows)
+    cells, marks, notes = _frames([{**{_header(k): v for k, v in zip(keys, kv, strict=True)},
+                                    **{f"{metric} ({fw})": cols.get(fw, "not in grid")
+                                       for fw in fws}}
+                                   for kv, cols in shown.items()])
+    return Table("accuracy", "Test accuracy", pd.DataFrame(numeric), cells,
+                 {f"{metric} ({fw})": SUMMARY for fw in fws},
                  "mean ± std [95% t-interval] n over seeds; n=1 is a single run. "
-                 "Cells that did not finish are counted by status.", [diverged_footnote(df)])
+                 "Cells that did not finish are counted by status.", [diverged_footnote(df)],
+                 marks, notes)
 
 
-def _accuracy_text(s: dict, rows: pd.DataFrame, digits: int = 3) -> str:
-    """The summary, marked ‡ when a cell of the group diverged."""
-    return _marked(fmt_summary(s, digits), diverged_cells(rows) > 0, DIVERGED)
+def _status(rows: pd.DataFrame) -> str:
+    """What a group with nothing finished shows: its status ('FAILED', '2 MISSING')."""
+    return status_labels(rows).iloc[0] if len(rows) == 1 else not_finished(rows)
+
+
+def _accuracy_cell(s: dict, rows: pd.DataFrame) -> tuple:
+    """(summary, ‡ when a cell of the group diverged, what did not finish), or the status
+    alone when nothing finished."""
+    if s["n"] == 0:
+        return _status(rows)
+    return s, DIVERGED if diverged_cells(rows) > 0 else "", not_finished(rows)
 
 
 def throughput_table(df: pd.DataFrame) -> Table:
@@ -210,7 +291,7 @@ def throughput_table(df: pd.DataFrame) -> Table:
         rows_out.append(r)
     numeric = pd.DataFrame(rows_out)
     if numeric.empty:
-        return Table("throughput", "Throughput", numeric, numeric)
+        return Table("throughput", "Throughput", numeric)
     # the step rate does not depend on the optimizer's settings: a strategy run at another
     # lr than full fine-tuning still has full fine-tuning to compare its speed with
     base_keys = [k for k in keys if k not in ("p_strategy_label", "p_lr", "p_weight_decay")]
@@ -230,22 +311,25 @@ def throughput_table(df: pd.DataFrame) -> Table:
     numeric = numeric.drop(columns="strategy")
     show_bound = numeric["input_bound"].notna().any()
     show_cache = numeric["feature_cache"].notna().any()
-    disp = []
+    shown = []
     for (_, r), rows in zip(numeric.iterrows(), group_rows, strict=True):
         d = {_header(k): r[k] for k in keys}
         d["framework"] = r["framework"]
         if r["n"] == 0:
-            d.update({"train img/s": _with_gaps("", rows), "model-only img/s": "",
+            d.update({"train img/s": _status(rows), "model-only img/s": "",
                       "inference img/s": "", "speed-up vs full": "",
                       "model-only speed-up": ""})
         else:
             d.update(_throughput_cells(r))
         if show_bound:
-            d["input-bound"] = "" if pd.isna(r["input_bound"]) else r["input_bound"]
+            d["input-bound"] = r["input_bound"]
         if show_cache:
-            d["feature cache"] = "" if pd.isna(r["feature_cache"]) else r["feature_cache"]
-        disp.append(d)
-    return Table("throughput", "Throughput", numeric, pd.DataFrame(disp),
+            d["feature cache"] = r["feature_cache"]
+        shown.append(d)
+    cells, marks, notes = _frames(shown)
+    return Table("throughput", "Throughput", numeric, cells,
+                 {"train img/s": RATE, "model-only img/s": RATE, "inference img/s": RATE,
+                  "speed-up vs full": TIMES, "model-only speed-up": TIMES},
                  "Images/s, mean over seeds of each cell's median step rate (warm-up "
                  "excluded). Data-fed: the training loop with its input pipeline; "
                  "model-only: a synthetic batch already on the device. Speed-up: train "
@@ -254,20 +338,18 @@ def throughput_table(df: pd.DataFrame) -> Table:
                  "— : not measured (a cell with fewer training steps than the warm-up "
                  "has no data-fed rate) or no full fine-tuning to compare with.",
                  [contended_footnote(df, "A speed-up is marked when either of its rates is."),
-                  unrecorded_footnote(df)])
+                  unrecorded_footnote(df)], marks, notes)
 
 
 def _throughput_cells(r: pd.Series) -> dict:
     """The rates of a row with finished cells, marked † where they were contended."""
-    own, either = r["contended"] > 0, r["contended"] > 0 or r["full_contended"] > 0
-    suffix = f" ({r['not_finished']})" if r["not_finished"] else ""
-    return {"train img/s": _marked(_rate(r["train_images_per_sec"]), own, CONTENDED) + suffix,
-            "model-only img/s": _marked(_rate(r["model_only_train_images_per_sec"]), own,
-                                        CONTENDED),
-            "inference img/s": _marked(_rate(r["inference_images_per_sec"]), own, CONTENDED),
-            "speed-up vs full": _marked(_times(r["speedup_vs_full"]), either, CONTENDED),
-            "model-only speed-up": _marked(_times(r["model_only_speedup_vs_full"]), either,
-                                           CONTENDED)}
+    own = CONTENDED if r["contended"] > 0 else ""
+    either = CONTENDED if r["contended"] > 0 or r["full_contended"] > 0 else ""
+    return {"train img/s": (r["train_images_per_sec"], own, r["not_finished"]),
+            "model-only img/s": (r["model_only_train_images_per_sec"], own),
+            "inference img/s": (r["inference_images_per_sec"], own),
+            "speed-up vs full": (r["speedup_vs_full"], either),
+            "model-only speed-up": (r["model_only_speedup_vs_full"], either)}
 
 
 def _device_note(df: pd.DataFrame) -> str:
@@ -295,11 +377,44 @@ def _si(n: float) -> str:
     return f"{n:.0f}"
 
 
+def _epoch(v: float) -> str:
+    return "—" if pd.isna(v) else f"{v:.1f}".removesuffix(".0")
+
+
+def _signed(v: float) -> str:
+    return "—" if pd.isna(v) else f"{v:+.3f}"
+
+
+def _paired(test: dict) -> str:
+    """'+0.012, p=0.034', or the verdict when no p-value exists ('n too small (1 pair)')."""
+    return (f"{test['mean_diff']:+.3f}, p={test['p_value']:.3g}"
+            if pd.notna(test["p_value"]) else test["verdict"])
+
+
+def _ranked(r: dict, mark: str) -> str:
+    """'full (0.914)', the mark (‡: a cell of the strategy diverged) by the mean."""
+    mean = f"{r['mean']:.3f}"
+    return f"{r['label']} ({_marked(mean, bool(mark), mark)})"
+
+
+# how the tables write their numbers (a str in a column is shown as it is)
+SUMMARY = Column(fmt_summary, "number", note="; {}")
+RATE = Column(_rate, "number")
+TIMES = Column(_times, "number")
+SI = Column(_si, "number")
+PERCENT = Column(lambda v: fmt_number(100 * v, 1), "number")
+SECONDS = Column(lambda v: fmt_number(v, 1), "number")
+EPOCH = Column(_epoch, "number")
+SIGNED = Column(_signed, "number")
+PAIRED = Column(_paired)
+RANKED = Column(_ranked, mark_inside=True)
+
+
 def cost_table(df: pd.DataFrame) -> Table:
     """Trainable parameters (count and fraction of the model), wall time, and time to the
     best val accuracy (epoch seconds summed up to best_val_epoch); means over seeds."""
     keys = group_keys(df)
-    rows_out, disp = [], []
+    rows_out, shown = [], []
     for kv, fw, rows in _groups(df, keys):
         r = {**dict(zip(keys, kv, strict=True)), "framework": fw,
              "n": len(finished_rows(rows)), "cells": len(rows)}
@@ -311,29 +426,30 @@ def cost_table(df: pd.DataFrame) -> Table:
         rows_out.append(r)
         d = {**{_header(k): v for k, v in zip(keys, kv, strict=True)}, "framework": fw}
         if r["n"] == 0:
-            d.update({"trainable params": _with_gaps("", rows), "trainable %": "",
+            d.update({"trainable params": _status(rows), "trainable %": "",
                       "wall s": "", "time to best val s": "", "best epoch": ""})
         else:
             d.update(_cost_cells(r))
-        disp.append(d)
-    return Table("cost", "Cost", pd.DataFrame(rows_out), pd.DataFrame(disp),
+        shown.append(d)
+    cells, marks, notes = _frames(shown)
+    return Table("cost", "Cost", pd.DataFrame(rows_out), cells,
+                 {"trainable params": SI, "trainable %": PERCENT, "wall s": SECONDS,
+                  "time to best val s": SECONDS, "best epoch": EPOCH},
                  "Means over seeds. Trainable %: trainable over total parameters at the end "
                  "of training. Time to best val: the training epochs' seconds summed up to "
                  "the epoch of the best val accuracy (evaluation excluded).",
                  [contended_footnote(df, "The seconds of those cells are marked."),
-                  unrecorded_footnote(df)])
+                  unrecorded_footnote(df)], marks, notes)
 
 
 def _cost_cells(r: dict) -> dict:
     """A row with finished cells; the seconds marked † where they were contended."""
-    shared = r["contended"] > 0
-    suffix = f" ({r['not_finished']})" if r["not_finished"] else ""
-    return {"trainable params": _si(r["trainable_params"]) + suffix,
-            "trainable %": fmt_number(100 * r["trainable_fraction"], 1),
-            "wall s": _marked(fmt_number(r["wall_seconds"], 1), shared, CONTENDED),
-            "time to best val s": _marked(fmt_number(r["time_to_best_s"], 1), shared, CONTENDED),
-            "best epoch": "—" if pd.isna(r["best_val_epoch"])
-            else f"{r['best_val_epoch']:.1f}".removesuffix(".0")}
+    shared = CONTENDED if r["contended"] > 0 else ""
+    return {"trainable params": (r["trainable_params"], "", r["not_finished"]),
+            "trainable %": r["trainable_fraction"],
+            "wall s": (r["wall_seconds"], shared),
+            "time to best val s": (r["time_to_best_s"], shared),
+            "best epoch": r["best_val_epoch"]}
 
 
 def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
@@ -344,7 +460,7 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
     by = {}
     for kv, fw, rows in _groups(df, keys):
         by.setdefault(kv, {})[fw] = rows
-    numeric, disp = [], []
+    numeric, shown = [], []
     for kv, fws in by.items():
         if a not in fws or b not in fws:
             continue
@@ -364,27 +480,29 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
              f"{a}_not_finished": not_finished(ra), f"{b}_not_finished": not_finished(rb)}
         numeric.append(r)
         d = {_header(k): v for k, v in zip(keys, kv, strict=True)}
-        d[f"{metric} {a}"] = _with_gaps(_accuracy_text(sa, ra), ra)
-        d[f"{metric} {b}"] = _with_gaps(_accuracy_text(sb, rb), rb)
+        d[f"{metric} {a}"] = _accuracy_cell(sa, ra)
+        d[f"{metric} {b}"] = _accuracy_cell(sb, rb)
         if sa["n"] and sb["n"]:
-            d[f"{a} − {b}"] = f"{r['delta']:+.3f}"
-            d["paired over seeds"] = (f"{test['mean_diff']:+.3f}, p={test['p_value']:.3g}"
-                                      if pd.notna(test["p_value"]) else test["verdict"])
-            d[f"train speed {a}/{b}"] = _marked(_times(speed), r["speed_contended"] > 0,
-                                                CONTENDED)
+            d[f"{a} − {b}"] = r["delta"]
+            d["paired over seeds"] = test
+            d[f"train speed {a}/{b}"] = (speed, CONTENDED if r["speed_contended"] > 0 else "")
         else:
             d[f"{a} − {b}"] = "no pair"
             d["paired over seeds"] = ""
             d[f"train speed {a}/{b}"] = ""
-        disp.append(d)
+        shown.append(d)
     note = (f"{a} minus {b} for each cell group the grid runs in both frameworks; paired: "
             f"mean difference over matching seeds and its paired t-test p-value.")
     if not numeric:
         note = f"No cell group runs in both {a} and {b}."
     shared = contended_footnote(df, f"A marked speed ratio is no {a}/{b} difference: one "
                                     f"side or both were timed on a shared machine.")
+    cells, marks, notes = _frames(shown)
     return Table("framework_delta", f"Framework delta ({a} − {b})", pd.DataFrame(numeric),
-                 pd.DataFrame(disp), note, [shared, diverged_footnote(df)])
+                 cells, {f"{metric} {a}": SUMMARY, f"{metric} {b}": SUMMARY,
+                         f"{a} − {b}": SIGNED, "paired over seeds": PAIRED,
+                         f"train speed {a}/{b}": TIMES},
+                 note, [shared, diverged_footnote(df)], marks, notes)
 
 
 def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
@@ -397,12 +515,12 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     for kv, fw, rows in _groups(df, keys):
         key = tuple(v for k, v in zip(keys, kv, strict=True) if k != "p_strategy_label") + (fw,)
         per.setdefault(key, []).append((kv[keys.index("p_strategy_label")], rows))
-    numeric, disp = [], []
+    numeric, shown = [], []
     for key, strategies in per.items():
         ranked = sorted(((summarize(finished_values(rows, metric)), label, rows)
                          for label, rows in strategies if len(finished_rows(rows))),
                         key=lambda t: -t[0]["mean"])
-        skipped = [f"{label} ({_with_gaps('', rows)})" for label, rows in strategies
+        skipped = [f"{label} ({_status(rows)})" for label, rows in strategies
                    if not len(finished_rows(rows))]
         r = {**dict(zip(outer, key[:-1], strict=True)), "framework": key[-1],
              "best": None, "best_mean": math.nan, "runner_up": None,
@@ -422,24 +540,25 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
             else:
                 r["verdict"] = "no runner-up"
         numeric.append(r)
-        d = {**{_header(k): v for k, v in zip(outer, key[:-1], strict=True)},
-             "framework": key[-1],
-             "best": _ranked_text(r["best"], r["best_mean"], ranked[0][2])
-             if r["best"] else "none finished",
-             "runner-up": _ranked_text(r["runner_up"], r["runner_up_mean"], ranked[1][2])
-             if r["runner_up"] else "—",
-             "margin": "—" if pd.isna(r["margin"]) else f"{r['margin']:+.3f}",
-             "holds over seeds": r["verdict"], "not compared": r["not_compared"]}
-        disp.append(d)
-    return Table("best_strategy", "Best strategy", pd.DataFrame(numeric), pd.DataFrame(disp),
+        shown.append({**{_header(k): v for k, v in zip(outer, key[:-1], strict=True)},
+                      "framework": key[-1],
+                      "best": _ranked_cell(r["best"], r["best_mean"], ranked[0][2])
+                      if r["best"] else "none finished",
+                      "runner-up": _ranked_cell(r["runner_up"], r["runner_up_mean"],
+                                                ranked[1][2]) if r["runner_up"] else "—",
+                      "margin": r["margin"], "holds over seeds": r["verdict"],
+                      "not compared": r["not_compared"]})
+    cells, marks, notes = _frames(shown)
+    return Table("best_strategy", "Best strategy", pd.DataFrame(numeric), cells,
+                 {"best": RANKED, "runner-up": RANKED, "margin": SIGNED},
                  "By mean test accuracy over seeds. Holds over seeds: a paired t-test of "
                  "best minus runner-up on the seeds both ran (5% level); with fewer than two "
-                 "matching seeds no test is possible.", [diverged_footnote(df)])
+                 "matching seeds no test is possible.", [diverged_footnote(df)], marks, notes)
 
 
-def _ranked_text(label: str, mean: float, rows: pd.DataFrame) -> str:
-    """'full (0.914)', marked ‡ when a cell of the strategy diverged."""
-    return f"{label} ({_marked(f'{mean:.3f}', diverged_cells(rows) > 0, DIVERGED)})"
+def _ranked_cell(label: str, mean: float, rows: pd.DataFrame) -> tuple:
+    """({label, mean}, ‡ when a cell of the strategy diverged)."""
+    return {"label": label, "mean": mean}, DIVERGED if diverged_cells(rows) > 0 else ""
 
 
 def all_tables(df: pd.DataFrame) -> list[Table]:

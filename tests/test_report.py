@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench import cli, figures, report, runner, tracking
+from bench import cli, figures, report, report_tables, runner, tracking
 from bench import grid as gridmod
 
 T_975_DOF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -263,6 +263,41 @@ def test_throughput_and_cost_mark_contended_rates_and_keep_numbers_numeric():
     assert cost.loc[("full", "keras"), "wall s"] == "30.0"
     assert "† measured while" in report.cost_table(df).markdown()
 
+
+
+def test_tables_hold_numbers_with_marks_as_data_and_format_when_rendered():
+    t = report.throughput_table(_contended_frame())
+    at = (t.cells["strategy"] == "full") & (t.cells["framework"] == "torch")
+    assert t.cells.loc[at, "train img/s"].item() == 100.0  # a number, its mark beside it
+    assert t.marks.loc[at, "train img/s"].item() == report.CONTENDED
+    assert t.cells.loc[at, "speed-up vs full"].item() == pytest.approx(1.0)
+    assert t.display.loc[at, "train img/s"].item() == "100 †"  # written only when shown
+    acc = report.accuracy_table(_diverged_frame())
+    full = acc.cells.set_index("strategy").loc["full", "test_acc (torch)"]
+    assert full["mean"] == pytest.approx(0.1) and full["n"] == 1  # the summary, not text
+    assert acc.marks.set_index(acc.cells["strategy"]).loc["full", "test_acc (torch)"] == \
+        report.DIVERGED
+    # LaTeX: alignment from each column's declared kind, never guessed from the text
+    tex = t.latex()
+    assert r"\begin{tabular}{lllllrrrrr}" in tex and r"\end{table}" in tex.rstrip()[-12:]
+    assert tex.index(r"\bottomrule") < tex.index(r"\par\footnotesize") < \
+        tex.index(r"\end{table}")
+
+
+def test_latex_escapes_labels_headers_and_marks():
+    cells = pd.DataFrame({"run_%#": ["a&b_c", "x~y"], "rate": [1234.0, float("nan")]})
+    t = report_tables.Table("t", "A_b & 50%", cells, cells,
+                     {"rate": report_tables.RATE},
+                     marks=pd.DataFrame({"run_%#": ["", ""], "rate": [report.CONTENDED, ""]}),
+                     notes=pd.DataFrame({"run_%#": ["", ""], "rate": ["", ""]}),
+                     footnotes=["† shared #1"])
+    tex = t.latex()
+    assert r"\begin{tabular}{lr}" in tex and r"\caption{A\_b \& 50\%}" in tex
+    assert r"run\_\%\# & rate \\" in tex
+    assert r"a\&b\_c & 1,234 $^{\dagger}$ \\" in tex
+    assert r"x\textasciitilde{}y & -- \\" in tex
+    assert r"\par\footnotesize $^{\dagger}$ shared \#1" in tex and "†" not in tex
+    assert t.markdown().count("1,234 †") == 1
 
 def test_throughput_says_when_sharing_is_not_recorded(handmade):
     md = report.throughput_table(handmade).markdown()
