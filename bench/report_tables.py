@@ -169,8 +169,12 @@ class Table:
         return out
 
     def markdown(self) -> str:
-        body = self.display.to_markdown(index=False) if not self.cells.empty \
-            else "(nothing to compare)"
+        # the text as rendered ("+0.040" keeps its sign and digits: no re-parsing as a
+        # number), numbers right-aligned as in LaTeX
+        align = ["right" if self.column(c).kind == "number" else "left"
+                 for c in self.cells.columns]
+        body = self.display.to_markdown(index=False, disable_numparse=True, colalign=align) \
+            if not self.cells.empty else "(nothing to compare)"
         notes = "".join(f"\n{f}\n" for f in self.footnotes if f)
         return f"### {self.title}\n\n{self.note + chr(10) + chr(10) if self.note else ''}" \
                f"{body}\n{notes}"

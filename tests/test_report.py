@@ -138,6 +138,12 @@ def test_throughput_cost_delta_and_best_on_handmade_frame(handmade):
     assert b.loc["keras", "verdict"] == "no runner-up"
     assert "feature_extraction (3 MISSING)" in b.loc["keras", "not_compared"]
 
+    # Markdown shows the text as written: the delta's sign and digits (not re-parsed into
+    # 0.025), numbers right-aligned like the LaTeX
+    md = report.framework_delta_table(handmade).markdown()
+    assert " +0.025 |" in md and "-:|" in md  # a right-aligned column in the rule row
+    assert report.best_strategy_table(handmade).markdown().count("+0.067") == 1
+
 
 def test_latex_is_booktabs_and_escaped(handmade):
     tex = report.accuracy_table(handmade).latex()
