@@ -81,6 +81,7 @@ from bench.report_tables import (
     failures,
     fmt_summary,
     framework_delta_table,
+    relative_table,
     throughput_table,
     unrecorded_footnote,
 )
@@ -107,6 +108,7 @@ __all__ = [  # what `report.<name>` offered before the split
     "diverged_footnote", "divergence_sentence", "empty_history", "error_line", "failures",
     "fill_param_defaults", "fmt_summary", "framework_delta_table", "frameworks", "group_keys",
     "histories", "load", "methods", "not_finished", "paired_test", "pretrain_section",
+    "relative_table",
     "report_markdown", "runs_frame", "status_labels", "summarize", "t_quantile",
     "tag_recorded", "tag_true", "tested_weights_sentence", "tex_escape", "throughput_table",
     "to_latex", "unrecorded_footnote", "write",

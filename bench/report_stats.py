@@ -40,7 +40,9 @@ def paired_test(a: pd.Series, b: pd.Series) -> dict:
     d = (both["a"] - both["b"]).to_numpy(dtype=float)
     d = np.where(np.abs(d) < 1e-7, 0.0, d)
     n = len(d)
-    out = {"pairs": n, "mean_diff": float(d.mean()) if n else math.nan, "p_value": math.nan}
+    out = {"pairs": n, "mean_diff": float(d.mean()) if n else math.nan, "p_value": math.nan,
+           # the standard error of the mean difference (what error bars over seeds show)
+           "se": float(d.std(ddof=1) / math.sqrt(n)) if n >= 2 else math.nan}
     if n < 2:
         out["verdict"] = f"n too small ({n} pair{'s' if n != 1 else ''})"
         return out

@@ -565,9 +565,67 @@ def _ranked_cell(label: str, mean: float, rows: pd.DataFrame) -> tuple:
     return {"label": label, "mean": mean}, DIVERGED if diverged_cells(rows) > 0 else ""
 
 
+def _relative(test: dict) -> str:
+    """'+0.034 ± 0.012 (p=0.04, 3)': the paired mean difference ± its standard error."""
+    if not test["pairs"]:
+        return "no pair"
+    se = "" if pd.isna(test["se"]) else f" ± {test['se']:.3f}"
+    p = "" if pd.isna(test["p_value"]) else f"p={test['p_value']:.2g}, "
+    return f"{test['mean_diff']:+.3f}{se} ({p}n={test['pairs']})"
+
+
+RELATIVE = Column(_relative, "number")
+
+
+def relative_table(df: pd.DataFrame, baseline: str = "full",
+                   metric: str = "test_acc") -> Table:
+    """Each strategy minus `baseline` (a strategy label) in the same group (dataset,
+    backbone, weights, ...) and framework, paired over the seeds both ran: the mean
+    difference ± its standard error and the paired t-test's p. Lee et al. 2023 plot their
+    Figure 2 this way (surgical minus full fine-tuning, standard errors over three runs).
+    Empty when no group has the baseline and another strategy."""
+    keys = group_keys(df)
+    outer = [k for k in keys if k != "p_strategy_label"]
+    per: dict[tuple, dict] = {}
+    for kv, fw, rows in _groups(df, keys):
+        key = tuple(v for k, v in zip(keys, kv, strict=True) if k != "p_strategy_label")
+        per.setdefault((key, fw), {})[kv[keys.index("p_strategy_label")]] = rows
+    numeric, shown = [], {}
+    for (key, fw), strategies in per.items():
+        base = strategies.get(baseline)
+        if base is None or len(strategies) < 2:
+            continue
+        b = finished_rows(base).set_index("p_seed")[metric] if metric in base else pd.Series()
+        for label, rows in strategies.items():
+            if label == baseline:
+                continue
+            a = finished_rows(rows).set_index("p_seed")[metric] if metric in rows \
+                else pd.Series()
+            test = paired_test(a, b)
+            numeric.append({**dict(zip(outer, key, strict=True)), "framework": fw,
+                            "strategy": label, "baseline": baseline, **test,
+                            "diverged": diverged_cells(rows) + diverged_cells(base)})
+            mark = DIVERGED if diverged_cells(rows) + diverged_cells(base) else ""
+            shown.setdefault((key, label), {})[fw] = (test, mark)
+    fws = [fw for fw in frameworks(df) if any(fw in c for c in shown.values())]
+    cells, marks, notes = _frames([
+        {**{_header(k): v for k, v in zip(outer, key, strict=True)}, "strategy": label,
+         **{f"{metric} − {baseline} ({fw})": cols.get(fw, "—") for fw in fws}}
+        for (key, label), cols in shown.items()])
+    return Table("relative", f"Relative to {baseline}", pd.DataFrame(numeric), cells,
+                 {f"{metric} − {baseline} ({fw})": RELATIVE for fw in fws},
+                 f"Each strategy minus `{baseline}` on the seeds both ran (same dataset, "
+                 f"backbone, weights and framework): mean difference ± standard error, the "
+                 f"paired t-test's p and the pairs (as Lee et al. 2023 plot Figure 2).",
+                 [diverged_footnote(df)], marks, notes)
+
+
 def all_tables(df: pd.DataFrame) -> list[Table]:
+    """Every table; the relative one when some group has `full` and another strategy."""
+    relative = relative_table(df)
     return [accuracy_table(df), throughput_table(df), cost_table(df),
-            framework_delta_table(df), best_strategy_table(df)]
+            framework_delta_table(df), best_strategy_table(df)] + \
+        ([relative] if not relative.cells.empty else [])
 
 
 def compact(df: pd.DataFrame) -> str:

@@ -725,3 +725,24 @@ def test_partial_grid_reports_running_and_missing_cells(grid_store, capsys):
     assert "## Pretraining runs" in md and "pretrain resnet18 on mnist5k" in md
     assert "mnist5k" not in (tmp / "partial" / "rep" / "tables" / "accuracy.md").read_text()
     tracking.end_run(parent, "KILLED")
+
+
+def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
+    t = report.relative_table(handmade)
+    rel = t.numeric.set_index(["strategy", "framework"])
+    d = np.array([0.80, 0.75, 0.80]) - np.array([0.90, 0.80, 0.85])
+    fe = rel.loc[("feature_extraction", "torch")]
+    assert fe["mean_diff"] == pytest.approx(d.mean()) and fe["pairs"] == 3
+    assert fe["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
+    assert fe["p_value"] == pytest.approx(stats.ttest_rel([0.80, 0.75, 0.80],
+                                                          [0.90, 0.80, 0.85]).pvalue)
+    assert rel.loc[("feature_extraction", "keras"), "pairs"] == 0  # none finished
+    assert rel.loc[("partial[depth=2]", "torch"), "pairs"] == 0  # still running
+    md = t.markdown()
+    assert f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f} (p=" in md and "n=3)" in md
+    assert "no pair" in md and "full" not in set(t.cells["strategy"])
+    assert [x.name for x in report.all_tables(handmade)][-1] == "relative"
+    # without the baseline in the grid there is nothing to be relative to: no table
+    no_full = handmade[handmade["p_strategy_label"] != "full"]
+    assert report.relative_table(no_full).cells.empty
+    assert "relative" not in [x.name for x in report.all_tables(no_full)]
