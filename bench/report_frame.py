@@ -178,6 +178,11 @@ def group_keys(df: pd.DataFrame) -> list[str]:
     extra = sorted(c for c in cells.columns if c.startswith("p_") and c not in BASE_KEYS
                    and c not in NOT_KEYS and not c.startswith("p_strategy.")
                    and cells[c].astype(str).nunique() > 1)
+    # the cards' digests follow the dataset; a key only when one dataset has several (its
+    # card was edited between runs: other data, never averaged with the old)
+    if "p_card_digests" in extra and "p_dataset" in cells and cells.groupby(
+            cells["p_dataset"].astype(str))["p_card_digests"].nunique().max() <= 1:
+        extra.remove("p_card_digests")
     return [*BASE_KEYS, *extra]
 
 

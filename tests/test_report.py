@@ -746,3 +746,15 @@ def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
     no_full = handmade[handmade["p_strategy_label"] != "full"]
     assert report.relative_table(no_full).cells.empty
     assert "relative" not in [x.name for x in report.all_tables(no_full)]
+
+
+def test_card_digests_group_only_when_one_dataset_has_several():
+    rows = [_row("torch", "full", s, 0.9, p_dataset=ds, p_card_digests=f"{ds}={ds[:1] * 12}")
+            for ds in ("clean", "noisy") for s in range(2)]
+    assert "p_card_digests" not in report.group_keys(pd.DataFrame(rows))  # follows dataset
+    rows.append(_row("torch", "full", 2, 0.5, p_dataset="noisy",
+                     p_card_digests="noisy=edited00000"))  # the card edited later
+    df = pd.DataFrame(rows)
+    assert "p_card_digests" in report.group_keys(df)
+    noisy = report.accuracy_table(df).numeric.query("p_dataset == 'noisy'")
+    assert sorted(noisy["n"]) == [1, 2]  # never averaged with the old card's cells
