@@ -153,13 +153,14 @@ def test_bad_option_values_are_refused_naming_the_key(options, expected):
 
 
 # ---- the grid ------------------------------------------------------------------------------
-STRATEGIES = {"blocks[names=stem,head=frozen]", "blocks[names=top_conv,head=frozen]", "full",
-              "feature_extraction"}
+BLOCK_SETS = ("stem", "stem+stage1", "stem+stage1+stage2", "stage7+top_conv", "top_conv")
+STRATEGIES = {f"blocks[names={n},head=frozen]" for n in BLOCK_SETS} | {"full",
+                                                                       "feature_extraction"}
 
 
 def test_the_surgical_grid():
     g = grid.load("surgical")
-    assert len(g.specs) == 48 == len({s.hash for s in g.specs})
+    assert len(g.specs) == 84 == len({s.hash for s in g.specs})
     assert {s.framework for s in g.specs} == {"torch", "keras"}
     assert {s.seed for s in g.specs} == {0, 1, 2}
     assert {s.strategy_label for s in g.specs} == STRATEGIES
@@ -168,10 +169,11 @@ def test_the_surgical_grid():
     # the source's head, as in the paper: the permutation is a shift the head must undo
     assert {s.head_init for s in g.specs} == {"source"}
     assert {s.params["head"] for s in g.specs if s.strategy == "blocks"} == {"frozen"}
-    # the first block (stem) and the last (top_conv) of the backbone the cells use
+    # sets from the input side (the stem, then one and two more blocks) and from the output
+    # side (the last block, the last two) of the backbone the cells use
     blocks = bb.get("mobilenet_v2").blocks
-    assert {s.params["names"] for s in g.specs if s.strategy == "blocks"} == {
-        blocks[0], blocks[-1]} == {"stem", "top_conv"}
+    assert {s.params["names"] for s in g.specs if s.strategy == "blocks"} == set(BLOCK_SETS)
+    assert ("+".join(blocks[:3]), "+".join(blocks[-2:])) == (BLOCK_SETS[2], BLOCK_SETS[3])
     assert g.cards["mnist5k_c"]["corruption"]["noise_std"] > 0
     assert g.cards["mnist5k_perm"]["label_permutation"] == 0
     # the source: clean MNIST-5k, pretrained once per framework and seed, shared by the
@@ -190,7 +192,7 @@ def test_the_surgical_grid_dry_run():
                          cwd=ROOT, capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
-    assert "48 cells" in out.stdout
+    assert "84 cells" in out.stdout
     for fw in ("torch", "keras"):
         for s in STRATEGIES:
             for seed in (0, 1, 2):
