@@ -36,6 +36,7 @@ from bench.report_frame import (
 )
 from bench.report_latex import to_latex
 from bench.report_stats import paired_test, summarize
+from strategies import backbones as bb
 from strategies import registry
 
 HEADERS = {"p_strategy_label": "strategy", "p_device_kind": "device kind"}
@@ -203,11 +204,27 @@ def _frames(rows: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]
 
 
 def _strategy_order(df: pd.DataFrame) -> pd.Series:
+    """Registry order, then depth; named block sets from the input side to the output side
+    (by their first block in the backbone, then how many)."""
     names = list(registry.STRATEGIES)
     rank = df["p_strategy"].map(lambda s: names.index(s) if s in names else len(names))
     depth = df.get("p_strategy.depth", pd.Series(index=df.index, dtype=object))
     depth = depth.map(lambda d: 999 if d == "all" else pd.to_numeric(d, errors="coerce"))
+    if "p_strategy.names" in df:
+        sets = [_block_set_order(b, n) for b, n in zip(df["p_backbone"], df["p_strategy.names"],
+                                                       strict=True)]
+        depth = depth.fillna(pd.Series(sets, index=df.index, dtype=float))
     return rank * 10000 + depth.fillna(0)
+
+
+def _block_set_order(backbone, names) -> float:
+    """`stem+stage1` on MobileNetV2 -> 2 (first block 0, two blocks); nan when unknown."""
+    try:
+        blocks = list(bb.get(str(backbone)).blocks)
+        at = [blocks.index(n) for n in registry.split_blocks(names)]
+    except (KeyError, ValueError):
+        return math.nan
+    return min(at) * 100 + len(at)
 
 
 def _groups(df: pd.DataFrame, keys: list[str], by_framework: bool = True):

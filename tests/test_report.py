@@ -758,3 +758,13 @@ def test_card_digests_group_only_when_one_dataset_has_several():
     assert "p_card_digests" in report.group_keys(df)
     noisy = report.accuracy_table(df).numeric.query("p_dataset == 'noisy'")
     assert sorted(noisy["n"]) == [1, 2]  # never averaged with the old card's cells
+
+
+def test_named_block_sets_read_from_the_input_side_to_the_output_side():
+    sets = ["top_conv", "stem+stage1", "stage7+top_conv", "stem"]
+    rows = [_row("torch", "blocks", 0, 0.5, **{"p_strategy.names": n,
+                                               "p_strategy_label": f"blocks[names={n}]"})
+            for n in sets]
+    shown = list(report.accuracy_table(pd.DataFrame(rows)).cells["strategy"])
+    assert shown == [f"blocks[names={n}]" for n in
+                     ("stem", "stem+stage1", "stage7+top_conv", "top_conv")]
