@@ -344,6 +344,12 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         trainable = session.begin_phase(phase, lr, spec.optimizer, spec.weight_decay)
         cache_labels[phase.name], rate_of, seconds = _cache_phase(session, spec, phase)
         cache_seconds += seconds
+        if epoch == 0 and spec.head_init == "source":
+            # the source model, its head included, on the target before any step: what
+            # transfer gains over no adaptation (Lee et al. 2023's "No adaptation" row)
+            before = session.evaluate("test", topk=test_topk(num_classes))
+            ctx.log_final({"source_test_acc": before["acc"],
+                           "source_test_loss": before["loss"]})
         # steady state of this phase
         meter = StepMeter(session.sync, warmup=WARMUP_STEPS, probe=probe)
         for _ in range(n_epochs):

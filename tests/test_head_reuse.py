@@ -143,7 +143,8 @@ for names in ("stem", "top_conv"):
          "tuned_changed": any(not np.array_equal(v, end[k][1]) for k, (b, v) in start.items()
                               if b == names),
          "trainable_params": ctx.final["trainable_params"],
-         "cache": ctx.tags["feature_cache_used"]}
+         "cache": ctx.tags["feature_cache_used"],
+         "source_test": [ctx.final.get("source_test_acc"), ctx.final.get("source_test_loss")]}
     if FW == "torch":
         r["expected_trainable"] = sum(p.numel() for n, p in s.tb.model.named_parameters()
                                       if s.tb.param_owner()[n] == names)
@@ -190,6 +191,16 @@ def test_a_frozen_head_keeps_the_source_head_bit_for_bit(results, names, cache):
     assert r["others_unchanged"] == [], r
     assert r["trainable_params"] == r["expected_trainable"] > 0
     assert r["cache"] == cache
+
+
+@pytest.mark.timeout(300)
+def test_the_source_model_is_scored_on_the_target_before_any_step(results):
+    """source_test_acc: the source model, head included, on the cell's test split before
+    training (no adaptation). The stem arm scores it on images, the top_conv arm on its
+    cached prefix features: the same model on the same images, so the same score."""
+    stem, top = results["stem"]["source_test"], results["top_conv"]["source_test"]
+    assert 0 <= stem[0] <= 1 and stem[1] > 0, stem
+    assert top[0] == stem[0] and top[1] == pytest.approx(stem[1], rel=1e-4)
 
 
 # ---- refusals, before any work -------------------------------------------------------------
