@@ -592,6 +592,7 @@ def _relative(test: dict) -> str:
 
 
 RELATIVE = Column(_relative, "number")
+NO_ADAPTATION = "no adaptation (the source model)"
 
 
 def relative_table(df: pd.DataFrame, baseline: str = "full",
@@ -613,16 +614,20 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
         if base is None or len(strategies) < 2:
             continue
         b = finished_rows(base).set_index("p_seed")[metric] if metric in base else pd.Series()
-        for label, rows in strategies.items():
-            if label == baseline:
-                continue
-            a = finished_rows(rows).set_index("p_seed")[metric] if metric in rows \
+        arms = [(label, rows, metric) for label, rows in strategies.items()
+                if label != baseline]
+        source = f"source_{metric}"  # the source model before any step (head_init = source)
+        if source in base and finished_values(base, source).notna().any():
+            arms.insert(0, (NO_ADAPTATION, base, source))
+        for label, rows, column in arms:
+            a = finished_rows(rows).set_index("p_seed")[column] if column in rows \
                 else pd.Series()
             test = paired_test(a, b)
+            diverged = diverged_cells(base) + (diverged_cells(rows) if rows is not base else 0)
             numeric.append({**dict(zip(outer, key, strict=True)), "framework": fw,
                             "strategy": label, "baseline": baseline, **test,
-                            "diverged": diverged_cells(rows) + diverged_cells(base)})
-            mark = DIVERGED if diverged_cells(rows) + diverged_cells(base) else ""
+                            "diverged": diverged})
+            mark = DIVERGED if diverged else ""
             shown.setdefault((key, label), {})[fw] = (test, mark)
     fws = [fw for fw in frameworks(df) if any(fw in c for c in shown.values())]
     cells, marks, notes = _frames([
@@ -633,7 +638,9 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
                  {f"{metric} − {baseline} ({fw})": RELATIVE for fw in fws},
                  f"Each strategy minus `{baseline}` on the seeds both ran (same dataset, "
                  f"backbone, weights and framework): mean difference ± standard error, the "
-                 f"paired t-test's p and the pairs (as Lee et al. 2023 plot Figure 2).",
+                 f"paired t-test's p and the pairs (as Lee et al. 2023 plot Figure 2). "
+                 f"{NO_ADAPTATION}: the source model, head included, scored on the same "
+                 f"test split before any step (cells with head_init = source).",
                  [diverged_footnote(df)], marks, notes)
 
 

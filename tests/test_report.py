@@ -742,6 +742,18 @@ def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
     assert f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f} (p=" in md and "n=3)" in md
     assert "no pair" in md and "full" not in set(t.cells["strategy"])
     assert [x.name for x in report.all_tables(handmade)][-1] == "relative"
+    # the source model before any step (head_init = source), paired with full's seeds
+    src = handmade.copy()
+    full_torch = (src["p_strategy_label"] == "full") & (src["p_framework"] == "torch") & \
+        (src["role"] == "cell")
+    src.loc[full_torch, "source_test_acc"] = [0.30, 0.20, 0.40]
+    rel = report.relative_table(src)
+    none = rel.numeric.set_index(["strategy", "framework"]).loc[
+        (report_tables.NO_ADAPTATION, "torch")]
+    assert none["mean_diff"] == pytest.approx(np.mean([0.30 - 0.90, 0.20 - 0.80, 0.40 - 0.85]))
+    assert list(rel.cells["strategy"])[0] == report_tables.NO_ADAPTATION
+    assert (report_tables.NO_ADAPTATION, "keras") not in rel.numeric.set_index(
+        ["strategy", "framework"]).index  # no source score recorded there
     # without the baseline in the grid there is nothing to be relative to: no table
     no_full = handmade[handmade["p_strategy_label"] != "full"]
     assert report.relative_table(no_full).cells.empty
