@@ -3,6 +3,7 @@ needs: `[corruption]` (an input-level shift) and `label_permutation` (a label-le
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -197,3 +198,17 @@ def test_the_surgical_grid_dry_run():
         for s in STRATEGIES:
             for seed in (0, 1, 2):
                 assert f"{fw}/mobilenet_v2/{s}/mnist5k_c[n=500]/seed{seed}" in out.stdout
+
+
+def test_the_surgical_source_grid_is_the_surgical_input_shift_from_a_stronger_source():
+    strong, base = grid.load("surgical_source"), grid.load("surgical")
+    assert len(strong.specs) == 12 and {s.framework for s in strong.specs} == {"torch"}
+    assert {s.dataset for s in strong.specs} == {"mnist5k_c"}
+    # the same cells as the surgical grid's but for the source: its pretraining is longer
+    same = {"weights", "card_digests"}
+    by_config = {dataclasses.replace(s, **{f: "" for f in same}): s for s in base.specs}
+    for s in strong.specs:
+        twin = by_config[dataclasses.replace(s, **{f: "" for f in same})]
+        p, q = pretrain.pretrain_spec(s), pretrain.pretrain_spec(twin)
+        assert (p.epochs, q.epochs) == (20, 6)
+        assert dataclasses.replace(p, epochs=6) == q  # nothing else about the source differs
