@@ -252,6 +252,23 @@ def _groups(df: pd.DataFrame, keys: list[str], by_framework: bool = True):
     return out
 
 
+def _by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
+    """A group's finished values of `column` indexed by seed (what paired_test pairs)."""
+    return finished_rows(rows).set_index("p_seed")[column] if column in rows else pd.Series()
+
+
+def _strategies_per_group(df: pd.DataFrame) -> tuple[list[str], dict]:
+    """The group keys but the strategy, and {(their values, framework): {strategy label:
+    rows}} in table order: the strategies a best-of or a relative-to compares."""
+    keys = group_keys(df)
+    outer = [k for k in keys if k != "p_strategy_label"]
+    per: dict[tuple, dict] = {}
+    for kv, fw, rows in _groups(df, keys):
+        key = tuple(v for k, v in zip(keys, kv, strict=True) if k != "p_strategy_label")
+        per.setdefault((key, fw), {})[kv[keys.index("p_strategy_label")]] = rows
+    return outer, per
+
+
 def accuracy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     """Test accuracy per backbone x strategy[depth] x weights (rows) and framework
     (columns): mean ± std [95% t-interval] n over seeds."""
@@ -487,9 +504,7 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
             continue
         ra, rb = fws[a], fws[b]
         sa, sb = summarize(finished_values(ra, metric)), summarize(finished_values(rb, metric))
-        pa = finished_rows(ra).set_index("p_seed")[metric] if metric in ra else pd.Series()
-        pb = finished_rows(rb).set_index("p_seed")[metric] if metric in rb else pd.Series()
-        test = paired_test(pa, pb)
+        test = paired_test(_by_seed(ra, metric), _by_seed(rb, metric))
         speed = (finished_values(ra, "train_images_per_sec").mean()
                  / finished_values(rb, "train_images_per_sec").mean())
         r = {**dict(zip(keys, kv, strict=True)), f"{a}_mean": sa["mean"], f"{a}_n": sa["n"],
@@ -530,20 +545,16 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     """Per dataset x backbone x weights x framework: the strategy with the best mean test
     accuracy, its margin over the runner-up, and whether the lead holds over seeds (paired
     t-test on the seeds both ran, 5% level)."""
-    keys = group_keys(df)
-    outer = [k for k in keys if k != "p_strategy_label"]
-    per: dict[tuple, list] = {}
-    for kv, fw, rows in _groups(df, keys):
-        key = tuple(v for k, v in zip(keys, kv, strict=True) if k != "p_strategy_label") + (fw,)
-        per.setdefault(key, []).append((kv[keys.index("p_strategy_label")], rows))
+    outer, per = _strategies_per_group(df)
     numeric, shown = [], []
-    for key, strategies in per.items():
+    for (key, fw), by_label in per.items():
+        strategies = list(by_label.items())
         ranked = sorted(((summarize(finished_values(rows, metric)), label, rows)
                          for label, rows in strategies if len(finished_rows(rows))),
                         key=lambda t: -t[0]["mean"])
         skipped = [f"{label} ({_status(rows)})" for label, rows in strategies
                    if not len(finished_rows(rows))]
-        r = {**dict(zip(outer, key[:-1], strict=True)), "framework": key[-1],
+        r = {**dict(zip(outer, key, strict=True)), "framework": fw,
              "best": None, "best_mean": math.nan, "runner_up": None,
              "runner_up_mean": math.nan, "margin": math.nan, "pairs": 0,
              "p_value": math.nan, "verdict": "", "not_compared": "; ".join(skipped),
@@ -553,16 +564,15 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
             r.update(best=l1, best_mean=s1["mean"], best_diverged=diverged_cells(rows1))
             if len(ranked) > 1:
                 s2, l2, rows2 = ranked[1]
-                test = paired_test(finished_rows(rows1).set_index("p_seed")[metric],
-                                   finished_rows(rows2).set_index("p_seed")[metric])
+                test = paired_test(_by_seed(rows1, metric), _by_seed(rows2, metric))
                 r.update(runner_up=l2, runner_up_mean=s2["mean"],
                          margin=s1["mean"] - s2["mean"], pairs=test["pairs"],
                          p_value=test["p_value"], verdict=test["verdict"])
             else:
                 r["verdict"] = "no runner-up"
         numeric.append(r)
-        shown.append({**{_header(k): v for k, v in zip(outer, key[:-1], strict=True)},
-                      "framework": key[-1],
+        shown.append({**{_header(k): v for k, v in zip(outer, key, strict=True)},
+                      "framework": fw,
                       "best": _ranked_cell(r["best"], r["best_mean"], ranked[0][2])
                       if r["best"] else "none finished",
                       "runner-up": _ranked_cell(r["runner_up"], r["runner_up_mean"],
@@ -602,27 +612,20 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
     difference ± its standard error and the paired t-test's p. Lee et al. 2023 plot their
     Figure 2 this way (surgical minus full fine-tuning, standard errors over three runs).
     Empty when no group has the baseline and another strategy."""
-    keys = group_keys(df)
-    outer = [k for k in keys if k != "p_strategy_label"]
-    per: dict[tuple, dict] = {}
-    for kv, fw, rows in _groups(df, keys):
-        key = tuple(v for k, v in zip(keys, kv, strict=True) if k != "p_strategy_label")
-        per.setdefault((key, fw), {})[kv[keys.index("p_strategy_label")]] = rows
+    outer, per = _strategies_per_group(df)
     numeric, shown = [], {}
     for (key, fw), strategies in per.items():
         base = strategies.get(baseline)
         if base is None or len(strategies) < 2:
             continue
-        b = finished_rows(base).set_index("p_seed")[metric] if metric in base else pd.Series()
+        b = _by_seed(base, metric)
         arms = [(label, rows, metric) for label, rows in strategies.items()
                 if label != baseline]
         source = f"source_{metric}"  # the source model before any step (head_init = source)
         if source in base and finished_values(base, source).notna().any():
             arms.insert(0, (NO_ADAPTATION, base, source))
         for label, rows, column in arms:
-            a = finished_rows(rows).set_index("p_seed")[column] if column in rows \
-                else pd.Series()
-            test = paired_test(a, b)
+            test = paired_test(_by_seed(rows, column), b)
             diverged = diverged_cells(base) + (diverged_cells(rows) if rows is not base else 0)
             numeric.append({**dict(zip(outer, key, strict=True)), "framework": fw,
                             "strategy": label, "baseline": baseline, **test,
