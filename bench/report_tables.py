@@ -641,9 +641,10 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
                  {f"{metric} − {baseline} ({fw})": RELATIVE for fw in fws},
                  f"Each strategy minus `{baseline}` on the seeds both ran (same dataset, "
                  f"backbone, weights and framework): mean difference ± standard error, the "
-                 f"paired t-test's p and the pairs (as Lee et al. 2023 plot Figure 2). "
-                 f"{NO_ADAPTATION}: the source model, head included, scored on the same "
-                 f"test split before any step (cells with head_init = source).",
+                 f"paired t-test's p and the pairs (as Lee et al. 2023 plot Figure 2)."
+                 + (" No adaptation: the source model, head included, scored on the same "
+                    "test split before any step (cells with head_init = source)."
+                    if any(r["strategy"] == NO_ADAPTATION for r in numeric) else ""),
                  [diverged_footnote(df)], marks, notes)
 
 

@@ -752,6 +752,7 @@ def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
         (report_tables.NO_ADAPTATION, "torch")]
     assert none["mean_diff"] == pytest.approx(np.mean([0.30 - 0.90, 0.20 - 0.80, 0.40 - 0.85]))
     assert list(rel.cells["strategy"])[0] == report_tables.NO_ADAPTATION
+    assert "No adaptation:" in rel.note and "No adaptation:" not in t.note  # only when shown
     assert (report_tables.NO_ADAPTATION, "keras") not in rel.numeric.set_index(
         ["strategy", "framework"]).index  # no source score recorded there
     # without the baseline in the grid there is nothing to be relative to: no table
