@@ -346,7 +346,8 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         cache_seconds += seconds
         if epoch == 0 and spec.head_init == "source":
             # the source model, its head included, on the target before any step: what
-            # transfer gains over no adaptation (Lee et al. 2023's "No adaptation" row)
+            # transfer gains over no adaptation (Lee et al. 2023's "No adaptation" row).
+            # After the first begin_phase: a Keras model evaluates only once compiled
             before = session.evaluate("test", topk=test_topk(num_classes))
             ctx.log_final({"source_test_acc": before["acc"],
                            "source_test_loss": before["loss"]})
