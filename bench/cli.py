@@ -5,89 +5,71 @@
                         [--cpus-per-cell N]
     python -m bench report [GRID-or-EXPERIMENT-or-RUN_ID] [--parent RUN_ID] [--all]
                            [--out reports/] [--curves BACKBONE] [--no-log]
-    python -m bench plan [GRID] [--gpus 1,8,32] [--from EXPERIMENT] [--overhead-s S]
+    python -m bench plan [GRID] [--gpu-counts 1,8,32] [--from EXPERIMENT] [--overhead-s S]
                          [--images-per-s N]
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path
 
-from bench import devices
-from bench import grid as gridmod
+from bench.config import grid as gridmod
 
 
 def _run(args) -> int:
+    """Load the grid, make the plan from the command's options, list it (--dry-run) or run
+    it, then print the comparison and what did not finish."""
+    from bench.run import plan as planmod
+
     try:
         g = gridmod.load(args.grid, smoke=args.smoke, check_data=not args.dry_run)
     except gridmod.GridError as e:
         print(e, file=sys.stderr)
         return 2
-    problem = devices.check(args.device) if args.device else None
-    if problem:
-        print(f"--device {args.device!r}: {problem}", file=sys.stderr)
-        return 2
-    from bench import pool
-
-    ray_address = args.ray or os.environ.get("RAY_ADDRESS") if args.ray != "off" else None
     try:
-        if args.parallel is not None:
-            g = dataclasses.replace(g, parallel=pool.parse_parallel(args.parallel))
-        gpus = pool.parse_gpus(args.gpus) if args.gpus else None
-        if args.cpus_per_cell != 1 and not ray_address:
-            raise pool.SlotError("--cpus-per-cell is for --ray (on one machine --parallel N "
-                                 "splits the cores)")
-        if args.cpus_per_cell <= 0:
-            raise pool.SlotError(f"--cpus-per-cell {args.cpus_per_cell:g}: allowed: > 0")
-        if ray_address and (gpus is not None or args.parallel is not None):
-            raise pool.SlotError("--gpus and --parallel place cells on this machine; on Ray "
-                                 "the cluster places each cell on a GPU (or cores) of its "
-                                 "own: leave them out")
-        if ray_address:
-            from bench import cluster
-
-            if args.device:
-                g = dataclasses.replace(g, device=args.device)
-            try:
-                executor = cluster.RayExecutor.connect(ray_address, g,
-                                                       cpus_per_cell=args.cpus_per_cell)
-            except cluster.ClusterError as e:
-                raise pool.SlotError(str(e)) from None
-            g = executor.grid  # stamped with the device kind of the cluster's workers
-        else:
-            # every cell stamped with its device kind before anything looks for finished
-            # ones
-            g = pool.choose_gpus(g.on_device(args.device) if gpus is None or args.device
-                                 else g, gpus)
-            executor = None
-            slots = pool.slots_for(g, g.parallel, gpus)
-    except (devices.DeviceError, pool.SlotError) as e:
+        plan = planmod.make_plan(g, _run_options(args))
+    except planmod.PlanError as e:
         print(f"grid {g.path}: {e}; nothing was run", file=sys.stderr)
         return 2
     if args.dry_run:
-        where = executor.describe()["executor"] if executor else \
-            f"{len(slots)} at once ({'; '.join(s.name for s in slots)})"
-        print(f"grid {g.name!r} ({g.path}): {len(g.specs)} cells on {g.device_kind} "
-              f"(device {g.device}), {where}"
-              + (f" ({g.duplicates} duplicates removed)" if g.duplicates else ""))
-        for s in g.specs:
-            print(f"  {s.hash}  {g.label(s)}")
-        for problem in g.data_problems:
-            print(f"not runnable here yet: {problem}")
+        _print_dry_run(plan)
         return 0
-    from bench import report, runner, tracking
-    from bench.forkserver import Launcher
+    return _run_plan(plan, args)
 
+
+def _run_options(args):
+    from bench.run import plan as planmod
+
+    return planmod.Options(
+        device=args.device, rerun=args.rerun, cpus_per_cell=args.cpus_per_cell,
+        parallel=args.parallel, ray=planmod.ray_address(args.ray),
+        gpus=planmod.parse_gpus(args.gpus) if args.gpus else None)
+
+
+def _print_dry_run(plan) -> None:
+    g = plan.grid
+    print(f"grid {g.name!r} ({g.path}): {len(g.specs)} cells on {g.device_kind} "
+          f"(device {g.device}), {plan.where()}"
+          + (f" ({g.duplicates} duplicates removed)" if g.duplicates else ""))
+    for s in g.specs:
+        print(f"  {s.hash}  {g.label(s)}")
+    for problem in g.data_problems:
+        print(f"not runnable here yet: {problem}")
+    plan.executor.close()
+
+
+def _run_plan(plan, args) -> int:
+    from bench import tracking
+    from bench.report import build as report
+    from bench.run import runner
+
+    g = plan.grid
     runner.install_sigterm_handler()
-    text = Path(g.path).read_text()
-    if executor is None:
-        executor = pool.LocalPool(slots, Launcher())
     try:
-        result = runner.run_grid(g, text, rerun=args.rerun, executor=executor)
+        result = runner.run_plan(plan, Path(g.path).read_text())
     except KeyboardInterrupt:
         print("\ninterrupted: the running cells are marked KILLED; finished cells are kept "
               "and will be skipped when the grid is started again", file=sys.stderr)
@@ -97,19 +79,21 @@ def _run(args) -> int:
     print(report.compact(df))
     print(f"full report (tables, figures, report.md): python -m bench report {args.grid}"
           + (" --smoke" if args.smoke else ""), file=sys.stderr)
-    if result.failed:
-        print(f"{len(result.failed)} cell(s) did not finish:", file=sys.stderr)
-        for o in result.failed:
-            print(f"  {o.status}: {g.label(o.spec)}\n      {o.error.splitlines()[0][:300]}",
-                  file=sys.stderr)
-        print(f"details: the runs' error.txt artifacts (nox -s ui), experiment "
-              f"{g.name!r} at {tracking.tracking_uri()}", file=sys.stderr)
-        return 1
-    return 0
+    if not result.failed:
+        return 0
+    print(f"{len(result.failed)} cell(s) did not finish:", file=sys.stderr)
+    for o in result.failed:
+        print(f"  {o.status}: {g.label(o.spec)}\n      {o.error.splitlines()[0][:300]}",
+              file=sys.stderr)
+    print(f"details: the runs' error.txt artifacts (nox -s ui), experiment "
+          f"{g.name!r} at {tracking.tracking_uri()}", file=sys.stderr)
+    return 1
 
 
 def _report(args) -> int:
-    from bench import figures, report, tracking
+    from bench import tracking
+    from bench.report import build as report
+    from bench.report import figures
 
     parent, grid, exp_id, sel = args.parent, None, None, args.selection
     if sel and not parent and _looks_like_run_id(sel):
@@ -187,18 +171,18 @@ def _parent_grid(parent: str):
 
 
 def _plan(args) -> int:
-    from bench import plan
+    from bench.run import sizing
 
     try:
         g = gridmod.load(args.grid)
-        gpus = plan.parse_gpus(args.gpus)
+        gpus = sizing.parse_gpu_counts(args.gpu_counts)
         # measured costs: --from, else the grid's own experiment where the store has it
-        p = plan.make_plan(g, args.from_ or g.name, args.overhead_s, args.images_per_s,
+        p = sizing.estimate(g, args.from_ or g.name, args.overhead_s, args.images_per_s,
                            must_exist=bool(args.from_))
-    except (gridmod.GridError, plan.PlanError) as e:
+    except (gridmod.GridError, sizing.SizingError) as e:
         print(e, file=sys.stderr)
         return 2
-    print(plan.render(p, gpus))
+    print(sizing.render(p, gpus))
     return 0
 
 
@@ -273,20 +257,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-log", action="store_true",
                    help="do not log report.md to the parent run")
     p.set_defaults(fn=_report)
-    from bench import plan  # framework-free, no MLflow at import: its defaults
+    from bench.run import sizing  # framework-free, no MLflow at import: its defaults
 
     q = sub.add_parser("plan", help="expected wall time of a grid on 1, 8, 32 GPUs")
     q.add_argument("grid", nargs="?", default="gpu",
                    help="a grid file, or the name of a shipped grid (default: gpu)")
-    q.add_argument("--gpus", default=",".join(map(str, plan.DEFAULT_GPUS)), metavar="1,8,32",
+    q.add_argument("--gpu-counts", default=",".join(map(str, sizing.DEFAULT_GPUS)),
+                   metavar="1,8,32",
                    help="GPU counts to plan for (default 1,8,32)")
     q.add_argument("--from", dest="from_", metavar="EXPERIMENT",
                    help="MLflow experiment whose finished cells' cell_seconds replace the "
                         "model (default: the grid's own experiment, if the store has it)")
-    q.add_argument("--overhead-s", type=float, default=plan.SCHEDULING_OVERHEAD_S,
+    q.add_argument("--overhead-s", type=float, default=sizing.SCHEDULING_OVERHEAD_S,
                    metavar="S", help="scheduling overhead per cell in seconds (default "
                                      "%(default)s, from benchmarks/test_4_scale.py)")
-    q.add_argument("--images-per-s", type=float, default=plan.TRAIN_IMAGES_PER_S_RESNET50,
+    q.add_argument("--images-per-s", type=float, default=sizing.TRAIN_IMAGES_PER_S_RESNET50,
                    metavar="N", help="the model's anchor: ResNet-50 full training images/s "
                                      "on one GPU (default %(default)g)")
     q.set_defaults(fn=_plan)

@@ -6,13 +6,13 @@ MLFLOW_TRACKING_URI points somewhere else (a shared server, another folder).
 
 Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbone,
 strategy, dataset, device, git_commit, versions; its owner's host, pid and heartbeat (a
-cell's run is its claim, bench/claims.py); slot, cuda_visible_devices, cpus; on failure
+cell's run is its claim, bench/run/claims.py); slot, cuda_visible_devices, cpus; on failure
 `error`. The parent
 run holds the grid file (grid.toml), the cells it expects (cells.json) and the tag
 device_kind (what its cells were stamped with), and, once
 `bench report` has run, report.md with its tables/ and figures/. A pretraining run (kind
 `pretrain`) holds its checkpoint and sidecar under checkpoint/ and the tags checkpoint_key
-and checkpoint_sha256, which other nodes find it by (bench/pretrain.py: publish, fetch).
+and checkpoint_sha256, which other nodes find it by (bench/config/pretrained.py: publish, fetch).
 
 The reporter's read helpers (bottom of this file) return plain rows; the report modules
 (bench/report*.py) never touch MLflow objects.
@@ -30,8 +30,8 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from bench.config.spec import RunSpec
 from bench.paths import ROOT, file_lock
-from bench.spec import RunSpec
 
 TAG = "tlbench."
 PARENT_TAG = "mlflow.parentRunId"
@@ -139,7 +139,7 @@ def _full_commit() -> str:
 
 
 def _host_tags() -> dict[str, str]:
-    """Who owns the run (bench/claims.py): host, process, last heartbeat; and the code (also
+    """Who owns the run (bench/run/claims.py): host, process, last heartbeat; and the code (also
     in MLflow's own source tags, which fill the UI's "Source" and "Git commit")."""
     tags = {TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()),
             TAG + "heartbeat": f"{time.time():.0f}", TAG + "git_commit": git_commit(),
@@ -197,7 +197,7 @@ def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: s
     that cells link to with tlbench.pretrain_run_id; never counted as a finished cell).
     `label`: the full label (tag tlbench.label and the run's description); `run_name`: what
     the UI's run list shows (the label when not given). `tags` (tlbench. prefix added,
-    except to mlflow.* keys) override the owner tags (bench/claims.py)."""
+    except to mlflow.* keys) override the owner tags (bench/run/claims.py)."""
     c, extra = client(), tags
     tags = {PARENT_TAG: parent_id, TAG + "kind": kind, TAG + "spec_hash": spec.hash,
             TAG + "name": spec.name, TAG + "label": label, TAG + "framework": spec.framework,
@@ -271,7 +271,7 @@ def end_run(run_id: str, status: str) -> None:
 
 
 def delete_run(run_id: str) -> None:
-    """A withdrawn claim (bench/claims.py): deleted, so no cell shows twice."""
+    """A withdrawn claim (bench/run/claims.py): deleted, so no cell shows twice."""
     client().delete_run(run_id)
 
 

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from bench.cell import CellContext
+from bench.cell.process import CellContext
+from bench.cell.timing import StepMeter
+from bench.config.spec import RunSpec
 from bench.data import check_card, shipped_cards
-from bench.spec import RunSpec
-from bench.timing import StepMeter
 from strategies import registry
 from strategies.torch_backend import TorchSession, resolve_device, run_cell
 from strategies.torch_backend.backbones import build

@@ -39,7 +39,7 @@ def test_fit_vs_plain_model_fit(benchmark, device, report, tf_keras):
     keras.applications.MobileNetV2 + Dense, compiled with Adam, `model.fit` on
     from_tensor_slices(x, y).batch(32) of the same uint8 images."""
     tf, keras = tf_keras
-    from bench.timing import StepMeter
+    from bench.cell.timing import StepMeter
     from strategies.keras_backend import configure_device
     from strategies.keras_backend.backbones import build
     from strategies.keras_backend.data import Batches

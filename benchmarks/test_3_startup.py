@@ -1,6 +1,6 @@
 """Per-cell start-up: every cell runs in a process of its own. The runner forks it from a
-server that imported the framework once per grid (bench/forkserver.py); without one it starts
-a fresh interpreter (`python -m bench.cell`), as TLBENCH_FORKSERVER=0 does. Start-up is the
+server that imported the framework once per grid (bench/run/forkserver.py); without one it starts
+a fresh interpreter (`python -m bench.cell.process`), as TLBENCH_FORKSERVER=0 does. Start-up is the
 time from asking for the cell's process to its backend being imported and ready (the child's
 `startup` event), measured here for one default-grid cell per framework, its two_stage cell
 (bench/grids/default.toml: EfficientNet-Lite0, 400 digits, 32 px, 6 epochs):
@@ -22,9 +22,9 @@ import time
 
 import pytest
 
-from bench import grid
-from bench.cell import MARK
-from bench.forkserver import Launcher
+from bench.cell.process import MARK
+from bench.config import grid
+from bench.run.forkserver import Launcher
 
 FRAMEWORKS = ("keras", "torch")
 STRATEGY = "two_stage"  # a default-grid cell with a head phase and a fine-tuning phase

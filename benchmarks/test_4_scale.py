@@ -25,10 +25,12 @@ import time
 
 import pytest
 
-from bench import grid as gridmod
-from bench import pool, runner, tracking
-from bench.execute import Slot
-from bench.forkserver import Launcher
+from bench import tracking
+from bench.config import grid as gridmod
+from bench.run import plan, pool, runner
+from bench.run.execute import Slot
+from bench.run.forkserver import Launcher
+from bench.run.plan import on_device
 
 
 def _run(g, store_dir, monkeypatch, executor) -> dict:
@@ -55,7 +57,7 @@ def warm(tmp_path_factory):
         mp.setenv("TLBENCH_CACHE", str(cache))
         store = tmp_path_factory.mktemp("scale-warm")
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
-        g = gridmod.load("default", smoke=True).on_device("cpu")
+        g = on_device(gridmod.load("default", smoke=True), "cpu")
         runner.run_grid(g, "(warm-up)", stream=io.StringIO())
         yield cache
 
@@ -63,10 +65,10 @@ def warm(tmp_path_factory):
 @pytest.mark.timeout(2400)  # three default grids and a smoke run: ~11 min on 2 idle cores
 def test_default_grid_serial_parallel_and_ray(benchmark, report, warm, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="the ray extra: pip install 'tlbench[ray]'")
-    from bench import cluster
+    from bench.run import cluster
 
     monkeypatch.setenv("TLBENCH_CACHE", str(warm))
-    g = gridmod.load("default").on_device("cpu")
+    g = on_device(gridmod.load("default"), "cpu")
     runs = {}
 
     def serial():
@@ -78,7 +80,7 @@ def test_default_grid_serial_parallel_and_ray(benchmark, report, warm, tmp_path,
     (tmp_path / "parallel").mkdir()
     par = dataclasses.replace(g, parallel=2)
     runs["parallel"] = _run(par, tmp_path / "parallel", monkeypatch,
-                            pool.LocalPool(pool.slots_for(par, 2), Launcher()))
+                            pool.LocalPool(plan.slots_for(par, 2), Launcher()))
     (tmp_path / "ray").mkdir()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:

@@ -79,8 +79,7 @@ def _rates(epochs: dict) -> dict[str, float]:
 def measure(framework: str, files: list[str]) -> dict:
     """Run in a process of its own, pinned to one core."""
     os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    from bench import batching
-    from bench.data import decoded
+    from bench.data import batching, decoded
 
     labels = np.arange(N_IMAGES) % 4
     t0 = time.perf_counter()

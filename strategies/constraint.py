@@ -2,7 +2,8 @@
 the import tree, so bench/ and strategies/ read the same rules.
 
 Constraint: a kind and bounds or choices, on a RunSpec field (`metadata={"check":
-Constraint(minimum=1)}`, bench/spec.py) or a `pretrained:` parameter (bench/pretrain.py).
+Constraint(minimum=1)}`, bench/config/spec.py) or a `pretrained:` parameter
+(bench/config/pretrained.py).
 Every check reads it; none restates it.
 
 lookup: a name in a registry, or a KeyError naming the known ones (timm's create_model).

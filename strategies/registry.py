@@ -110,7 +110,7 @@ class Param:
     @property
     def constraint(self) -> Constraint | None:
         """The rule of a 'float', 'int' or 'choice' parameter; None for 'depth' and
-        'blocks', whose values depend on the backbone (bench/grid.py checks them)."""
+        'blocks', whose values depend on the backbone (bench/config/grid.py checks them)."""
         kinds = {"float": float, "int": int, "choice": None}
         if self.kind not in kinds:
             return None

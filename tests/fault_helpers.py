@@ -9,12 +9,12 @@ import sys
 import textwrap
 from pathlib import Path
 
-from bench.forkserver import cell_env
+from bench.run.forkserver import cell_env
 
 # a cell that finishes at once with a test accuracy
 GOOD_CELL = """
 import json, sys
-from bench.cell import emit
+from bench.cell.process import emit
 job = json.load(open(sys.argv[1]))
 emit("startup", seconds=0.0, pid=0)
 emit("metrics", step=None, metrics={"test_acc": 0.5})
@@ -24,7 +24,7 @@ emit("metrics", step=None, metrics={"test_acc": 0.5})
 class ScriptLauncher:
     """Starts each cell as `python -c CODE job.json`: a real child process, in a process
     group of its own like the harness's cells, that reads the runner's job file and reports
-    through bench.cell's marked lines, without training anything."""
+    through bench.cell.process's marked lines, without training anything."""
 
     def __init__(self, code: str = GOOD_CELL):
         self.code = textwrap.dedent(code)

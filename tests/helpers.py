@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from bench.cell import CellContext
+from bench.cell.process import CellContext
 from strategies import backbones as catalog
 from strategies import registry
 

@@ -1,9 +1,9 @@
-"""bench.batching: the rules both backends share give what each backend computed before."""
+"""bench.data.batching: the rules both backends share give what each backend computed before."""
 
 import numpy as np
 import pytest
 
-from bench import batching
+from bench.data import batching
 
 
 @pytest.mark.parametrize("n,batch_size", [(1, 4), (3, 4), (4, 4), (5, 4), (9, 4), (10, 3)])

@@ -12,7 +12,8 @@ import pytest
 from test_pretrain import pretrain_runs
 from test_pretrain import run as run_grid
 
-from bench import pretrain, tracking
+from bench import checkpoints, tracking
+from bench.config import pretrained
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +36,7 @@ def test_checkpoint_made_once_travels_through_the_store(any_store, monkeypatch, 
     exp_id = first.experiment_id
     (pre,) = pretrain_runs(exp_id)
     pre_id = pre.info.run_id
-    ckpt = pretrain.Checkpoint.of(pretrain.pretrain_spec(first.outcomes[0].spec))
+    ckpt = checkpoints.Checkpoint.of(pretrained.pretrain_spec(first.outcomes[0].spec))
     made_sha = ckpt.meta()["sha256"]
     assert pre.data.tags[tracking.TAG + "checkpoint_key"] == ckpt.key
     assert pre.data.tags[tracking.TAG + "checkpoint_sha256"] == made_sha
@@ -56,7 +57,7 @@ def test_checkpoint_made_once_travels_through_the_store(any_store, monkeypatch, 
     assert len(pretrain_runs(exp_id)) == 1, "the checkpoint was pretrained a second time"
     assert f"fetched from the tracking store (run {pre_id})" in err, err
     assert ckpt.problem() is None
-    assert pretrain.sha256_file(ckpt.path) == made_sha
+    assert checkpoints.sha256_file(ckpt.path) == made_sha
     meta = ckpt.meta()
     assert meta["run_id"] == pre_id and meta["fetched_from"] == tracking.tracking_uri()
     cell = tracking.get_run(second.outcomes[0].run_id)

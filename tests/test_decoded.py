@@ -17,8 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from bench import batching
-from bench.data import decoded
+from bench.data import batching, decoded
 from bench.paths import ROOT
 
 SIZE = 32
@@ -194,7 +193,7 @@ os.environ["OMP_NUM_THREADS"] = "1"
 import numpy as np
 from helpers import RecordingContext
 from bench.data import check_card, decoded, prepare
-from bench.spec import RunSpec
+from bench.config.spec import RunSpec
 from strategies import registry
 from strategies.{fw}_backend import data, run_cell
 card = check_card({{"name": "pets", "source": "image_folder", "root": sys.argv[1]}}, "x")

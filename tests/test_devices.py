@@ -16,8 +16,9 @@ import pytest
 from fault_helpers import ScriptLauncher, install_nvidia_smi
 
 from bench import devices, runner, tracking
-from bench import grid as gridmod
+from bench.config import grid as gridmod
 from bench.paths import ROOT
+from bench.run.plan import Plan, on_device
 
 H200, A100 = "NVIDIA H200", "NVIDIA A100-SXM4-80GB"
 
@@ -125,15 +126,15 @@ def write_grid(dir: Path, name: str, device: str = "auto") -> Path:
 def test_on_device_stamps_every_cell(gpus, tmp_path):
     g = gridmod.load(write_grid(tmp_path, "g"))
     assert g.device_kind is None and {s.device_kind for s in g.specs} == {"cpu"}
-    on_cpu, on_gpu = g.on_device("cpu"), g.on_device()  # run.device = auto: the H200
+    on_cpu, on_gpu = on_device(g, "cpu"), on_device(g)  # run.device = auto: the H200
     assert on_cpu.device_kind == "cpu" and on_gpu.device_kind == f"cuda:{H200}"
     assert {s.device_kind for s in on_gpu.specs} == {f"cuda:{H200}"}
-    assert on_gpu.device == "auto" and g.on_device("cuda:1").device == "cuda:1"
+    assert on_gpu.device == "auto" and on_device(g, "cuda:1").device == "cuda:1"
     # the CPU kind is the field's default: hashes from before the field are kept
     assert [s.hash for s in on_cpu.specs] == [s.hash for s in g.specs]
     cpu_hashes, gpu_hashes = {s.hash for s in on_cpu.specs}, {s.hash for s in on_gpu.specs}
     assert len(gpu_hashes) == 2 and not cpu_hashes & gpu_hashes
-    assert not gpu_hashes & {s.hash for s in g.on_device("cuda:1").specs}  # H200 vs A100
+    assert not gpu_hashes & {s.hash for s in on_device(g, "cuda:1").specs}  # H200 vs A100
     assert [s.name for s in on_gpu.specs] == [s.name for s in g.specs]
 
 
@@ -143,13 +144,14 @@ def test_a_grid_finished_on_the_cpu_runs_again_on_a_gpu(store, gpus):
     first = runner.run_grid(gridmod.load(path), text, stream=sys.stdout,
                             launcher=ScriptLauncher())
     assert [o.status for o in first.outcomes] == ["FINISHED", "FINISHED"]
-    again = runner.run_grid(gridmod.load(path).on_device("cpu"), text, stream=sys.stdout,
+    again = runner.run_grid(on_device(gridmod.load(path), "cpu"), text, stream=sys.stdout,
                             launcher=ScriptLauncher())
     assert [o.status for o in again.outcomes] == ["SKIPPED", "SKIPPED"]
 
-    on_gpu = gridmod.load(path).on_device("cuda")
-    todo, skipped = runner.plan(on_gpu, first.experiment_id)
-    assert len(todo) == 2 and not skipped
+    on_gpu = on_device(gridmod.load(path), "cuda")
+    planned = Plan(on_gpu, executor=None).look_up_finished(
+        tracking.finished_hashes(first.experiment_id))
+    assert len(planned.todo) == 2 and not planned.skipped
     second = runner.run_grid(on_gpu, text, stream=sys.stdout, launcher=ScriptLauncher())
     assert [o.status for o in second.outcomes] == ["FINISHED", "FINISHED"]
     runs = tracking.cell_runs(first.experiment_id, "FINISHED")

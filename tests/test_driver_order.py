@@ -1,4 +1,4 @@
-"""The Session protocol's call order (bench.driver.OrderCheck), framework-free: the order the
+"""The Session protocol's call order (bench.cell.loop.OrderCheck), framework-free: the order the
 driver keeps passes through to the session, a call out of it is refused before it reaches
 the session. The real backend keeping it: tests/test_torch_backend.py."""
 
@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.driver import OrderCheck
+from bench.cell.loop import OrderCheck
 
 SETUP = ["start", "determinism", "seed", "build"]
 EPOCH = ["train_epoch", "recalibrate_bn", "evaluate"]

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from bench import driver
-from bench.contention import CONTENDED_SHARE, CpuProbe
+from bench.cell import loop
+from bench.cell.contention import CONTENDED_SHARE, CpuProbe
 from helpers import strategy_test_params
 from strategies import registry
 
@@ -65,17 +65,17 @@ def test_split_epochs_by_largest_remainder():
 
 def test_diverged_tag_compares_the_last_epoch_with_the_first():
     rows = [{"epoch": 1, "train_loss": 2.3}, {"epoch": 2, "train_loss": 1.1e6}]
-    assert driver.diverged_tag(rows).startswith("true: final train loss 1.1e+06 above")
-    assert driver.diverged_tag(rows[:1]) == "false"
-    assert driver.diverged_tag([rows[0], {"epoch": 2, "train_loss": 0.4}]) == "false"
+    assert loop.diverged_tag(rows).startswith("true: final train loss 1.1e+06 above")
+    assert loop.diverged_tag(rows[:1]) == "false"
+    assert loop.diverged_tag([rows[0], {"epoch": 2, "train_loss": 0.4}]) == "false"
 
 
 def test_device_kind_of_a_session():
-    assert driver.device_kind({"device_type": "cpu", "device": "cpu (x86_64, 2 threads)"}) \
+    assert loop.device_kind({"device_type": "cpu", "device": "cpu (x86_64, 2 threads)"}) \
         == "cpu"
-    assert driver.device_kind({"device_type": "cuda", "device": "NVIDIA H200"}) \
+    assert loop.device_kind({"device_type": "cuda", "device": "NVIDIA H200"}) \
         == "cuda:NVIDIA H200"
-    assert driver.device_kind({"device_type": "gpu", "device": "NVIDIA H200"}) \
+    assert loop.device_kind({"device_type": "gpu", "device": "NVIDIA H200"}) \
         == "cuda:NVIDIA H200"  # Keras says gpu
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 import pytest
 from fault_helpers import GOOD_CELL, ScriptLauncher, alive, install_nvidia_smi, processes_in
 
-from bench import grid as gridmod
-from bench import runner, tracking
+from bench import tracking
+from bench.config import grid as gridmod
 from bench.paths import ROOT
+from bench.run import runner
+from bench.run.plan import on_device
 
 GRID = """
 name = "{name}"
@@ -68,7 +70,7 @@ def artifact(run_id: str, name: str, dest: Path) -> str:
 # ---- output the runner cannot record ---------------------------------------------------------
 BAD_OUTPUT = """
 import json, sys, time
-from bench.cell import MARK, emit
+from bench.cell.process import MARK, emit
 job = json.load(open(sys.argv[1]))
 emit("startup", seconds=0.0, pid=0)
 strategy = job["spec"]["strategy"]
@@ -110,7 +112,7 @@ def test_output_the_runner_cannot_record_fails_that_cell_and_the_grid_goes_on(st
 # ---- the per-cell time limit -----------------------------------------------------------------
 HANGS = """
 import json, subprocess, sys, time
-from bench.cell import emit
+from bench.cell.process import emit
 job = json.load(open(sys.argv[1]))
 emit("startup", seconds=0.0, pid=0)
 if job["spec"]["strategy"] == "full":  # hangs, with a process of its own started
@@ -174,7 +176,7 @@ def test_every_cell_run_gets_system_metrics(store):
 
 JOB_ECHO = """
 import json, sys
-from bench.cell import emit
+from bench.cell.process import emit
 job = json.load(open(sys.argv[1]))
 emit("tags", tags={"job_deterministic": json.dumps(job["deterministic"]),
                    "job_device": job["device"]})
@@ -194,7 +196,7 @@ def test_the_job_says_whether_to_be_deterministic(store, monkeypatch, setting, d
     install_nvidia_smi(store / "bin", ["NVIDIA H200"])
     monkeypatch.setenv("PATH", f"{store / 'bin'}{os.pathsep}{os.environ['PATH']}")
     path = write_grid(store, "det", '["feature_extraction"]', run=setting)
-    g = gridmod.load(path).on_device(device)
+    g = on_device(gridmod.load(path), device)
     result = runner.run_grid(g, path.read_text(), stream=sys.stdout,
                              launcher=ScriptLauncher(JOB_ECHO))
     (o,) = result.outcomes

@@ -1,4 +1,4 @@
-"""The fork server (bench/forkserver.py): cells forked from a process that imported the
+"""The fork server (bench/run/forkserver.py): cells forked from a process that imported the
 framework once give the same numbers as cells in fresh processes, die alone, and leave
 nothing behind; a server that cannot serve makes the runner start cells fresh."""
 
@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import grid as gridmod
-from bench import runner, tracking
-from bench.cell import MARK
-from bench.forkserver import Launcher
+from bench import tracking
+from bench.cell.process import MARK
+from bench.config import grid as gridmod
+from bench.run import runner
+from bench.run.forkserver import Launcher
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Grid files (bench/grid.py) and the registries they validate against
+"""Grid files (bench/config/grid.py) and the registries they validate against
 (strategies/registry.py, strategies/backbones.py)."""
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from bench import grid
-from bench import spec as spec_mod
-from bench.grid import GridError, from_dict
-from bench.spec import RunSpec
+from bench.config import grid
+from bench.config import spec as spec_mod
+from bench.config.grid import GridError, from_dict
+from bench.config.spec import RunSpec
 from strategies import FRAMEWORKS, registry
 from strategies import backbones as bb
 from strategies.constraint import Constraint
@@ -109,7 +109,7 @@ def test_default_grid_compares_every_strategy_in_both_frameworks():
 
 
 def test_yosinski_grid_is_the_papers_protocol():
-    from bench import pretrain
+    from bench.config import pretrained
 
     g = grid.load("yosinski")
     # per framework: {AnB, AnB+, BnB, BnB+} x depths 1, 3, 5, 7, and baseB
@@ -125,7 +125,7 @@ def test_yosinski_grid_is_the_papers_protocol():
         assert (base.strategy, base.weights) == ("full", "none")
     assert {s.dataset for s in g.specs} == {"mnist_b"}
     # base networks on A and on B, once per framework
-    sources = {pretrain.pretrain_spec(s) for s in g.specs if pretrain.is_pretrained(s.weights)}
+    sources = {pretrained.pretrain_spec(s) for s in g.specs if pretrained.is_pretrained(s.weights)}
     assert len({p.hash for p in sources}) == 4
     assert {(p.framework, p.dataset) for p in sources} == {
         (fw, d) for fw in ("torch", "keras") for d in ("mnist_a", "mnist_b")}
@@ -169,7 +169,7 @@ def test_invalid_toml_is_a_grid_error(tmp_path):
 
 
 def test_bench_grid_imports_no_framework():
-    code = ("import sys, bench.grid, bench.spec, bench.data, strategies\n"
+    code = ("import sys, bench.config.grid, bench.config.spec, bench.data, strategies\n"
             "bad = [m for m in ('torch', 'tensorflow', 'keras', 'torchvision') "
             "if m in sys.modules]\n"
             "assert not bad, bad\n")
@@ -677,12 +677,12 @@ def test_editing_a_card_makes_new_cells_and_leaves_the_others():
 
 
 def test_editing_a_pretraining_source_card_makes_a_new_pretraining():
-    from bench import pretrain
+    from bench.config import pretrained
 
     def pspec_and_cell(noise):
         g = _card_grid(noise=noise, weights="pretrained:noisy[epochs=1]")
         cell = next(s for s in g.specs if s.dataset == "digits")
-        return pretrain.pretrain_spec(cell), cell
+        return pretrained.pretrain_spec(cell), cell
 
     (p80, c80), (p60, c60) = pspec_and_cell(80.0), pspec_and_cell(60.0)
     assert p80.card_digests.startswith("noisy=") and "digits=" not in p80.card_digests

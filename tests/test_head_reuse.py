@@ -4,7 +4,7 @@ fine-tuning grid (Lee et al. 2023; bench/grids/surgical.toml), in both framework
 
 Each framework runs one script (Keras in its own interpreter, tests/helpers.py): a source
 checkpoint written by save_backbone from a model whose every tensor was moved off any fresh
-init, then cells through bench.driver.run_cell on a session that records the model's state
+init, then cells through bench.cell.loop.run_cell on a session that records the model's state
 when the first phase begins (what training starts from) and at param_counts (after the test
 evaluation, before the model-only rates move the weights)."""
 
@@ -17,8 +17,8 @@ import sys
 
 import pytest
 
+from bench.config.grid import GridError, from_dict
 from bench.data import sources
-from bench.grid import GridError, from_dict
 from bench.paths import ROOT
 from helpers import keras_script_results
 from strategies import registry
@@ -30,9 +30,11 @@ os.environ["TLBENCH_CACHE"] = tempfile.mkdtemp()
 import numpy as np
 from pathlib import Path
 from helpers import RecordingContext
-from bench import driver, pretrain
+from bench.cell import loop
+from bench import checkpoints
+from bench.config import pretrained
 from bench.data import check_card, shipped_cards
-from bench.spec import RunSpec
+from bench.config.spec import RunSpec
 from strategies import registry
 
 FW = "%(framework)s"
@@ -101,11 +103,11 @@ def cell(strategy, head_init, stop_early=False):
                    strategy_params=tuple(params.items()), weights=WEIGHTS, head_init=head_init,
                    subset=40, image_size=32, batch_size=16, epochs=1)
     ctx = RecordingContext()
-    ctx.weights_file, ctx.weights_sha256 = CKPT, pretrain.sha256_file(Path(CKPT))
+    ctx.weights_file, ctx.weights_sha256 = CKPT, checkpoints.sha256_file(Path(CKPT))
     s = Recording()
     s.stop_early = stop_early
     try:
-        driver.run_cell(s, spec, CARD, ctx)
+        loop.run_cell(s, spec, CARD, ctx)
     except Stop:
         pass
     ctx.final = {k: v for f in ctx.finals for k, v in f.items()}
@@ -228,8 +230,8 @@ def test_a_valid_head_reuse_grid_loads_and_the_defaults_keep_their_hashes():
     assert "strategy_params" in plain.canonical() and "head" not in plain.canonical()[
         "strategy_params"]
     # the pretraining is the one a head_init="new" cell names (one checkpoint for both)
-    from bench import pretrain
-    assert pretrain.pretrain_spec(s).hash == pretrain.pretrain_spec(plain).hash
+    from bench.config import pretrained
+    assert pretrained.pretrain_spec(s).hash == pretrained.pretrain_spec(plain).hash
 
 
 @pytest.mark.timeout(60)

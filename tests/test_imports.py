@@ -1,11 +1,13 @@
 """bench/ is framework-free: it imports, validates grids and lists cells with torch,
 tensorflow and Ray blocked (Ray is the optional extra of --ray only); and the module-level
-imports of bench/ and strategies/ form no cycle."""
+imports of bench/ and strategies/ form no cycle, counting the imports inside functions too."""
 
 import ast
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from bench.paths import ROOT
 
@@ -21,12 +23,14 @@ sys.meta_path.insert(0, Block())
 
 def test_bench_imports_with_frameworks_blocked():
     code = BLOCK + """
-import bench, bench.spec, bench.grid, bench.runner, bench.tracking, bench.report, bench.cli
-import bench.timing, bench.cell, bench.data, bench.driver, bench.batching, strategies
-import bench.pool, bench.execute, bench.claims, bench.progress, bench.cluster
+import bench, bench.config.spec, bench.config.grid, bench.run.runner, bench.tracking
+import bench.report.build, bench.cli, bench.checkpoints, bench.run.publish
+import bench.cell.timing, bench.cell.process, bench.data, bench.cell.loop, bench.data.batching
+import bench.run.pool, bench.run.execute, bench.run.claims, bench.run.progress
+import bench.run.cluster, bench.run.sizing, strategies
 import strategies.registry
 import strategies.backbones
-g = bench.grid.load('default')
+g = bench.config.grid.load('default')
 assert g.specs
 assert bench.cli.main(['run', 'default', '--dry-run']) == 0
 assert bench.cli.main(['run', 'default', '--dry-run', '--parallel', '2']) == 0
@@ -56,11 +60,14 @@ def _modules() -> dict[str, Path]:
     return out
 
 
-def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The modules of bench/ and strategies/ that `name` imports at module level (imports
-    inside functions are left out: those keep a framework or MLflow lazy)."""
+def _imports(name: str, path: Path, modules: dict[str, Path],
+             inside_functions: bool = False) -> set[str]:
+    """The modules of bench/ and strategies/ that `name` imports at module level, and with
+    `inside_functions` in its functions too (those keep a framework or MLflow lazy, and
+    must not hide a cycle either)."""
     found = set()
-    for node in ast.parse(path.read_text()).body:
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree) if inside_functions else tree.body:
         if isinstance(node, ast.Import):
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -70,7 +77,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 for _ in range(node.level - 1):
                     pkg = pkg.rpartition(".")[0]
                 module = ".".join(p for p in (pkg, module) if p)
-            # `from bench import spec` imports the module bench.spec, not just bench
+            # `from bench import spec` imports the module bench.config.spec, not just bench
             found |= {f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module
                       for a in node.names}
     return {m for m in found if m in modules and m != name}
@@ -102,10 +109,14 @@ def test_cycle_finder_names_the_cycle():
     assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
 
 
-def test_module_level_imports_form_no_cycle():
+@pytest.mark.parametrize("inside_functions", [False, True], ids=["module-level", "all"])
+def test_imports_form_no_cycle(inside_functions):
     modules = _modules()
-    graph = {m: _imports(m, p, modules) for m, p in modules.items()}
-    assert {"bench.paths", "bench.selector"} <= graph["bench.pretrain"]  # the graph is read
-    assert "bench.report" in graph["bench.figures"]
+    graph = {m: _imports(m, p, modules, inside_functions) for m, p in modules.items()}
+    # the graph is read
+    assert "bench.config.selector" in graph["bench.config.pretrained"]
+    assert "bench.report.build" in graph["bench.report.figures"]
+    # a function-level import is seen only when asked for
+    assert ("bench.run.cluster" in graph["bench.run.plan"]) == inside_functions
     cycle = _cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

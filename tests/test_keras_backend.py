@@ -25,10 +25,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.config.grid import GridError, from_dict
+from bench.config.spec import RunSpec
 from bench.data import check_card, prepare, shipped_cards
-from bench.grid import GridError, from_dict
 from bench.paths import ROOT
-from bench.spec import RunSpec
 from helpers import RecordingContext, strategy_test_params
 from strategies import backbones as catalog
 from strategies import registry
@@ -942,7 +942,7 @@ def test_select_best_val_tests_the_weights_of_the_best_epoch(cache):
 
 
 def test_a_non_finite_loss_ends_the_cell_at_once(cache):
-    from bench.driver import Diverged
+    from bench.cell.loop import Diverged
 
     with pytest.raises(Diverged, match=r"^diverged at epoch 1, step \d+ \(train loss (nan|inf)"):
         _small_cell(epochs=3, optimizer="sgd", lr=1e30)

@@ -29,10 +29,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.config.spec import RunSpec
 from bench.data import check_card, shipped_cards
 from bench.data.sources import package_file
 from bench.paths import ROOT
-from bench.spec import RunSpec
 from strategies import lite0_weights as lw
 from strategies import registry
 

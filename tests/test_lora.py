@@ -15,8 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from bench.config.spec import RunSpec
 from bench.data import check_card, shipped_cards
-from bench.spec import RunSpec
 from helpers import RecordingContext, keras_script_results
 from strategies import registry
 from strategies.lora import ADAPTER_NAMES
@@ -244,7 +244,7 @@ KERAS_CHECKS = textwrap.dedent('''
     sys.path.insert(0, "tests")
     from helpers import RecordingContext
     from bench.data import check_card, shipped_cards
-    from bench.spec import RunSpec
+    from bench.config.spec import RunSpec
     from strategies.keras_backend import run_cell
     params = registry.get("lora").with_defaults({"depth": DEPTH})
     spec = RunSpec(framework="keras", backbone="mobilenet_v3_small", dataset="digits",

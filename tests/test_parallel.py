@@ -1,5 +1,5 @@
-"""Several cells at once on one machine (bench/pool.py) and the claims that keep every cell
-run once (bench/claims.py), on real processes and a real sqlite MLflow store.
+"""Several cells at once on one machine (bench/run/pool.py) and the claims that keep every cell
+run once (bench/run/claims.py), on real processes and a real sqlite MLflow store.
 
 GPUs are an `nvidia-smi` of our own on PATH (fault_helpers): the harness's side (slots,
 CUDA_VISIBLE_DEVICES per cell, refusals) is what is tested; cells that train are ResNet-18
@@ -21,18 +21,20 @@ import pytest
 from fault_helpers import ScriptLauncher, alive, install_nvidia_smi
 from test_faults import write_grid
 
-from bench import claims, pool, runner, tracking
-from bench import grid as gridmod
-from bench.execute import Slot
-from bench.forkserver import Launcher
+from bench import tracking
+from bench.config import grid as gridmod
 from bench.paths import ROOT
-from bench.progress import Progress
+from bench.run import claims, plan, pool, runner
+from bench.run.execute import Slot
+from bench.run.forkserver import Launcher
+from bench.run.plan import on_device
+from bench.run.progress import Progress
 
-# a cell that says where it runs (its slot, as bench/cell.py's take_slot applies it), stays
+# a cell that says where it runs (its slot, as bench/cell/process.py's take_slot applies it), stays
 # a moment so that cells overlap, and kills itself with SIGKILL when its strategy is `full`
 WHERE_CELL = """
 import json, os, signal, sys, time
-from bench.cell import emit, take_slot
+from bench.cell.process import emit, take_slot
 job = json.load(open(sys.argv[1]))
 emit("startup", seconds=0.0, pid=os.getpid())
 emit("tags", tags={**take_slot(job), "job_device": job["device"]})
@@ -67,8 +69,8 @@ def test_one_cell_per_gpu_each_sees_only_its_own(store, monkeypatch):
     fake_gpus(store, monkeypatch, ["NVIDIA H200"] * 8, "4,6,7")
     path = write_grid(store, "gpus", '["feature_extraction", "partial[depth=1]", "full"]')
     g = dataclasses.replace(gridmod.load(path), device="cuda")
-    g = pool.choose_gpus(g.on_device(), [0, 2])  # --gpus 0,2: the visible GPUs 4 and 7
-    slots = pool.slots_for(g, "auto", [0, 2])
+    g = plan.choose_gpus(on_device(g), [0, 2])  # --gpus 0,2: the visible GPUs 4 and 7
+    slots = plan.slots_for(g, "auto", [0, 2])
     assert [(s.name, s.gpu) for s in slots] == [("gpu 4", "4"), ("gpu 7", "7")]
     result = runner.run_grid(g, path.read_text(), stream=sys.stdout,
                              executor=pool.LocalPool(slots, ScriptLauncher(WHERE_CELL)))
@@ -92,19 +94,19 @@ def test_one_cell_per_gpu_each_sees_only_its_own(store, monkeypatch):
 def test_slots_that_cannot_be_had_are_refused_before_anything_runs(store, monkeypatch):
     fake_gpus(store, monkeypatch, ["NVIDIA H200", "NVIDIA A100-SXM4-80GB"])
     path = write_grid(store, "refuse", '["feature_extraction"]')
-    cpu_grid = gridmod.load(path).on_device("cpu")
+    cpu_grid = on_device(gridmod.load(path), "cpu")
     gpu_grid = dataclasses.replace(gridmod.load(path), device="cuda")
     cases = [
-        (lambda: pool.slots_for(gpu_grid.on_device(), 3), "allowed: 1..2"),
-        (lambda: pool.choose_gpus(gpu_grid, [0, 1]), "mixes GPU models"),
-        (lambda: pool.choose_gpus(gpu_grid, [5]), "allowed: 0..1"),
-        (lambda: pool.choose_gpus(cpu_grid, [0]), "--gpus needs a GPU device"),
-        (lambda: pool.slots_for(cpu_grid, len(pool.cpu_list()) + 1), r"CPU core\(s\)"),
-        (lambda: pool.parse_parallel("two"), 'allowed: "auto"'),
-        (lambda: pool.parse_gpus("0,0"), "distinct GPU indices"),
+        (lambda: plan.slots_for(on_device(gpu_grid), 3), "allowed: 1..2"),
+        (lambda: plan.choose_gpus(gpu_grid, [0, 1]), "mixes GPU models"),
+        (lambda: plan.choose_gpus(gpu_grid, [5]), "allowed: 0..1"),
+        (lambda: plan.choose_gpus(cpu_grid, [0]), "--gpus needs a GPU device"),
+        (lambda: plan.slots_for(cpu_grid, len(plan.cpu_list()) + 1), r"CPU core\(s\)"),
+        (lambda: plan.parse_parallel("two"), 'allowed: "auto"'),
+        (lambda: plan.parse_gpus("0,0"), "distinct GPU indices"),
     ]
     for call, says in cases:
-        with pytest.raises(pool.SlotError, match=says):
+        with pytest.raises(plan.PlanError, match=says):
             call()
     # the command line says so and runs nothing
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -129,8 +131,8 @@ def test_cells_on_their_own_cores_at_once_give_the_serial_numbers(store):
     """--parallel 2 on this 2-core machine: each cell pinned to one core with one thread,
     the two at once; every number equal to the same cells run one at a time on one core."""
     path = write_grid(store, "serial", '["feature_extraction", "full"]', epochs=2)
-    g = gridmod.load(path).on_device("cpu")
-    cpus = pool.cpu_list()
+    g = on_device(gridmod.load(path), "cpu")
+    cpus = plan.cpu_list()
     serial = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=pool.LocalPool(
         [Slot("cpus 0", None, (cpus[0],))], Launcher()))
     par = dataclasses.replace(g, name="par", parallel=2)
@@ -156,7 +158,7 @@ def test_cells_on_their_own_cores_at_once_give_the_serial_numbers(store):
 def test_a_claim_whose_owner_died_is_taken_over_and_a_live_one_is_not(any_store):
     store, name = any_store
     path = write_grid(store, name, '["feature_extraction"]')
-    g = gridmod.load(path).on_device("cpu")
+    g = on_device(gridmod.load(path), "cpu")
     (spec,) = g.specs
     exp_id = tracking.experiment_id(g.name)
     parent = tracking.start_parent(exp_id, g, 1, path.read_text())

@@ -14,11 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from bench import grid as gridmod
-from bench import pretrain, runner, tracking
+from bench import checkpoints, tracking
+from bench.config import grid as gridmod
+from bench.config import pretrained
+from bench.config.spec import RunSpec
 from bench.data import DatasetError, check_card, prepare
 from bench.data.cards import CardError
-from bench.spec import RunSpec
+from bench.run import runner
 
 CARDS = """
 [datasets.digits_a]
@@ -51,20 +53,20 @@ def test_weights_spelling_is_canonical_so_equal_pretrainings_hash_equal():
 def test_pretrain_spec_takes_the_cells_recipe_on_the_source_dataset():
     c = cell(strategy="partial", strategy_params=(("depth", 2),), head="mlp", seed=3,
              weights="pretrained:digits_a[epochs=4,lr=0.01,subset=200]")
-    p = pretrain.pretrain_spec(c)
+    p = pretrained.pretrain_spec(c)
     assert (p.dataset, p.epochs, p.lr, p.subset, p.seed) == ("digits_a", 4, 0.01, 200, 3)
     assert (p.strategy, p.weights, p.head) == ("full", "none", "linear")
     assert (p.backbone, p.image_size, p.batch_size) == (c.backbone, 16, 16)
     # every cell that names the same pretraining shares one checkpoint key
     other = dataclasses.replace(c, strategy="feature_extraction", strategy_params=())
-    assert pretrain.Checkpoint.of(pretrain.pretrain_spec(other)).key == \
-        pretrain.Checkpoint.of(p).key
+    assert checkpoints.Checkpoint.of(pretrained.pretrain_spec(other)).key == \
+        checkpoints.Checkpoint.of(p).key
     # a different recipe is a different checkpoint
-    assert pretrain.pretrain_spec(dataclasses.replace(c, image_size=32)).hash != p.hash
-    assert pretrain.pretrain_spec(dataclasses.replace(c, seed=1)).hash != p.hash
+    assert pretrained.pretrain_spec(dataclasses.replace(c, image_size=32)).hash != p.hash
+    assert pretrained.pretrain_spec(dataclasses.replace(c, seed=1)).hash != p.hash
     fixed = dataclasses.replace(c, weights="pretrained:digits_a[seed=0]")
-    assert pretrain.pretrain_spec(fixed).seed == 0
-    assert pretrain.pretrain_spec(RunSpec("torch", "resnet18", "digits")) is None
+    assert pretrained.pretrain_spec(fixed).seed == 0
+    assert pretrained.pretrain_spec(RunSpec("torch", "resnet18", "digits")) is None
 
 
 @pytest.mark.parametrize("weights, needle", [
@@ -135,8 +137,8 @@ def test_bad_class_lists_are_refused():
 
 # ---- the checkpoint cache ------------------------------------------------------------------
 def test_corrupted_checkpoint_is_detected_and_verify_refuses_it(store):
-    p = pretrain.pretrain_spec(cell())
-    ckpt = pretrain.Checkpoint.of(p)
+    p = pretrained.pretrain_spec(cell())
+    ckpt = checkpoints.Checkpoint.of(p)
     assert ckpt.problem() == "missing"
     ckpt.folder.mkdir(parents=True)
     written = ckpt.partial_path
@@ -144,18 +146,18 @@ def test_corrupted_checkpoint_is_detected_and_verify_refuses_it(store):
     meta = ckpt.commit(written, "run123", p)
     assert not written.exists() and ckpt.path.exists()
     assert ckpt.problem() is None and ckpt.meta()["run_id"] == "run123"
-    pretrain.verify(ckpt.path, meta["sha256"])
+    checkpoints.verify(ckpt.path, meta["sha256"])
     with ckpt.path.open("r+b") as fh:  # truncated, as by a full disk or a killed copy
         fh.truncate(1000)
     assert "truncated or corrupted" in ckpt.problem()
-    with pytest.raises(pretrain.WeightsError, match="changed since it was checked"):
-        pretrain.verify(ckpt.path, meta["sha256"])
+    with pytest.raises(pretrained.WeightsError, match="changed since it was checked"):
+        checkpoints.verify(ckpt.path, meta["sha256"])
     ckpt.meta_path.unlink()
     assert "no readable checksum" in ckpt.problem()
 
 
 def test_checkpoint_lock_is_exclusive(store):
-    ckpt = pretrain.Checkpoint("k" * 20)
+    ckpt = checkpoints.Checkpoint("k" * 20)
     with ckpt.lock():
         with open(ckpt.folder / f"{ckpt.key}.lock", "w") as other:
             with pytest.raises(BlockingIOError):
@@ -284,7 +286,7 @@ def test_runner_pretrains_once_links_cells_and_remakes_a_corrupted_checkpoint(st
     reinit = [c for c in cells if "reinit" in c.data.tags[tracking.TAG + "strategy"]][0]
     assert reinit.data.tags[tracking.TAG + "reinit_blocks"] == "stage3,stage4"
 
-    ckpt = pretrain.Checkpoint.of(pretrain.pretrain_spec(first.outcomes[0].spec))
+    ckpt = checkpoints.Checkpoint.of(pretrained.pretrain_spec(first.outcomes[0].spec))
     assert ckpt.problem() is None and ckpt.meta()["run_id"] == pre_id
 
     # a later invocation reuses the checkpoint: no second pretraining

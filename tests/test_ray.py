@@ -1,4 +1,4 @@
-"""A grid's cells as Ray Core tasks (bench/cluster.py) on a real local Ray instance with
+"""A grid's cells as Ray Core tasks (bench/run/cluster.py) on a real local Ray instance with
 declared GPU slots (this machine has none): one instance for the module, as a cluster's
 head would be, and real tiny cells (ResNet-18, 40 digits at 16 px) on the CPU.
 """
@@ -17,11 +17,13 @@ import pytest
 import ray
 from test_faults import write_grid
 
-from bench import cluster, pool, runner, tracking
-from bench import grid as gridmod
-from bench.execute import Slot
-from bench.forkserver import Launcher
+from bench import tracking
+from bench.config import grid as gridmod
 from bench.paths import ROOT
+from bench.run import cluster, pool, runner
+from bench.run.execute import Slot
+from bench.run.forkserver import Launcher
+from bench.run.plan import on_device
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +72,7 @@ def test_ray_cells_get_a_gpu_each_run_at_once_and_give_the_serial_numbers(any_st
     set-up: the workers record to the server)."""
     store, name = any_store
     path = write_grid(store, name, '["feature_extraction", "full"]', epochs=2)
-    g = gridmod.load(path).on_device("cpu")
+    g = on_device(gridmod.load(path), "cpu")
     first = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
     assert [o.status for o in first.outcomes] == ["FINISHED"] * 2, first.outcomes
     c = tracking.client()
@@ -108,7 +110,7 @@ def test_ray_cells_get_a_gpu_each_run_at_once_and_give_the_serial_numbers(any_st
 def test_a_ray_cell_killed_with_sigkill_is_recorded_while_the_others_finish(store, ray_local):
     path = write_grid(store, "raykill", '["feature_extraction", "partial[depth=1]", "full"]',
                       epochs=40)
-    g = gridmod.load(path).on_device("cpu")
+    g = on_device(gridmod.load(path), "cpu")
 
     def kill_full_cell(run, pid: int) -> bool:
         if run.data.params.get("strategy") != "full":
@@ -131,7 +133,7 @@ def test_a_lost_worker_is_retried_once_then_the_cell_is_recorded(store, ray_loca
     again once, and the retry takes over the first attempt's run; when the retry's worker
     dies too, the driver records the cell FAILED and the grid ends."""
     path = write_grid(store, "raylost", '["full"]', epochs=200)
-    g = gridmod.load(path).on_device("cpu")
+    g = on_device(gridmod.load(path), "cpu")
 
     def kill_worker(run, pid: int) -> bool:
         # the cell's parent is the worker's fork server; its parent, the Ray worker
@@ -159,7 +161,7 @@ def test_a_cpu_cell_holds_the_cores_ray_gave_it_for_its_whole_run(store, ray_loc
     task blocked in ray.get lends its CPUs to the next task: the cell's console events must
     not block, or two cells would share the cores.)"""
     path = write_grid(store, "raycpu", '["feature_extraction", "full"]', epochs=3)
-    g = gridmod.load(path).on_device("cpu")
+    g = on_device(gridmod.load(path), "cpu")
     result = runner.run_grid(g, path.read_text(), stream=sys.stdout,
                              executor=cluster.RayExecutor(g, gpus_per_cell=0, cpus_per_cell=2))
     assert [o.status for o in result.outcomes] == ["FINISHED"] * 2

@@ -13,8 +13,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from bench import cli, figures, report, report_tables, runner, tracking
-from bench import grid as gridmod
+from bench import cli, tracking
+from bench.config import grid as gridmod
+from bench.report import build as report
+from bench.report import figures, tables
+from bench.run import runner
 
 T_975_DOF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
 
@@ -292,8 +295,8 @@ def test_tables_hold_numbers_with_marks_as_data_and_format_when_rendered():
 
 def test_latex_escapes_labels_headers_and_marks():
     cells = pd.DataFrame({"run_%#": ["a&b_c", "x~y"], "rate": [1234.0, float("nan")]})
-    t = report_tables.Table("t", "A_b & 50%", cells, cells,
-                     {"rate": report_tables.RATE},
+    t = tables.Table("t", "A_b & 50%", cells, cells,
+                     {"rate": tables.RATE},
                      marks=pd.DataFrame({"run_%#": ["", ""], "rate": [report.CONTENDED, ""]}),
                      notes=pd.DataFrame({"run_%#": ["", ""], "rate": ["", ""]}),
                      footnotes=["† shared #1"])
@@ -329,7 +332,7 @@ def test_device_kind_separates_rows_and_shows_in_throughput_only_when_it_varies(
 def test_old_runs_without_select_or_device_kind_are_the_same_cell(tmp_path, monkeypatch):
     """A real MLflow store: a run logged before select and device_kind existed, and runs
     that log them. The old one counts as select=last on cpu; only a cuda run separates."""
-    from bench.spec import RunSpec
+    from bench.config.spec import RunSpec
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = tracking.experiment_id("old-new")
@@ -749,11 +752,11 @@ def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
     src.loc[full_torch, "source_test_acc"] = [0.30, 0.20, 0.40]
     rel = report.relative_table(src)
     none = rel.numeric.set_index(["strategy", "framework"]).loc[
-        (report_tables.NO_ADAPTATION, "torch")]
+        (tables.NO_ADAPTATION, "torch")]
     assert none["mean_diff"] == pytest.approx(np.mean([0.30 - 0.90, 0.20 - 0.80, 0.40 - 0.85]))
-    assert list(rel.cells["strategy"])[0] == report_tables.NO_ADAPTATION
+    assert list(rel.cells["strategy"])[0] == tables.NO_ADAPTATION
     assert "No adaptation:" in rel.note and "No adaptation:" not in t.note  # only when shown
-    assert (report_tables.NO_ADAPTATION, "keras") not in rel.numeric.set_index(
+    assert (tables.NO_ADAPTATION, "keras") not in rel.numeric.set_index(
         ["strategy", "framework"]).index  # no source score recorded there
     # without the baseline in the grid there is nothing to be relative to: no table
     no_full = handmade[handmade["p_strategy_label"] != "full"]

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 from fault_helpers import processes_in
 
-from bench import cli, report, runner, tracking
-from bench import grid as gridmod
+from bench import cli, tracking
+from bench.config import grid as gridmod
 from bench.paths import ROOT
+from bench.report import build as report
+from bench.run import runner
 
 pytestmark = pytest.mark.slow
 

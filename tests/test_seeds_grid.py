@@ -13,9 +13,10 @@ import tomllib
 import numpy as np
 import pytest
 
-from bench import cli, runner, tracking
-from bench import grid as gridmod
+from bench import cli, tracking
+from bench.config import grid as gridmod
 from bench.paths import grids_dir
+from bench.run import runner
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -1,4 +1,4 @@
-"""RunSpec (bench/spec.py): round trip through MLflow params, names, hashes, selectors."""
+"""RunSpec (bench/config/spec.py): round trip through MLflow params, names, hashes, selectors."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.spec import SPEC_VERSION, RunSpec, SelectorError, parse_selector
+from bench.config.selector import SelectorError, parse_selector
+from bench.config.spec import SPEC_VERSION, RunSpec
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -130,7 +131,7 @@ def test_hash_is_pinned():
 def test_hash_is_stable_across_processes():
     code = (
         "import json, sys\n"
-        "from bench.spec import RunSpec\n"
+        "from bench.config.spec import RunSpec\n"
         "params = json.loads(sys.stdin.read())\n"
         "print(json.dumps([RunSpec.from_params(p).hash for p in params]))\n"
     )

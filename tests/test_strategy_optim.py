@@ -9,8 +9,8 @@ import textwrap
 import pytest
 import torch
 
+from bench.config.spec import RunSpec
 from bench.data import check_card, shipped_cards
-from bench.spec import RunSpec
 from helpers import RecordingContext, keras_script_results
 from strategies import registry
 from strategies.torch_backend import run_cell

@@ -20,10 +20,10 @@ import textwrap
 
 import pytest
 
-from bench.driver import cache_plan
-from bench.grid import GridError, from_dict
+from bench.cell.loop import cache_plan
+from bench.config.grid import GridError, from_dict
+from bench.config.selector import parse_selector
 from bench.paths import ROOT
-from bench.selector import parse_selector
 from strategies import registry
 
 torch = pytest.importorskip("torch")

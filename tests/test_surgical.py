@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import grid, pretrain
+from bench.config import grid, pretrained
+from bench.config.grid import GridError, from_dict
 from bench.data import CardError, check_card, dataset_inputs, prepare, sources
-from bench.grid import GridError, from_dict
 from strategies import backbones as bb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +179,7 @@ def test_the_surgical_grid():
     assert g.cards["mnist5k_perm"]["label_permutation"] == 0
     # the source: clean MNIST-5k, pretrained once per framework and seed, shared by the
     # two targets and every strategy
-    pspecs = {pretrain.pretrain_spec(s) for s in g.specs}
+    pspecs = {pretrained.pretrain_spec(s) for s in g.specs}
     assert {p.dataset for p in pspecs} == {"mnist5k"}
     assert "corruption" not in g.cards["mnist5k"] and "label_permutation" not in \
         g.cards["mnist5k"]
@@ -209,6 +209,6 @@ def test_the_surgical_source_grid_is_the_surgical_input_shift_from_a_stronger_so
     by_config = {dataclasses.replace(s, **{f: "" for f in same}): s for s in base.specs}
     for s in strong.specs:
         twin = by_config[dataclasses.replace(s, **{f: "" for f in same})]
-        p, q = pretrain.pretrain_spec(s), pretrain.pretrain_spec(twin)
+        p, q = pretrained.pretrain_spec(s), pretrained.pretrain_spec(twin)
         assert (p.epochs, q.epochs) == (20, 6)
         assert dataclasses.replace(p, epochs=6) == q  # nothing else about the source differs

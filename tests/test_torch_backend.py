@@ -16,10 +16,10 @@ import torch
 import torchvision
 from PIL import Image
 
-from bench import driver
+from bench.cell import loop
+from bench.config.grid import from_dict
+from bench.config.spec import RunSpec
 from bench.data import check_card, shipped_cards
-from bench.grid import from_dict
-from bench.spec import RunSpec
 from helpers import RecordingContext, strategy_test_params
 from strategies import backbones as catalog
 from strategies import registry
@@ -553,7 +553,7 @@ def test_random_translate_is_a_crop_of_the_reflect_padded_image():
 def test_run_cell_digits(tmp_path, monkeypatch):
     monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
     card = check_card(shipped_cards()["digits"], "digits")
-    # the grid fills every parameter's default into strategy_params (bench/grid.py)
+    # the grid fills every parameter's default into strategy_params (bench/config/grid.py)
     params = strategy_test_params(registry.get("two_stage")) | {"depth": 2}
     spec = RunSpec(framework="torch", backbone="resnet18", dataset="digits",
                    strategy="two_stage", strategy_params=tuple(params.items()), weights="none",
@@ -654,7 +654,7 @@ def test_feature_cache_that_does_not_fit_says_so(tmp_path, monkeypatch):
 
 
 def test_no_cache_with_augmentation_or_nothing_frozen():
-    from bench.driver import cache_plan
+    from bench.cell.loop import cache_plan
 
     spec = RunSpec(framework="torch", backbone="resnet18", dataset="digits")
     assert cache_plan(spec, registry.Phase(0), 5) == ("features", 5)
@@ -666,17 +666,17 @@ def test_no_cache_with_augmentation_or_nothing_frozen():
 
 
 def test_a_real_cell_calls_the_session_in_protocol_order(tmp_path, monkeypatch):
-    """bench.driver wraps the TorchSession in OrderCheck, which raises on a call out of
+    """bench.cell.loop wraps the TorchSession in OrderCheck, which raises on a call out of
     order; a two_stage cell with both caches, precise BatchNorm and best_val selection
     runs through it, in this order."""
     checks = []
 
-    class Kept(driver.OrderCheck):
+    class Kept(loop.OrderCheck):
         def __init__(self, session):
             super().__init__(session)
             checks.append(self)
 
-    monkeypatch.setattr(driver, "OrderCheck", Kept)
+    monkeypatch.setattr(loop, "OrderCheck", Kept)
     ctx = _cell(tmp_path, monkeypatch, "two_stage", {"depth": 2}, feature_cache=True,
                 select="best_val", precise_bn=16)
     (check,) = checks
@@ -727,7 +727,7 @@ def test_select_best_val_tests_the_weights_of_the_best_epoch(tmp_path, monkeypat
 
 
 def test_a_non_finite_loss_ends_the_cell_at_once(tmp_path, monkeypatch):
-    from bench.driver import Diverged
+    from bench.cell.loop import Diverged
 
     ctx = RecordingContext()
     with pytest.raises(Diverged, match=r"^diverged at epoch 1, step \d+ \(train loss (nan|inf)"):
@@ -738,7 +738,7 @@ def test_a_non_finite_loss_ends_the_cell_at_once(tmp_path, monkeypatch):
 
 
 def test_a_cell_identified_with_another_device_refuses_to_run(tmp_path, monkeypatch):
-    from bench.driver import DeviceMismatch
+    from bench.cell.loop import DeviceMismatch
 
     ctx = RecordingContext()
     with pytest.raises(DeviceMismatch, match="device_kind = 'cuda:NVIDIA H200'.*'cpu'"):
@@ -813,7 +813,7 @@ def test_split_after_refuses_an_untraceable_model_with_the_reason():
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(4, NUM_CLASSES))
     tb = TorchBackbone("branchy", model, BlockMap({"b1": ("0",), "b2": ("1",)}, "4", 4))
-    with pytest.raises(driver.CacheUnavailable, match=r"torch.fx cannot trace branchy "
+    with pytest.raises(loop.CacheUnavailable, match=r"torch.fx cannot trace branchy "
                                                        r"\(TraceError: .*"):
         split_after(tb, 1)
 
@@ -832,7 +832,7 @@ def test_gpu_path_options_run_and_match_fp32(tmp_path, monkeypatch, options, rel
     first step's loss (same weights, same batch, before any update) within `rel` of the
     fp32 cell's; and the steps learn. A spy on the train step proves each option was in
     force: the input's memory format, the logits' dtype, the loss scaler, the compile."""
-    from bench.driver import MODEL_ONLY_STEPS, WARMUP_STEPS
+    from bench.cell.loop import MODEL_ONLY_STEPS, WARMUP_STEPS
     from strategies.torch_backend import train
 
     seen = []

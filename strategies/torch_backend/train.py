@@ -16,8 +16,8 @@ import contextlib
 import torch
 from torch import nn
 
-from bench.driver import Diverged
-from bench.timing import StepMeter
+from bench.cell.loop import Diverged
+from bench.cell.timing import StepMeter
 from strategies.lora import ADAPTER_NAMES
 from strategies.registry import Phase, block_lr_scales, phase_blocks
 from strategies.torch_backend import lora
@@ -86,7 +86,7 @@ def set_train_mode(tb: TorchBackbone, phase: Phase) -> None:
 @torch.no_grad()
 def recalibrate_bn(tb: TorchBackbone, phase: Phase, batches, preprocess, device: torch.device,
                    precision: str) -> int:
-    """Precise BatchNorm (bench/driver.py): the norm layers the phase trains get their
+    """Precise BatchNorm (bench/cell/loop.py): the norm layers the phase trains get their
     running statistics recomputed as the plain average over `batches` (momentum None),
     everything else in eval mode (frozen norms untouched, dropout off). Returns the number
     of layers recomputed; the model is left in eval mode."""

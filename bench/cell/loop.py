@@ -5,7 +5,7 @@ A backend supplies a small `Session` (strategies/<framework>_backend) and calls
 `run_cell(session, spec, card, ctx)`; every metric name and definition lives here, so the two
 frameworks cannot drift apart. Framework-free: nothing here imports torch or tensorflow.
 
-Throughput (bench.timing): `train_images_per_sec` is the last phase's data-fed rate (median
+Throughput (bench.cell.timing): `train_images_per_sec` is the last phase's data-fed rate (median
 over its steps, warm-up excluded, device synchronised before each clock read);
 `model_only_train_images_per_sec` is the same train step on a synthetic batch already on the
 device; a cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only rate is tagged
@@ -33,7 +33,7 @@ A non-finite train loss ends the cell at once (Diverged: "diverged at epoch e, s
 cell whose final train loss is above its first epoch's is tagged `diverged`. The cell runs
 deterministically when asked (tag `deterministic`), and a CpuProbe over its timed steps says
 whether other processes shared the machine while its speed was measured (`contended`,
-`contention_share`; bench/contention.py).
+`contention_share`; bench/cell/contention.py).
 
 Precise BatchNorm (`precise_bn = N`, off by default): the running averages a short training
 leaves are a poor estimate of the final weights' statistics (a BatchNorm momentum of 0.01,
@@ -54,12 +54,12 @@ from typing import Protocol
 
 import numpy as np
 
+from bench import checkpoints
 from bench import data as bdata
-from bench import pretrain
-from bench.contention import CpuProbe
+from bench.cell.contention import CpuProbe
+from bench.cell.timing import StepMeter
+from bench.config.spec import RunSpec
 from bench.data import decoded
-from bench.spec import RunSpec
-from bench.timing import StepMeter
 from strategies import backbones as bb
 from strategies import registry
 
@@ -191,7 +191,7 @@ class BackboneHandling:
     backbone_module: object  # strategies/<framework>_backend/backbones.py
     backbone: object  # what build made: a TorchBackbone, a KerasBackbone
 
-    # weights the harness pretrained (bench/pretrain.py)
+    # weights the harness pretrained (bench/config/pretrained.py)
     def load_backbone(self, path: str, head: bool = False) -> None:
         self.backbone_module.load_backbone(self.backbone, path, head=head)
 
@@ -316,7 +316,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     strategy = registry.get(spec.strategy)
     session.build(spec, num_classes, parts)
     # weights pretrained by the harness on a source dataset, then the AnB re-initialisation
-    checkpoint = pretrain.checkpoint_for(spec, ctx)
+    checkpoint = checkpoints.checkpoint_for(spec, ctx)
     if checkpoint:
         session.load_backbone(checkpoint, head=spec.head_init == "source")
     depth = strategy.reinit_depth(spec.params)

@@ -1,4 +1,4 @@
-"""The comparison tables, built from the flat frame (bench/report_frame.py) only: accuracy,
+"""The comparison tables, built from the flat frame (bench/report/frame.py) only: accuracy,
 throughput, cost, framework delta, best strategy. A Table holds numbers: a numeric frame
 (CSV: numbers, with counts such as `contended` and `diverged` beside them) and the cells as
 shown (numbers, summaries, labels, statuses of what did not finish), with the marks
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from bench import tracking
-from bench.report_frame import (
+from bench.report.frame import (
     CONTENDED,
     DIVERGED,
     DIVERGED_ERROR,
@@ -34,8 +34,8 @@ from bench.report_frame import (
     tag_recorded,
     tag_true,
 )
-from bench.report_latex import to_latex
-from bench.report_stats import paired_test, summarize
+from bench.report.latex import to_latex
+from bench.report.stats import paired_test, summarize
 from strategies import backbones as bb
 from strategies import registry
 

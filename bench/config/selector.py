@@ -1,6 +1,7 @@
 """Selectors, benchopt's `name[k=v,...]`: `partial[depth=1,2,3]`,
 `two_stage[depth=2,lr_scale=0.1,0.01]`, `pretrained:digits_a[epochs=20]`'s body. Read by
-bench/spec.py (and grid.py through it) and bench/pretrain.py; imports nothing of the harness."""
+bench/config/spec.py (and grid.py through it) and bench/config/pretrained.py; imports
+nothing of the harness."""
 
 from __future__ import annotations
 

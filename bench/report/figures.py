@@ -45,7 +45,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib import ticker
 
-from bench import report
+from bench.report import build as report
 from strategies import backbones
 
 MARKERS = {"torch": "o", "keras": "s"}

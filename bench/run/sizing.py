@@ -1,6 +1,6 @@
 """`python -m bench plan [GRID]`: how long a grid takes on 1, 8, 32 GPUs, before running it.
 
-    python -m bench plan gpu --gpus 1,8,32
+    python -m bench plan gpu --gpu-counts 1,8,32
     python -m bench plan gpu --from gpu          # measured cell_seconds where the store has them
 
 Per-cell cost. A cell whose run is in the tracking store (FINISHED, with `cell_seconds`) costs
@@ -21,7 +21,7 @@ FORWARD_SHARE per image and a fully trained one 1. Partial fine-tuning sits in b
 share of the backbone's named blocks (strategies/backbones.py) that train: the backward pass
 stops at the lowest trained block. Blocks are not equal in FLOPs (a ResNet stem is cheap,
 its stage 3 is not), so this is coarse. A phase whose whole backbone is frozen, with the
-features cached (bench/driver.py: feature_cache on, augmentation off), runs the backbone once
+features cached (bench/cell/loop.py: feature_cache on, augmentation off), runs the backbone once
 over train and val instead of every epoch; the frozen-prefix cache of partial phases is not
 modelled (such cells are overestimated). Data loading is assumed to keep up; precision is
 not modelled (the rates are bf16).
@@ -55,9 +55,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.config.spec import RunSpec
 from bench.data.sources import OFFICIAL_SIZES
 from bench.data.split import make_split
-from bench.spec import RunSpec
 from strategies import backbones as bb
 from strategies import registry
 
@@ -98,8 +98,8 @@ cores: 0.24 s a cell in the local pool, 0.33 s as a Ray task (the larger is take
 DEFAULT_GPUS = (1, 8, 32)
 
 
-class PlanError(ValueError):
-    """A plan that cannot be made (bad --gpus, a dataset whose size is unknown)."""
+class SizingError(ValueError):
+    """A plan that cannot be made (bad --gpu-counts, a dataset whose size is unknown)."""
 
 
 # ---- sizes ---------------------------------------------------------------------------------
@@ -137,7 +137,7 @@ def _labels(card: dict) -> tuple[np.ndarray, np.ndarray | None]:
             return labels, None
         src = sources.load(card)
     except DatasetError as e:
-        raise PlanError(f"dataset {card['name']!r}: its size is unknown ({e})") from None
+        raise SizingError(f"dataset {card['name']!r}: its size is unknown ({e})") from None
     return src.labels, src.official_test
 
 
@@ -145,7 +145,7 @@ def _labels(card: dict) -> tuple[np.ndarray, np.ndarray | None]:
 def train_rate(backbone: str, images_per_s: float = TRAIN_IMAGES_PER_S_RESNET50) -> float:
     """Full-training images/s of `backbone` at 224 px, from the ResNet-50 anchor."""
     if backbone not in BACKBONE_GFLOPS:
-        raise PlanError(f"backbone {backbone!r} has no GFLOPs in bench/plan.py "
+        raise SizingError(f"backbone {backbone!r} has no GFLOPs in bench/run/sizing.py "
                         f"BACKBONE_GFLOPS; known: {', '.join(sorted(BACKBONE_GFLOPS))}")
     speedup = BACKBONE_GFLOPS["resnet50"] / BACKBONE_GFLOPS[backbone]
     return images_per_s * min(speedup, MAX_SPEEDUP)
@@ -159,7 +159,7 @@ def step_cost(trained_blocks: int, blocks: int) -> float:
 def modelled_seconds(spec: RunSpec, sizes: Sizes,
                      images_per_s: float = TRAIN_IMAGES_PER_S_RESNET50) -> float:
     """The modelled GPU seconds of one cell's training and evaluation (start-up excluded)."""
-    from bench.driver import cache_plan
+    from bench.cell.loop import cache_plan
 
     n_blocks = bb.get(spec.backbone).n_blocks
     units = sizes.test * FORWARD_SHARE
@@ -193,7 +193,7 @@ def _similar_key(s: RunSpec) -> tuple:
 
 def _same_cell(s: RunSpec) -> str:
     """The cell's hash whatever device kind it ran on: a plan is made before the grid is
-    stamped with one (bench/grid.py on_device)."""
+    stamped with one (bench/run/plan.py on_device)."""
     return dataclasses.replace(s, device_kind="cpu").hash
 
 
@@ -232,7 +232,7 @@ def lpt_makespan(costs: list[float], gpus: int) -> float:
 def list_makespan(costs: list[float], gpus: int) -> float:
     """The makespan of `costs` handed out in the order given, each to the GPU free first."""
     if gpus < 1:
-        raise PlanError(f"gpus = {gpus}: must be >= 1")
+        raise SizingError(f"gpus = {gpus}: must be >= 1")
     loads = [0.0] * min(gpus, max(len(costs), 1))
     heapq.heapify(loads)
     for c in costs:
@@ -240,12 +240,12 @@ def list_makespan(costs: list[float], gpus: int) -> float:
     return max(loads)
 
 
-def parse_gpus(text: str) -> tuple[int, ...]:
-    """'1,8,32' -> (1, 8, 32); anything else a PlanError naming --gpus."""
+def parse_gpu_counts(text: str) -> tuple[int, ...]:
+    """'1,8,32' -> (1, 8, 32); anything else a SizingError naming --gpu-counts."""
     parts = [p.strip() for p in str(text).split(",")]
     if not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise PlanError(f"--gpus {text!r}: allowed: a comma-separated list of positive "
-                        f"integers (GPU counts), e.g. --gpus 1,8,32")
+        raise SizingError(f"--gpu-counts {text!r}: allowed: a comma-separated list of positive "
+                        f"integers (GPU counts), e.g. --gpu-counts 1,8,32")
     return tuple(dict.fromkeys(int(p) for p in parts))
 
 
@@ -294,15 +294,15 @@ class Plan:
                    (sum(slots) - compute) / capacity)
 
 
-def make_plan(grid, experiment: str | None = None, overhead_s: float = SCHEDULING_OVERHEAD_S,
+def estimate(grid, experiment: str | None = None, overhead_s: float = SCHEDULING_OVERHEAD_S,
               images_per_s: float = TRAIN_IMAGES_PER_S_RESNET50,
               must_exist: bool = False) -> Plan:
     """Every cell of `grid` costed: measured from `experiment`'s runs where it has them (no
-    experiment, or none in the store: all modelled; a PlanError if `must_exist`)."""
+    experiment, or none in the store: all modelled; a SizingError if `must_exist`)."""
     if not overhead_s >= 0 or not math.isfinite(overhead_s):
-        raise PlanError(f"--overhead-s {overhead_s!r}: allowed: seconds >= 0")
+        raise SizingError(f"--overhead-s {overhead_s!r}: allowed: seconds >= 0")
     if not images_per_s > 0 or not math.isfinite(images_per_s):
-        raise PlanError(f"--images-per-s {images_per_s!r}: allowed: images per second > 0")
+        raise SizingError(f"--images-per-s {images_per_s!r}: allowed: images per second > 0")
     by_cell, similar = _lookup(experiment, must_exist) if experiment else ({}, {})
     sizes: dict[tuple[str, int], Sizes] = {}
     cells, kinds = [], set()
@@ -333,7 +333,7 @@ def _lookup(experiment: str, must_exist: bool):
     if store_exists():  # looking in a missing sqlite store would create it
         exp_id = tracking.experiment_id(experiment, create=False)
     if exp_id is None and must_exist:
-        raise PlanError(f"--from {experiment!r}: no MLflow experiment of that name at "
+        raise SizingError(f"--from {experiment!r}: no MLflow experiment of that name at "
                         f"{tracking.tracking_uri()}")
     return measured_runs(exp_id) if exp_id else ({}, {})
 

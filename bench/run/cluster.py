@@ -2,14 +2,14 @@
 
 One task per cell, asking for the cell's resources (one GPU on a GPU grid; `cpus_per_cell`
 cores), so Ray places it on a node with a free GPU and sets the task's
-CUDA_VISIBLE_DEVICES. Inside the task the cell goes through bench/execute.py exactly as on
+CUDA_VISIBLE_DEVICES. Inside the task the cell goes through bench/run/execute.py exactly as on
 one machine: claimed in the tracking store, run as a fresh process of its own (forked from
 a fork server that lives as long as the Ray worker), recorded from the worker, so its
 artifacts reach the store from the node that made them. Ray Core, not Ray Tune: the harness
 keeps its own resume (spec hashes, claims) and its parent and child runs.
 
 Faults: a task whose worker or node dies is retried once by Ray (max_retries=1); the retry
-takes over the first attempt's run (same Ray task id, bench/claims.py). A task that fails
+takes over the first attempt's run (same Ray task id, bench/run/claims.py). A task that fails
 twice is recorded FAILED by the driver. Ctrl-C cancels every task (their processes end) and
 marks their runs KILLED.
 
@@ -24,9 +24,10 @@ import socket
 import time
 from collections.abc import Callable
 
-from bench import claims, devices, tracking
-from bench.execute import CellTask, Context, Outcome, Slot, Stop, execute, run_names
-from bench.grid import Grid
+from bench import devices, tracking
+from bench.config.grid import Grid
+from bench.run import claims
+from bench.run.execute import CellTask, Context, Outcome, Slot, Stop, execute, run_names
 
 # the driver's environment that tasks get: where the store and the harness's files are
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TLBENCH_CACHE", "TLBENCH_DATASETS",
@@ -48,7 +49,7 @@ def _ray():
 
 
 class RayExecutor:
-    """Runs CellTasks as Ray tasks; the same interface as bench.pool.LocalPool."""
+    """Runs CellTasks as Ray tasks; the same interface as bench.run.pool.LocalPool."""
 
     def __init__(self, grid: Grid, gpus_per_cell: float | None = None,
                  cpus_per_cell: float = 1):
@@ -197,7 +198,7 @@ def _task(task: CellTask, env: dict, events, threads: int | None) -> Outcome:
     """One cell inside a Ray task: the driver's store and cache, the GPU Ray gave the task."""
     import ray
 
-    from bench.forkserver import Launcher
+    from bench.run.forkserver import Launcher
 
     os.environ.update(env)
     if not _WORKER:

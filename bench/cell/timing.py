@@ -19,7 +19,7 @@ def _noop() -> None:
 
 class StepMeter:
     """Per-step images/s. Call `start()` at the start of every epoch, `step(n)` after every
-    step and `stop()` when the epoch's steps are done. A `probe` (bench.contention.CpuProbe)
+    step and `stop()` when the epoch's steps are done. A `probe` (bench.cell.contention.CpuProbe)
     is told where the timed steps begin and end: once per epoch, so reading it costs
     nothing per step."""
 

@@ -1,11 +1,13 @@
 """Runs a grid: skips finished cells, runs the rest (several at once where the machine has
 the devices, or as Ray tasks on a cluster), records one parent run per invocation.
 
-The driver is this module: it opens the grid's experiment, takes over runs whose owner died
-(bench/claims.py), plans what is left, starts the parent run and hands the cells to an
-executor: the local pool (bench/pool.py: one slot per GPU or per share of the cores, the
-default one slot) or Ray (bench/cluster.py). Each cell, wherever it runs, goes through
-bench/execute.py: claimed, its process started from a fork server or fresh, its events and
+The runner is this module: given a plan (bench/run/plan.py: the grid stamped with its device
+kind and the executor that runs it), it opens the grid's experiment, takes over runs whose
+owner died (bench/run/claims.py), skips finished cells, starts the parent run and hands the
+cells to the plan's executor: the local pool (bench/run/pool.py: one slot per GPU or per
+share of the cores, the default one slot) or Ray (bench/run/cluster.py). Each cell,
+wherever it runs, goes through bench/run/execute.py: claimed, its process started from a
+fork server or fresh, its events and
 outcome recorded by whoever supervises it, so a cell that dies hard is still recorded.
 """
 
@@ -15,14 +17,15 @@ import signal
 import sys
 from dataclasses import dataclass
 
-from bench import claims, tracking
-from bench.execute import HELD, SKIPPED, CellTask, Outcome
-from bench.forkserver import Launcher
-from bench.grid import Grid
-from bench.progress import Progress
-from bench.spec import RunSpec
+from bench import tracking
+from bench.config.grid import Grid
+from bench.run import claims
+from bench.run.execute import HELD, SKIPPED, CellTask, Outcome
+from bench.run.forkserver import Launcher
+from bench.run.plan import Options, Plan, make_plan
+from bench.run.progress import Progress
 
-__all__ = ["GridResult", "Outcome", "plan", "run_grid", "install_sigterm_handler"]
+__all__ = ["GridResult", "Outcome", "run_grid", "run_plan", "install_sigterm_handler"]
 
 
 @dataclass
@@ -43,27 +46,28 @@ class GridResult:
 
 def run_grid(grid: Grid, grid_text: str, rerun: bool = False, stream=sys.stderr,
              launcher: Launcher | None = None, executor=None) -> GridResult:
-    """Run the grid's cells that have no FINISHED run yet (all of them with `rerun`).
+    """Plan `grid` with its own [run] options (bench/run/plan.py; `launcher` and `executor`
+    as make_plan takes them) and run the plan: the library's way in, where `bench run`
+    makes its plan from the command's options."""
+    return run_plan(make_plan(grid, Options(rerun=rerun), launcher, executor), grid_text,
+                    stream)
 
-    A grid not yet stamped with its device kind (Grid.on_device: the CLI does it) is stamped
-    here, before finished cells are looked up. `executor`: where cells run (default: the
-    local pool with the grid's [run] parallel, bench/pool.py, starting cell processes with
-    `launcher`: fork servers, else fresh interpreters); closed when the grid ends."""
-    from bench import pool
 
-    if grid.device_kind is None:
-        grid = grid.on_device()
+def run_plan(plan: Plan, grid_text: str, stream=sys.stderr) -> GridResult:
+    """Run the plan's cells that have no FINISHED run yet (all of them with rerun): open
+    the grid's experiment, take over runs whose owner died, start the parent run, hand the
+    cells to the plan's executor (closed when the grid ends), record the outcome."""
+    grid, executor = plan.grid, plan.executor
     exp_id, restored = tracking.open_experiment(grid.name)
     closed = claims.take_over(exp_id)
     if closed:
         print(f"took over {len(closed)} run(s) left RUNNING by a runner that died: marked "
               f"KILLED", file=stream)
-    todo, skipped = plan(grid, exp_id, rerun)
+    plan.look_up_finished(set() if plan.rerun else tracking.finished_hashes(exp_id))
     if restored:
-        _say_restored(grid, exp_id, rerun, stream)
-    outcomes = [Outcome(s, SKIPPED) for s in skipped]
-    executor = executor or pool.LocalPool(pool.slots_for(grid, grid.parallel),
-                                          launcher or Launcher())
+        _say_restored(grid, exp_id, plan.rerun, stream)
+    outcomes = [Outcome(s, SKIPPED) for s in plan.skipped]
+    todo = plan.todo
     print(f"grid {grid.name!r}: {len(grid.specs)} cells on {grid.device_kind}, "
           f"{len(outcomes)} already finished, {len(todo)} to run, {executor.width} at once  "
           f"(MLflow: {tracking.tracking_uri()}, experiment {exp_id})", file=stream)
@@ -72,7 +76,7 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False, stream=sys.stderr,
         return GridResult(exp_id, None, outcomes)
 
     parent = tracking.start_parent(exp_id, grid, len(todo), grid_text, executor.describe())
-    since = tracking.get_run(parent).info.start_time if rerun else None
+    since = tracking.get_run(parent).info.start_time if plan.rerun else None
     tasks = [CellTask(exp_id, parent, grid, s, i, len(todo), since) for i, s in enumerate(todo)]
     progress = Progress(len(todo), executor.width, stream)
     heartbeat = claims.Heartbeat()
@@ -86,16 +90,19 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False, stream=sys.stderr,
     finally:
         heartbeat.close()
         executor.close()
-        ran = [o for o in outcomes if o.status not in (SKIPPED, HELD)]
-        failed = [o for o in ran if o.status != tracking.FINISHED]
-        tracking.set_tags(parent, {"failed": str(len(failed)),
-                                   "finished": str(len(ran) - len(failed)),
-                                   "held_elsewhere": str(sum(o.status == HELD
-                                                             for o in outcomes))})
-        tracking.log_metrics(parent, summary_metrics(outcomes))
-        tracking.end_run(parent, status if status == tracking.KILLED
-                         else (tracking.FAILED if failed else tracking.FINISHED))
+        _record_parent(parent, outcomes, status)
     return GridResult(exp_id, parent, outcomes)
+
+
+def _record_parent(parent: str, outcomes: list[Outcome], status: str) -> None:
+    ran = [o for o in outcomes if o.status not in (SKIPPED, HELD)]
+    failed = [o for o in ran if o.status != tracking.FINISHED]
+    tracking.set_tags(parent, {"failed": str(len(failed)),
+                               "finished": str(len(ran) - len(failed)),
+                               "held_elsewhere": str(sum(o.status == HELD for o in outcomes))})
+    tracking.log_metrics(parent, summary_metrics(outcomes))
+    tracking.end_run(parent, status if status == tracking.KILLED
+                     else (tracking.FAILED if failed else tracking.FINISHED))
 
 
 def summary_metrics(outcomes: list[Outcome]) -> dict[str, float]:
@@ -117,14 +124,6 @@ def summary_metrics(outcomes: list[Outcome]) -> dict[str, float]:
             out[f"test_acc_best_{fw}"] = max(v)
             out[f"test_acc_mean_{fw}"] = sum(v) / len(v)
     return out
-
-
-def plan(grid: Grid, exp_id: str, rerun: bool = False) -> tuple[list[RunSpec], list[RunSpec]]:
-    """(cells to run, cells skipped): a cell is skipped when the experiment holds a FINISHED
-    run of its hash, which names its device kind once the grid is stamped (on_device)."""
-    done = set() if rerun else tracking.finished_hashes(exp_id)
-    return ([s for s in grid.specs if s.hash not in done],
-            [s for s in grid.specs if s.hash in done])
 
 
 def _say_restored(grid: Grid, exp_id: str, rerun: bool, stream) -> None:

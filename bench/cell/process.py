@@ -1,4 +1,4 @@
-"""The child process that runs one cell: `python -m bench.cell job.json`.
+"""The child process that runs one cell: `python -m bench.cell.process job.json`.
 
 It talks to the runner through marked JSON lines on stdout (everything else a library
 prints is the cell's log), so the child needs no MLflow client and the runner owns every
@@ -85,7 +85,7 @@ def die_with_parent() -> None:
 
 
 def take_slot(job: dict) -> dict[str, str]:
-    """Apply the cell's slot (bench/execute.py Slot) before its framework touches a device:
+    """Apply the cell's slot (bench/run/execute.py Slot) before its framework touches a device:
     its GPU (CUDA_VISIBLE_DEVICES, read by CUDA and TensorFlow when they start) and its CPU
     cores (this process and what it starts are pinned to them). Returns the tags that say
     where the cell ran, as this process sees it."""
@@ -106,7 +106,7 @@ def main(argv: list[str]) -> int:
     die_with_parent()
     with open(argv[0]) as fh:
         job = json.load(fh)
-    from bench.spec import RunSpec
+    from bench.config.spec import RunSpec
     from strategies import backend
 
     try:

@@ -55,8 +55,11 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from bench import devices, pretrain
-from bench import spec as specmod
+from bench import devices
+from bench.config import pretrained
+from bench.config import spec as specmod
+from bench.config.selector import SelectorError, parse_selector
+from bench.config.spec import RunSpec
 from bench.data import (
     CardError,
     DatasetError,
@@ -67,7 +70,6 @@ from bench.data import (
 )
 from bench.data.sources import class_count
 from bench.paths import grids_dir
-from bench.spec import RunSpec, SelectorError, parse_selector
 from strategies import FRAMEWORKS, registry
 from strategies import backbones as bb
 from strategies.constraint import Constraint
@@ -107,8 +109,8 @@ class Grid:
     duplicates: int = 0
     timeout_minutes: float | None = None  # per cell; None: no limit
     deterministic: str | bool = "auto"
-    parallel: str | int = "auto"  # cells at once on one machine (bench/pool.py)
-    device_kind: str | None = None  # set by on_device(): the kind every spec is stamped with
+    parallel: str | int = "auto"  # cells at once on one machine (bench/run/pool.py)
+    device_kind: str | None = None  # the kind every spec is stamped with (bench/run/plan.py)
     # what keeps the grid's data from being read here (an image folder not there yet), when
     # loaded with check_data=False (--dry-run lists the cells and says so; a run refuses)
     data_problems: tuple[str, ...] = ()
@@ -147,16 +149,6 @@ class Grid:
         name = s.label(tuple(shown)).replace(f"{s.framework}/", "", 1)
         name = name.replace(f"/seed{s.seed}", "", 1)
         return f"{name} #{digest.hexdigest()[:6]}"
-
-    def on_device(self, device: str | None = None) -> Grid:
-        """This grid run on `device` (default: its run.device), every cell stamped with the
-        kind of device that resolves to here (bench/devices.py: cpu, mps, cuda:<model>).
-
-        The stamp is what makes a cell's identity name its device, so it must come before
-        anything looks up finished cells: a grid finished on the CPU and run again on a GPU
-        runs again. Raises devices.DeviceError (nothing has run) when the device is not here."""
-        device = device or self.device
-        return self.with_device_kind(devices.resolve_kind(device), device)
 
     def with_device_kind(self, kind: str, device: str | None = None) -> Grid:
         """Every cell stamped with `kind` as it is (a kind recorded by an earlier run)."""
@@ -238,8 +230,8 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
         if s.hash not in seen:
             seen.add(s.hash)
             unique.append(s)
-    used = {s.dataset for s in unique} | {pretrain.pretrain_spec(s).dataset for s in unique
-                                          if pretrain.is_pretrained(s.weights)}
+    used = {s.dataset for s in unique} | {pretrained.pretrain_spec(s).dataset for s in unique
+                                          if pretrained.is_pretrained(s.weights)}
     data_problems = []
     if not check_data:
         for k in sorted(used):
@@ -371,8 +363,8 @@ def _expand(axes, defaults, overrides, cards, problems) -> tuple[list[RunSpec], 
         if "subset" in over and values.get("subset"):
             over["subset"] = min(values["subset"], over["subset"])
         values.update(over)
-        if overrides and pretrain.is_pretrained(str(values.get("weights", ""))):
-            values["weights"] = pretrain.shrink(values["weights"], overrides)
+        if overrides and pretrained.is_pretrained(str(values.get("weights", ""))):
+            values["weights"] = pretrained.shrink(values["weights"], overrides)
         specs += _cells(values, where, cards, problems, smoke_epochs=overrides.get("epochs"))
     return specs, varying
 
@@ -423,8 +415,8 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str],
 def _card_digests(values: dict, cards: dict) -> str:
     """`name=digest` of the cell's dataset card and its pretraining's source card."""
     names = {values["dataset"]}
-    if pretrain.is_pretrained(str(values.get("weights", ""))):
-        names.add(pretrain.parse(values["weights"])[0])
+    if pretrained.is_pretrained(str(values.get("weights", ""))):
+        names.add(pretrained.parse(values["weights"])[0])
     return ",".join(f"{n}={card_digest(cards[n])}" for n in sorted(names))
 
 
@@ -457,7 +449,7 @@ def _head_problems(s: RunSpec, cards: dict) -> list[str]:
                    f"head) or head=train")
     if s.head_init != "source":
         return out
-    if not pretrain.is_pretrained(s.weights):
+    if not pretrained.is_pretrained(s.weights):
         out.append(f"head_init = 'source' with weights = {s.weights!r}: only weights the "
                    f"harness pretrained have a source head; allowed: weights = "
                    f"\"pretrained:<dataset>[...]\", or head_init = \"new\"")
@@ -466,8 +458,8 @@ def _head_problems(s: RunSpec, cards: dict) -> list[str]:
         out.append(f"head_init = 'source' with head = {s.head!r}: the pretraining trains a "
                    f"linear head; allowed: head = \"linear\", or head_init = \"new\"")
     try:
-        source = pretrain.parse(s.weights)[0]
-    except pretrain.WeightsError:
+        source = pretrained.parse(s.weights)[0]
+    except pretrained.WeightsError:
         return out  # reported with the weights field
     if source not in cards or s.dataset not in cards:
         return out  # reported with the weights / dataset field
@@ -498,7 +490,7 @@ def _folder_problem(card: dict) -> str | None:
 
 def _check_field(f: str, v, cards: dict) -> str | None:
     """None if `v` is a valid value of RunSpec field `f`, else what is allowed. The field's
-    declared constraint first (bench/spec.py), then what needs the registries and cards."""
+    declared constraint first (bench/config/spec.py), then what needs the registries and cards."""
     msg = specmod.check_value(f, v)
     if msg:
         return msg
@@ -512,10 +504,10 @@ def _check_field(f: str, v, cards: dict) -> str | None:
                     f"[datasets.{v}] table)")
         if cards[v]["source"] == "image_folder":
             return _folder_problem(cards[v])
-    if f == "weights" and pretrain.is_pretrained(v):
+    if f == "weights" and pretrained.is_pretrained(v):
         try:
-            source, _ = pretrain.parse(v)
-        except pretrain.WeightsError as e:
+            source, _ = pretrained.parse(v)
+        except pretrained.WeightsError as e:
             return str(e)
         if source not in cards:
             return (f"unknown source dataset {source!r}; allowed: {', '.join(sorted(cards))} "

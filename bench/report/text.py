@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench import tracking
-from bench.report_frame import (
+from bench.report.frame import (
     CONTENDED,
     DIVERGED,
     PRETRAIN,
@@ -26,7 +26,7 @@ from bench.report_frame import (
     tag_recorded,
     tag_true,
 )
-from bench.report_tables import Table, cells_phrase, failures, fmt_number
+from bench.report.tables import Table, cells_phrase, failures, fmt_number
 
 
 def _versions(cells: pd.DataFrame) -> str:

@@ -17,8 +17,8 @@ import json
 import typing
 from dataclasses import dataclass, field, fields
 
-from bench import pretrain as _pretrain
-from bench.selector import SelectorError, parse_selector, parse_value  # noqa: F401 - re-exported
+from bench.config import pretrained
+from bench.config.selector import parse_value
 from strategies import backbones as _backbones
 from strategies import registry as _registry
 from strategies.constraint import Constraint
@@ -28,7 +28,7 @@ SPEC_VERSION = 1  # bump when a field's meaning changes: old hashes then stop ma
 PRECISIONS = ("fp32", "bf16", "fp16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 AUGMENTATIONS = ("none", "flip", "flip_crop")
-SELECTS = ("last", "best_val")  # which weights the test evaluates (bench/driver.py)
+SELECTS = ("last", "best_val")  # which weights the test evaluates (bench/cell/loop.py)
 HEADS = tuple(_backbones.HEADS)  # declared in strategies/backbones.py
 HEAD_INITS = ("new", "source")  # the head's start: fresh, or the pretraining's trained head
 
@@ -63,7 +63,7 @@ class RunSpec:
     augmentation: str = _checked("none", choices=AUGMENTATIONS)
     seed: int = _checked(0, minimum=0)
     # BatchNorm statistics recomputed before every evaluation from this many training images
-    # (0 = off: the running averages training left; bench/driver.py)
+    # (0 = off: the running averages training left; bench/cell/loop.py)
     precise_bn: int = _checked(0, minimum=0)
     # the weights tested: the last epoch's, or those of the best validation epoch (restored)
     select: str = _checked("last", choices=SELECTS)
@@ -75,7 +75,7 @@ class RunSpec:
     # shift options changes the cell's identity. "" for a spec made without a grid.
     card_digests: str = ""
     # speed options (canonical() omits defaults, so cells without them keep their hashes)
-    feature_cache: bool = True  # frozen backbone/prefix computed once (bench/driver.py)
+    feature_cache: bool = True  # frozen backbone/prefix computed once (bench/cell/loop.py)
     decoded_cache: bool = True  # image files decoded once into a memmap (bench/data/decoded.py)
     channels_last: bool = False  # PyTorch NHWC memory format (Keras is NHWC already)
     compile: bool = False  # torch.compile / Keras jit_compile (XLA)
@@ -91,7 +91,7 @@ class RunSpec:
         object.__setattr__(self, "strategy_params", tuple(sorted(params.items())))
         for f in ("lr", "weight_decay"):  # lr=1 and lr=1.0 are one cell with one hash
             object.__setattr__(self, f, float(getattr(self, f)))
-        object.__setattr__(self, "weights", _pretrain.normalize(self.weights))
+        object.__setattr__(self, "weights", pretrained.normalize(self.weights))
 
     # ---- names -------------------------------------------------------------------------
     @property
@@ -190,7 +190,7 @@ CONSTRAINTS: dict[str, Constraint] = {
 def check_value(name: str, value: object) -> str | None:
     """None if `value` satisfies the constraint declared on RunSpec field `name`, else what
     is allowed. Checks needing registries or dataset cards (framework, backbone, dataset,
-    weights) are bench/grid.py's."""
+    weights) are bench/config/grid.py's."""
     return CONSTRAINTS[name].problem(value)
 
 
@@ -206,7 +206,7 @@ def _fmt(v: object) -> str:
     return str(v)
 
 
-format_value = _fmt  # how a field's value reads in names and labels (bench/grid.py)
+format_value = _fmt  # how a field's value reads in names and labels (bench/config/grid.py)
 
 
 def _parse(text: str, typ: type) -> object:

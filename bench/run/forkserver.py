@@ -4,7 +4,7 @@ A cell runs in a process of its own (DESIGN.md: a crash or an out-of-memory ends
 not the grid, and the device's memory is returned in full between cells). Starting that
 process fresh costs an import of PyTorch (~2.5 s here) or TensorFlow and Keras (~5.5 s) per
 cell, a tenth of a short cell. So the runner keeps one fork server per framework for the
-length of a grid: a process that imports the backend once (`python -m bench.forkserver
+length of a grid: a process that imports the backend once (`python -m bench.run.forkserver
 torch`) and forks a child per cell. The child is a separate process with its own memory,
 exit status and device context, exactly as before; what it shares with its siblings is the
 imported code, copy on write. This is multiprocessing's forkserver idea (and PyTorch's
@@ -14,7 +14,7 @@ TensorFlow never share a process.
 The server must not touch a device before it forks (CUDA cannot be used in a forked child
 once the parent initialised it): each backend's `fork_problem()` says whether it did, and the
 server refuses to serve if so. A refused or crashed server, a platform without fork, or
-TLBENCH_FORKSERVER=0 make the runner start each cell fresh (`python -m bench.cell`), as it
+TLBENCH_FORKSERVER=0 make the runner start each cell fresh (`python -m bench.cell.process`), as it
 always could.
 
 Protocol, over a Unix SOCK_SEQPACKET socket (one JSON message per packet):
@@ -23,7 +23,7 @@ Protocol, over a Unix SOCK_SEQPACKET socket (one JSON message per packet):
     server -> runner   {"pid": pid}                        the child started
     server -> runner   {"exit": pid, "code": code}         the child ended (Popen's codes)
 The child's stdout and stderr are the pipe, so the runner reads a forked cell exactly like a
-spawned one (bench/cell.py's marked lines, everything else is the cell's log). Forked or
+spawned one (bench/cell/process.py's marked lines, everything else is the cell's log). Forked or
 spawned, a cell leads a process group of its own, which the runner signals to end it.
 """
 
@@ -61,10 +61,10 @@ def cell_env() -> dict[str, str]:
 
 
 def spawn(job: Path) -> subprocess.Popen:
-    """A fresh interpreter for one cell: `python -m bench.cell job.json`, leading a process
+    """A fresh interpreter for one cell: `python -m bench.cell.process job.json`, leading a process
     group of its own (as a forked cell does) so that the runner can end it with whatever it
     started."""
-    return subprocess.Popen([sys.executable, "-m", "bench.cell", str(job)],
+    return subprocess.Popen([sys.executable, "-m", "bench.cell.process", str(job)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=cell_env(), bufsize=1,
                             errors="replace", process_group=0)
@@ -122,7 +122,7 @@ class ForkServer:
         self.exits: dict[int, int] = {}  # exit messages that arrived for other children
         with self.log.open("w") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "bench.forkserver", framework, str(theirs.fileno())],
+                [sys.executable, "-m", "bench.run.forkserver", framework, str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=log,
                 stderr=subprocess.STDOUT, env=cell_env(), cwd=os.getcwd())
         theirs.close()
@@ -282,7 +282,7 @@ def _send(sock: socket.socket, **msg) -> None:
 
 
 def _child(sock: socket.socket, job: str, out_fd: int) -> None:
-    """In the forked child: the pipe becomes stdout and stderr, then bench.cell runs."""
+    """In the forked child: the pipe becomes stdout and stderr, then bench.cell.process runs."""
     code = 1
     try:
         # a process group of its own: the runner ends a cell (time limit, Ctrl-C) with
@@ -300,10 +300,10 @@ def _child(sock: socket.socket, job: str, out_fd: int) -> None:
         os.dup2(out_fd, 2)
         os.close(out_fd)
         os.close(devnull)
-        sys.argv = ["bench.cell", job]
-        from bench import cell
+        sys.argv = ["bench.cell.process", job]
+        from bench.cell import process
 
-        code = cell.main([job])
+        code = process.main([job])
     except BaseException:  # noqa: BLE001 - reported on the cell's stderr, exit status 1
         traceback.print_exc()
     finally:
@@ -316,14 +316,14 @@ def _child(sock: socket.socket, job: str, out_fd: int) -> None:
 
 
 def serve(framework: str, fd: int) -> int:
-    from bench.cell import die_with_parent
+    from bench.cell.process import die_with_parent
 
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the runner and the cells
     sock = socket.socket(fileno=fd)
     started = time.perf_counter()
     try:
-        from bench import data, pretrain  # noqa: F401 - what every cell imports
+        from bench import checkpoints, data  # noqa: F401 - what every cell imports
         from strategies import backend
 
         be = backend(framework)

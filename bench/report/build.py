@@ -15,7 +15,7 @@ each re-exported here so `report.<name>` keeps working:
     report_latex   a table's text as a LaTeX booktabs table (pandas Styler)
     report_text    report.md: the methods paragraph and its sentences, pretraining runs
 
-bench/figures.py draws the figures from the tables (it imports this module, never the
+bench/report/figures.py draws the figures from the tables (it imports this module, never the
 reverse). Every table keeps failed, killed, running and missing cells as rows that say so;
 what the cells record about their own conditions is said, never hidden.
 """
@@ -25,8 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import report_html, tracking
-from bench.report_frame import (
+from bench import tracking
+from bench.report import html
+from bench.report.frame import (
     BASE_KEYS,
     CONTENDED,
     CURVE_KEYS,
@@ -56,18 +57,18 @@ from bench.report_frame import (
     tag_recorded,
     tag_true,
 )
-from bench.report_latex import (
+from bench.report.latex import (
     MARKS,
     tex_escape,
     to_latex,
 )
-from bench.report_stats import (
+from bench.report.stats import (
     ALPHA,
     paired_test,
     summarize,
     t_quantile,
 )
-from bench.report_tables import (
+from bench.report.tables import (
     HEADERS,
     Table,
     accuracy_table,
@@ -85,7 +86,7 @@ from bench.report_tables import (
     throughput_table,
     unrecorded_footnote,
 )
-from bench.report_text import (
+from bench.report.text import (
     SELECT_TEXT,
     budget_sentence,
     contention_sentence,
@@ -125,7 +126,7 @@ class Written:
 def write(data: ReportData, out: Path, figures: dict[str, list[str]],
           log: bool = True) -> Written:
     """Everything into `out`: runs.csv/.parquet, tables/*.{md,tex,csv}, report.md with the
-    `figures` (bench.figures.all_figures(data, out / "figures"): figures/*.{png,svg});
+    `figures` (bench.report.figures.all_figures(data, out / "figures"): figures/*.{png,svg});
     report.md and its files are logged to the grid's parent run."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "tables").mkdir(exist_ok=True)
@@ -148,7 +149,7 @@ def write(data: ReportData, out: Path, figures: dict[str, list[str]],
             w.files += [out / p, (out / p).with_suffix(".svg")]
     md = report_markdown(data, tables, figures)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(report_html.render(md, out, f"Report: {data.experiment}"))
+    (out / "report.html").write_text(html.render(md, out, f"Report: {data.experiment}"))
     w.files += [out / "report.md", out / "report.html"]
     if log and data.parent:
         tracking.log_report(data.parent["run_id"], str(out))

@@ -1,15 +1,15 @@
 """One cell from its claim to its record, wherever it runs.
 
-The same code runs in a thread of the local runner (bench/runner.py, one thread per slot:
+The same code runs in a thread of the local runner (bench/run/runner.py, one thread per slot:
 a GPU, or a share of the CPU cores) and inside a Ray task on a cluster node
-(bench/cluster.py). Whoever supervises the cell's process owns its MLflow calls, so a cell
+(bench/run/cluster.py). Whoever supervises the cell's process owns its MLflow calls, so a cell
 that dies hard is still recorded, and what a cell makes on a worker (cell.log, error.txt,
 history.json) goes to the tracking store from that worker.
 
-For each cell: claim it (bench/claims.py; a cell another runner holds is left to it), find
-or make its `pretrained:` checkpoint, start its process (forked or fresh, bench/forkserver.py)
+For each cell: claim it (bench/run/claims.py; a cell another runner holds is left to it), find
+or make its `pretrained:` checkpoint, start its process (forked or fresh, bench/run/forkserver.py)
 with its slot's GPU and CPUs, stream the process's events into MLflow and to the driver's
-console (bench/progress.py events), and record the outcome: FINISHED, FAILED with the error
+console (bench/run/progress.py events), and record the outcome: FINISHED, FAILED with the error
 or the signal that ended the process, KILLED when the runner is stopped.
 """
 
@@ -27,16 +27,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench import claims, pretrain, tracking
-from bench.cell import MARK
-from bench.grid import Grid
-from bench.progress import fmt_s
-from bench.spec import RunSpec
+from bench import checkpoints, tracking
+from bench.cell.process import MARK
+from bench.config import pretrained
+from bench.config.grid import Grid
+from bench.config.spec import RunSpec
+from bench.run import claims, publish
+from bench.run.progress import fmt_s
 
 HELD = "HELD"  # another runner holds the cell (running or finished it): not run here
 SKIPPED = "SKIPPED"  # finished before this invocation started
 
-Events = Callable[[dict], None]  # progress events to the driver (bench/progress.py)
+Events = Callable[[dict], None]  # progress events to the driver (bench/run/progress.py)
 
 
 @dataclass
@@ -61,7 +63,7 @@ class Slot:
     threads: int | None = None
 
     def job(self) -> dict:
-        """What the cell process applies before its framework starts (bench/cell.py)."""
+        """What the cell process applies before its framework starts (bench/cell/process.py)."""
         out: dict = {"slot": self.name}
         if self.gpu is not None:
             out["env"] = {"CUDA_VISIBLE_DEVICES": self.gpu}
@@ -136,7 +138,7 @@ class Context:
     heartbeat of owned runs and the stop switch."""
 
     events: Events
-    launcher: object  # bench.forkserver.Launcher or anything with start/refused/close
+    launcher: object  # bench.run.forkserver.Launcher or anything with start/refused/close
     heartbeat: claims.Heartbeat
     stop: Stop
 
@@ -166,7 +168,7 @@ def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:
     started = time.perf_counter()
     try:
         extra: dict = {}
-        if pretrain.is_pretrained(spec.weights):
+        if pretrained.is_pretrained(spec.weights):
             made = ensure_pretrained(task, slot, ctx)
             fetched = made.checkpoint_meta.get("fetched_from")
             tracking.set_tags(run_id, {"pretrain_run_id": made.run_id or "",
@@ -209,7 +211,7 @@ class Pretrained:
     """What ensure_pretrained found or made: the checkpoint and its record, or why not."""
 
     status: str
-    checkpoint: pretrain.Checkpoint
+    checkpoint: checkpoints.Checkpoint
     checkpoint_meta: dict = field(default_factory=dict)
     run_id: str | None = None
     error: str = ""
@@ -228,8 +230,8 @@ def ensure_pretrained(task: CellTask, slot: Slot, ctx: Context) -> Pretrained:
     Held under a file lock, so the runners and slots of one host make it once; across hosts
     the pretraining is claimed like a cell, and a cell whose pretraining runs elsewhere waits
     for it."""
-    pspec = pretrain.pretrain_spec(task.spec)
-    ckpt = pretrain.Checkpoint.of(pspec)
+    pspec = pretrained.pretrain_spec(task.spec)
+    ckpt = checkpoints.Checkpoint.of(pspec)
     key = (task.parent, ckpt.key)
 
     def say(text: str) -> None:
@@ -249,7 +251,7 @@ def ensure_pretrained(task: CellTask, slot: Slot, ctx: Context) -> Pretrained:
                             f"pretraining again"})
                 ckpt.discard()
             else:  # another node's, published in the tracking store, sha256-checked
-                fetched = pretrain.fetch(ckpt, pspec, say)
+                fetched = publish.fetch(ckpt, pspec, say)
                 if fetched is not None:
                     return Pretrained(tracking.FINISHED, ckpt, fetched, fetched["run_id"])
             label = f"pretrain {pspec.name} (for {task.spec.weights})"
@@ -268,7 +270,7 @@ def ensure_pretrained(task: CellTask, slot: Slot, ctx: Context) -> Pretrained:
 
 
 def _pretrain(task: CellTask, slot: Slot, ctx: Context, pspec: RunSpec,
-              ckpt: pretrain.Checkpoint, run_id: str) -> Pretrained:
+              ckpt: checkpoints.Checkpoint, run_id: str) -> Pretrained:
     """Run the pretraining `run_id` claimed, and commit its checkpoint to this host's cache."""
     ctx.heartbeat.add(run_id)
     partial = ckpt.partial_path
@@ -295,7 +297,7 @@ def _pretrain(task: CellTask, slot: Slot, ctx: Context, pspec: RunSpec,
         ctx.heartbeat.discard(run_id)
         ctx.events({"event": "start", "index": task.index, "head": task.head})
     tracking.set_tags(run_id, {"checkpoint": str(ckpt.path), "checkpoint_sha256": meta["sha256"]})
-    unpublished = pretrain.publish(ckpt, run_id)  # for the other nodes of a cluster
+    unpublished = publish.publish(ckpt, run_id)  # for the other nodes of a cluster
     if unpublished:
         ctx.events({"event": "note", "text": f"pretrained checkpoint {ckpt.key} not "
                                              f"published to the tracking store "
@@ -305,7 +307,7 @@ def _pretrain(task: CellTask, slot: Slot, ctx: Context, pspec: RunSpec,
 
 
 def job_for(grid: Grid, spec: RunSpec, slot: Slot, extra: dict) -> dict:
-    """The job the cell process reads (bench/cell.py): its spec and dataset card, the device
+    """The job the cell process reads (bench/cell/process.py): its spec and dataset card, the device
     to use, whether to use deterministic algorithms, and its slot (GPU, CPUs)."""
     return {"spec": spec.to_params(), "card": grid.cards[spec.dataset],
             "device": cell_device(grid, slot), "deterministic": deterministic(grid, spec),
@@ -557,7 +559,7 @@ def _stop(proc, grace_s: float = 10.0) -> None:
 
 
 def _signal_group(proc, sig: int) -> None:
-    """`sig` to the cell's process group: a cell leads its own (bench/forkserver.py), so
+    """`sig` to the cell's process group: a cell leads its own (bench/run/forkserver.py), so
     DataLoader workers and the like go with it. A cell that leads none gets it alone."""
     try:
         os.killpg(proc.pid, sig)

@@ -10,11 +10,12 @@ import sys
 
 import pytest
 
-from bench import cli, plan, tracking
-from bench import grid as gridmod
+from bench import cli, tracking
+from bench.config import grid as gridmod
+from bench.config.spec import RunSpec
 from bench.data import shipped_cards
 from bench.paths import ROOT
-from bench.spec import RunSpec
+from bench.run import sizing
 from strategies import backbones as bb
 
 
@@ -22,31 +23,31 @@ from strategies import backbones as bb
 def test_lpt_makespan_on_hand_computed_examples():
     # longest-first: 4 and 3 start, the next 3 joins the 3 (6), a 2 joins the 4 (6), the last
     # 2 lands on a 6: 8. (The optimum is 7, 4+3 | 3+2+2: LPT is within 4/3 of it, not exact.)
-    assert plan.lpt_makespan([4, 3, 3, 2, 2], 2) == 8
-    assert plan.lpt_makespan([3, 3, 2, 2, 2], 2) == 7  # the textbook LPT case (optimum 6)
-    assert plan.lpt_makespan([2, 2, 2, 2], 2) == 4
-    assert plan.lpt_makespan([4, 3, 3, 2, 2], 1) == 14  # one GPU: the sum
-    assert plan.lpt_makespan([5, 1, 2], 8) == 5  # more GPUs than cells: the largest cell
-    assert plan.lpt_makespan([], 4) == 0
+    assert sizing.lpt_makespan([4, 3, 3, 2, 2], 2) == 8
+    assert sizing.lpt_makespan([3, 3, 2, 2, 2], 2) == 7  # the textbook LPT case (optimum 6)
+    assert sizing.lpt_makespan([2, 2, 2, 2], 2) == 4
+    assert sizing.lpt_makespan([4, 3, 3, 2, 2], 1) == 14  # one GPU: the sum
+    assert sizing.lpt_makespan([5, 1, 2], 8) == 5  # more GPUs than cells: the largest cell
+    assert sizing.lpt_makespan([], 4) == 0
 
 
 def test_grid_order_can_be_worse_than_longest_first():
     # the runner's order: the long cell comes last and starts when both GPUs have 2 done
-    assert plan.list_makespan([2, 2, 4], 2) == 6
-    assert plan.lpt_makespan([2, 2, 4], 2) == 4
+    assert sizing.list_makespan([2, 2, 4], 2) == 6
+    assert sizing.lpt_makespan([2, 2, 4], 2) == 4
 
 
 @pytest.mark.parametrize("text,expected", [("1,8,32", (1, 8, 32)), ("4", (4,)),
                                            (" 2, 16 ", (2, 16)), ("8,8", (8,))])
-def test_parse_gpus(text, expected):
-    assert plan.parse_gpus(text) == expected
+def test_parse_gpu_counts(text, expected):
+    assert sizing.parse_gpu_counts(text) == expected
 
 
 def test_hmm_rounds_up_to_the_minute():
-    assert plan.hmm(0) == "0:00"
-    assert plan.hmm(61) == "0:02"
-    assert plan.hmm(3600) == "1:00"
-    assert plan.hmm(36000 + 59 * 60 + 1) == "11:00"
+    assert sizing.hmm(0) == "0:00"
+    assert sizing.hmm(61) == "0:02"
+    assert sizing.hmm(3600) == "1:00"
+    assert sizing.hmm(36000 + 59 * 60 + 1) == "11:00"
 
 
 # ---- sizes and the model --------------------------------------------------------------------
@@ -55,18 +56,18 @@ def test_split_sizes_of_the_shipped_cards_follow_the_split_rule():
     from bench.data import check_card
 
     def sizes(name, subset=0):
-        return plan.split_sizes(check_card({**cards[name], "name": name}, name), subset)
+        return sizing.split_sizes(check_card({**cards[name], "name": name}, name), subset)
 
-    assert sizes("flowers102") == plan.Sizes(1020, 1020, 6149)
-    assert sizes("oxford_pet") == plan.Sizes(2944, 736, 3669)
-    assert sizes("cifar10") == plan.Sizes(45000, 5000, 10000)
+    assert sizes("flowers102") == sizing.Sizes(1020, 1020, 6149)
+    assert sizes("oxford_pet") == sizing.Sizes(2944, 736, 3669)
+    assert sizes("cifar10") == sizing.Sizes(45000, 5000, 10000)
     small = sizes("flowers102", 256)  # subset: train + val drawn from 256, test whole
     assert small.train + small.val == 256 and small.test == 6149
     assert sizes("digits").train + sizes("digits").val + sizes("digits").test == 1797
 
 
 def test_every_backbone_has_gflops():
-    assert set(bb.BACKBONES) <= set(plan.BACKBONE_GFLOPS)
+    assert set(bb.BACKBONES) <= set(sizing.BACKBONE_GFLOPS)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,7 @@ def _cell(grid, backbone="resnet50", strategy="full", dataset="flowers102", seed
 
 
 def _seconds(grid, spec, **kw):
-    return plan.modelled_seconds(spec, plan.split_sizes(grid.cards[spec.dataset], spec.subset),
+    return sizing.modelled_seconds(spec, sizing.split_sizes(grid.cards[spec.dataset], spec.subset),
                                  **kw)
 
 
@@ -108,7 +109,7 @@ def test_model_orders_backbones_and_uses_the_anchor(gpu_grid):
     r50 = _seconds(g, _cell(g, backbone="resnet50"))
     mbv2 = _seconds(g, _cell(g, backbone="mobilenet_v2"))
     assert vgg > r50 > mbv2
-    assert r50 / mbv2 == pytest.approx(plan.MAX_SPEEDUP)  # capped, not 4.1 / 0.3
+    assert r50 / mbv2 == pytest.approx(sizing.MAX_SPEEDUP)  # capped, not 4.1 / 0.3
     # ResNet-50 full on CIFAR-10 by hand: 10 epochs of 45,000 train steps + 5,000 val
     # forwards, then 10,000 test forwards, at 3,500 images/s
     cifar = _cell(g, dataset="cifar10")
@@ -125,17 +126,17 @@ def test_cached_features_are_computed_once():
 
 
 def test_plan_rows_add_up(gpu_grid):
-    p = plan.make_plan(gpu_grid)
+    p = sizing.estimate(gpu_grid)
     assert p.counts() == {"measured": 0, "similar": 0, "modelled": len(gpu_grid.specs)}
     one, many = p.row(1), p.row(32)
     slots = sum(c.slot_seconds(p.overhead_s) for c in p.cells)
     assert one.wall_s == pytest.approx(slots)
     assert one.utilisation + one.overhead_share == pytest.approx(1)
     assert one.overhead_share == pytest.approx(
-        len(p.cells) * (plan.STARTUP_S + plan.SCHEDULING_OVERHEAD_S) / slots)
+        len(p.cells) * (sizing.STARTUP_S + sizing.SCHEDULING_OVERHEAD_S) / slots)
     assert slots / 32 <= many.wall_s < one.wall_s
     assert many.utilisation + many.overhead_share <= 1 + 1e-9
-    more = plan.make_plan(gpu_grid, overhead_s=60).row(32)
+    more = sizing.estimate(gpu_grid, overhead_s=60).row(32)
     assert more.wall_s > many.wall_s and more.overhead_share > many.overhead_share
 
 
@@ -160,7 +161,7 @@ def test_measured_cell_seconds_replace_the_model(store, capsys):
     _record(exp_id, parent, mbv2, tracking.FAILED, cell_seconds=5.0)  # not a cost
     tracking.end_run(parent, tracking.FINISHED)
 
-    p = plan.make_plan(g, g.name)
+    p = sizing.estimate(g, g.name)
     n = len(g.specs)
     assert p.counts() == {"measured": 2, "similar": 4, "modelled": n - 6}
     by_spec = {c.spec: c for c in p.cells}
@@ -174,7 +175,7 @@ def test_measured_cell_seconds_replace_the_model(store, capsys):
     assert by_spec[other].seconds != 5.0
 
     # the command finds the grid's own experiment, and says what it measured and modelled
-    assert cli.main(["plan", "gpu", "--gpus", "1,8"]) == 0
+    assert cli.main(["plan", "gpu", "--gpu-counts", "1,8"]) == 0
     out = capsys.readouterr().out
     assert "2 measured, 4 from runs of a similar cell" in out
     assert f"{n - 6} modelled" in out and "cuda:NVIDIA H100 80GB HBM3" in out
@@ -191,7 +192,7 @@ def test_measured_cell_seconds_replace_the_model(store, capsys):
 def test_no_store_is_not_created(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert cli.main(["plan", "gpu", "--gpus", "1,8,32"]) == 0
+    assert cli.main(["plan", "gpu", "--gpu-counts", "1,8,32"]) == 0
     out = capsys.readouterr().out
     n = len(gridmod.load("gpu").specs)
     assert f"0 measured, {n} modelled" in out
@@ -206,9 +207,9 @@ def test_no_store_is_not_created(tmp_path, monkeypatch, capsys):
 # ---- refused input ---------------------------------------------------------------------------
 @pytest.mark.parametrize("bad", ["0", "1,x", "", "-1", "1.5", "8,,32"])
 def test_bad_gpus_is_refused(bad, capsys):
-    assert cli.main(["plan", "gpu", "--gpus", bad]) == 2
+    assert cli.main(["plan", "gpu", "--gpu-counts", bad]) == 2
     err = capsys.readouterr().err
-    assert "--gpus" in err and "comma-separated list of positive integers" in err
+    assert "--gpu-counts" in err and "comma-separated list of positive integers" in err
 
 
 def test_unknown_grid_gets_the_loader_message(capsys):
@@ -223,7 +224,7 @@ def test_bad_overhead_is_refused(capsys):
 
 
 def test_plan_imports_no_framework():
-    code = ("import sys, bench.plan, bench.cli; "
+    code = ("import sys, bench.run.sizing, bench.cli; "
             "bad = {'torch', 'tensorflow', 'ray', 'mlflow'} & set(sys.modules); "
             "print(sorted(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
