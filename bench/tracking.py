@@ -205,8 +205,8 @@ def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: s
             TAG + "dataset": spec.dataset, TAG + "device_requested": device,
             "mlflow.note.content": f"{label}\n\ncell {spec.hash} of `{spec.name}`",
             **_host_tags()}
-    if kind == "pretrain":
-        tags[TAG + "role"] = "pretrain"
+    if kind == "pretrain" or spec.role:  # a tuned grid's trial or final cell
+        tags[TAG + "role"] = "pretrain" if kind == "pretrain" else spec.role
     run = c.create_run(exp_id, run_name=run_name or label,
                        tags={**tags, **{_tag_key(k): str(v) for k, v in (extra or {}).items()}})
     rid = run.info.run_id

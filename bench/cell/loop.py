@@ -298,7 +298,7 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     ctx.set_tags({"deterministic": session.determinism(deterministic, spec)})
     session.seed(spec.seed)
 
-    prepared = bdata.prepare(card, spec.seed, spec.subset)
+    prepared = bdata.prepare(card, spec.seed, spec.subset, spec.train_on)
     ctx.log_inputs(bdata.dataset_inputs(card, prepared, spec.seed, spec.subset))
     num_classes = prepared.source.num_classes
     parts = {k: prepared.part(k) for k in ("train", "val", "test")}

@@ -58,8 +58,10 @@ from pathlib import Path
 from bench import devices
 from bench.config import pretrained
 from bench.config import spec as specmod
+from bench.config import tune as tunemod
 from bench.config.selector import SelectorError, parse_selector
 from bench.config.spec import RunSpec
+from bench.config.tune import Tune
 from bench.data import (
     CardError,
     DatasetError,
@@ -74,7 +76,7 @@ from strategies import FRAMEWORKS, registry
 from strategies import backbones as bb
 from strategies.constraint import Constraint
 
-TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets"}
+TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets", "tune"}
 RUN_KEYS = {"device", "timeout_minutes", "deterministic", "parallel"}
 SMOKE_DEFAULTS = {"subset": 120, "epochs": 1}
 SPEC_FIELDS = {f.name: f for f in fields(RunSpec) if f.name != "strategy_params"}
@@ -82,7 +84,9 @@ SPEC_FIELDS = {f.name: f for f in fields(RunSpec) if f.name != "strategy_params"
 SET_BY_RUNNER = {"device_kind": "it is set from run.device / --device (the kind of device "
                                 "the cell runs on: cpu, mps or cuda:<model>)",
                  "card_digests": "it is computed from the dataset cards the cell reads "
-                                 "(edit the card: [datasets.<name>] or datasets/<name>.toml)"}
+                                 "(edit the card: [datasets.<name>] or datasets/<name>.toml)",
+                 "role": "it is set by a [tune] table (trial and final cells)",
+                 "train_on": "it is set by tune.refit (the final cells of a [tune] table)"}
 REQUIRED_AXES = ("framework", "backbone", "dataset")
 RUN_NAME_LAST = ("framework", "backbone", "dataset", "subset", "seed")  # end of a run name
 
@@ -114,6 +118,9 @@ class Grid:
     # what keeps the grid's data from being read here (an image folder not there yet), when
     # loaded with check_data=False (--dry-run lists the cells and says so; a run refuses)
     data_problems: tuple[str, ...] = ()
+    # the [tune] table (bench/config/tune.py): then `specs` are the studies' cells at the
+    # trial seed, and bench/run/tune.py makes their trial and final cells
+    tune: Tune | None = None
 
     def label(self, s: RunSpec) -> str:
         return s.label(self.varying)
@@ -135,8 +142,10 @@ class Grid:
         if "subset" in self.varying:
             parts.append(f"n={s.subset}")
         parts.append(s.framework)
-        if "seed" in self.varying:
+        if "seed" in self.varying or s.role == "final":
             parts.append(f"seed{s.seed}")
+        if s.role:
+            parts.append(s.role)
         return " · ".join(parts)
 
     def config(self, s: RunSpec) -> str:
@@ -214,7 +223,8 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
         raise GridError(where, problems)
 
     # expansion checks every field of every cell, so one report lists every problem
-    specs, varying = _expand(axes, defaults, smoke_over if smoke else {}, cards, problems)
+    specs, varying = _expand(_searched_filled(axes, doc.get("tune")), defaults,
+                             smoke_over if smoke else {}, cards, problems)
     for s in specs:  # the weights tested must not be chosen on the part that is tested
         if s.select == "best_val" and cards.get(s.dataset, {}).get("split", {}).get(
                 "test") == "val":
@@ -223,6 +233,9 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
                             f"they are tested on; allowed: select = \"last\", or a card "
                             f"that holds out a test split")
         problems += _head_problems(s, cards)
+    tune = None
+    if "tune" in doc and not problems:
+        tune, specs, varying = _tune(doc["tune"], axes, specs, varying, cards, problems)
     if problems:
         raise GridError(where, _unique(problems))
     unique, seen = [], set()
@@ -244,7 +257,7 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
                        for k, v in cards.items() if k in used}, varying=varying,
                 description=str(doc.get("description", "")), smoke=smoke,
                 duplicates=len(specs) - len(unique), data_problems=tuple(data_problems),
-                **run)
+                tune=tune, **run)
 
 
 # ---- pieces ------------------------------------------------------------------------------
@@ -410,6 +423,94 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str],
                                  strategy_params=tuple(p.items()),
                                  card_digests=_card_digests(base, cards)))
     return cells
+
+
+def _tune(table: object, axes: dict, specs: list[RunSpec], varying: tuple, cards: dict,
+          problems: list[str]) -> tuple[Tune | None, list[RunSpec], tuple]:
+    """[tune] checked against the grid (a searched field that is also an axis, a strategy's
+    searched parameter its selector fixes, each searched value of a strategy parameter on
+    each backbone, a refit that needs a validation part), and the studies' cells: the
+    grid's cells at the trial seed. The searched fields join the varying ones (labels)."""
+    axis_fields = {n for k in axes for n in k}
+    has_val = all(_has_val(cards[s.dataset]) for s in specs)
+    strategies = sorted({s.strategy for s in specs})
+    try:
+        tune = tunemod.parse(table, axis_fields, strategies, has_val)
+    except tunemod.TuneError as e:
+        problems.append(str(e))
+        return None, specs, varying
+    fixed = _selector_params(axes)
+    for s in specs:
+        for k, space in tune.strategy_space.get(s.strategy, {}).items():
+            if k in fixed.get(s.strategy, ()):
+                problems.append(f"tune.{s.strategy}.{k}: {k} is searched and also set by "
+                                f"axes.strategy ({s.strategy}[{k}=...]); search it or set "
+                                f"it, not both")
+            for v in space.values or (space.low, space.high):
+                _strategy_params(f"{s.strategy}[{k}={v}]", bb.get(s.backbone),
+                                 f"tune.{s.strategy}.{k}", problems)
+    studies = [dataclasses.replace(s, seed=tune.trial_seed) for s in specs]
+    return tune, studies, varying + tuple(f for f in tune.space if f not in varying)
+
+
+def _searched_filled(axes: dict, table: object) -> dict:
+    """The axes with each strategy parameter a [tune.<strategy>] table searches and its
+    selector leaves out set to the first searched value, so the grid expands (`partial`
+    needs a depth); the trials then set it. A malformed table is left to _tune."""
+    if not isinstance(table, dict):
+        return axes
+    out = {}
+    for names, rows in axes.items():
+        if "strategy" not in names:
+            out[names] = rows
+            continue
+        i = names.index("strategy")
+        out[names] = [row[:i] + (_fill(str(row[i]), table),) + row[i + 1:] for row in rows]
+    return out
+
+
+def _fill(selector: str, table: dict) -> str:
+    try:
+        name, given = parse_selector(selector)
+    except SelectorError:
+        return selector
+    own = table.get(name)
+    if not isinstance(own, dict):
+        return selector
+    first = {}
+    for k, v in own.items():
+        if k not in given:
+            v = v if isinstance(v, list) else next(iter(v.values()), None) \
+                if isinstance(v, dict) else None
+            if isinstance(v, list) and v:
+                first[k] = v[0]
+    if not first:
+        return selector
+    extra = ",".join(f"{k}={v}" for k, v in first.items())
+    return selector[:-1] + f",{extra}]" if selector.endswith("]") else f"{selector}[{extra}]"
+
+
+def _selector_params(axes: dict) -> dict[str, set[str]]:
+    """{strategy: the parameters its axes selectors spell out}."""
+    out: dict[str, set[str]] = {}
+    for names, rows in axes.items():
+        if "strategy" in names:
+            i = names.index("strategy")
+            for row in rows:
+                try:
+                    name, params = parse_selector(str(row[i]))
+                except SelectorError:
+                    continue
+                out.setdefault(name, set()).update(params)
+    return out
+
+
+def _has_val(card: dict) -> bool:
+    """Whether a card's split holds out a validation part that is not its test part."""
+    split = card.get("split", {})
+    if split.get("test") == "val":
+        return False
+    return bool(split.get("val_fraction") or split.get("val_size"))
 
 
 def _card_digests(values: dict, cards: dict) -> str:

@@ -31,6 +31,8 @@ AUGMENTATIONS = ("none", "flip", "flip_crop")
 SELECTS = ("last", "best_val")  # which weights the test evaluates (bench/cell/loop.py)
 HEADS = tuple(_backbones.HEADS)  # declared in strategies/backbones.py
 HEAD_INITS = ("new", "source")  # the head's start: fresh, or the pretraining's trained head
+ROLES = ("", "trial", "final")
+TRAIN_ON = ("train", "train+val")
 
 
 def _checked(default, **constraint):
@@ -81,6 +83,12 @@ class RunSpec:
     compile: bool = False  # torch.compile / Keras jit_compile (XLA)
     # loader workers (PyTorch) / tf.data parallel calls; -1 = auto
     workers: int = _checked(-1, minimum=-1)
+    # a tuned comparison's cells (bench/run/tune.py): "" an ordinary cell, "trial" one
+    # trial of a study, "final" the chosen setting re-run on a final seed
+    role: str = _checked("", choices=ROLES)
+    # what the cell trains on: its train part, or train + val (tune.refit = "train+val":
+    # VTAB's refit of the chosen setting on all its labelled images)
+    train_on: str = _checked("train", choices=TRAIN_ON)
 
     def __post_init__(self):
         # defaults filled in and sorted, so equal cells compare and hash equal however they
@@ -103,7 +111,9 @@ class RunSpec:
     @property
     def name(self) -> str:
         ds = self.dataset if not self.subset else f"{self.dataset}[n={self.subset}]"
-        return f"{self.framework}/{self.backbone}/{self.strategy_label}/{ds}/seed{self.seed}"
+        role = f"/{self.role}" if self.role else ""
+        return (f"{self.framework}/{self.backbone}/{self.strategy_label}/{ds}/seed{self.seed}"
+                + role)
 
     def label(self, fields_shown: tuple[str, ...] = ()) -> str:
         """The name plus the fields a grid varies beyond the name's own (`[weights=none]`)."""

@@ -54,8 +54,14 @@ def dataset_inputs(card: dict, prepared: Prepared, seed: int, subset: int) -> li
     return out
 
 
-def prepare(card: dict, seed: int, subset: int) -> Prepared:
+def prepare(card: dict, seed: int, subset: int, train_on: str = "train") -> Prepared:
+    """The card's data and its split manifest; with train_on = "train+val" the train part
+    is train then val (a tuned comparison's refit, VTAB's protocol), and val stays as it
+    is, now images the cell trains on."""
     src = load(card)
     strata = src.labels if src.strata is None else src.strata
     m = manifest(card["name"], strata, seed, subset, card["split"], src.official_test)
-    return Prepared(src, {k: np.asarray(v, dtype=np.int64) for k, v in m.items()})
+    split = {k: np.asarray(v, dtype=np.int64) for k, v in m.items()}
+    if train_on == "train+val":
+        split["train"] = np.concatenate([split["train"], split["val"]])
+    return Prepared(src, split)

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 from bench import tracking
 from bench.config.grid import Grid
-from bench.run import claims
+from bench.config.spec import RunSpec
+from bench.run import claims, tune
 from bench.run.execute import HELD, SKIPPED, CellTask, Outcome
 from bench.run.forkserver import Launcher
 from bench.run.plan import Options, Plan, make_plan
@@ -56,42 +58,109 @@ def run_grid(grid: Grid, grid_text: str, rerun: bool = False, stream=sys.stderr,
 def run_plan(plan: Plan, grid_text: str, stream=sys.stderr) -> GridResult:
     """Run the plan's cells that have no FINISHED run yet (all of them with rerun): open
     the grid's experiment, take over runs whose owner died, start the parent run, hand the
-    cells to the plan's executor (closed when the grid ends), record the outcome."""
+    cells to the plan's executor (closed when the grid ends), record the outcome. A grid
+    with a [tune] table runs its studies (bench/run/tune.py) under the one parent run."""
     grid, executor = plan.grid, plan.executor
     exp_id, restored = tracking.open_experiment(grid.name)
     closed = claims.take_over(exp_id)
     if closed:
         print(f"took over {len(closed)} run(s) left RUNNING by a runner that died: marked "
               f"KILLED", file=stream)
-    plan.look_up_finished(set() if plan.rerun else tracking.finished_hashes(exp_id))
     if restored:
         _say_restored(grid, exp_id, plan.rerun, stream)
-    outcomes = [Outcome(s, SKIPPED) for s in plan.skipped]
-    todo = plan.todo
+    if grid.tune:
+        return _run_tuned(plan, exp_id, grid_text, stream)
+    plan.look_up_finished(set() if plan.rerun else tracking.finished_hashes(exp_id))
+    skipped = [Outcome(s, SKIPPED) for s in plan.skipped]
     print(f"grid {grid.name!r}: {len(grid.specs)} cells on {grid.device_kind}, "
-          f"{len(outcomes)} already finished, {len(todo)} to run, {executor.width} at once  "
-          f"(MLflow: {tracking.tracking_uri()}, experiment {exp_id})", file=stream)
-    if not todo:
+          f"{len(skipped)} already finished, {len(plan.todo)} to run, {executor.width} at "
+          f"once  (MLflow: {tracking.tracking_uri()}, experiment {exp_id})", file=stream)
+    if not plan.todo:
         executor.close()
-        return GridResult(exp_id, None, outcomes)
+        return GridResult(exp_id, None, skipped)
+    with Invocation(plan, exp_id, grid_text, len(plan.todo), stream) as inv:
+        inv.outcomes += skipped
+        inv.run(plan.todo)
+    return GridResult(exp_id, inv.parent, inv.outcomes)
 
-    parent = tracking.start_parent(exp_id, grid, len(todo), grid_text, executor.describe())
-    since = tracking.get_run(parent).info.start_time if plan.rerun else None
-    tasks = [CellTask(exp_id, parent, grid, s, i, len(todo), since) for i, s in enumerate(todo)]
-    progress = Progress(len(todo), executor.width, stream)
-    heartbeat = claims.Heartbeat()
-    heartbeat.add(parent)
-    status = tracking.FINISHED
-    try:
-        executor.run(tasks, progress, heartbeat, outcomes.append)
-    except KeyboardInterrupt:
-        status = tracking.KILLED
-        raise
-    finally:
-        heartbeat.close()
-        executor.close()
-        _record_parent(parent, outcomes, status)
-    return GridResult(exp_id, parent, outcomes)
+
+def _run_tuned(plan: Plan, exp_id: str, grid_text: str, stream) -> GridResult:
+    """The studies of a [tune] grid round by round, then their final cells, all under one
+    parent run; what each study chose is recorded on the parent and on its final runs."""
+    grid = plan.grid
+    studies = tune.make_studies(grid)
+    t = grid.tune
+    expected = len(studies) * (t.trials + len(t.final_seeds))
+    print(f"grid {grid.name!r}: {len(studies)} studies on {grid.device_kind}, {t.describe()}: "
+          f"up to {expected} cells, {plan.executor.width} at once  (MLflow: "
+          f"{tracking.tracking_uri()}, experiment {exp_id})", file=stream)
+    with Invocation(plan, exp_id, grid_text, expected, stream) as inv:
+        finals = tune.run_studies(studies, inv.run_or_find)
+        inv.run_or_find(finals)
+        tune.record(studies, inv.parent, inv.found(finals))
+    return GridResult(exp_id, inv.parent, inv.outcomes)
+
+
+class Invocation:
+    """One grid invocation: its parent run, heartbeat and progress, and the cells run under
+    it (a plain grid's at once; a tuned grid's round by round). Closing it records the
+    outcome on the parent and closes the executor."""
+
+    WAIT_FOR_HELD_S = 10.0  # how often a tuned round looks whether another runner's cells ended
+
+    def __init__(self, plan: Plan, exp_id: str, grid_text: str, expected: int, stream):
+        self.plan, self.exp_id, self.stream = plan, exp_id, stream
+        self.parent = tracking.start_parent(exp_id, plan.grid, expected, grid_text,
+                                            plan.executor.describe())
+        self.since = tracking.get_run(self.parent).info.start_time if plan.rerun else None
+        self.progress = Progress(expected, plan.executor.width, stream)
+        self.heartbeat = claims.Heartbeat()
+        self.heartbeat.add(self.parent)
+        self.outcomes: list[Outcome] = []
+        self.expected, self.started = expected, 0
+        self.ran_here: set[str] = set()
+
+    def __enter__(self) -> Invocation:
+        return self
+
+    def __exit__(self, kind, value, tb) -> None:
+        killed = kind is not None and issubclass(kind, KeyboardInterrupt)
+        self.heartbeat.close()
+        self.plan.executor.close()
+        _record_parent(self.parent, self.outcomes,
+                       tracking.KILLED if killed else tracking.FINISHED)
+
+    def run(self, specs: list[RunSpec]) -> list[Outcome]:
+        """Every spec as a cell of this invocation; their outcomes as they come."""
+        tasks = [CellTask(self.exp_id, self.parent, self.plan.grid, s, self.started + i,
+                          max(self.expected, self.started + len(specs)), self.since)
+                 for i, s in enumerate(specs)]
+        self.started += len(specs)
+        new: list[Outcome] = []
+        self.plan.executor.run(tasks, self.progress, self.heartbeat, new.append)
+        self.outcomes += new
+        self.ran_here |= {o.spec.hash for o in new if o.status == tracking.FINISHED}
+        return new
+
+    def run_or_find(self, specs: list[RunSpec]) -> dict[str, tune.Result]:
+        """Each spec's result: a finished cell found in the store (with rerun, only one this
+        invocation ran), else run here; a cell another runner holds is waited for, and run
+        here if its runner died. Returns tune.Result by hash."""
+        pending = specs
+        while pending:
+            done = self.ran_here if self.plan.rerun else tracking.finished_hashes(self.exp_id)
+            todo = [s for s in pending if s.hash not in done]
+            self.outcomes += [Outcome(s, SKIPPED) for s in pending if s.hash in done]
+            held = [o.spec for o in self.run(todo) if o.status == HELD] if todo else []
+            if held:
+                time.sleep(self.WAIT_FOR_HELD_S)
+                claims.take_over(self.exp_id)
+            pending = held
+        return self.found(specs)
+
+    def found(self, specs: list[RunSpec]) -> dict[str, tune.Result]:
+        return tune.results(tracking.cell_runs(self.exp_id), specs,
+                            self.parent if self.plan.rerun else None)
 
 
 def _record_parent(parent: str, outcomes: list[Outcome], status: str) -> None:

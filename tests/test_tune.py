@@ -1,0 +1,195 @@
+"""Tuned comparisons (bench/config/tune.py, bench/run/tune.py): a [tune] table refused
+with the field named before any work; seeded studies that propose the same trials in the
+same order; selection that never reads a test metric; kill -9 and a second runner with
+nothing lost or run twice."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.config import tune
+
+pytestmark = pytest.mark.timeout(300)
+
+STRATEGIES = ["feature_extraction", "partial", "full"]
+
+
+def _parse(table, axes=None, has_val=True):
+    return tune.parse(table, axes or {}, STRATEGIES, has_val)
+
+
+@pytest.mark.parametrize("table, axes, has_val, says", [
+    ({"lr": [1e-3], "colour": 1}, {}, True, "tune.colour: unknown field"),
+    ({"lr": {"range": [1e-2, 1e-3]}}, {}, True,
+     "tune.lr.range = [0.01, 0.001]: empty or inverted"),
+    ({"lr": {"range": [1e-3, 1e-3]}}, {}, True, "empty or inverted"),
+    ({"lr": {"log": [0.0, 1e-1]}}, {}, True,
+     "tune.lr.log = [0.0, 0.1]: a log range needs bounds > 0"),
+    ({"lr": {"log": [-1.0, 1e-1]}}, {}, True, "needs bounds > 0"),
+    ({"lr": [1e-3], "metric": "test_acc"}, {}, True, "tune.metric = 'test_acc': a test metric"),
+    ({"lr": [1e-3], "metric": "test_loss"}, {}, True, "never selects anything"),
+    ({"lr": [1e-3], "trials": 0}, {}, True, "tune.trials = 0: must be an integer >= 1"),
+    ({"lr": [1e-3]}, {"lr": [1e-3, 1e-2]}, True, "tune.lr: lr is searched and also an axis"),
+    ({"lr": [1e-3]}, {"seed": [0, 1]}, True, "axes.seed: with [tune]"),
+    ({"lr": [1e-3], "refit": "train+val"}, {}, False, "tune.refit: 'train+val' needs a "
+                                                      "validation part"),
+    ({"lr": [1e-3], "refit": "all"}, {}, True, "tune.refit = 'all': must be"),
+    ({"lr": [1e-3], "final_seeds": []}, {}, True, "tune.final_seeds = []"),
+    ({"lr": [1e-3], "final_seeds": [0, 0]}, {}, True, "distinct seeds"),
+    ({"lr": []}, {}, True, "tune.lr = []: allowed: a non-empty list"),
+    ({"lr": "fast"}, {}, True, "tune.lr = 'fast': allowed: a list of values"),
+    ({"partial": {"width": [1]}}, {}, True, "tune.partial.width: partial has no parameter"),
+    ({"two_stage": {"lr_scale": [0.1]}}, {}, True, "strategy 'two_stage' is not in this grid"),
+    ({"trials": 4}, {}, True, "tune: nothing is searched"),
+    ({"lr": {"log": [1e-4, 1e-2]}}, {}, True, "tune.trials: required when a searched field "
+                                             "is a range"),
+    ({"lr": [1e-4, 1e-3], "trials": 3}, {}, True, "tune.trials = 3: more than the points of "
+                                                  "feature_extraction's grid (2)"),
+])
+def test_bad_tune_tables_are_refused_naming_the_field(table, axes, has_val, says):
+    with pytest.raises(tune.TuneError) as e:
+        _parse(table, axes, has_val)
+    assert says in str(e.value)
+
+
+def test_a_tune_table_reads_as_its_protocol():
+    t = _parse({"lr": {"log": [1e-5, 1e-1]}, "weight_decay": [0.0, 1e-4], "trials": 6,
+                "partial": {"depth": [1, 2, 3]}, "final_seeds": [3, 4], "refit": "train+val"})
+    assert t.trials == 6 and t.trial_seed == 3 and t.final_seeds == (3, 4)
+    assert set(t.space_for("partial")) == {"lr", "weight_decay", "strategy.depth"}
+    assert set(t.space_for("full")) == {"lr", "weight_decay"}
+    assert t.sampler_kind("full") == "tpe"  # a range: TPE
+    lists = _parse({"lr": [1e-4, 1e-3], "partial": {"depth": [1, 2]}})
+    assert lists.sampler_kind("partial") == lists.sampler_kind("full") == "grid"
+    assert lists.trials == 2  # the smallest grid: the same budget for every strategy
+    assert "6 trials per strategy" in t.describe() and "chosen on val_acc" in t.describe()
+    assert t.direction == "maximize" and _parse({"lr": [1e-3], "metric": "val_loss"}
+                                                ).direction == "minimize"
+
+
+# ---- the tuning loop, on real processes and a real MLflow store ----------------------------
+# A trial cell is a small script that speaks the cell protocol: its validation accuracy
+# peaks at lr = 1e-3 and its test accuracy is poisoned to peak at lr = 1e-4, so a choice that
+# read a test metric would show.
+SCRIPTED_CELL = """
+import json, math, os, sys, time
+from bench.cell.process import emit
+job = json.load(open(sys.argv[1]))
+spec = job["spec"]
+emit("startup", seconds=0.0, pid=os.getpid())
+lr, epochs = float(spec["lr"]), int(spec["epochs"])
+depth = float(spec.get("strategy.depth", 1))
+val = 0.9 - 0.1 * abs(math.log10(lr) + 3) - 0.01 * depth
+for e in range(1, epochs + 1):
+    emit("metrics", step=e, metrics={"val_acc": val * e / epochs, "val_loss": 1 - val})
+time.sleep(float(os.environ.get("TUNE_CELL_SLEEP", "0")))
+emit("metrics", step=None, metrics={"test_acc": 0.9 - 0.1 * abs(math.log10(lr) + 4),
+                                    "best_val_acc": val, "epochs_trained": epochs,
+                                    "n_train": 320 if spec["train_on"] == "train" else 400})
+"""
+
+TUNED = """
+name = "{name}"
+[axes]
+framework = ["torch"]
+backbone = ["resnet18"]
+weights = ["none"]
+strategy = ["feature_extraction", "partial"]
+dataset = ["digits"]
+[defaults]
+subset = 40
+image_size = 16
+epochs = 2
+[run]
+device = "cpu"
+[tune]
+lr = [1e-4, 1e-3, 1e-2]
+trials = 3
+final_seeds = [0, 1]
+{extra}
+[tune.partial]
+depth = [1, 2]
+"""
+
+
+def _tuned(tmp_path, name="tuned", extra="", trials=3):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TUNED.format(name=name, extra=extra).replace("trials = 3",
+                                                                 f"trials = {trials}"))
+    return path
+
+
+def _run_tuned(path):
+    from fault_helpers import ScriptLauncher
+
+    from bench.config import grid as gridmod
+    from bench.run import runner
+
+    return runner.run_grid(gridmod.load(path), path.read_text(),
+                           launcher=ScriptLauncher(SCRIPTED_CELL))
+
+
+def _chosen(result):
+    import json
+
+    from bench import tracking
+
+    text = tracking.client().download_artifacts(result.parent_run_id, "tuning.json")
+    with open(text) as fh:
+        return {r["study"]: (r["chosen"], r["trials"], r["trial_states"]) for r in json.load(fh)}
+
+
+def test_studies_choose_on_validation_never_on_test(store, tmp_path):
+    from bench import tracking
+
+    result = _run_tuned(_tuned(tmp_path))
+    chosen = _chosen(result)
+    fe = next(v for k, v in chosen.items() if "feature_extraction" in k)
+    part = next(v for k, v in chosen.items() if "partial" in k)
+    # validation peaks at 1e-3 (and the shallower depth); test would have chosen 1e-4
+    assert fe[0] == {"lr": "0.001"} and part[0]["lr"] == "0.001"
+    assert fe[1] == part[1] == 3  # the same budget for every strategy
+    runs = tracking.child_runs(result.experiment_id, result.parent_run_id)
+    roles = [r.data.tags.get("tlbench.role") for r in runs]
+    assert roles.count("trial") == 6 and roles.count("final") == 4
+    finals = [r for r in runs if r.data.tags.get("tlbench.role") == "final"]
+    assert {r.data.params["seed"] for r in finals} == {"0", "1"}
+    assert all(r.data.params["lr"] == "0.001" for r in finals)
+    trial_ids = {r.info.run_id for r in runs if r.data.tags.get("tlbench.role") == "trial"}
+    assert all(r.data.tags["tlbench.tuned_from"] in trial_ids for r in finals)
+    # a second invocation finds every trial and final finished: nothing runs again
+    again = _run_tuned(_tuned(tmp_path))
+    assert again.failed == [] and {o.status for o in again.outcomes} == {"SKIPPED"}
+    assert _chosen(again) == chosen
+
+
+def test_a_seeded_study_proposes_the_same_trials_in_the_same_order(store, tmp_path):
+    from bench.config import grid as gridmod
+    from bench.run import tune as tunerun
+
+    g = gridmod.load(_tuned(tmp_path, extra='lr = { log = [1e-5, 1e-1] }'.replace(
+        "lr", "weight_decay").replace("1e-5", "1e-6").replace("1e-1", "1e-2")))
+
+    def proposals():
+        out = []
+        for s in tunerun.make_studies(g):
+            specs = s.ask_round()
+            s.tell_round({sp.hash: tunerun.Result("FINISHED", {"val_acc": sp.lr})
+                          for sp in specs})
+            out.append([(sp.lr, sp.weight_decay, sp.strategy_params) for sp in specs])
+        return out
+
+    first = proposals()
+    assert first == proposals()
+    assert len({p for study in first for p in study}) > 1
+
+
+def test_refit_on_train_and_val_trains_on_both_parts(store, tmp_path):
+    from bench import tracking
+
+    result = _run_tuned(_tuned(tmp_path, "refit", extra='refit = "train+val"'))
+    runs = tracking.child_runs(result.experiment_id, result.parent_run_id)
+    finals = [r for r in runs if r.data.tags.get("tlbench.role") == "final"]
+    assert finals and all(r.data.params["train_on"] == "train+val" for r in finals)
+    trials = [r for r in runs if r.data.tags.get("tlbench.role") == "trial"]
+    assert all(r.data.params["train_on"] == "train" for r in trials)
