@@ -193,3 +193,84 @@ def test_refit_on_train_and_val_trains_on_both_parts(store, tmp_path):
     assert finals and all(r.data.params["train_on"] == "train+val" for r in finals)
     trials = [r for r in runs if r.data.tags.get("tlbench.role") == "trial"]
     assert all(r.data.params["train_on"] == "train" for r in trials)
+
+
+# a runner in its own process, with scripted cells: what kill -9 and a second runner act on
+RUNNER = """
+import sys
+from fault_helpers import ScriptLauncher
+from test_tune import SCRIPTED_CELL
+from bench.config import grid as gridmod
+from bench.run import runner
+runner.Invocation.WAIT_FOR_HELD_S = 0.5
+path = sys.argv[1]
+result = runner.run_grid(gridmod.load(path), open(path).read(),
+                         launcher=ScriptLauncher(SCRIPTED_CELL))
+print("PARENT", result.parent_run_id)
+"""
+
+
+def _runner_process(path, sleep_s: float):
+    import os
+    import subprocess
+    import sys
+
+    from bench.paths import ROOT
+
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'tests'}",
+           "TUNE_CELL_SLEEP": str(sleep_s)}
+    return subprocess.Popen([sys.executable, "-c", RUNNER, str(path)], cwd=path.parent,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def _trial_and_final_runs(name):
+    from bench import tracking
+
+    exp_id = tracking.experiment_id(name, create=False)
+    runs = [r for r in tracking.cell_runs(exp_id) if r.info.status == "FINISHED"]
+    by_role: dict[str, list] = {}
+    for r in runs:
+        by_role.setdefault(r.data.tags.get("tlbench.role"), []).append(
+            r.data.tags["tlbench.spec_hash"])
+    return by_role
+
+
+def test_a_study_killed_mid_round_resumes_with_no_trial_lost_or_run_twice(store, tmp_path):
+    import os
+    import signal
+    import time
+
+    from bench import tracking
+
+    path = _tuned(tmp_path, "killed")
+    proc = _runner_process(path, sleep_s=0.7)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:  # kill -9 once some trials have finished
+        exp_id = tracking.experiment_id("killed", create=False)
+        if exp_id and len(tracking.finished_hashes(exp_id)) >= 2:
+            break
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    before = _trial_and_final_runs("killed")
+    assert 2 <= len(before.get("trial", [])) < 6 and not before.get("final")
+    result = _run_tuned(path)  # resume: the studies are replayed from the store
+    after = _trial_and_final_runs("killed")
+    assert sorted(after["trial"]) == sorted(set(after["trial"])) and len(after["trial"]) == 6
+    assert set(before["trial"]) <= set(after["trial"])  # the finished trials were kept
+    assert len(after["final"]) == len(set(after["final"])) == 4
+    fresh = _run_tuned(_tuned(tmp_path, "uninterrupted"))
+    assert {k.split("/", 1)[1]: v[0] for k, v in _chosen(result).items()} == \
+        {k.split("/", 1)[1]: v[0] for k, v in _chosen(fresh).items()}
+
+
+def test_two_runners_on_one_tuned_grid_share_the_studies_and_run_each_trial_once(store,
+                                                                                tmp_path):
+    path = _tuned(tmp_path, "shared")
+    procs = [_runner_process(path, sleep_s=0.3) for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    runs = _trial_and_final_runs("shared")
+    assert len(runs["trial"]) == len(set(runs["trial"])) == 6
+    assert len(runs["final"]) == len(set(runs["final"])) == 4
