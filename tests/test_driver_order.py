@@ -1,12 +1,12 @@
-"""The Session protocol's call order (bench.cell.loop.OrderCheck), framework-free: the order the
-driver keeps passes through to the session, a call out of it is refused before it reaches
-the session. The real backend keeping it: tests/test_torch_backend.py."""
+"""The Session protocol's call order (bench.cell.session.OrderCheck), framework-free: the
+order the cell loop keeps passes through to the session, a call out of it is refused before
+it reaches the session. The real backend keeping it: tests/test_torch_backend.py."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.cell.loop import OrderCheck
+from bench.cell.session import OrderCheck
 
 SETUP = ["start", "determinism", "seed", "build"]
 EPOCH = ["train_epoch", "recalibrate_bn", "evaluate"]

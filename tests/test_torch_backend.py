@@ -17,6 +17,7 @@ import torchvision
 from PIL import Image
 
 from bench.cell import loop
+from bench.cell.session import OrderCheck
 from bench.config.grid import from_dict
 from bench.config.spec import RunSpec
 from bench.data import check_card, shipped_cards
@@ -671,12 +672,12 @@ def test_a_real_cell_calls_the_session_in_protocol_order(tmp_path, monkeypatch):
     runs through it, in this order."""
     checks = []
 
-    class Kept(loop.OrderCheck):
+    class Kept(OrderCheck):
         def __init__(self, session):
             super().__init__(session)
             checks.append(self)
 
-    monkeypatch.setattr(loop, "OrderCheck", Kept)
+    monkeypatch.setattr(loop, "OrderCheck", Kept)  # where run_cell looks it up
     ctx = _cell(tmp_path, monkeypatch, "two_stage", {"depth": 2}, feature_cache=True,
                 select="best_val", precise_bn=16)
     (check,) = checks

@@ -50,13 +50,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Protocol
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from bench import checkpoints
 from bench import data as bdata
 from bench.cell.contention import CpuProbe
+from bench.cell.session import OrderCheck, Session
 from bench.cell.timing import StepMeter
 from bench.config.spec import RunSpec
 from bench.data import decoded
@@ -83,7 +84,7 @@ class CacheUnavailable(RuntimeError):
 
 class Diverged(RuntimeError):
     """The train loss became NaN or infinite. A backend raises it with the step (1-based,
-    within the epoch); the driver adds the epoch."""
+    within the epoch); the cell loop adds the epoch."""
 
     def __init__(self, step: int, loss: float, epoch: int | None = None):
         self.step, self.loss, self.epoch = step, loss, epoch
@@ -94,183 +95,6 @@ class Diverged(RuntimeError):
 class DeviceMismatch(RuntimeError):
     """The cell runs on another kind of device than its identity (RunSpec.device_kind) says."""
 
-
-class Session(Protocol):
-    """What a framework backend does for the driver. One session runs one cell.
-
-    The call order (run_cell keeps it; OrderCheck refuses a call out of it):
-    start, then determinism right after it; seed and build; load_backbone and reinit_top
-    after build and before the first phase; per phase begin_phase, use_cache (if at all)
-    right after it: the cache lives until the next begin_phase; then train_epoch,
-    recalibrate_bn and evaluate. snapshot only right after an evaluate, restore only right
-    before one (select = best_val). model_only_rates runs last: its synthetic steps move the
-    weights, so after it only param_counts, peak_memory_mb and sync may come.
-    """
-
-    data_path: str  # how the training images reach the model: a key of DATA_PATHS
-    # optional: tags a strategy's backend hook adds (LoRA's adapters and their merge), read
-    # after model_only_rates
-    notes: dict[str, str]
-
-    def start(self, device: str) -> dict[str, str]:
-        """Set the device up; return the tags device (its name: 'NVIDIA H200', 'cpu (...)'),
-        device_type ('cpu', 'cuda' or 'gpu', 'mps') and versions."""
-
-    def determinism(self, on: bool, spec: RunSpec) -> str:
-        """Deterministic algorithms on or off (called once, right after start, before any
-        work on the device); return the tag: 'true', or 'false: <why>' (also when an option
-        of the cell excludes them)."""
-
-    def seed(self, seed: int) -> None: ...
-
-    def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
-        """The model (backbone, weights, new head) and the loaders of the split parts."""
-
-    def load_backbone(self, path: str, head: bool = False) -> None:
-        """Weights the harness pretrained (strategies/<framework>_backend/backbones.py); the
-        head too when `head` (head_init = "source"), else it keeps its fresh init."""
-
-    def reinit_top(self, depth: int | str) -> list[str]:
-        """Re-initialise the top `depth` blocks (the AnB protocol); return their names."""
-
-    def save_backbone(self, path: str) -> None: ...
-
-    @property
-    def n_blocks(self) -> int: ...
-
-    def begin_phase(self, phase: registry.Phase, lr: float, optimizer: str,
-                    weight_decay: float) -> int:
-        """Freeze/unfreeze for the phase and make its optimizer; return the trainable
-        parameter count. Drops the previous phase's feature cache."""
-
-    def use_cache(self, kind: str, n_frozen: int, limit_bytes: int) -> None:
-        """Cache the current phase's frozen part: kind 'features' (the head's inputs of the
-        train, val and test parts) or 'prefix' (the bottom `n_frozen` blocks' output for the
-        train part); until the next begin_phase, training (and evaluation, for 'features')
-        runs on the cached inputs. Raises CacheUnavailable with the reason."""
-
-    def train_epoch(self, meter: StepMeter, on_step) -> dict[str, float]:
-        """One epoch of the current phase: {'train_loss', 'train_acc'}. `on_step(i)` after
-        every optimizer step; Diverged(step, loss) as soon as a step's loss is not finite."""
-
-    def evaluate(self, part: str, topk: int = 1) -> dict[str, float]:
-        """{'loss', 'acc'} (and f'top{topk}' when topk > 1) on a split part."""
-
-    def recalibrate_bn(self, indices) -> int:
-        """Precise BatchNorm: recompute the statistics of the BatchNorm layers the current
-        phase trains (frozen ones untouched) as the plain average over batches of the
-        training images `indices` (no augmentation, dropout off, batch statistics in those
-        layers as in training); the weights do not change. Return the number of layers."""
-
-    def snapshot(self) -> object:
-        """A copy of every weight and BatchNorm statistic of the model (select = best_val)."""
-
-    def restore(self, state: object) -> None:
-        """Put a snapshot back: what evaluate() sees is then the model it was taken of."""
-
-    def param_counts(self) -> tuple[int, int]:
-        """(trainable, total) parameters of the model as it is now."""
-
-    def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
-        """Train and inference images/s on a synthetic batch already on the device, through
-        the last phase's train step: {'model_only_train_images_per_sec',
-        'inference_images_per_sec'}."""
-
-    def peak_memory_mb(self) -> float: ...
-
-    def sync(self) -> None:
-        """Wait for the device (every clock read follows one)."""
-
-
-class BackboneHandling:
-    """The Session methods that hand the built backbone to the backend's backbones module
-    (load_backbone, reinit_top, save_backbone) or read it (n_blocks, notes): the same
-    delegation in every framework, written once. A session derives from it, names its
-    backbones module in `backbone_module` and sets `backbone` in build."""
-
-    backbone_module: object  # strategies/<framework>_backend/backbones.py
-    backbone: object  # what build made: a TorchBackbone, a KerasBackbone
-
-    # weights the harness pretrained (bench/config/pretrained.py)
-    def load_backbone(self, path: str, head: bool = False) -> None:
-        self.backbone_module.load_backbone(self.backbone, path, head=head)
-
-    def reinit_top(self, depth: int | str) -> list[str]:
-        return self.backbone_module.reinit_top_blocks(self.backbone, depth)
-
-    def save_backbone(self, path: str) -> None:
-        self.backbone_module.save_backbone(self.backbone, path)
-
-    @property
-    def n_blocks(self) -> int:
-        return len(self.backbone.block_map.blocks)
-
-    @property
-    def notes(self) -> dict[str, str]:
-        return self.backbone.notes
-
-
-_AFTER_BUILD = {"load_backbone", "reinit_top", "save_backbone", "begin_phase", "evaluate",
-                "snapshot", "restore", "param_counts"}
-_IN_A_PHASE = {"use_cache", "train_epoch", "recalibrate_bn", "model_only_rates"}
-_AFTER_MODEL_ONLY = {"param_counts", "peak_memory_mb"}  # they do not read the weights
-
-
-def order_problem(calls: set[str], last: str | None, name: str) -> str | None:
-    """Why calling `name` after the methods `calls` (`last` the latest) breaks the Session
-    protocol's order, or None."""
-    if last is None or name == "start":
-        return None if last is None and name == "start" else "start comes first, once"
-    if (name == "determinism") != (last == "start"):
-        return "determinism comes right after start"
-    if last == "restore" and name != "evaluate":
-        return "restore is followed by evaluate"
-    if "model_only_rates" in calls and name not in _AFTER_MODEL_ONLY:
-        return "model_only_rates runs last (its synthetic steps move the weights)"
-    if name in _AFTER_BUILD | _IN_A_PHASE and "build" not in calls:
-        return "the model is not built yet (build first)"
-    if name in ("load_backbone", "reinit_top") and "begin_phase" in calls:
-        return "weights are loaded before the first begin_phase"
-    if name in _IN_A_PHASE and "begin_phase" not in calls:
-        return "no phase has begun (begin_phase first)"
-    if name == "use_cache" and last != "begin_phase":
-        return "use_cache comes right after begin_phase (the cache lives until the next one)"
-    if name == "snapshot" and last != "evaluate":
-        return "snapshot comes right after evaluate"
-    if name == "restore" and "snapshot" not in calls:
-        return "restore needs a snapshot"
-    return None
-
-
-class OrderCheck:
-    """A Session that checks the protocol's call order (order_problem) and forwards every
-    call to the session it wraps; `calls` keeps the method names in the order called.
-    Attributes and properties (data_path, n_blocks) and sync (harmless at any time, and
-    inside the timed steps) pass through unchecked and unrecorded."""
-
-    def __init__(self, session: Session):
-        self.session = session
-        self.calls: list[str] = []
-        self._seen: set[str] = set()
-
-    def __getattr__(self, name: str):
-        if name in ("session", "calls", "_seen"):  # not set yet (a copy): no recursion
-            raise AttributeError(name)
-        attr = getattr(self.session, name)
-        if not callable(attr) or name.startswith("_") or name == "sync":
-            return attr
-
-        def checked(*args, **kwargs):
-            why = order_problem(self._seen, self.calls[-1] if self.calls else None, name)
-            if why:
-                recent = ", ".join(self.calls[-3:]) or "nothing"
-                raise RuntimeError(f"Session.{name} called out of order: {why} "
-                                   f"(after {recent})")
-            self.calls.append(name)
-            self._seen.add(name)
-            return attr(*args, **kwargs)
-
-        return checked
 
 
 def device_kind(tags: dict[str, str]) -> str:
@@ -283,7 +107,25 @@ def device_kind(tags: dict[str, str]) -> str:
 
 
 def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
+    """One cell, step by step; the Session calls keep the protocol's order (OrderCheck)."""
     session = session if isinstance(session, OrderCheck) else OrderCheck(session)
+    prepare_device(session, spec, ctx)
+    parts, num_classes = load_data(spec, card, ctx)
+    strategy = registry.get(spec.strategy)
+    build_model(session, spec, strategy, num_classes, parts, ctx)
+    phases = plan_phases(session, spec, strategy, ctx)
+    training = train_phases(session, spec, phases, num_classes, len(parts["train"][1]), ctx)
+    final = evaluate_test(session, training, num_classes)
+    # saved before the model-only rates, whose synthetic steps move the weights
+    if getattr(ctx, "save_backbone_to", None):
+        session.save_backbone(ctx.save_backbone_to)
+    measure_model_only(session, training, final)
+    record(session, training, final, ctx)
+
+
+def prepare_device(session: Session, spec: RunSpec, ctx) -> None:
+    """Start the session on the cell's device (refused when it is not the device the cell's
+    identity names), deterministic algorithms on or off, the seed."""
     tags = session.start(ctx.device)
     ctx.set_tags(tags)
     actual = device_kind(tags)
@@ -298,6 +140,9 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     ctx.set_tags({"deterministic": session.determinism(deterministic, spec)})
     session.seed(spec.seed)
 
+
+def load_data(spec: RunSpec, card: dict, ctx) -> tuple[dict, int]:
+    """The split parts (through the decoded cache when on) and the number of classes."""
     prepared = bdata.prepare(card, spec.seed, spec.subset, spec.train_on)
     ctx.log_inputs(bdata.dataset_inputs(card, prepared, spec.seed, spec.subset))
     num_classes = prepared.source.num_classes
@@ -309,11 +154,15 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     else:
         note = "off: decoded_cache = false"
     ctx.set_tags({"decoded_cache_used": note})
-    n_train = len(parts["train"][1])
-    ctx.log_final({"n_train": n_train, "n_val": len(parts["val"][1]),
+    ctx.log_final({"n_train": len(parts["train"][1]), "n_val": len(parts["val"][1]),
                    "n_test": len(parts["test"][1]), "num_classes": num_classes})
+    return parts, num_classes
 
-    strategy = registry.get(spec.strategy)
+
+def build_model(session: Session, spec: RunSpec, strategy: registry.Strategy,
+                num_classes: int, parts: dict, ctx) -> None:
+    """The model and its loaders, with the harness's pretrained weights when the cell names
+    them."""
     session.build(spec, num_classes, parts)
     # weights pretrained by the harness on a source dataset, then the AnB re-initialisation
     checkpoint = checkpoints.checkpoint_for(spec, ctx)
@@ -324,6 +173,10 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
         ctx.set_tags({"reinit_blocks": ",".join(session.reinit_top(depth))})
     ctx.set_tags({"data_path": session.data_path})
 
+
+def plan_phases(session: Session, spec: RunSpec, strategy: registry.Strategy,
+                ctx) -> list[tuple[registry.Phase, int]]:
+    """The strategy's phases with their epochs, tagged."""
     phases = strategy.phases(spec.params, spec.epochs, session.n_blocks)
     # the schedule (gradual unfreezing's unfreezings) and each phase's per-block lrs (llrd)
     ctx.set_tags({"phases": ", ".join(f"{ph.name}={n}" for ph, n in phases)})
@@ -332,19 +185,43 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
                  for ph, _ in phases if ph.lr_decay != 1.0}
     if block_lrs:
         ctx.set_tags({"block_lrs": _cache_tag(block_lrs)})
-    total_epochs = sum(e for _, e in phases)
+    return phases
+
+
+@dataclass
+class Training:
+    """What the epoch loop carries from epoch to epoch, and hands to the test and the
+    records."""
+
+    n_train: int
+    total_epochs: int
+    bn_sample: np.ndarray | None  # precise BatchNorm's images (None: off)
+    history: list[dict] = field(default_factory=list)
+    best: tuple[float, int] = (-1.0, 0)  # (val accuracy, epoch)
+    best_state: object = None  # a snapshot of the best epoch (select = best_val)
+    epoch: int = 0
+    steps: list[int] = field(default_factory=lambda: [0])  # optimizer steps so far
+    meter: StepMeter | None = None  # the current phase's: the last one's at the end
+    probe: CpuProbe = field(default_factory=CpuProbe)
+    cache_labels: dict[str, str] = field(default_factory=dict)  # phase -> feature cache
+    cache_seconds: float = 0.0
+    rate_of: str = "whole model"  # what the train rates measure
+    bn_seconds: float = 0.0
+    bn_layers: set[int] = field(default_factory=set)
+
+
+def train_phases(session: Session, spec: RunSpec, phases: list[tuple[registry.Phase, int]],
+                 num_classes: int, n_train: int, ctx) -> Training:
+    """Every phase's epochs, in order."""
+    training = Training(n_train, sum(e for _, e in phases), precise_bn_sample(spec, n_train))
     steps_per_epoch = -(-n_train // spec.batch_size)
-    history, best, epoch, best_state = [], (-1.0, 0), 0, None
-    meter, probe, steps = None, CpuProbe(), [0]
-    cache_labels, cache_seconds, rate_of = {}, 0.0, "whole model"
-    bn_sample = precise_bn_sample(spec, n_train)
-    bn_seconds, bn_layers = 0.0, set()
     for phase, n_epochs in phases:
         lr = spec.lr * phase.lr_scale
         trainable = session.begin_phase(phase, lr, spec.optimizer, spec.weight_decay)
-        cache_labels[phase.name], rate_of, seconds = _cache_phase(session, spec, phase)
-        cache_seconds += seconds
-        if epoch == 0 and spec.head_init == "source":
+        label, training.rate_of, seconds = _cache_phase(session, spec, phase)
+        training.cache_labels[phase.name] = label
+        training.cache_seconds += seconds
+        if training.epoch == 0 and spec.head_init == "source":
             # the source model, its head included, on the target before any step: what
             # transfer gains over no adaptation (Lee et al. 2023's "No adaptation" row).
             # After the first begin_phase: a Keras model evaluates only once compiled
@@ -352,76 +229,113 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
             ctx.log_final({"source_test_acc": before["acc"],
                            "source_test_loss": before["loss"]})
         # steady state of this phase
-        meter = StepMeter(session.sync, warmup=WARMUP_STEPS, probe=probe)
+        training.meter = StepMeter(session.sync, warmup=WARMUP_STEPS, probe=training.probe)
         for _ in range(n_epochs):
-            epoch += 1
-            t0 = time.perf_counter()
-            row = _train_epoch(session, meter, steps, epoch, ctx.step_progress(
-                phase.name, epoch, total_epochs, steps_per_epoch), ctx)
-            seconds = time.perf_counter() - t0
-            if bn_sample is not None:  # statistics of the weights this epoch ended with
-                t1 = time.perf_counter()
-                bn_layers.add(session.recalibrate_bn(bn_sample))
-                bn_seconds += time.perf_counter() - t1
-            val = session.evaluate("val")
-            row.update(val_loss=val["loss"], val_acc=val["acc"], epoch_seconds=seconds,
-                       epoch_train_images_per_sec=n_train / seconds, lr=lr,
-                       trainable_params=trainable, trainable_blocks=registry.resolve_depth(
-                           phase.trainable_blocks, session.n_blocks))
-            ctx.log_epoch(epoch, row)
-            history.append({"epoch": epoch, "phase": phase.name, **row})
-            if val["acc"] > best[0]:
-                best = (val["acc"], epoch)
-                if spec.select == "best_val":
-                    best_state = session.snapshot()
-            ctx.progress(phase=phase.name, epoch=epoch, epochs=total_epochs,
-                         fraction=epoch / total_epochs, val_acc=val["acc"])
+            run_epoch(session, spec, phase, lr, trainable, training, steps_per_epoch, ctx)
+    return training
 
-    test_epoch = epoch
-    if best_state is not None and best[1] != epoch:  # select = best_val
-        session.restore(best_state)
-        test_epoch = best[1]
+
+def run_epoch(session: Session, spec: RunSpec, phase: registry.Phase, lr: float,
+              trainable: int, training: Training, steps_per_epoch: int, ctx) -> None:
+    """Train one epoch, recalibrate BatchNorm (precise_bn), validate, record, keep the best."""
+    training.epoch += 1
+    epoch = training.epoch
+    t0 = time.perf_counter()
+    row = _train_epoch(session, training.meter, training.steps, epoch, ctx.step_progress(
+        phase.name, epoch, training.total_epochs, steps_per_epoch), ctx)
+    seconds = time.perf_counter() - t0
+    recalibrate_bn(session, training)
+    val = session.evaluate("val")
+    row.update(val_loss=val["loss"], val_acc=val["acc"], epoch_seconds=seconds,
+               epoch_train_images_per_sec=training.n_train / seconds, lr=lr,
+               trainable_params=trainable, trainable_blocks=registry.resolve_depth(
+                   phase.trainable_blocks, session.n_blocks))
+    ctx.log_epoch(epoch, row)
+    training.history.append({"epoch": epoch, "phase": phase.name, **row})
+    keep_best(session, spec, training, val["acc"])
+    ctx.progress(phase=phase.name, epoch=epoch, epochs=training.total_epochs,
+                 fraction=epoch / training.total_epochs, val_acc=val["acc"])
+
+
+def recalibrate_bn(session: Session, training: Training) -> None:
+    """Precise BatchNorm, when on: the statistics of the weights this epoch ended with."""
+    if training.bn_sample is None:
+        return
+    t0 = time.perf_counter()
+    training.bn_layers.add(session.recalibrate_bn(training.bn_sample))
+    training.bn_seconds += time.perf_counter() - t0
+
+
+def keep_best(session: Session, spec: RunSpec, training: Training, val_acc: float) -> None:
+    """The best validation accuracy and its epoch; with select = best_val, its weights."""
+    if val_acc > training.best[0]:
+        training.best = (val_acc, training.epoch)
+        if spec.select == "best_val":
+            training.best_state = session.snapshot()
+
+
+def evaluate_test(session: Session, training: Training, num_classes: int) -> dict:
+    """The test metrics of the weights `select` chose (the best epoch's, restored), with the
+    budget trained and the parameter counts: the cell's final metrics so far."""
+    test_epoch = training.epoch
+    if training.best_state is not None and training.best[1] != training.epoch:
+        # select = best_val
+        session.restore(training.best_state)
+        test_epoch = training.best[1]
     topk = test_topk(num_classes)
-    test = session.evaluate("test", topk=topk)
+    result = session.evaluate("test", topk=topk)
     trainable, total = session.param_counts()
-    final = {"test_acc": test["acc"], "test_loss": test["loss"], "best_val_acc": best[0],
-             "best_val_epoch": best[1], "test_epoch": test_epoch,
-             "epochs_trained": epoch, "optimizer_steps": steps[0],
-             "train_images_per_sec": meter.median if meter else None,
+    final = {"test_acc": result["acc"], "test_loss": result["loss"],
+             "best_val_acc": training.best[0], "best_val_epoch": training.best[1],
+             "test_epoch": test_epoch, "epochs_trained": training.epoch,
+             "optimizer_steps": training.steps[0],
+             "train_images_per_sec": training.meter.median if training.meter else None,
              "trainable_params": trainable, "total_params": total}
     if topk > 1:
-        final["test_top5"] = test[f"top{topk}"]
-    # saved before the model-only rates, whose synthetic steps move the weights
-    if getattr(ctx, "save_backbone_to", None):
-        session.save_backbone(ctx.save_backbone_to)
-    # after the test evaluation, on the last phase's trainable set: it cannot touch a
-    # reported accuracy
-    probe.begin()
+        final["test_top5"] = result[f"top{topk}"]
+    return final
+
+
+def measure_model_only(session: Session, training: Training, final: dict) -> None:
+    """Model-only train and inference rates into `final`. After the test evaluation, on the
+    last phase's trainable set: it cannot touch a reported accuracy."""
+    training.probe.begin()
     final.update(session.model_only_rates(MODEL_ONLY_STEPS, WARMUP_STEPS))
-    probe.end()
-    final["feature_cache_seconds"] = cache_seconds
-    final["contention_share"] = probe.share
-    data_fed, model_only = final["train_images_per_sec"], final.get(
-        "model_only_train_images_per_sec")
-    tags = {"feature_cache_used": _cache_tag(cache_labels), "train_rate_of": rate_of,
-            "contended": probe.tag(), "diverged": diverged_tag(history)}
+    training.probe.end()
+
+
+def record(session: Session, training: Training, final: dict, ctx) -> None:
+    """The final tags, metrics and history."""
+    final["feature_cache_seconds"] = training.cache_seconds
+    final["contention_share"] = training.probe.share
+    tags = {"feature_cache_used": _cache_tag(training.cache_labels),
+            "train_rate_of": training.rate_of, "contended": training.probe.tag(),
+            "diverged": diverged_tag(training.history)}
     # what a strategy's backend hook did (LoRA: its adapters, their merge for inference)
     tags.update(getattr(session, "notes", None) or {})
-    if bn_sample is not None:
-        final["precise_bn_seconds"] = bn_seconds
-        layers = max(bn_layers, default=0)
-        tags["precise_bn"] = (f"{layers} BatchNorm layers from {len(bn_sample)} train images"
-                              if layers else "no BatchNorm layer trains")
-    fed_by = DATA_PATHS.get(session.data_path, session.data_path)
-    tags["input_bound"] = (f"{str(data_fed < INPUT_BOUND_RATIO * model_only).lower()} "
-                           f"({fed_by})" if data_fed and model_only else
-                           f"unknown: the last phase ran no steps past the {WARMUP_STEPS} "
-                           f"warm-up steps ({fed_by})")
+    if training.bn_sample is not None:
+        final["precise_bn_seconds"] = training.bn_seconds
+        layers = max(training.bn_layers, default=0)
+        tags["precise_bn"] = (f"{layers} BatchNorm layers from {len(training.bn_sample)} "
+                              f"train images" if layers else "no BatchNorm layer trains")
+    tags["input_bound"] = input_bound_tag(session.data_path, final["train_images_per_sec"],
+                                          final.get("model_only_train_images_per_sec"))
     ctx.set_tags(tags)
     final["wall_seconds"] = ctx.elapsed()
     final["peak_memory_mb"] = session.peak_memory_mb()
     ctx.log_final(final)
-    ctx.artifact("history.json", json.dumps(history, indent=1))
+    ctx.artifact("history.json", json.dumps(training.history, indent=1))
+
+
+def input_bound_tag(data_path: str, data_fed: float | None,
+                    model_only: float | None) -> str:
+    """`input_bound`: whether the data-fed rate is under INPUT_BOUND_RATIO of the model-only
+    rate, and the data path that fed it."""
+    fed_by = DATA_PATHS.get(data_path, data_path)
+    if data_fed and model_only:
+        return f"{str(data_fed < INPUT_BOUND_RATIO * model_only).lower()} ({fed_by})"
+    return (f"unknown: the last phase ran no steps past the {WARMUP_STEPS} warm-up steps "
+            f"({fed_by})")
 
 
 def _train_epoch(session: Session, meter: StepMeter, steps: list[int], epoch: int, on_step,

@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from bench.cell import loop
+from bench.cell.session import BackboneHandling  # noqa: E402
 from bench.cell.timing import StepMeter, measure  # noqa: E402
 from bench.config.spec import RunSpec  # noqa: E402
 from bench.data import batching  # noqa: E402
@@ -189,8 +190,8 @@ def _split_at(kb, cut) -> tuple[keras.Model, keras.Model]:
             f"no single-tensor cut in Keras' {kb.name} ({str(e)[:100]})") from e
 
 
-class KerasSession(loop.BackboneHandling):
-    """The Keras side of bench.cell.loop's loop (see bench.cell.loop.Session)."""
+class KerasSession(BackboneHandling):
+    """The Keras side of bench.cell.loop's loop (see bench.cell.session.Session)."""
 
     backbone_module = backbones
 

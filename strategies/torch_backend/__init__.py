@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bench.cell import loop
+from bench.cell.session import BackboneHandling
 from bench.cell.timing import measure
 from bench.config.spec import RunSpec
 from bench.data import batching
@@ -96,8 +97,8 @@ def peak_memory_mb(dev: torch.device) -> float:
     return batching.host_peak_memory_mb()
 
 
-class TorchSession(loop.BackboneHandling):
-    """The PyTorch side of bench.cell.loop's loop (see bench.cell.loop.Session)."""
+class TorchSession(BackboneHandling):
+    """The PyTorch side of bench.cell.loop's loop (see bench.cell.session.Session)."""
 
     backbone_module = backbones
 
