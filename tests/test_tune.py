@@ -274,3 +274,52 @@ def test_two_runners_on_one_tuned_grid_share_the_studies_and_run_each_trial_once
     runs = _trial_and_final_runs("shared")
     assert len(runs["trial"]) == len(set(runs["trial"])) == 6
     assert len(runs["final"]) == len(set(runs["final"])) == 4
+
+
+@pytest.mark.slow
+def test_median_pruning_stops_a_poor_real_trial_and_records_it_pruned(store, tmp_path):
+    """Real cells (ResNet-18, 60 digits at 16 px): one trial a round; the second, at a
+    learning rate that wrecks it, is stopped at epoch 1 below the first one's validation
+    accuracy, recorded FINISHED with trial_state = pruned and no test metric, told to the
+    study as pruned, and never chosen."""
+    from bench import tracking
+    from bench.config import grid as gridmod
+    from bench.run import runner
+
+    path = tmp_path / "pruned.toml"
+    path.write_text("""
+name = "pruned"
+[axes]
+framework = ["torch"]
+backbone = ["resnet18"]
+weights = ["none"]
+strategy = ["full"]
+dataset = ["digits"]
+[defaults]
+subset = 60
+image_size = 16
+batch_size = 16
+epochs = 2
+[run]
+device = "cpu"
+[tune]
+lr = [1e-3, 50.0]
+trials = 2
+batch = 1
+pruner = "median"
+prune_after = 1
+final_seeds = [0]
+seed = 1  # the grid sampler's order: 1e-3 first (seeded, so always)
+""")
+    result = runner.run_grid(gridmod.load(path), path.read_text())
+    runs = {r.data.params["lr"]: r for r in
+            tracking.child_runs(result.experiment_id, result.parent_run_id)
+            if r.data.tags.get("tlbench.role") == "trial"}
+    bad, good = runs["50.0"], runs["0.001"]
+    assert good.data.tags.get("tlbench.trial_state") is None and "test_acc" in good.data.metrics
+    assert bad.info.status == "FINISHED" and bad.data.tags["tlbench.trial_state"] == "pruned"
+    assert "test_acc" not in bad.data.metrics and bad.data.metrics["epochs_trained"] == 1
+    assert "median" in bad.data.tags["tlbench.pruned"]
+    chosen = _chosen(result)
+    (study,) = chosen.values()
+    assert study[0] == {"lr": "0.001"} and study[2] == {"FINISHED": 1, "pruned": 1}

@@ -115,6 +115,11 @@ def run_cell(session: Session, spec: RunSpec, card: dict, ctx) -> None:
     build_model(session, spec, strategy, num_classes, parts, ctx)
     phases = plan_phases(session, spec, strategy, ctx)
     training = train_phases(session, spec, phases, num_classes, len(parts["train"][1]), ctx)
+    if training.pruned:  # a tuned trial stopped early: never tested, never a result
+        ctx.set_tags({"trial_state": "pruned", "pruned": training.pruned})
+        ctx.log_final({"epochs_trained": training.epoch,
+                       "optimizer_steps": training.steps[0]})
+        return
     final = evaluate_test(session, training, num_classes)
     # saved before the model-only rates, whose synthetic steps move the weights
     if getattr(ctx, "save_backbone_to", None):
@@ -208,6 +213,7 @@ class Training:
     rate_of: str = "whole model"  # what the train rates measure
     bn_seconds: float = 0.0
     bn_layers: set[int] = field(default_factory=set)
+    pruned: str = ""  # why a tuned trial stopped early (median pruning), else ""
 
 
 def train_phases(session: Session, spec: RunSpec, phases: list[tuple[registry.Phase, int]],
@@ -232,6 +238,8 @@ def train_phases(session: Session, spec: RunSpec, phases: list[tuple[registry.Ph
         training.meter = StepMeter(session.sync, warmup=WARMUP_STEPS, probe=training.probe)
         for _ in range(n_epochs):
             run_epoch(session, spec, phase, lr, trainable, training, steps_per_epoch, ctx)
+            if training.pruned:
+                return training
     return training
 
 
@@ -253,6 +261,10 @@ def run_epoch(session: Session, spec: RunSpec, phase: registry.Phase, lr: float,
     ctx.log_epoch(epoch, row)
     training.history.append({"epoch": epoch, "phase": phase.name, **row})
     keep_best(session, spec, training, val["acc"])
+    below = getattr(ctx, "prune_below", {}).get(epoch)
+    if below is not None and val["acc"] < below:
+        training.pruned = (f"epoch {epoch}: val_acc {val['acc']:.4f} < {below:.4f}, the median "
+                           f"of the study's finished trials at this epoch")
     ctx.progress(phase=phase.name, epoch=epoch, epochs=training.total_epochs,
                  fraction=epoch / training.total_epochs, val_acc=val["acc"])
 

@@ -26,13 +26,15 @@ class CellContext:
 
     def __init__(self, device: str, started: float, weights_file: str | None = None,
                  weights_sha256: str | None = None, save_backbone_to: str | None = None,
-                 deterministic: bool | None = None):
+                 deterministic: bool | None = None, prune_below: list | None = None):
         self.device = device
         self.started = started
         self.deterministic = deterministic  # None: auto (on for a CPU, off for a GPU)
         self.weights_file = weights_file  # the checkpoint of `pretrained:` weights
         self.weights_sha256 = weights_sha256
         self.save_backbone_to = save_backbone_to  # set for a pretraining run
+        # a tuned trial under median pruning: epoch -> the val_acc below which it stops
+        self.prune_below = {int(e): float(v) for e, v in prune_below or ()}
 
     def log_epoch(self, step: int, metrics: dict[str, float]) -> None:
         emit("metrics", step=step, metrics=_clean(metrics))
@@ -113,7 +115,7 @@ def main(argv: list[str]) -> int:
         spec = RunSpec.from_params(job["spec"])
         ctx = CellContext(job["device"], started, job.get("weights_file"),
                           job.get("weights_sha256"), job.get("save_backbone_to"),
-                          job.get("deterministic"))
+                          job.get("deterministic"), job.get("prune_below"))
         placed = take_slot(job)
         be = backend(spec.framework)
         if job.get("threads"):

@@ -86,6 +86,8 @@ class CellTask:
     total: int
     since_ms: int | None = None  # --rerun: FINISHED runs before this do not hold the cell
     task_id: str = ""  # the Ray task's id (a retried task takes over its first attempt)
+    # a tuned grid's trial under median pruning: [[epoch, val_acc below which it stops]]
+    prune_below: list | None = None
 
     @property
     def head(self) -> str:
@@ -167,7 +169,7 @@ def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:
     ctx.events({"event": "start", "index": task.index, "head": task.head})
     started = time.perf_counter()
     try:
-        extra: dict = {}
+        extra: dict = {"prune_below": task.prune_below} if task.prune_below else {}
         if pretrained.is_pretrained(spec.weights):
             made = ensure_pretrained(task, slot, ctx)
             fetched = made.checkpoint_meta.get("fetched_from")
@@ -177,8 +179,8 @@ def execute(task: CellTask, slot: Slot, ctx: Context) -> Outcome:
             if made.status != tracking.FINISHED:
                 return _fail(run_id, task, ctx, f"PretrainingFailed: {made.error}", started,
                              status=tracking.KILLED if ctx.stop.stopped else tracking.FAILED)
-            extra = {"weights_file": str(made.checkpoint.path),
-                     "weights_sha256": made.checkpoint_meta["sha256"]}
+            extra.update(weights_file=str(made.checkpoint.path),
+                         weights_sha256=made.checkpoint_meta["sha256"])
             tracking.set_tags(run_id, {"pretrain_checkpoint": extra["weights_file"]})
         return _run_child(run_id, task, slot, ctx, extra)
     except Exception as e:  # noqa: BLE001 - the runner's own failure ends the cell only

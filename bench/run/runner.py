@@ -130,10 +130,13 @@ class Invocation:
         _record_parent(self.parent, self.outcomes,
                        tracking.KILLED if killed else tracking.FINISHED)
 
-    def run(self, specs: list[RunSpec]) -> list[Outcome]:
-        """Every spec as a cell of this invocation; their outcomes as they come."""
+    def run(self, specs: list[RunSpec], prune: dict[str, list] | None = None
+            ) -> list[Outcome]:
+        """Every spec as a cell of this invocation (`prune`: a tuned trial's pruning
+        thresholds by hash); their outcomes as they come."""
         tasks = [CellTask(self.exp_id, self.parent, self.plan.grid, s, self.started + i,
-                          max(self.expected, self.started + len(specs)), self.since)
+                          max(self.expected, self.started + len(specs)), self.since,
+                          prune_below=(prune or {}).get(s.hash))
                  for i, s in enumerate(specs)]
         self.started += len(specs)
         new: list[Outcome] = []
@@ -142,7 +145,8 @@ class Invocation:
         self.ran_here |= {o.spec.hash for o in new if o.status == tracking.FINISHED}
         return new
 
-    def run_or_find(self, specs: list[RunSpec]) -> dict[str, tune.Result]:
+    def run_or_find(self, specs: list[RunSpec], prune: dict[str, list] | None = None
+                    ) -> dict[str, tune.Result]:
         """Each spec's result: a finished cell found in the store (with rerun, only one this
         invocation ran), else run here; a cell another runner holds is waited for, and run
         here if its runner died. Returns tune.Result by hash."""
@@ -151,7 +155,7 @@ class Invocation:
             done = self.ran_here if self.plan.rerun else tracking.finished_hashes(self.exp_id)
             todo = [s for s in pending if s.hash not in done]
             self.outcomes += [Outcome(s, SKIPPED) for s in pending if s.hash in done]
-            held = [o.spec for o in self.run(todo) if o.status == HELD] if todo else []
+            held = [o.spec for o in self.run(todo, prune) if o.status == HELD] if todo else []
             if held:
                 time.sleep(self.WAIT_FOR_HELD_S)
                 claims.take_over(self.exp_id)
@@ -159,8 +163,10 @@ class Invocation:
         return self.found(specs)
 
     def found(self, specs: list[RunSpec]) -> dict[str, tune.Result]:
+        grid_tune = self.plan.grid.tune
         return tune.results(tracking.cell_runs(self.exp_id), specs,
-                            self.parent if self.plan.rerun else None)
+                            self.parent if self.plan.rerun else None,
+                            curves=bool(grid_tune and grid_tune.pruner == "median"))
 
 
 def _record_parent(parent: str, outcomes: list[Outcome], status: str) -> None:

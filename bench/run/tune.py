@@ -42,6 +42,7 @@ class Result:
     metrics: dict[str, float] = field(default_factory=dict)
     run_id: str | None = None
     cost: dict[str, float] = field(default_factory=dict)
+    curve: dict[int, float] = field(default_factory=dict)  # epoch -> val_acc (pruning)
 
 
 @dataclass
@@ -64,6 +65,23 @@ class Study:
     @property
     def done(self) -> bool:
         return self.told >= self.tune.trials
+
+    def prune_below(self) -> list | None:
+        """Median pruning for the next round's trials: [[epoch, the median val_acc of the
+        finished trials at that epoch]] from epoch `prune_after` on; None when off or when
+        no trial has finished yet. Decided before the round, from earlier rounds only, so a
+        replayed study prunes the same trials."""
+        if self.tune.pruner != "median":
+            return None
+        by_epoch: dict[int, list[float]] = {}
+        for _, spec in self.asked[:self.told]:
+            r = self.results[spec.hash]
+            if r.state != "FINISHED":
+                continue
+            for epoch, acc in r.curve.items():
+                if epoch >= self.tune.prune_after:
+                    by_epoch.setdefault(epoch, []).append(acc)
+        return [[e, _median(v)] for e, v in sorted(by_epoch.items())] or None
 
     def ask_round(self) -> list[RunSpec]:
         import optuna  # noqa: F401 - the distributions below need it loaded
@@ -193,33 +211,28 @@ def _GridSampler(space: dict, seed: int):  # noqa: N802 - a class made on first 
     return _grid_sampler_class()(space, seed=seed)
 
 
-RunCells = Callable[[list[RunSpec]], dict[str, Result]]
+# runs (or finds finished) cells, each trial with its pruning thresholds (by hash), and
+# returns each one's Result by hash
+RunCells = Callable[[list[RunSpec], dict[str, list]], dict[str, Result]]
 
 
 def run_studies(studies: list[Study], run_cells: RunCells) -> list[RunSpec]:
-    """Every study to its budget, round by round; `run_cells` runs (or finds finished) the
-    round's trial cells and returns each one's Result by hash. Returns the final cells."""
+    """Every study to its budget, round by round. Returns the final cells."""
     while not all(s.done for s in studies):
-        round_specs = [spec for s in studies if not s.done for spec in s.ask_round()]
-        results = run_cells(list(dict.fromkeys(round_specs)))  # a repeated trial runs once
+        round_specs, prune = [], {}
+        for s in studies:
+            if s.done:
+                continue
+            below = s.prune_below()
+            for spec in s.ask_round():
+                round_specs.append(spec)
+                if below:
+                    prune[spec.hash] = below
+        results = run_cells(list(dict.fromkeys(round_specs)), prune)  # a repeat runs once
         for s in studies:
             if not s.done:
                 s.tell_round(results)
     return [spec for s in studies for spec in s.finals()]
-
-
-def median_thresholds(study: Study, curves: dict[str, dict[int, float]],
-                      after: int) -> dict[int, float]:
-    """Median pruning decided before a round starts: for each epoch >= `after`, the median
-    validation accuracy of the study's finished trials at that epoch (Optuna's
-    MedianPruner over completed trials). Deterministic, since a round's trials only see
-    the rounds before it."""
-    by_epoch: dict[int, list[float]] = {}
-    for _, spec in study.asked[:study.told]:
-        for epoch, acc in curves.get(spec.hash, {}).items():
-            if epoch >= after:
-                by_epoch.setdefault(epoch, []).append(acc)
-    return {e: _median(v) for e, v in sorted(by_epoch.items())}
 
 
 def _median(values: list[float]) -> float:
@@ -232,10 +245,12 @@ def _median(values: list[float]) -> float:
 SELECTING = ("val_", "best_val")  # the only metrics a study reads: never a test metric
 
 
-def results(runs: list, specs: list[RunSpec], parent: str | None = None) -> dict[str, Result]:
+def results(runs: list, specs: list[RunSpec], parent: str | None = None,
+            curves: bool = False) -> dict[str, Result]:
     """Each spec's Result from the experiment's cell runs (`parent`: only runs under that
     invocation, for --rerun): its newest FINISHED run, else its newest run; its validation
-    metrics only, so a test metric cannot reach a choice even by mistake."""
+    metrics only, so a test metric cannot reach a choice even by mistake; with `curves`
+    its per-epoch val_acc too (median pruning)."""
     from bench import tracking
 
     wanted = {s.hash for s in specs}
@@ -256,8 +271,12 @@ def results(runs: list, specs: list[RunSpec], parent: str | None = None) -> dict
         if state == "FINISHED" and run.data.tags.get(tracking.TAG + "trial_state") == PRUNED:
             state = PRUNED
         metrics = {k: v for k, v in run.data.metrics.items() if k.startswith(SELECTING)}
+        curve = ({step: v for _, step, v in tracking.metric_history(run.info.run_id,
+                                                                     ("val_acc",))}
+                 if curves and state == "FINISHED" else {})
         out[s.hash] = Result(state, metrics, run.info.run_id,
-                             {k: run.data.metrics[k] for k in COST if k in run.data.metrics})
+                             {k: run.data.metrics[k] for k in COST if k in run.data.metrics},
+                             curve)
     return out
 
 
