@@ -74,7 +74,9 @@ def _run_plan(plan, args) -> int:
         print("\ninterrupted: the running cells are marked KILLED; finished cells are kept "
               "and will be skipped when the grid is started again", file=sys.stderr)
         return 130
-    df = report.runs_frame(result.experiment_id, expected=tracking.cell_list(g))
+    expected = (tracking.expected_cells(result.parent_run_id) if result.parent_run_id
+                else None) or tracking.cell_list(g)
+    df = report.runs_frame(result.experiment_id, expected=expected)
     print()
     print(report.compact(df))
     print(f"full report (tables, figures, report.md): python -m bench report {args.grid}"

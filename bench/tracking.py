@@ -184,10 +184,11 @@ def start_parent(exp_id: str, grid, n_todo: int, grid_text: str,
     return run.info.run_id
 
 
-def cell_list(grid) -> list[dict]:
-    """The grid's cells as the parent run records them: hash, name, label, params."""
+def cell_list(grid, specs: list[RunSpec] | None = None) -> list[dict]:
+    """The grid's cells (or `specs`: a tuned grid's trials and finals) as the parent run
+    records them: hash, name, label, params."""
     return [{"hash": s.hash, "name": s.name, "label": grid.label(s), "params": s.to_params()}
-            for s in grid.specs]
+            for s in (grid.specs if specs is None else specs)]
 
 
 def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: str,

@@ -13,6 +13,7 @@ outcome recorded by whoever supervises it, so a cell that dies hard is still rec
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import time
@@ -98,6 +99,10 @@ def _run_tuned(plan: Plan, exp_id: str, grid_text: str, stream) -> GridResult:
         finals = tune.run_studies(studies, inv.run_or_find)
         inv.run_or_find(finals)
         tune.record(studies, inv.parent, inv.found(finals))
+        # the cells this invocation stands for: every study's trials and its finals
+        trials = [spec for s in studies for _, spec in s.asked]
+        tracking.log_text(inv.parent, json.dumps(tracking.cell_list(grid, trials + finals),
+                                                 indent=1), tracking.CELLS_ARTIFACT)
     return GridResult(exp_id, inv.parent, inv.outcomes)
 
 
