@@ -16,7 +16,7 @@ from scipy import stats
 from bench import cli, tracking
 from bench.config import grid as gridmod
 from bench.report import build as report
-from bench.report import figures, tables
+from bench.report import compare, curves, figures, plot, table
 from bench.run import runner
 
 T_975_DOF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -295,11 +295,11 @@ def test_tables_hold_numbers_with_marks_as_data_and_format_when_rendered():
 
 def test_latex_escapes_labels_headers_and_marks():
     cells = pd.DataFrame({"run_%#": ["a&b_c", "x~y"], "rate": [1234.0, float("nan")]})
-    t = tables.Table("t", "A_b & 50%", cells, cells,
-                     {"rate": tables.RATE},
-                     marks=pd.DataFrame({"run_%#": ["", ""], "rate": [report.CONTENDED, ""]}),
-                     notes=pd.DataFrame({"run_%#": ["", ""], "rate": ["", ""]}),
-                     footnotes=["† shared #1"])
+    t = table.Table("t", "A_b & 50%", cells, cells,
+                    {"rate": table.RATE},
+                    marks=pd.DataFrame({"run_%#": ["", ""], "rate": [report.CONTENDED, ""]}),
+                    notes=pd.DataFrame({"run_%#": ["", ""], "rate": ["", ""]}),
+                    footnotes=["† shared #1"])
     tex = t.latex()
     assert r"\begin{tabular}{lr}" in tex and r"\caption{A\_b \& 50\%}" in tex
     assert r"run\_\%\# & rate \\" in tex
@@ -470,11 +470,11 @@ def test_accuracy_vs_depth_shares_a_sensible_y_range_and_scratch_only_gets_a_pan
 
 
 def test_y_limits_pad_clip_and_never_zoom():
-    assert figures.y_limits([0.0975, 0.0975 + 3e-9]) == (0.0, 0.2)  # no float-noise zoom
-    assert figures.y_limits([0.99, 1.0]) == (0.8, 1.0)
-    lo, hi = figures.y_limits([-0.2, 0.47])  # an interval past 0 is clipped, not shifted
+    assert plot.y_limits([0.0975, 0.0975 + 3e-9]) == (0.0, 0.2)  # no float-noise zoom
+    assert plot.y_limits([0.99, 1.0]) == (0.8, 1.0)
+    lo, hi = plot.y_limits([-0.2, 0.47])  # an interval past 0 is clipped, not shifted
     assert lo == 0 and hi == pytest.approx(0.47 + 0.08 * 0.67)
-    assert figures.y_limits([]) == (0.0, 1.0)
+    assert plot.y_limits([]) == (0.0, 1.0)
 
 
 def test_pareto_and_curves_label_series_by_the_params_that_vary():
@@ -491,7 +491,7 @@ def test_pareto_and_curves_label_series_by_the_params_that_vary():
                          for r in df["run_id"] for k in ("train_acc", "val_acc")
                          for e in (1, 2)])
     data = report.ReportData(df, hist, "x", "0")
-    fig = figures.curve_figures(data)["digits"]
+    fig = curves.curve_figures(data)["digits"]
     assert fig.get_suptitle().startswith("backbone=mobilenet_v2, dataset=digits")
     left, right = _visible(fig)
     assert left.get_ylim() == right.get_ylim()
@@ -752,11 +752,11 @@ def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
     src.loc[full_torch, "source_test_acc"] = [0.30, 0.20, 0.40]
     rel = report.relative_table(src)
     none = rel.numeric.set_index(["strategy", "framework"]).loc[
-        (tables.NO_ADAPTATION, "torch")]
+        (compare.NO_ADAPTATION, "torch")]
     assert none["mean_diff"] == pytest.approx(np.mean([0.30 - 0.90, 0.20 - 0.80, 0.40 - 0.85]))
-    assert list(rel.cells["strategy"])[0] == tables.NO_ADAPTATION
+    assert list(rel.cells["strategy"])[0] == compare.NO_ADAPTATION
     assert "No adaptation:" in rel.note and "No adaptation:" not in t.note  # only when shown
-    assert (tables.NO_ADAPTATION, "keras") not in rel.numeric.set_index(
+    assert (compare.NO_ADAPTATION, "keras") not in rel.numeric.set_index(
         ["strategy", "framework"]).index  # no source score recorded there
     # without the baseline in the grid there is nothing to be relative to: no table
     no_full = handmade[handmade["p_strategy_label"] != "full"]

@@ -3,21 +3,26 @@
     python -m bench report [GRID-or-EXPERIMENT] [--parent RUN_ID] [--out reports/]
 
 The top of the report: `load()` reads the selection, `write()` puts everything under
-reports/<experiment>/ with report.md on top. The work lives in modules named for their job,
-each re-exported here so `report.<name>` keeps working:
+reports/<experiment>/ with report.md on top. The work lives in modules named for their job;
+what callers use of them is re-exported here so `report.<name>` keeps working:
 
-    report_frame   the selection from MLflow into the flat frame (one row per cell, MISSING
-                   rows for cells no run holds), and the row queries every table shares
-    report_stats   mean, std, 95% t-interval over seeds; the paired t-test (scipy)
-    report_tables  the tables: numbers (CSV; the cells as shown, with the marks
-                   † (timed on a shared machine) and ‡ (diverged) beside them), a formatter
-                   per column, and the footnotes
-    report_latex   a table's text as a LaTeX booktabs table (pandas Styler)
-    report_text    report.md: the methods paragraph and its sentences, pretraining runs
+    frame     the selection from MLflow into the flat frame (one row per cell, MISSING rows
+              for cells no run holds), and the row queries every table shares
+    stats     mean, std, 95% t-interval over seeds; the paired t-test (scipy)
+    table     what a table is: numbers (CSV; the cells as shown, with the marks
+              † (timed on a shared machine) and ‡ (diverged) beside them), a formatter per
+              column, and the footnotes
+    groups    the cell groups a table's rows are built from, in table order
+    tables    the tables of each cell group (accuracy, throughput, cost), and all of them
+    compare   the comparison tables: framework delta, best strategy, relative to full
+    latex     a table's text as a LaTeX booktabs table (pandas Styler)
+    text      report.md: the methods paragraph and its sentences, pretraining runs
+    html      report.html: report.md with the figures inline
 
 bench/report/figures.py draws the figures from the tables (it imports this module, never the
-reverse). Every table keeps failed, killed, running and missing cells as rows that say so;
-what the cells record about their own conditions is said, never hidden.
+reverse): accuracy vs depth and Pareto there, the learning curves in curves.py, the helpers
+they share in plot.py. Every table keeps failed, killed, running and missing cells as rows
+that say so; what the cells record about their own conditions is said, never hidden.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ from pathlib import Path
 
 from bench import tracking
 from bench.report import html
+from bench.report.compare import (
+    best_strategy_table,
+    framework_delta_table,
+    relative_table,
+)
 from bench.report.frame import (
     BASE_KEYS,
     CONTENDED,
@@ -68,23 +78,22 @@ from bench.report.stats import (
     summarize,
     t_quantile,
 )
-from bench.report.tables import (
+from bench.report.table import (
     HEADERS,
     Table,
+    contended_footnote,
+    diverged_footnote,
+    fmt_summary,
+    unrecorded_footnote,
+)
+from bench.report.tables import (
     accuracy_table,
     all_tables,
-    best_strategy_table,
     compact,
-    contended_footnote,
     cost_table,
-    diverged_footnote,
     error_line,
     failures,
-    fmt_summary,
-    framework_delta_table,
-    relative_table,
     throughput_table,
-    unrecorded_footnote,
 )
 from bench.report.text import (
     SELECT_TEXT,

@@ -24,21 +24,17 @@
                                   marker = framework, the Pareto front stepped and circled;
                                   hollow: timed on a shared machine, not on the front; the
                                   title names the backbone and weights all points share
-    curves_<backbone>_<dataset>   train and val accuracy per epoch (mean over seeds) of one
-                                  backbone's cells, side by side on one y range, a line per
-                                  configuration and framework (colour = configuration,
-                                  torch solid, keras dashed), legend below
+    curves_<backbone>_<dataset>   the learning curves: bench/report/curves.py
 
-depth_panels / depth_figures, pareto_figure and curve_figures return what is drawn (the
-panels' series, matplotlib Figures) for tests; accuracy_vs_depth, pareto and
-learning_curves save them. Uses matplotlib's object API (no pyplot): no global state, no
-display needed.
+depth_panels / depth_figures and pareto_figure return what is drawn (the panels' series,
+matplotlib Figures) for tests; accuracy_vs_depth and pareto save them; all_figures draws
+them all, learning curves included. Uses matplotlib's object API (no pyplot): no global
+state, no display needed. The helpers they share: bench/report/plot.py.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,42 +42,27 @@ import pandas as pd
 from matplotlib import ticker
 
 from bench.report import build as report
+from bench.report.curves import learning_curves
+from bench.report.plot import (
+    FW_LINE,
+    FW_ORDER,
+    MARKERS,
+    config_colors,
+    config_label,
+    kv,
+    new_figure,
+    plain_axes,
+    save,
+    varying,
+    y_limits,
+)
 from strategies import backbones
 
-MARKERS = {"torch": "o", "keras": "s"}
-COLORS = {"torch": "C0", "keras": "C1"}
 DEPTH_FAMILY = ("feature_extraction", "partial", "full")  # one line through these
 # x of the Pareto plot: data-fed when measured (a cell with fewer steps than the warm-up
 # has none), else model-only
 SPEEDS = {"train_images_per_sec": "train images/s (data-fed)",
           "model_only_train_images_per_sec": "train images/s (model-only)"}
-
-
-def _figure(n_panels: int, width: float = 4.2, height: float = 3.4, cols: int = 3,
-            sharey: bool = False):
-    from matplotlib.figure import Figure
-
-    cols = min(n_panels, cols)
-    rows = math.ceil(n_panels / cols)
-    fig = Figure(figsize=(width * cols, height * rows), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False, sharey=sharey).ravel()
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    return fig, axes
-
-
-def _plain_axes(ax) -> None:
-    """Integer x ticks (blocks, epochs) and y values as they are (no 1e-9+0.1 offset)."""
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True, min_n_ticks=1))
-    ax.yaxis.get_major_formatter().set_useOffset(False)
-
-
-def _save(fig, folder: Path, stem: str) -> str:
-    folder.mkdir(parents=True, exist_ok=True)
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem)
-    for ext in ("png", "svg"):
-        fig.savefig(folder / f"{stem}.{ext}", dpi=150)
-    return f"{folder.name}/{stem}.png"
 
 
 def unfreeze_depth(strategy: str, depth, backbone: str) -> float:
@@ -134,46 +115,6 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
     return acc
 
 
-def _name(key: str) -> str:
-    return key[2:] if key.startswith("p_") else key
-
-
-def _fmt(v) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-def _varying(rows: pd.DataFrame, keys: list[str]) -> list[str]:
-    """The keys that take more than one value among the rows: what a label must name."""
-    return [k for k in keys if k in rows and rows[k].astype(str).nunique() > 1]
-
-
-def _kv(row, keys: list[str], sep: str = " ") -> str:
-    return sep.join(f"{_name(k)}={_fmt(row[k])}" for k in keys)
-
-
-def _colors(configs: list) -> dict:
-    """One colour per configuration, the same in every panel of a figure."""
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10" if len(configs) <= 10 else "tab20"]
-    return {c: cmap(i % cmap.N) for i, c in enumerate(configs)}
-
-
-def y_limits(values, min_width: float = 0.2) -> tuple[float, float]:
-    """A y range for accuracies: every value (error bars and reference lines included),
-    padded, at least `min_width` wide, within [0, 1]. Never a zoom onto float noise."""
-    v = [float(x) for x in values if x is not None and pd.notna(x)]
-    lo, hi = (min(v), max(v)) if v else (0.0, 1.0)
-    pad = max(0.02, 0.08 * (hi - lo))
-    lo, hi = max(0.0, lo - pad), min(1.0, hi + pad)  # an interval past 0 or 1: n is small
-    if hi - lo < min_width:
-        lo = min(max(0.0, (lo + hi - min_width) / 2), 1.0 - min_width)
-        hi = lo + min_width
-    return lo, hi
-
-
-FW_LINE = {"torch": "-", "keras": "--"}  # and keras hollow: framework is fill and dash
-FW_ORDER = {fw: i for i, fw in enumerate(report.FRAMEWORK_ORDER)}
 FW_SIDE = {"torch": -1, "keras": 1}
 KIND_MARKERS = {"depth": "o", "two_stage": "D", "reinit_top": "^"}
 REF_GREYS = ("0.15", "0.5", "0.35", "0.65")
@@ -213,7 +154,7 @@ def _depth_series(p: pd.DataFrame, extras: list[str]) -> list[Series]:
     p = p[p["n"] > 0].copy()
     if p.empty:
         return []
-    shown = _varying(p, extras)
+    shown = varying(p, extras)
     p["kind"] = p["strategy"].where(~p["strategy"].isin(DEPTH_FAMILY), "depth")
     p["variant"] = p["p_strategy_label"].map(_variant)
     p["params"] = p[extras].astype(str).agg("|".join, axis=1) if extras else ""
@@ -235,7 +176,7 @@ def _depth_series(p: pd.DataFrame, extras: list[str]) -> list[Series]:
         g = g.sort_values("depth")
         name = "/".join(dict.fromkeys(g["strategy"])) if kind == "depth" else kind
         name += f"[{variant}]" if variant else ""
-        label = " ".join(x for x in (fw, name, _kv(g.iloc[0], shown)) if x)
+        label = " ".join(x for x in (fw, name, kv(g.iloc[0], shown)) if x)
         out.append(Series(label, fw, kind, list(g["depth"]), list(g["mean"]),
                           list(g["err"]), (kind, variant, params)))
     return out
@@ -245,11 +186,11 @@ def _references(ref: pd.DataFrame, extras: list[str]) -> list[Series]:
     """From-scratch cells as labelled horizontal lines: 'from scratch: full, precise_bn=320
     (torch) 0.747'."""
     ref = ref[ref["n"] > 0]
-    shown = _varying(ref, extras)
+    shown = varying(ref, extras)
     out = []
     ref = ref.assign(fw_order=ref["framework"].map(lambda f: FW_ORDER.get(f, 9)))
     for _, r in ref.sort_values(["p_strategy_label", *extras, "fw_order"]).iterrows():
-        params = _kv(r, shown, ", ")
+        params = kv(r, shown, ", ")
         label = (f"from scratch: {r['p_strategy_label']}{', ' + params if params else ''} "
                  f"({r['framework']}) {r['mean']:.3f}")
         out.append(Series(label, r["framework"], "reference", [], [r["mean"]], [r["err"]],
@@ -329,7 +270,7 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
                      if any(s.kind == "reinit_top" for s in panel.series) else ""),
                   fontsize=8)
     ax.set_title(panel.wrapped_title(), fontsize=9)
-    _plain_axes(ax)
+    plain_axes(ax)
     ax.grid(alpha=0.3)
     handles = dict(zip(*reversed(ax.get_legend_handles_labels()), strict=True))
     labels = [s.label for s in [*panel.series, *panel.references]]  # drawing order
@@ -349,14 +290,14 @@ def depth_figures(df: pd.DataFrame) -> dict:
     for dataset, panels in depth_panels(df).items():
         configs = sorted({s.config for p in panels for s in p.series}, key=str)
         refs = sorted({r.config for p in panels for r in p.references}, key=str)
-        colors = _colors(configs)
+        colors = config_colors(configs)
         greys = {c: REF_GREYS[i % len(REF_GREYS)] for i, c in enumerate(refs)}
         entries = max(len(p.series) + len(p.references) for p in panels)
         rows_of_legend = entries if entries <= 8 else math.ceil(entries / 2)
         two_lines = any(s.kind == "reinit_top" for p in panels for s in p.series)  # xlabel
-        fig, axes = _figure(len(panels), 5.6 if entries <= 8 else 8.0,
-                            3.6 + 0.17 * rows_of_legend + 0.3 * two_lines, cols=2,
-                            sharey=True)
+        fig, axes = new_figure(len(panels), 5.6 if entries <= 8 else 8.0,
+                               3.6 + 0.17 * rows_of_legend + 0.3 * two_lines, cols=2,
+                               sharey=True)
         values = []
         for p in panels:
             for s in [*p.series, *p.references]:
@@ -375,7 +316,7 @@ def depth_figures(df: pd.DataFrame) -> dict:
 
 
 def accuracy_vs_depth(df: pd.DataFrame, folder: Path) -> list[str]:
-    return [_save(fig, folder, f"accuracy_vs_depth_{dataset}")
+    return [save(fig, folder, f"accuracy_vs_depth_{dataset}")
             for dataset, fig in depth_figures(df).items()]
 
 
@@ -408,7 +349,7 @@ def pareto_points(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
 
 def pareto(df: pd.DataFrame, folder: Path) -> list[str]:
     s, x = pareto_points(df)
-    return [_save(pareto_figure(d, dataset, SPEEDS[x]), folder, f"pareto_{dataset}")
+    return [save(pareto_figure(d, dataset, SPEEDS[x]), folder, f"pareto_{dataset}")
             for dataset, d in s.groupby("p_dataset", sort=True)] if x else []
 
 
@@ -417,13 +358,7 @@ def _config_keys(rows: pd.DataFrame) -> list[str]:
     keys = [c for c in rows.columns if c.startswith("p_") and c not in
             ("p_dataset", "p_strategy_label", "p_framework", "p_seed", "p_strategy")
             and not c.startswith("p_strategy.")]
-    return _varying(rows, sorted(keys, key=lambda k: (k not in report.BASE_KEYS, k)))
-
-
-def _config_label(row, keys: list[str]) -> str:
-    """'full[bn=frozen] weights=imagenet lr=0.0001': the strategy as labelled, then the
-    params that vary, key=value."""
-    return " ".join(x for x in (str(row["p_strategy_label"]), _kv(row, keys)) if x)
+    return varying(rows, sorted(keys, key=lambda k: (k not in report.BASE_KEYS, k)))
 
 
 def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
@@ -431,13 +366,13 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
     configuration (strategy and the params that vary), marker = framework; hollow: timed
     while other processes used the machine, left off the front."""
     keys = _config_keys(d)
-    d = d.assign(config=[_config_label(r, keys) for _, r in d.iterrows()])
+    d = d.assign(config=[config_label(r, keys) for _, r in d.iterrows()])
     configs = sorted(d["config"].unique())
-    colors = _colors(configs)
+    colors = config_colors(configs)
     entries = len(configs) + d["framework"].nunique() + 1 + bool(d["contended"].any())
     ncol = 1 if len(configs) <= 6 else 2
-    fig, axes = _figure(1, 7.0 if ncol == 1 else 10.0,
-                        4.4 + 0.15 * math.ceil(entries / ncol))
+    fig, axes = new_figure(1, 7.0 if ncol == 1 else 10.0,
+                           4.4 + 0.15 * math.ceil(entries / ncol))
     ax = axes[0]
     for fw, g in d.groupby("framework"):
         for shared, h in g.groupby("contended"):
@@ -463,7 +398,7 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
     ax.set_ylabel("test accuracy (mean over seeds)")
     same = [k for k in ("p_backbone", "p_weights") if k in d and k not in keys and len(d)]
     ax.set_title(f"dataset={dataset}: test accuracy vs train throughput"
-                 + (f"\n{_kv(d.iloc[0], same, ', ')}" if same else ""), fontsize=10)
+                 + (f"\n{kv(d.iloc[0], same, ', ')}" if same else ""), fontsize=10)
     ax.grid(alpha=0.3)
     from matplotlib.patches import Patch
 
@@ -472,80 +407,6 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
     ax.legend(handles, labels + configs, fontsize=7, loc="upper center",
               bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=ncol)
     return fig
-
-
-def pick_backbone(df: pd.DataFrame) -> str | None:
-    """The backbone with the most finished cells (ties: alphabetical)."""
-    cells = report.cells_only(df)
-    done = cells[cells["status"] == "FINISHED"]
-    if done.empty:
-        return None
-    counts = done["p_backbone"].value_counts()
-    return sorted(counts[counts == counts.max()].index)[0]
-
-
-def curve_figures(data: report.ReportData, backbone: str | None = None) -> dict:
-    """{dataset: Figure}: train and val accuracy per epoch (mean over seeds) of one
-    backbone's finished cells, side by side on one y range; colour = configuration,
-    solid = torch, dashed = keras, legend below."""
-    df, hist = data.cells, data.history
-    backbone = backbone or pick_backbone(df)
-    if backbone is None or hist.empty:
-        return {}
-    keys = [k for k in report.group_keys(df) if k not in ("p_dataset", "p_backbone")]
-    cells = df[(df["p_backbone"] == backbone) & (df["status"] == "FINISHED")]
-    h = hist.merge(cells[["run_id", "p_dataset", "p_framework", *keys]], on="run_id")
-    out = {}
-    for dataset, d in h.groupby("p_dataset", sort=True):
-        shown = _varying(d, [k for k in keys if k != "p_strategy_label"])
-        d = d.assign(config=[_config_label(r, shown) for _, r in
-                             d[["p_strategy_label", *shown]].iterrows()])
-        configs = sorted(d["config"].unique())
-        colors = _colors(configs)
-        series = sorted(d.groupby(["config", "p_framework"]).groups,
-                        key=lambda cf: (cf[0], FW_ORDER.get(cf[1], 9)))
-        fws = sorted(d["p_framework"].unique(), key=lambda f: FW_ORDER.get(f, 9))
-        ncol = 1 if len(configs) + len(fws) <= 5 else 2
-        fig, axes = _figure(2, 5.2, 3.4 + 0.15 * math.ceil((len(configs) + len(fws)) / ncol),
-                            sharey=True)
-        values = []
-        for ax, key in zip(axes, ("train_acc", "val_acc"), strict=True):
-            k = d[d["key"] == key]
-            for cfg, fw in series:
-                g = k[(k["config"] == cfg) & (k["p_framework"] == fw)]
-                mean = g.groupby("step")["value"].mean()
-                values += list(mean.values)
-                ax.plot(mean.index, mean.values, marker=MARKERS.get(fw, "^"), ms=3,
-                        linestyle=FW_LINE.get(fw, ":"), color=colors[cfg],
-                        label=f"{fw} {cfg}")
-            _plain_axes(ax)
-            ax.set_xlim(0.5, d["step"].max() + 0.5)
-            ax.set_xlabel("epoch")
-            ax.set_title(key.replace("_acc", " accuracy"), fontsize=9)
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("accuracy (mean over seeds)")
-        for ax in axes:
-            ax.set_ylim(*y_limits(values))
-        from matplotlib.lines import Line2D
-
-        # colour names the configuration, line and marker the framework: n + 2 entries, not
-        # n x 2
-        handles = [Line2D([], [], color=colors[c], lw=2) for c in configs]
-        handles += [Line2D([], [], color="0.3", marker=MARKERS.get(f, "^"), ms=3,
-                           linestyle=FW_LINE.get(f, ":")) for f in fws]
-        fig.legend(handles, configs + fws, loc="outside lower center", fontsize=7,
-                   ncol=ncol, frameon=False)
-        fig.suptitle(f"backbone={backbone}, dataset={dataset}: learning curves",
-                     fontsize=10)
-        out[dataset] = fig
-    return out
-
-
-def learning_curves(data: report.ReportData, folder: Path,
-                    backbone: str | None = None) -> list[str]:
-    backbone = backbone or pick_backbone(data.cells)
-    return [_save(fig, folder, f"curves_{backbone}_{dataset}")
-            for dataset, fig in curve_figures(data, backbone).items()]
 
 
 def all_figures(data: report.ReportData, folder: Path,

@@ -26,7 +26,8 @@ from bench.report.frame import (
     tag_recorded,
     tag_true,
 )
-from bench.report.tables import Table, cells_phrase, failures, fmt_number
+from bench.report.table import Table, cells_phrase, fmt_number
+from bench.report.tables import failures
 
 
 def _versions(cells: pd.DataFrame) -> str:
