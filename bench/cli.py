@@ -63,7 +63,7 @@ def _print_dry_run(plan) -> None:
 
 def _run_plan(plan, args) -> int:
     from bench import tracking
-    from bench.report import build as report
+    from bench.report import frame, tables
     from bench.run import runner
 
     g = plan.grid
@@ -76,9 +76,9 @@ def _run_plan(plan, args) -> int:
         return 130
     expected = (tracking.expected_cells(result.parent_run_id) if result.parent_run_id
                 else None) or tracking.cell_list(g)
-    df = report.runs_frame(result.experiment_id, expected=expected)
+    df = frame.runs_frame(result.experiment_id, expected=expected)
     print()
-    print(report.compact(df))
+    print(tables.compact(df))
     print(f"full report (tables, figures, report.md): python -m bench report {args.grid}"
           + (" --smoke" if args.smoke else ""), file=sys.stderr)
     if not result.failed:
@@ -95,7 +95,7 @@ def _run_plan(plan, args) -> int:
 def _report(args) -> int:
     from bench import tracking
     from bench.report import build as report
-    from bench.report import figures
+    from bench.report import figures, frame, tables
 
     parent, grid, exp_id, sel = args.parent, None, None, args.selection
     if sel and not parent and _looks_like_run_id(sel):
@@ -133,10 +133,10 @@ def _report(args) -> int:
         ref = tracking.get_run(parent) if parent else tracking.latest_parent(exp_id)
         kind = (ref.data.tags.get(tracking.TAG + "device_kind") if ref else None) or "cpu"
         expected = tracking.cell_list(grid.with_device_kind(kind))
-    data = report.load(exp_id, parent, expected)
+    data = frame.load(exp_id, parent, expected)
     data.command = "python -m bench report " + " ".join(args.argv)
-    print(report.compact(data.frame))
-    fails = report.failures(data.frame)
+    print(tables.compact(data.frame))
+    fails = tables.failures(data.frame)
     if fails:
         print("Not finished:\n" + "\n".join(f"- {f}" for f in fails))
     out = Path(args.out) / data.experiment

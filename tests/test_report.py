@@ -11,12 +11,13 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
+from scipy import stats as scipy_stats
 
 from bench import cli, tracking
 from bench.config import grid as gridmod
-from bench.report import build as report
-from bench.report import compare, curves, figures, plot, table
+from bench.report import compare, curves, figures, plot, stats, table, tables
+from bench.report import frame as report_frame
+from bench.report import text as report_text
 from bench.run import runner
 
 T_975_DOF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (tables)
@@ -24,42 +25,42 @@ T_975_DOF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedo
 
 # ---- statistics on hand-made values ----------------------------------------------------
 def test_summarize_mean_std_and_t_interval():
-    s = report.summarize([0.8, 0.9, 1.0])
+    s = stats.summarize([0.8, 0.9, 1.0])
     assert s["n"] == 3 and s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1)
     half = T_975_DOF2 * 0.1 / math.sqrt(3)
     assert s["ci_low"] == pytest.approx(0.9 - half) and s["ci_high"] == pytest.approx(0.9 + half)
-    assert report.fmt_summary(s) == "0.900 ± 0.100 [0.652, 1.148] n=3"
+    assert table.fmt_summary(s) == "0.900 ± 0.100 [0.652, 1.148] n=3"
 
 
 def test_summarize_single_and_empty():
-    one = report.summarize([0.7, None, float("nan")])
+    one = stats.summarize([0.7, None, float("nan")])
     assert one["n"] == 1 and one["mean"] == 0.7
     assert math.isnan(one["std"]) and math.isnan(one["ci_low"])
-    assert report.fmt_summary(one) == "0.700 (n=1)"  # no interval, never NaN noise
-    assert report.summarize([])["n"] == 0 and report.fmt_summary(report.summarize([])) == ""
+    assert table.fmt_summary(one) == "0.700 (n=1)"  # no interval, never NaN noise
+    assert stats.summarize([])["n"] == 0 and table.fmt_summary(stats.summarize([])) == ""
 
 
 def test_paired_test_matches_scipy_on_matched_seeds():
     a = pd.Series([0.90, 0.80, 0.85, 0.70], index=[0, 1, 2, 3])
     b = pd.Series([0.80, 0.75, 0.80], index=[0, 1, 2])  # seed 3 has no pair
-    t = report.paired_test(a, b)
-    want = stats.ttest_rel([0.90, 0.80, 0.85], [0.80, 0.75, 0.80])
+    t = stats.paired_test(a, b)
+    want = scipy_stats.ttest_rel([0.90, 0.80, 0.85], [0.80, 0.75, 0.80])
     assert t["pairs"] == 3 and t["p_value"] == pytest.approx(want.pvalue)
     assert t["mean_diff"] == pytest.approx(0.2 / 3)
     assert t["verdict"].startswith("no (p=0.0572")  # t = 4.0 on 2 dof: not at 5%
-    strong = report.paired_test(pd.Series([0.9, 0.8, 0.85, 0.95]),
+    strong = stats.paired_test(pd.Series([0.9, 0.8, 0.85, 0.95]),
                                 pd.Series([0.8, 0.72, 0.74, 0.86]))
     assert strong["p_value"] < 0.05 and strong["verdict"].startswith("yes")
 
 
 def test_paired_test_says_when_no_test_is_possible():
-    one = report.paired_test(pd.Series([0.9, 0.8], index=[0, 1]),
+    one = stats.paired_test(pd.Series([0.9, 0.8], index=[0, 1]),
                              pd.Series([0.7, 0.6], index=[1, 2]))
     assert one["pairs"] == 1 and one["verdict"] == "n too small (1 pair)"
     assert math.isnan(one["p_value"])
-    same = report.paired_test(pd.Series([0.1, 0.1]), pd.Series([0.1 + 3e-9, 0.1 + 3e-9]))
+    same = stats.paired_test(pd.Series([0.1, 0.1]), pd.Series([0.1 + 3e-9, 0.1 + 3e-9]))
     assert same["p_value"] == 1.0 and same["verdict"].startswith("no (no difference")
-    const = report.paired_test(pd.Series([0.9, 0.8]), pd.Series([0.8, 0.7]))
+    const = stats.paired_test(pd.Series([0.9, 0.8]), pd.Series([0.8, 0.7]))
     assert math.isnan(const["p_value"]) and "no variance" in const["verdict"]
 
 
@@ -96,7 +97,7 @@ def handmade() -> pd.DataFrame:
 
 
 def test_accuracy_table_on_handmade_frame(handmade):
-    t = report.accuracy_table(handmade)
+    t = tables.accuracy_table(handmade)
     num = t.numeric.set_index(["p_strategy_label", "framework"])
     full = num.loc[("full", "torch")]
     assert full["n"] == 3 and full["mean"] == pytest.approx(0.85)
@@ -110,46 +111,46 @@ def test_accuracy_table_on_handmade_frame(handmade):
     assert disp.loc["partial[depth=2]", "test_acc (torch)"] == "RUNNING"
     assert disp.loc["partial[depth=2]", "test_acc (keras)"] == "not in grid"
     assert set(t.numeric["p_dataset"]) == {"digits"}  # the pretraining run stays out
-    assert len(report.failures(handmade)) == 5
+    assert len(tables.failures(handmade)) == 5
 
 
 def test_throughput_cost_delta_and_best_on_handmade_frame(handmade):
-    thr = report.throughput_table(handmade).numeric.set_index(["p_strategy_label", "framework"])
+    thr = tables.throughput_table(handmade).numeric.set_index(["p_strategy_label", "framework"])
     assert thr.loc[("feature_extraction", "torch"), "speedup_vs_full"] == pytest.approx(4.0)
     assert thr.loc[("full", "keras"), "train_images_per_sec"] == pytest.approx(60.0)
     assert math.isnan(thr.loc[("partial[depth=2]", "torch"), "speedup_vs_full"])
-    shown = report.throughput_table(handmade).display.set_index(["strategy", "framework"])
+    shown = tables.throughput_table(handmade).display.set_index(["strategy", "framework"])
     assert shown.loc[("full", "torch"), "input-bound"] == "true"
     assert shown.loc[("full", "keras"), "input-bound"] == ""
-    cost = report.cost_table(handmade)
+    cost = tables.cost_table(handmade)
     assert cost.numeric["trainable_fraction"].dropna().eq(0.1).all()
     assert "RUNNING" in set(cost.display["trainable params"])
 
-    delta = report.framework_delta_table(handmade).numeric.set_index("p_strategy_label")
+    delta = compare.framework_delta_table(handmade).numeric.set_index("p_strategy_label")
     assert delta.loc["full", "delta"] == pytest.approx(0.85 - 0.825)
     assert delta.loc["full", "paired_pairs"] == 2  # keras seed 2 failed: no pair
     assert delta.loc["full", "p_value"] == pytest.approx(
-        stats.ttest_rel([0.90, 0.80], [0.86, 0.79]).pvalue)
+        scipy_stats.ttest_rel([0.90, 0.80], [0.86, 0.79]).pvalue)
 
-    best = report.best_strategy_table(handmade)
+    best = compare.best_strategy_table(handmade)
     b = best.numeric.set_index("framework")
     assert b.loc["torch", "best"] == "full" and b.loc["torch", "runner_up"] == "feature_extraction"
     assert b.loc["torch", "margin"] == pytest.approx(0.85 - 0.7833333)
     assert b.loc["torch", "p_value"] == pytest.approx(
-        stats.ttest_rel([0.90, 0.80, 0.85], [0.80, 0.75, 0.80]).pvalue)
+        scipy_stats.ttest_rel([0.90, 0.80, 0.85], [0.80, 0.75, 0.80]).pvalue)
     assert "partial[depth=2] (RUNNING)" in b.loc["torch", "not_compared"]
     assert b.loc["keras", "verdict"] == "no runner-up"
     assert "feature_extraction (3 MISSING)" in b.loc["keras", "not_compared"]
 
     # Markdown shows the text as written: the delta's sign and digits (not re-parsed into
     # 0.025), numbers right-aligned like the LaTeX
-    md = report.framework_delta_table(handmade).markdown()
+    md = compare.framework_delta_table(handmade).markdown()
     assert " +0.025 |" in md and "-:|" in md  # a right-aligned column in the rule row
-    assert report.best_strategy_table(handmade).markdown().count("+0.067") == 1
+    assert compare.best_strategy_table(handmade).markdown().count("+0.067") == 1
 
 
 def test_latex_is_booktabs_and_escaped(handmade):
-    tex = report.accuracy_table(handmade).latex()
+    tex = tables.accuracy_table(handmade).latex()
     for cmd in (r"\toprule", r"\midrule", r"\bottomrule", r"\begin{tabular}"):
         assert cmd in tex
     assert r"feature\_extraction" in tex and r"$\pm$" in tex and "_extraction" not in \
@@ -169,8 +170,8 @@ def test_unfreeze_depth():
 
 
 # ---- recorded conditions: budget, tested weights, determinism, sharing, divergence -----
-def _data(rows) -> report.ReportData:
-    return report.ReportData(pd.DataFrame(rows), report.empty_history(), "x", "0")
+def _data(rows) -> report_frame.ReportData:
+    return report_frame.ReportData(pd.DataFrame(rows), report_frame.empty_history(), "x", "0")
 
 
 def _recorded(fw, strategy, seed, acc, ips, **extra):
@@ -187,19 +188,19 @@ def test_methods_states_the_budget_trained_and_flags_a_cell_off_budget():
     rows = [_recorded("torch", "full", s, 0.9, 100.0) for s in range(2)]
     rows.append(_recorded("keras", "full", 0, 0.8, 50.0, epochs_trained=4.0,
                           optimizer_steps=40.0))
-    text = report.methods(_data(rows))
+    text = report_text.methods(_data(rows))
     assert "Each cell trains" not in text  # the budget asked is not what the cells did
     assert "6 epochs asked per cell; the cells trained 4–6 epochs (40–60 optimizer steps " \
            "at batch 32) each." in text
     assert "Not the budget asked: 1 cell (keras/mobilenet_v2/full/digits/seed0: 4 of 6 " \
            "epochs)." in text
-    same = report.methods(_data(rows[:2]))
+    same = report_text.methods(_data(rows[:2]))
     assert "the cells trained 6 epochs (60 optimizer steps at batch 32) each." in same
     assert "Not the budget" not in same and "Optimizer steps differ" not in same
     rows[1]["optimizer_steps"] = 70.0  # same data, batch and epochs: steps must match
     assert "Optimizer steps differ between cells of the same data, batch and epochs " \
            "(digits (subset None), batch 32, 6 epochs: 60–70 steps)" in \
-           report.methods(_data(rows[:2]))
+           report_text.methods(_data(rows[:2]))
 
 
 def test_methods_states_tested_weights_determinism_sharing_and_device_kind():
@@ -209,7 +210,7 @@ def test_methods_states_tested_weights_determinism_sharing_and_device_kind():
             _recorded("keras", "full", 0, 0.8, 50.0, p_select="best_val", test_epoch=5.0,
                       contention_share=0.45,
                       t_contended="true: other processes used 45% of the CPU")]
-    text = report.methods(_data(rows))
+    text = report_text.methods(_data(rows))
     assert "The test evaluates the weights of the best validation epoch (restored); tested " \
            "epochs 4–6." in text
     assert "2 of 3 finished cells ran deterministically (not deterministic: cuDNN benchmark " \
@@ -221,12 +222,12 @@ def test_methods_states_tested_weights_determinism_sharing_and_device_kind():
     assert "device kind cpu." in text
     rows[1]["p_device_kind"] = "cuda:NVIDIA H200"
     assert "device kinds cpu (2 cells), cuda:NVIDIA H200 (1 cell)" in \
-        report.methods(_data(rows))
+        report_text.methods(_data(rows))
 
 
 def test_methods_says_not_recorded_for_runs_older_than_the_records():
     rows = [_row("torch", "full", 0, 0.9, ips=100.0, p_epochs=6, p_batch_size=32)]
-    text = report.methods(_data(rows))
+    text = report_text.methods(_data(rows))
     assert "6 epochs asked per cell; the epochs and optimizer steps the cells really " \
            "trained: not recorded." in text
     assert "The test evaluates the last epoch's weights." in text  # no select: last
@@ -248,7 +249,7 @@ def _contended_frame() -> pd.DataFrame:
 
 def test_throughput_and_cost_mark_contended_rates_and_keep_numbers_numeric():
     df = _contended_frame()
-    t = report.throughput_table(df)
+    t = tables.throughput_table(df)
     shown = t.display.set_index(["strategy", "framework"])
     assert shown.loc[("full", "torch"), "train img/s"] == "100 †"
     assert shown.loc[("full", "torch"), "speed-up vs full"] == "1.00× †"
@@ -267,25 +268,25 @@ def test_throughput_and_cost_mark_contended_rates_and_keep_numbers_numeric():
            "taken while the machine was shared is not a measurement." in md
     tex = t.latex()
     assert "†" not in tex and r"100 $^{\dagger}$" in tex and r"45\% of the CPU" in tex
-    cost = report.cost_table(df).display.set_index(["strategy", "framework"])
+    cost = tables.cost_table(df).display.set_index(["strategy", "framework"])
     assert cost.loc[("full", "torch"), "wall s"] == "30.0 †"
     assert cost.loc[("full", "keras"), "wall s"] == "30.0"
-    assert "† measured while" in report.cost_table(df).markdown()
+    assert "† measured while" in tables.cost_table(df).markdown()
 
 
 
 def test_tables_hold_numbers_with_marks_as_data_and_format_when_rendered():
-    t = report.throughput_table(_contended_frame())
+    t = tables.throughput_table(_contended_frame())
     at = (t.cells["strategy"] == "full") & (t.cells["framework"] == "torch")
     assert t.cells.loc[at, "train img/s"].item() == 100.0  # a number, its mark beside it
-    assert t.marks.loc[at, "train img/s"].item() == report.CONTENDED
+    assert t.marks.loc[at, "train img/s"].item() == report_frame.CONTENDED
     assert t.cells.loc[at, "speed-up vs full"].item() == pytest.approx(1.0)
     assert t.display.loc[at, "train img/s"].item() == "100 †"  # written only when shown
-    acc = report.accuracy_table(_diverged_frame())
+    acc = tables.accuracy_table(_diverged_frame())
     full = acc.cells.set_index("strategy").loc["full", "test_acc (torch)"]
     assert full["mean"] == pytest.approx(0.1) and full["n"] == 1  # the summary, not text
     assert acc.marks.set_index(acc.cells["strategy"]).loc["full", "test_acc (torch)"] == \
-        report.DIVERGED
+        report_frame.DIVERGED
     # LaTeX: alignment from each column's declared kind, never guessed from the text
     tex = t.latex()
     assert r"\begin{tabular}{lllllrrrrr}" in tex and r"\end{table}" in tex.rstrip()[-12:]
@@ -297,7 +298,7 @@ def test_latex_escapes_labels_headers_and_marks():
     cells = pd.DataFrame({"run_%#": ["a&b_c", "x~y"], "rate": [1234.0, float("nan")]})
     t = table.Table("t", "A_b & 50%", cells, cells,
                     {"rate": table.RATE},
-                    marks=pd.DataFrame({"run_%#": ["", ""], "rate": [report.CONTENDED, ""]}),
+                    marks=pd.DataFrame({"run_%#": ["", ""], "rate": [report_frame.CONTENDED, ""]}),
                     notes=pd.DataFrame({"run_%#": ["", ""], "rate": ["", ""]}),
                     footnotes=["† shared #1"])
     tex = t.latex()
@@ -309,7 +310,7 @@ def test_latex_escapes_labels_headers_and_marks():
     assert t.markdown().count("1,234 †") == 1
 
 def test_throughput_says_when_sharing_is_not_recorded(handmade):
-    md = report.throughput_table(handmade).markdown()
+    md = tables.throughput_table(handmade).markdown()
     assert "†" not in md
     assert "Whether the machine was shared while timed: not recorded for 8 of 8 finished " \
            "cells." in md
@@ -317,15 +318,15 @@ def test_throughput_says_when_sharing_is_not_recorded(handmade):
 
 def test_device_kind_separates_rows_and_shows_in_throughput_only_when_it_varies():
     df = _contended_frame()
-    assert "device kind" not in report.throughput_table(df).display
-    assert "p_device_kind" not in report.group_keys(df)
+    assert "device kind" not in tables.throughput_table(df).display
+    assert "p_device_kind" not in report_frame.group_keys(df)
     gpu = df.assign(p_device_kind="cuda:NVIDIA H200", train_images_per_sec=5000.0,
                     spec_hash=df["spec_hash"] + "-gpu")
     both = pd.concat([df, gpu], ignore_index=True)
-    assert "p_device_kind" in report.group_keys(both)
-    shown = report.throughput_table(both).display
+    assert "p_device_kind" in report_frame.group_keys(both)
+    shown = tables.throughput_table(both).display
     assert list(shown["device kind"]).count("cuda:NVIDIA H200") == 4
-    acc = report.accuracy_table(both).numeric
+    acc = tables.accuracy_table(both).numeric
     assert len(acc) == 8 and (acc["n"] == 1).all()  # never averaged across device kinds
 
 
@@ -355,18 +356,18 @@ def test_old_runs_without_select_or_device_kind_are_the_same_cell(tmp_path, monk
 
     cell(0, old=True)
     cell(1)
-    data = report.load(exp, history=False)
+    data = report_frame.load(exp, history=False)
     assert list(data.cells["p_select"]) == ["last", "last"]
     assert list(data.cells["p_device_kind"]) == ["cpu", "cpu"]
-    assert "p_device_kind" not in report.group_keys(data.frame)
-    acc = report.accuracy_table(data.frame).numeric
+    assert "p_device_kind" not in report_frame.group_keys(data.frame)
+    acc = tables.accuracy_table(data.frame).numeric
     assert len(acc) == 1 and acc["n"].iloc[0] == 2
     cell(2, device_kind="cuda:NVIDIA H200")
-    data = report.load(exp, history=False)
-    assert "p_device_kind" in report.group_keys(data.frame)
-    acc = report.accuracy_table(data.frame).numeric.set_index("p_device_kind")
+    data = report_frame.load(exp, history=False)
+    assert "p_device_kind" in report_frame.group_keys(data.frame)
+    acc = tables.accuracy_table(data.frame).numeric.set_index("p_device_kind")
     assert acc.loc["cpu", "n"] == 2 and acc.loc["cuda:NVIDIA H200", "n"] == 1
-    assert "device kind" in report.throughput_table(data.frame).display
+    assert "device kind" in tables.throughput_table(data.frame).display
 
 
 def test_pareto_leaves_contended_points_off_the_front():
@@ -426,7 +427,7 @@ def test_accuracy_vs_depth_one_panel_per_backbone_and_weights():
         "two_stage[lr_scale=0.1] lr=0.001")}
     line = series["torch feature_extraction/partial[bn=frozen] lr=0.001"]
     assert line.x == [0, 3] and line.y[1] == pytest.approx(0.86)
-    assert line.err[0] == pytest.approx(stats.t.ppf(0.975, 1) * 0.01)  # 0.69, 0.71
+    assert line.err[0] == pytest.approx(scipy_stats.t.ppf(0.975, 1) * 0.01)  # 0.69, 0.71
     assert series["keras full[bn=frozen] lr=0.0001"].x == [9]
     assert series["torch two_stage[lr_scale=0.1] lr=0.001"].kind == "two_stage"
     assert [r.label for r in panel.references] == [
@@ -490,7 +491,7 @@ def test_pareto_and_curves_label_series_by_the_params_that_vary():
     hist = pd.DataFrame([{"run_id": r, "key": k, "step": e, "value": 0.5}
                          for r in df["run_id"] for k in ("train_acc", "val_acc")
                          for e in (1, 2)])
-    data = report.ReportData(df, hist, "x", "0")
+    data = report_frame.ReportData(df, hist, "x", "0")
     fig = curves.curve_figures(data)["digits"]
     assert fig.get_suptitle().startswith("backbone=mobilenet_v2, dataset=digits")
     left, right = _visible(fig)
@@ -514,7 +515,7 @@ def _diverged_frame() -> pd.DataFrame:
 
 def test_accuracy_tables_mark_a_diverged_cell_and_failures_stay_readable():
     df = _diverged_frame()
-    acc = report.accuracy_table(df)
+    acc = tables.accuracy_table(df)
     shown = acc.display.set_index("strategy")
     assert shown.loc["full", "test_acc (torch)"] == "0.100 (n=1) ‡"
     assert shown.loc["full", "test_acc (keras)"] == "0.860 (n=1)"
@@ -523,22 +524,22 @@ def test_accuracy_tables_mark_a_diverged_cell_and_failures_stay_readable():
     assert num.loc[("full", "torch"), "mean"] == pytest.approx(0.1)  # numeric, no mark
     assert num.loc[("full", "torch"), "diverged"] == 1
     note = "‡ diverged: final train loss above the first epoch's (1 cell)."
-    assert note in acc.markdown() and note in report.compact(df)
+    assert note in acc.markdown() and note in tables.compact(df)
     assert r"0.100 (n=1) $^{\ddagger}$" in acc.latex() and "‡" not in acc.latex()
-    best = report.best_strategy_table(df).display.set_index("framework")
+    best = compare.best_strategy_table(df).display.set_index("framework")
     assert best.loc["torch", "runner-up"] == "full (0.100 ‡)"
-    delta = report.framework_delta_table(df).display.set_index("strategy")
+    delta = compare.framework_delta_table(df).display.set_index("strategy")
     assert delta.loc["full", "test_acc torch"] == "0.100 (n=1) ‡"
-    assert report.failures(df) == [
+    assert tables.failures(df) == [
         "FAILED: keras/mobilenet_v2/feature_extraction/digits/seed0  diverged at epoch 3, "
         "step 17: train loss nan"]
-    text = report.methods(_data(df))
+    text = report_text.methods(_data(df))
     assert "1 of 3 finished cells diverged (final train loss above the first epoch's; ‡ in " \
            "the accuracy tables); 1 cell failed on a NaN/inf loss (listed below)." in text
 
 
 def test_framework_delta_marks_a_contended_speed_ratio():
-    t = report.framework_delta_table(_contended_frame())
+    t = compare.framework_delta_table(_contended_frame())
     shown = t.display.set_index("strategy")
     assert shown.loc["full", "train speed torch/keras"] == "2.00× †"
     assert shown.loc["feature_extraction", "train speed torch/keras"] == "1.33×"
@@ -587,7 +588,7 @@ def grid_store(tmp_path_factory):
 @pytest.mark.slow
 def test_frame_and_tables_equal_what_mlflow_holds(grid_store):
     result = grid_store["result"]
-    data = report.load(result.experiment_id, result.parent_run_id)
+    data = report_frame.load(result.experiment_id, result.parent_run_id)
     c = tracking.client()
     runs = c.search_runs([result.experiment_id], "tags.`tlbench.kind` = 'cell'")
     assert len(runs) == len(data.cells) == 6 and data.expected == 6
@@ -605,8 +606,8 @@ def test_frame_and_tables_equal_what_mlflow_holds(grid_store):
             assert row["time_to_best_s"] == pytest.approx(
                 sum(m.value for m in secs if m.step <= best))
     done = [r for r in runs if r.info.status == "FINISHED"]
-    acc = report.accuracy_table(data.frame).numeric.set_index(["p_strategy_label", "p_weights"])
-    thr = report.throughput_table(data.frame).numeric.set_index(
+    acc = tables.accuracy_table(data.frame).numeric.set_index(["p_strategy_label", "p_weights"])
+    thr = tables.throughput_table(data.frame).numeric.set_index(
         ["p_strategy_label", "p_weights"])
     for label in ("feature_extraction", "full"):
         vals = [r.data.metrics["test_acc"] for r in done if r.data.params["strategy_label"]
@@ -623,16 +624,16 @@ def test_frame_and_tables_equal_what_mlflow_holds(grid_store):
 @pytest.mark.slow
 def test_failed_cells_show_in_every_table(grid_store):
     result = grid_store["result"]
-    data = report.load(result.experiment_id, result.parent_run_id, history=False)
+    data = report_frame.load(result.experiment_id, result.parent_run_id, history=False)
     bad = grid_store["bad"]
-    acc = report.accuracy_table(data.frame).display.set_index("weights")
+    acc = tables.accuracy_table(data.frame).display.set_index("weights")
     assert acc.loc[bad, "test_acc (torch)"] == "2 FAILED"
-    for t in report.all_tables(data.frame)[1:3]:
+    for t in tables.all_tables(data.frame)[1:3]:
         assert "2 FAILED" in t.display.set_index("weights").loc[bad].to_string(), t.name
-    best = report.best_strategy_table(data.frame).display.set_index("weights")
+    best = compare.best_strategy_table(data.frame).display.set_index("weights")
     assert best.loc[bad, "best"] == "none finished"
     assert best.loc[bad, "not compared"] == "full (2 FAILED)"
-    fails = report.failures(data.frame)
+    fails = tables.failures(data.frame)
     assert len(fails) == 2 and all("could not be loaded" in f for f in fails)
 
 
@@ -708,20 +709,20 @@ def test_partial_grid_reports_running_and_missing_cells(grid_store, capsys):
     assert cli.main(["report", "rep", "--out", str(tmp / "partial"), "--no-log"]) == 0
     printed = capsys.readouterr().out
     assert "RUNNING" in printed and "MISSING" in printed
-    data = report.load(exp_id, parent, history=False)
+    data = report_frame.load(exp_id, parent, history=False)
     status = data.cells.set_index("name")["status"]
     assert len(status) == 10
     assert status[running.name] == "RUNNING"
     assert (status == "MISSING").sum() == 5  # partial seed 1, two_stage x2, broken x2
     assert (status == "FINISHED").sum() == 4  # from the first invocation
-    acc = report.accuracy_table(data.frame).display.set_index(["weights", "strategy"])
+    acc = tables.accuracy_table(data.frame).display.set_index(["weights", "strategy"])
     assert acc.loc[("none", "partial[depth=1]"), "test_acc (torch)"] == "1 MISSING, 1 RUNNING"
     assert acc.loc[("none", "two_stage[depth=1]"), "test_acc (torch)"] == "2 MISSING"
     md = (tmp / "partial" / "rep" / "report.md").read_text()
     assert "4 of 10 cells finished; 5 MISSING, 1 RUNNING" in md
     assert f"RUNNING: {running.name}" in md
     assert "seeds 0, 1" in md and "subset 40," in md
-    broken = [f for f in report.failures(data.frame) if f.startswith("MISSING")
+    broken = [f for f in tables.failures(data.frame) if f.startswith("MISSING")
               and "broken.pt" in f]  # failed in the first invocation, not yet rerun
     assert len(broken) == 2
     assert all("latest earlier run" in f and f.endswith("FAILED") for f in broken)
@@ -731,26 +732,26 @@ def test_partial_grid_reports_running_and_missing_cells(grid_store, capsys):
 
 
 def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
-    t = report.relative_table(handmade)
+    t = compare.relative_table(handmade)
     rel = t.numeric.set_index(["strategy", "framework"])
     d = np.array([0.80, 0.75, 0.80]) - np.array([0.90, 0.80, 0.85])
     fe = rel.loc[("feature_extraction", "torch")]
     assert fe["mean_diff"] == pytest.approx(d.mean()) and fe["pairs"] == 3
     assert fe["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(3))
-    assert fe["p_value"] == pytest.approx(stats.ttest_rel([0.80, 0.75, 0.80],
+    assert fe["p_value"] == pytest.approx(scipy_stats.ttest_rel([0.80, 0.75, 0.80],
                                                           [0.90, 0.80, 0.85]).pvalue)
     assert rel.loc[("feature_extraction", "keras"), "pairs"] == 0  # none finished
     assert rel.loc[("partial[depth=2]", "torch"), "pairs"] == 0  # still running
     md = t.markdown()
     assert f"{d.mean():+.3f} ± {d.std(ddof=1) / np.sqrt(3):.3f} (p=" in md and "n=3)" in md
     assert "no pair" in md and "full" not in set(t.cells["strategy"])
-    assert [x.name for x in report.all_tables(handmade)][-1] == "relative"
+    assert [x.name for x in tables.all_tables(handmade)][-1] == "relative"
     # the source model before any step (head_init = source), paired with full's seeds
     src = handmade.copy()
     full_torch = (src["p_strategy_label"] == "full") & (src["p_framework"] == "torch") & \
         (src["role"] == "cell")
     src.loc[full_torch, "source_test_acc"] = [0.30, 0.20, 0.40]
-    rel = report.relative_table(src)
+    rel = compare.relative_table(src)
     none = rel.numeric.set_index(["strategy", "framework"]).loc[
         (compare.NO_ADAPTATION, "torch")]
     assert none["mean_diff"] == pytest.approx(np.mean([0.30 - 0.90, 0.20 - 0.80, 0.40 - 0.85]))
@@ -760,19 +761,19 @@ def test_relative_to_full_is_paired_over_seeds_with_standard_errors(handmade):
         ["strategy", "framework"]).index  # no source score recorded there
     # without the baseline in the grid there is nothing to be relative to: no table
     no_full = handmade[handmade["p_strategy_label"] != "full"]
-    assert report.relative_table(no_full).cells.empty
-    assert "relative" not in [x.name for x in report.all_tables(no_full)]
+    assert compare.relative_table(no_full).cells.empty
+    assert "relative" not in [x.name for x in tables.all_tables(no_full)]
 
 
 def test_card_digests_group_only_when_one_dataset_has_several():
     rows = [_row("torch", "full", s, 0.9, p_dataset=ds, p_card_digests=f"{ds}={ds[:1] * 12}")
             for ds in ("clean", "noisy") for s in range(2)]
-    assert "p_card_digests" not in report.group_keys(pd.DataFrame(rows))  # follows dataset
+    assert "p_card_digests" not in report_frame.group_keys(pd.DataFrame(rows))  # follows dataset
     rows.append(_row("torch", "full", 2, 0.5, p_dataset="noisy",
                      p_card_digests="noisy=edited00000"))  # the card edited later
     df = pd.DataFrame(rows)
-    assert "p_card_digests" in report.group_keys(df)
-    noisy = report.accuracy_table(df).numeric.query("p_dataset == 'noisy'")
+    assert "p_card_digests" in report_frame.group_keys(df)
+    noisy = tables.accuracy_table(df).numeric.query("p_dataset == 'noisy'")
     assert sorted(noisy["n"]) == [1, 2]  # never averaged with the old card's cells
 
 
@@ -781,6 +782,6 @@ def test_named_block_sets_read_from_the_input_side_to_the_output_side():
     rows = [_row("torch", "blocks", 0, 0.5, **{"p_strategy.names": n,
                                                "p_strategy_label": f"blocks[names={n}]"})
             for n in sets]
-    shown = list(report.accuracy_table(pd.DataFrame(rows)).cells["strategy"])
+    shown = list(tables.accuracy_table(pd.DataFrame(rows)).cells["strategy"])
     assert shown == [f"blocks[names={n}]" for n in
                      ("stem", "stem+stage1", "stage7+top_conv", "top_conv")]

@@ -4,7 +4,7 @@
 
 The top of the report: `load()` reads the selection, `write()` puts everything under
 reports/<experiment>/ with report.md on top. The work lives in modules named for their job;
-what callers use of them is re-exported here so `report.<name>` keeps working:
+each is imported from where it is defined:
 
     frame     the selection from MLflow into the flat frame (one row per cell, MISSING rows
               for cells no run holds), and the row queries every table shares
@@ -19,8 +19,8 @@ what callers use of them is re-exported here so `report.<name>` keeps working:
     text      report.md: the methods paragraph and its sentences, pretraining runs
     html      report.html: report.md with the figures inline
 
-bench/report/figures.py draws the figures from the tables (it imports this module, never the
-reverse): accuracy vs depth and Pareto there, the learning curves in curves.py, the helpers
+bench/report/figures.py draws the figures from the tables (it imports them; no table module
+imports a figure): accuracy vs depth and Pareto there, the learning curves in curves.py, the helpers
 they share in plot.py. Every table keeps failed, killed, running and missing cells as rows
 that say so; what the cells record about their own conditions is said, never hidden.
 """
@@ -32,97 +32,15 @@ from pathlib import Path
 
 from bench import tracking
 from bench.report import html
-from bench.report.compare import (
-    best_strategy_table,
-    framework_delta_table,
-    relative_table,
-)
 from bench.report.frame import (
-    BASE_KEYS,
-    CONTENDED,
-    CURVE_KEYS,
-    DIVERGED,
-    DIVERGED_ERROR,
-    FLOAT_PARAMS,
-    FRAMEWORK_ORDER,
-    INT_PARAMS,
-    MISSING,
-    NOT_KEYS,
-    PARAM_DEFAULTS,
-    PRETRAIN,
     ReportData,
-    add_derived,
-    cells_only,
-    contended_cells,
-    diverged_cells,
-    empty_history,
-    fill_param_defaults,
-    frameworks,
-    group_keys,
-    histories,
-    load,
-    not_finished,
-    runs_frame,
-    status_labels,
-    tag_recorded,
-    tag_true,
-)
-from bench.report.latex import (
-    MARKS,
-    tex_escape,
-    to_latex,
-)
-from bench.report.stats import (
-    ALPHA,
-    paired_test,
-    summarize,
-    t_quantile,
-)
-from bench.report.table import (
-    HEADERS,
-    Table,
-    contended_footnote,
-    diverged_footnote,
-    fmt_summary,
-    unrecorded_footnote,
 )
 from bench.report.tables import (
-    accuracy_table,
     all_tables,
-    compact,
-    cost_table,
-    error_line,
-    failures,
-    throughput_table,
 )
 from bench.report.text import (
-    SELECT_TEXT,
-    budget_sentence,
-    contention_sentence,
-    determinism_sentence,
-    device_sentence,
-    divergence_sentence,
-    methods,
-    pretrain_section,
     report_markdown,
-    tested_weights_sentence,
 )
-
-__all__ = [  # what `report.<name>` offered before the split
-    "ALPHA", "BASE_KEYS", "CONTENDED", "CURVE_KEYS", "DIVERGED", "DIVERGED_ERROR",
-    "FLOAT_PARAMS", "FRAMEWORK_ORDER", "HEADERS", "INT_PARAMS", "MARKS", "MISSING", "NOT_KEYS",
-    "PARAM_DEFAULTS", "PRETRAIN", "ReportData", "SELECT_TEXT", "Table", "Written",
-    "accuracy_table", "add_derived", "all_tables", "best_strategy_table", "budget_sentence",
-    "cells_only", "compact", "contended_cells", "contended_footnote", "contention_sentence",
-    "cost_table", "determinism_sentence", "device_sentence", "diverged_cells",
-    "diverged_footnote", "divergence_sentence", "empty_history", "error_line", "failures",
-    "fill_param_defaults", "fmt_summary", "framework_delta_table", "frameworks", "group_keys",
-    "histories", "load", "methods", "not_finished", "paired_test", "pretrain_section",
-    "relative_table",
-    "report_markdown", "runs_frame", "status_labels", "summarize", "t_quantile",
-    "tag_recorded", "tag_true", "tested_weights_sentence", "tex_escape", "throughput_table",
-    "to_latex", "unrecorded_footnote", "write",
-]
 
 
 @dataclass

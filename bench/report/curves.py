@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.report import build as report
+from bench.report import frame
 from bench.report.plot import (
     FW_LINE,
     FW_ORDER,
@@ -32,7 +32,7 @@ from bench.report.plot import (
 
 def pick_backbone(df: pd.DataFrame) -> str | None:
     """The backbone with the most finished cells (ties: alphabetical)."""
-    cells = report.cells_only(df)
+    cells = frame.cells_only(df)
     done = cells[cells["status"] == "FINISHED"]
     if done.empty:
         return None
@@ -40,7 +40,7 @@ def pick_backbone(df: pd.DataFrame) -> str | None:
     return sorted(counts[counts == counts.max()].index)[0]
 
 
-def curve_figures(data: report.ReportData, backbone: str | None = None) -> dict:
+def curve_figures(data: frame.ReportData, backbone: str | None = None) -> dict:
     """{dataset: Figure}: train and val accuracy per epoch (mean over seeds) of one
     backbone's finished cells, side by side on one y range; colour = configuration,
     solid = torch, dashed = keras, legend below."""
@@ -48,7 +48,7 @@ def curve_figures(data: report.ReportData, backbone: str | None = None) -> dict:
     backbone = backbone or pick_backbone(df)
     if backbone is None or hist.empty:
         return {}
-    keys = [k for k in report.group_keys(df) if k not in ("p_dataset", "p_backbone")]
+    keys = [k for k in frame.group_keys(df) if k not in ("p_dataset", "p_backbone")]
     cells = df[(df["p_backbone"] == backbone) & (df["status"] == "FINISHED")]
     h = hist.merge(cells[["run_id", "p_dataset", "p_framework", *keys]], on="run_id")
     out = {}
@@ -98,7 +98,7 @@ def curve_figures(data: report.ReportData, backbone: str | None = None) -> dict:
     return out
 
 
-def learning_curves(data: report.ReportData, folder: Path,
+def learning_curves(data: frame.ReportData, folder: Path,
                     backbone: str | None = None) -> list[str]:
     backbone = backbone or pick_backbone(data.cells)
     return [save(fig, folder, f"curves_{backbone}_{dataset}")

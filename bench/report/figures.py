@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib import ticker
 
-from bench.report import build as report
+from bench.report import frame, tables
 from bench.report.curves import learning_curves
 from bench.report.plot import (
     FW_LINE,
@@ -89,11 +89,11 @@ def _variant(label: str) -> str:
 
 def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
     """One row per cell group and framework: accuracy summary, train images/s, depth."""
-    acc = report.accuracy_table(df).numeric
+    acc = tables.accuracy_table(df).numeric
     if acc.empty:
         return acc
-    keys = report.group_keys(df)
-    cells = report.cells_only(df).copy()
+    keys = frame.group_keys(df)
+    cells = frame.cells_only(df).copy()
     cells[keys] = cells[keys].astype(str)
     done = cells[cells["status"] == "FINISHED"]
     first = cells.drop_duplicates([*keys, "p_framework"]).set_index([*keys, "p_framework"])
@@ -102,7 +102,7 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
         speed = (done.groupby([*keys, "p_framework"])[col].mean() if col in done
                  else pd.Series(dtype=float))
         acc[col] = speed.reindex(idx).to_numpy() if len(speed) else math.nan
-    shared = done.assign(_shared=report.tag_true(done, "contended"))
+    shared = done.assign(_shared=frame.tag_true(done, "contended"))
     acc["contended"] = (shared.groupby([*keys, "p_framework"])["_shared"].any()
                         .reindex(idx, fill_value=False).astype(bool).to_numpy()
                         if len(shared) else False)
@@ -205,8 +205,8 @@ def depth_panels(df: pd.DataFrame) -> dict[str, list[Panel]]:
     s = _summary_frame(df)
     if s.empty:
         return {}
-    keys = report.group_keys(df)
-    extras = [k for k in keys if k not in report.BASE_KEYS]
+    keys = frame.group_keys(df)
+    extras = [k for k in keys if k not in frame.BASE_KEYS]
     scratch = s["p_weights"].astype(str) == "none"
     out = {}
     for dataset, d in s.groupby("p_dataset", sort=True):
@@ -358,7 +358,7 @@ def _config_keys(rows: pd.DataFrame) -> list[str]:
     keys = [c for c in rows.columns if c.startswith("p_") and c not in
             ("p_dataset", "p_strategy_label", "p_framework", "p_seed", "p_strategy")
             and not c.startswith("p_strategy.")]
-    return varying(rows, sorted(keys, key=lambda k: (k not in report.BASE_KEYS, k)))
+    return varying(rows, sorted(keys, key=lambda k: (k not in frame.BASE_KEYS, k)))
 
 
 def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
@@ -409,7 +409,7 @@ def pareto_figure(d: pd.DataFrame, dataset: str, xlabel: str):
     return fig
 
 
-def all_figures(data: report.ReportData, folder: Path,
+def all_figures(data: frame.ReportData, folder: Path,
                 curves_backbone: str | None = None) -> dict[str, list[str]]:
     """{'accuracy_vs_depth': [...], 'pareto': [...], 'learning_curves': [...]}: PNG paths
     relative to the report folder (an SVG lies beside each)."""
