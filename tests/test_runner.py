@@ -21,7 +21,7 @@ from fault_helpers import processes_in
 from bench import cli, tracking
 from bench.config import grid as gridmod
 from bench.paths import ROOT
-from bench.report import build as report
+from bench.report import frame, tables
 from bench.run import runner
 
 pytestmark = pytest.mark.slow
@@ -94,11 +94,11 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(store):
     parent = c.get_run(result.parent_run_id)
     assert parent.info.status == "FAILED" and parent.data.tags["tlbench.failed"] == "1"
     # the failed cell stays visible in the table, never dropped
-    df = report.runs_frame(result.experiment_id)
-    table = report.accuracy_table(df).display.set_index(["backbone", "strategy", "weights"])
+    df = frame.runs_frame(result.experiment_id)
+    table = tables.accuracy_table(df).display.set_index(["backbone", "strategy", "weights"])
     assert table.loc[("resnet18", "feature_extraction", str(bad)), "test_acc (torch)"] \
         == "FAILED"
-    assert any("could not be loaded" in f for f in report.failures(df))
+    assert any("could not be loaded" in f for f in tables.failures(df))
 
 
 def test_resume_skips_finished_cells(store, capsys):
@@ -150,13 +150,13 @@ def test_resume_skips_finished_cells(store, capsys):
             f"?workflowType=machine_learning") in capsys.readouterr().out
 
     # the report reads these runs back: one row per cell, the numbers MLflow holds
-    df = report.runs_frame(first.experiment_id)
+    df = frame.runs_frame(first.experiment_id)
     assert len(df) == 2 and set(df["status"]) == {"FINISHED"}
-    table = report.accuracy_table(df).display.set_index(["backbone", "strategy", "weights"])
+    table = tables.accuracy_table(df).display.set_index(["backbone", "strategy", "weights"])
     for r in runs["FINISHED"]:
         key = ("resnet18", r.data.params["strategy_label"], "none")
         assert table.loc[key, "test_acc (torch)"] == f"{r.data.metrics['test_acc']:.3f} (n=1)"
-    md = report.compact(df)
+    md = tables.compact(df)
     assert "### Test accuracy" in md and "feature_extraction" in md and "full" in md
 
 

@@ -14,7 +14,7 @@ from test_faults import write_grid
 
 from bench import tracking
 from bench.config import grid as gridmod
-from bench.report import build as report
+from bench.report import frame
 from bench.run import runner
 
 pytestmark = pytest.mark.slow
@@ -80,10 +80,10 @@ def test_grid_records_and_resumes_through_a_tracking_server(server_store):
     assert len(tracking.cell_runs(first.experiment_id)) == 2
 
     # the report reads the server like any store
-    df = report.runs_frame(first.experiment_id)
+    df = frame.runs_frame(first.experiment_id)
     assert len(df) == 2 and set(df["status"]) == {"FINISHED"}
     assert sorted(df["test_acc"]) == sorted(r.data.metrics["test_acc"] for r in cells)
-    loaded = report.load(first.experiment_id, first.parent_run_id)
+    loaded = frame.load(first.experiment_id, first.parent_run_id)
     assert len(loaded.cells) == 2 and loaded.expected == 2
     assert loaded.experiment == server_store.name
     assert set(loaded.history["run_id"]) == {r.info.run_id for r in cells}  # per-epoch
