@@ -323,3 +323,28 @@ seed = 1  # the grid sampler's order: 1e-3 first (seeded, so always)
     chosen = _chosen(result)
     (study,) = chosen.values()
     assert study[0] == {"lr": "0.001"} and study[2] == {"FINISHED": 1, "pruned": 1}
+
+
+def test_the_report_compares_finals_and_shows_the_search(store, tmp_path):
+    """The tables hold the final cells, each strategy under one label at its chosen lr;
+    the tuned table shows the choice, its validation score and test over the final seeds;
+    trials appear only there and in the sensitivity figure."""
+    from bench.report import figures, frame, tables, text
+
+    result = _run_tuned(_tuned(tmp_path, "reported"))
+    data = frame.load(result.experiment_id, result.parent_run_id)
+    cells = data.cells
+    assert set(cells["role"]) == {"final"} and len(cells) == 4
+    assert set(cells["p_lr"]) == {"tuned"} and set(cells["chosen"]) >= {"lr=0.001"}
+    assert set(cells["p_strategy_label"]) == {"feature_extraction", "partial[depth=*]"}
+    made = tables.all_tables(data.frame)
+    tuned = next(t for t in made if t.name == "tuned")
+    assert len(tuned.numeric) == 2 and set(tuned.numeric["trials"]) == {3}
+    assert tuned.numeric["val"].tolist() == pytest.approx([0.89, 0.89])
+    assert set(tuned.numeric["seeds"]) == {2}
+    assert "Every strategy: 3 trials." in tuned.markdown()
+    accuracy = next(t for t in made if t.name == "accuracy")
+    assert len(accuracy.numeric) == 2  # one row per strategy, not one per setting
+    figs = figures.all_figures(data, tmp_path / "figures")
+    assert figs["sensitivity"] and (tmp_path / figs["sensitivity"][0]).exists()
+    assert "Tuned comparison: 3 trials per strategy" in text.methods(data)

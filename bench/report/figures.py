@@ -41,7 +41,7 @@ from pathlib import Path
 import pandas as pd
 from matplotlib import ticker
 
-from bench.report import frame, tables
+from bench.report import frame, tables, tuned
 from bench.report.curves import learning_curves
 from bench.report.plot import (
     FW_LINE,
@@ -415,4 +415,5 @@ def all_figures(data: frame.ReportData, folder: Path,
     relative to the report folder (an SVG lies beside each)."""
     return {"accuracy_vs_depth": accuracy_vs_depth(data.frame, folder),
             "pareto": pareto(data.frame, folder),
-            "learning_curves": learning_curves(data, folder, curves_backbone)}
+            "learning_curves": learning_curves(data, folder, curves_backbone),
+            "sensitivity": tuned.sensitivity(data.frame, folder)}

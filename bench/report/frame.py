@@ -27,6 +27,8 @@ NOT_KEYS = {"p_framework", "p_seed", "p_strategy", "p_strategy_label"}
 FRAMEWORK_ORDER = ("torch", "keras")
 # params added to RunSpec later: a run older than the param ran with this value
 PARAM_DEFAULTS = {"p_select": "last", "p_device_kind": "cpu"}
+TRIAL = "trial"  # a tuned grid's trial cell: the search, never a result (bench/report/tuned.py)
+TUNED = "tuned"  # what a searched field reads in a final row: its value is the study's choice
 CONTENDED = "†"  # a speed figure taken while other processes used the machine
 DIVERGED = "‡"  # final train loss above the first epoch's (tag tlbench.diverged)
 DIVERGED_ERROR = "diverged at epoch"  # how a cell whose loss went NaN/inf fails
@@ -108,7 +110,8 @@ def runs_frame(exp_id: str, parent_id: str | None = None,
     obj = [c for c in df.columns if df[c].dtype == object]
     df[obj] = df[obj].astype(object).where(df[obj].notna(), None)
     df["error"] = df["error"].fillna("")
-    return df.sort_values(["role", "name"], na_position="last").reset_index(drop=True)
+    df = df.sort_values(["role", "name"], na_position="last").reset_index(drop=True)
+    return tuned_view(df)
 
 
 def _newest_per_hash(rows: list[dict]) -> dict[str, dict]:
@@ -168,7 +171,28 @@ def add_derived(frame: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
 
 
 def cells_only(df: pd.DataFrame) -> pd.DataFrame:
-    return df[df["role"] != PRETRAIN] if "role" in df else df
+    """The rows that are results: no pretraining runs, no tuned grid's trials."""
+    return df[~df["role"].isin((PRETRAIN, TRIAL))] if "role" in df else df
+
+
+def tuned_view(df: pd.DataFrame) -> pd.DataFrame:
+    """Final rows with their study's strategy label and "tuned" in each searched field (the
+    value chosen kept in `chosen`); every other row as it is."""
+    if "t_tuned_fields" not in df:
+        return df
+    df = df.copy()
+    final = df["t_tuned_fields"].notna() & (df["role"] != TRIAL)
+    df["chosen"] = None
+    for i in df.index[final]:
+        fields = [f for f in str(df.at[i, "t_tuned_fields"]).split(",") if f]
+        df.at[i, "chosen"] = ", ".join(f"{f}={df.at[i, 'p_' + f]}" for f in fields
+                                       if "p_" + f in df)
+        for f in fields:
+            if "p_" + f in df and not f.startswith("strategy."):
+                df["p_" + f] = df["p_" + f].astype(object)
+                df.at[i, "p_" + f] = TUNED
+        df.at[i, "p_strategy_label"] = df.at[i, "t_study_strategy"]
+    return df
 
 
 def group_keys(df: pd.DataFrame) -> list[str]:

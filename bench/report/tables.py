@@ -43,6 +43,7 @@ from bench.report.table import (
     header,
     unrecorded_footnote,
 )
+from bench.report.tuned import tuned_table
 
 
 def _max_share(rows: pd.DataFrame) -> float:
@@ -211,8 +212,10 @@ def _cost_cells(r: dict) -> dict:
 def all_tables(df: pd.DataFrame) -> list[Table]:
     """Every table; the relative one when some group has `full` and another strategy."""
     relative = relative_table(df)
-    return [accuracy_table(df), throughput_table(df), cost_table(df),
-            framework_delta_table(df), best_strategy_table(df)] + \
+    tuned = tuned_table(df)
+    return ([tuned] if tuned is not None else []) + \
+        [accuracy_table(df), throughput_table(df), cost_table(df),
+         framework_delta_table(df), best_strategy_table(df)] + \
         ([relative] if not relative.cells.empty else [])
 
 

@@ -74,6 +74,7 @@ def methods(data: ReportData) -> str:
         f"Hardware: {vals('device')} (host {vals('t_host')}); {device_sentence(cells)} "
         f"Versions: {_versions(cells)}.",
         determinism_sentence(done), contention_sentence(done), divergence_sentence(cells),
+        _tune_sentence(p),
         _test_split_sentence(cells),
         "Accuracy is top-1 on each cell's held-out test split; groups of seeds show mean, "
         "std and a 95% t-interval (n=1: the single value). Throughput is the median step "
@@ -87,6 +88,16 @@ def methods(data: ReportData) -> str:
     else:
         parts.append(f"All {n} cells finished.")
     return " ".join(x for x in parts if x)
+
+
+def _tune_sentence(parent: dict) -> str:
+    """A tuned grid's protocol, as its parent run recorded it."""
+    protocol = parent.get("t_tune_protocol")
+    if not protocol:
+        return ""
+    return (f"Tuned comparison: {protocol}. The tables compare the final cells, each "
+            f"strategy at its chosen setting; trial cells are the search and appear only in "
+            f"the tuned table and the sensitivity figure. No test metric selected anything.")
 
 
 def _test_split_sentence(cells: pd.DataFrame) -> str:
@@ -309,7 +320,8 @@ def report_markdown(data: ReportData, tables: list[Table], figures: dict[str, li
     fails = failures(data.frame)
     if fails:
         out += ["## Cells that did not finish\n", "\n".join(f"- {f}" for f in fails) + "\n"]
-    fig_after = {"accuracy": "accuracy_vs_depth", "throughput": "pareto"}
+    fig_after = {"accuracy": "accuracy_vs_depth", "throughput": "pareto",
+                 "tuned": "sensitivity"}
     for t in tables:
         out.append(t.markdown())
         out.append(f"Files: [md](tables/{t.name}.md), [tex](tables/{t.name}.tex), "

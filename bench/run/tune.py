@@ -121,6 +121,16 @@ class Study:
             return None
         return by_number[best.number], best.value
 
+    def strategy_family(self) -> str:
+        """The study's strategy label with its searched parameters as `*`
+        (`partial[depth=*,bn=frozen]`): what the report compares across settings."""
+        own = self.tune.strategy_space.get(self.base.strategy, {})
+        if not own:
+            return self.base.strategy_label
+        shown = [f"{k}=*" if k in own else f"{k}={v}" for k, v in self.base.strategy_params
+                 if k in own or f"{k}=" in self.base.strategy_label]
+        return f"{self.base.strategy}[{','.join(shown)}]"
+
     def summary(self) -> dict:
         """The study as tuning.json records it."""
         chosen = self.best()
@@ -296,10 +306,16 @@ def record(studies: list[Study], parent: str, finals: dict[str, Result]) -> None
     tracking.set_tags(parent, {"tune_protocol": studies[0].tune.describe() if studies else "",
                                "role": "tuned grid"})
     for s, rec in zip(studies, records, strict=True):
+        for run_id in rec["trial_runs"]:
+            if run_id:
+                tracking.set_tags(run_id, {"tune_study": s.key})
+        searched = list(s.tune.space_for(s.base.strategy))
         for spec in s.finals():
             r = finals.get(spec.hash)
             if r is not None and r.run_id:
                 tracking.set_tags(r.run_id, {"tune_study": s.key,
                                              "tuned_from": rec["chosen_run_id"] or "",
                                              "tune_metric": s.tune.metric,
-                                             "tune_value": f"{rec['chosen_value']:.6g}"})
+                                             "tune_value": f"{rec['chosen_value']:.6g}",
+                                             "tuned_fields": ",".join(searched),
+                                             "study_strategy": s.strategy_family()})
