@@ -28,9 +28,9 @@ import pytest
 from bench import tracking
 from bench.config import grid as gridmod
 from bench.run import plan, pool, runner
-from bench.run.execute import Slot
 from bench.run.forkserver import Launcher
 from bench.run.plan import on_device
+from bench.run.task import Slot
 
 
 def _run(g, store_dir, monkeypatch, executor) -> dict:

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 from fault_helpers import ScriptLauncher, install_nvidia_smi
 
-from bench import devices, runner, tracking
+from bench import devices, tracking
 from bench.config import grid as gridmod
 from bench.paths import ROOT
+from bench.run import runner
 from bench.run.plan import Plan, on_device
 
 H200, A100 = "NVIDIA H200", "NVIDIA A100-SXM4-80GB"

@@ -25,10 +25,10 @@ from bench import tracking
 from bench.config import grid as gridmod
 from bench.paths import ROOT
 from bench.run import claims, plan, pool, runner
-from bench.run.execute import Slot
 from bench.run.forkserver import Launcher
 from bench.run.plan import on_device
 from bench.run.progress import Progress
+from bench.run.task import Slot
 
 # a cell that says where it runs (its slot, as bench/cell/process.py's take_slot applies it), stays
 # a moment so that cells overlap, and kills itself with SIGKILL when its strategy is `full`

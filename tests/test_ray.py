@@ -21,9 +21,9 @@ from bench import tracking
 from bench.config import grid as gridmod
 from bench.paths import ROOT
 from bench.run import cluster, pool, runner
-from bench.run.execute import Slot
 from bench.run.forkserver import Launcher
 from bench.run.plan import on_device
+from bench.run.task import Slot
 
 pytestmark = pytest.mark.slow
 

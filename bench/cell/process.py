@@ -87,7 +87,7 @@ def die_with_parent() -> None:
 
 
 def take_slot(job: dict) -> dict[str, str]:
-    """Apply the cell's slot (bench/run/execute.py Slot) before its framework touches a device:
+    """Apply the cell's slot (bench/run/task.py Slot) before its framework touches a device:
     its GPU (CUDA_VISIBLE_DEVICES, read by CUDA and TensorFlow when they start) and its CPU
     cores (this process and what it starts are pinned to them). Returns the tags that say
     where the cell ran, as this process sees it."""

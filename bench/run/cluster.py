@@ -27,7 +27,8 @@ from collections.abc import Callable
 from bench import devices, tracking
 from bench.config.grid import Grid
 from bench.run import claims
-from bench.run.execute import CellTask, Context, Outcome, Slot, Stop, execute, run_names
+from bench.run.execute import execute, run_names
+from bench.run.task import CellTask, Outcome, RunnerContext, Slot, Stop
 
 # the driver's environment that tasks get: where the store and the harness's files are
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TLBENCH_CACHE", "TLBENCH_DATASETS",
@@ -216,5 +217,5 @@ def _task(task: CellTask, env: dict, events, threads: int | None) -> Outcome:
         except Exception:  # noqa: BLE001, S110 - the console misses a line, the store has it
             pass
 
-    ctx = Context(send, _WORKER["launcher"], _WORKER["heartbeat"], Stop())
+    ctx = RunnerContext(send, _WORKER["launcher"], _WORKER["heartbeat"], Stop())
     return execute(task, slot, ctx)

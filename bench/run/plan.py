@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from bench import devices
 from bench.config.grid import Grid, parallel_problem
 from bench.config.spec import RunSpec
-from bench.run.execute import Slot
+from bench.run.task import Slot
 
 
 class PlanError(ValueError):

@@ -17,7 +17,8 @@ import threading
 import time
 from collections.abc import Callable
 
-from bench.run.execute import Context, Outcome, Slot, Stop, execute
+from bench.run.execute import execute
+from bench.run.task import Outcome, RunnerContext, Slot, Stop
 from bench.tracking import FAILED
 
 
@@ -44,7 +45,7 @@ class LocalPool:
         """Every task through execute(); each outcome to `on_outcome` as it comes. Ctrl-C
         (KeyboardInterrupt in this, the main thread) stops every running cell, waits for
         their KILLED records, then propagates."""
-        ctx = Context(events, self.launcher, heartbeat, Stop())
+        ctx = RunnerContext(events, self.launcher, heartbeat, Stop())
         todo = collections.deque(tasks)
         lock = threading.Lock()
         results: queue.Queue = queue.Queue()

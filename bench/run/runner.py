@@ -23,10 +23,10 @@ from bench import tracking
 from bench.config.grid import Grid
 from bench.config.spec import RunSpec
 from bench.run import claims, tune
-from bench.run.execute import HELD, SKIPPED, CellTask, Outcome
 from bench.run.forkserver import Launcher
 from bench.run.plan import Options, Plan, make_plan
 from bench.run.progress import Progress
+from bench.run.task import HELD, SKIPPED, CellTask, Outcome
 
 __all__ = ["GridResult", "Outcome", "run_grid", "run_plan", "install_sigterm_handler"]
 
