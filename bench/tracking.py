@@ -118,24 +118,23 @@ def open_experiment(name: str, create: bool = True) -> tuple[str | None, bool]:
     return exp.experiment_id, False
 
 
-def git_commit() -> str:
+def _git(*args: str) -> str:
+    """A git command's output in the project's checkout; "" where there is none."""
     try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "-uno"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else ""
+        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
+                             timeout=5)
     except (OSError, subprocess.SubprocessError):
         return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def git_commit() -> str:
+    commit = _git("rev-parse", "--short", "HEAD")
+    return commit + ("-dirty" if commit and _git("status", "--porcelain", "-uno") else "")
 
 
 def _full_commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"],
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except (OSError, subprocess.SubprocessError):
-        return ""
+    return _git("rev-parse", "HEAD")
 
 
 def _host_tags() -> dict[str, str]:
@@ -498,7 +497,3 @@ def log_report(run_id: str, folder: str) -> None:
     """A report folder (report.md at its top) into the run's artifacts, top level, so the
     relative links of report.md resolve in the MLflow UI."""
     client().log_artifacts(run_id, folder)
-
-
-def dump(obj) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
