@@ -785,3 +785,24 @@ def test_named_block_sets_read_from_the_input_side_to_the_output_side():
     shown = list(tables.accuracy_table(pd.DataFrame(rows)).cells["strategy"])
     assert shown == [f"blocks[names={n}]" for n in
                      ("stem", "stem+stage1", "stage7+top_conv", "top_conv")]
+
+
+def test_a_swept_lr_is_chosen_per_strategy_on_validation_never_on_test():
+    """A grid that runs each strategy at two learning rates without [tune]: the best-strategy
+    table compares strategies, each at the rate with the better validation accuracy (named),
+    and reports that rate's test accuracy; test accuracy never picks the rate."""
+    rows = []
+    for seed in (0, 1):
+        # partial: lr 1e-3 validates better; lr 1e-2 tests better (a trap for test-choosing)
+        rows += [_row("torch", "partial", seed, 0.80, p_lr=1e-3, val_acc=0.9),
+                 _row("torch", "partial", seed, 0.95, p_lr=1e-2, val_acc=0.5),
+                 _row("torch", "full", seed, 0.85, p_lr=1e-4, val_acc=0.8)]
+    for r in rows:  # distinct cells per rate
+        r["spec_hash"] += str(r["p_lr"])
+        r["run_id"] += str(r["p_lr"])
+    t = compare.best_strategy_table(pd.DataFrame(rows))
+    (row,) = t.numeric.to_dict("records")  # one comparison, not one row per rate
+    assert row["best"] == "full (lr=0.0001)" and row["best_mean"] == pytest.approx(0.85)
+    assert row["runner_up"] == "partial (lr=0.001)"
+    assert row["runner_up_mean"] == pytest.approx(0.80)
+    assert "best mean validation accuracy" in t.markdown()

@@ -97,10 +97,12 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     """Per dataset x backbone x weights x framework: the strategy with the best mean test
     accuracy, its margin over the runner-up, and whether the lead holds over seeds (paired
     t-test on the seeds both ran, 5% level)."""
-    outer, per = strategies_per_group(df)
+    outer, per, chosen = strategies_per_group(df)
     numeric, shown = [], []
     for (key, fw), by_label in per.items():
-        strategies = list(by_label.items())
+        # a strategy run at several settings: the one chosen on validation, named
+        strategies = [(f"{label} ({chosen[(key, fw, label)]})" if (key, fw, label) in chosen
+                       else label, rows) for label, rows in by_label.items()]
         ranked = sorted(((summarize(finished_values(rows, metric)), label, rows)
                          for label, rows in strategies if len(finished_rows(rows))),
                         key=lambda t: -t[0]["mean"])
@@ -134,9 +136,12 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
     cells, marks, notes = cell_frames(shown)
     return Table("best_strategy", "Best strategy", pd.DataFrame(numeric), cells,
                  {"best": RANKED, "runner-up": RANKED, "margin": SIGNED},
-                 "By mean test accuracy over seeds. Holds over seeds: a paired t-test of "
-                 "best minus runner-up on the seeds both ran (5% level); with fewer than two "
-                 "matching seeds no test is possible.", [diverged_footnote(df)], marks, notes)
+                 "By mean test accuracy over seeds, each strategy at one setting: where the "
+                 "grid ran a strategy at several learning rates or weight decays, the one "
+                 "with the best mean validation accuracy (named beside it), never chosen on "
+                 "test. Holds over seeds: a paired t-test of best minus runner-up on the "
+                 "seeds both ran (5% level); with fewer than two matching seeds no test is "
+                 "possible.", [diverged_footnote(df)], marks, notes)
 
 
 def _ranked_cell(label: str, mean: float, rows: pd.DataFrame) -> tuple:
@@ -153,8 +158,9 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
     backbone, weights, ...) and framework, paired over the seeds both ran: the mean
     difference ± its standard error and the paired t-test's p. Lee et al. 2023 plot their
     Figure 2 this way (surgical minus full fine-tuning, standard errors over three runs).
-    Empty when no group has the baseline and another strategy."""
-    outer, per = strategies_per_group(df)
+    Empty when no group has the baseline and another strategy. A strategy run at several
+    settings enters at the one chosen on validation."""
+    outer, per, _ = strategies_per_group(df)
     numeric, shown = [], {}
     for (key, fw), strategies in per.items():
         base = strategies.get(baseline)

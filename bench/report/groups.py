@@ -77,16 +77,51 @@ def by_seed(rows: pd.DataFrame, column: str) -> pd.Series:
     return finished_rows(rows).set_index("p_seed")[column] if column in rows else pd.Series()
 
 
-def strategies_per_group(df: pd.DataFrame) -> tuple[list[str], dict]:
-    """The group keys but the strategy, and {(their values, framework): {strategy label:
-    rows}} in table order: the strategies a best-of or a relative-to compares."""
+# hyperparameters a comparison of strategies chooses per strategy on validation, never sweeps
+# across: a grid that sweeps them without [tune] still compares each strategy at its best
+SETTINGS = ("p_lr", "p_weight_decay")
+
+
+def strategies_per_group(df: pd.DataFrame) -> tuple[list[str], dict, dict]:
+    """The group keys but the strategy and the swept settings (lr, weight decay), and
+    {(their values, framework): {strategy label: rows}} in table order: the strategies a
+    best-of or a relative-to compares. Where a strategy ran at several settings, its rows
+    are those of the setting with the best mean validation accuracy (choose_on_val); the
+    third value says which: {(key, framework, label): "lr=0.001"}."""
     keys = group_keys(df)
-    outer = [k for k in keys if k != "p_strategy_label"]
-    per: dict[tuple, dict] = {}
+    swept = [k for k in keys if k in SETTINGS]
+    outer = [k for k in keys if k != "p_strategy_label" and k not in swept]
+    candidates: dict[tuple, dict[str, list]] = {}
     for kv, fw, rows in row_groups(df, keys):
-        key = tuple(v for k, v in zip(keys, kv, strict=True) if k != "p_strategy_label")
-        per.setdefault((key, fw), {})[kv[keys.index("p_strategy_label")]] = rows
-    return outer, per
+        values = dict(zip(keys, kv, strict=True))
+        key = tuple(values[k] for k in outer)
+        setting = ", ".join(f"{k[2:]}={values[k]}" for k in swept)
+        candidates.setdefault((key, fw), {}).setdefault(
+            values["p_strategy_label"], []).append((setting, rows))
+    per: dict[tuple, dict] = {}
+    chosen: dict[tuple, str] = {}
+    for (key, fw), by_label in candidates.items():
+        for label, options in by_label.items():
+            setting, rows = choose_on_val(options)
+            per.setdefault((key, fw), {})[label] = rows
+            if swept:
+                chosen[(key, fw, label)] = setting
+    return outer, per, chosen
+
+
+def choose_on_val(options: list[tuple[str, pd.DataFrame]]) -> tuple[str, pd.DataFrame]:
+    """The (setting, rows) whose finished cells have the best mean validation accuracy of
+    the weights they tested (best_val_acc with select = best_val, else the last epoch's
+    val_acc); the first where none has one. Never a test metric."""
+    def val(rows: pd.DataFrame) -> float:
+        done = finished_rows(rows)
+        if done.empty:
+            return -math.inf
+        best = done.get("p_select", pd.Series("last", index=done.index)) == "best_val"
+        last = done.get("val_acc", pd.Series(math.nan, index=done.index))
+        tested = done.get("best_val_acc", last).where(best, last)
+        return float(tested.mean()) if tested.notna().any() else -math.inf
+    return max(options, key=lambda o: val(o[1]))
 
 
 def group_status(rows: pd.DataFrame) -> str:
