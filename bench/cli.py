@@ -51,10 +51,12 @@ def _run_options(args):
 
 def _print_dry_run(plan) -> None:
     g = plan.grid
-    print(f"grid {g.name!r} ({g.path}): {len(g.specs)} cells on {g.device_kind} "
-          f"(device {g.device}), {plan.where()}"
-          + (f" ({g.duplicates} duplicates removed)" if g.duplicates else ""))
-    for s in g.specs:
+    what = (f"{len(g.specs)} studies ({g.tune.describe()}: up to "
+            f"{len(g.specs) * (g.tune.trials + len(g.tune.final_seeds))} cells)"
+            if g.tune else f"{len(g.specs)} cells")
+    print(f"grid {g.name!r} ({g.path}): {what} on {g.device_kind} (device {g.device}), "
+          f"{plan.where()}" + (f" ({g.duplicates} duplicates removed)" if g.duplicates else ""))
+    for s in g.specs:  # a tuned grid's: each study, named by its cell at the trial seed
         print(f"  {s.hash}  {g.label(s)}")
     for problem in g.data_problems:
         print(f"not runnable here yet: {problem}")
