@@ -348,3 +348,14 @@ def test_the_report_compares_finals_and_shows_the_search(store, tmp_path):
     figs = figures.all_figures(data, tmp_path / "figures")
     assert figs["sensitivity"] and (tmp_path / figs["sensitivity"][0]).exists()
     assert "Tuned comparison: 3 trials per strategy" in text.methods(data)
+
+
+def test_refit_on_train_and_val_puts_the_val_images_in_the_train_part():
+    from bench.data import prepare, shipped_cards
+
+    card = shipped_cards()["digits"]
+    plain = prepare(card, seed=0, subset=120)
+    refit = prepare(card, seed=0, subset=120, train_on="train+val")
+    assert list(refit.split["train"]) == list(plain.split["train"]) + list(plain.split["val"])
+    assert list(refit.split["val"]) == list(plain.split["val"])
+    assert list(refit.split["test"]) == list(plain.split["test"])

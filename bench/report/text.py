@@ -328,6 +328,10 @@ def report_markdown(data: ReportData, tables: list[Table], figures: dict[str, li
                    f"[csv](tables/{t.name}.csv)\n")
         for png in figures.get(fig_after.get(t.name, ""), []):
             out.append(f"![{Path(png).stem}]({png})\n")
+    if not any(t.name == "relative" for t in tables):  # never missing without a word
+        out.append("### Relative to full\n\nNot written: no group (dataset, backbone, "
+                   "weights and the other fields a grid varies) holds the strategy `full` "
+                   "and another strategy to compare with it, in one framework.\n")
     if figures.get("learning_curves"):
         out.append("### Learning curves\n")
         out += [f"![{Path(p).stem}]({p})\n" for p in figures["learning_curves"]]
