@@ -163,12 +163,14 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
     outer, per, _ = strategies_per_group(df)
     numeric, shown = [], {}
     for (key, fw), strategies in per.items():
-        base = strategies.get(baseline)
+        # the baseline strategy with its options (`full[bn=frozen]`), when one label has it
+        labels = [lb for lb in strategies if lb == baseline or lb.startswith(baseline + "[")]
+        base = strategies[labels[0]] if len(labels) == 1 else None
         if base is None or len(strategies) < 2:
             continue
         b = by_seed(base, metric)
         arms = [(label, rows, metric) for label, rows in strategies.items()
-                if label != baseline]
+                if label != labels[0]]
         source = f"source_{metric}"  # the source model before any step (head_init = source)
         if source in base and finished_values(base, source).notna().any():
             arms.insert(0, (NO_ADAPTATION, base, source))

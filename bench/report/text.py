@@ -60,7 +60,9 @@ def methods(data: ReportData) -> str:
             f"invocation `{p.get('run_name', '')}` (parent run `{p.get('run_id')}`, "
             f"{p.get('status', '?')})" if p else f"All cell runs of experiment "
             f"`{data.experiment}` (newest finished run per cell)")
-    expected = f" of the {data.expected} the grid expects" if data.expected else ""
+    trials = int((data.frame["role"] == "trial").sum()) if "role" in data.frame else 0
+    expected = (f" (final cells; {trials} trial cells were the search)" if trials else
+                f" of the {data.expected} the grid expects" if data.expected else "")
     parts = [
         f"{grid}, git {p.get('t_git_commit') or vals('t_git_commit')}. "
         f"{n} cells{expected}: frameworks {vals('p_framework')}; backbones "
