@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from bench.config import grid as gridmod
+from bench.paths import name_problem
 
 
 def _run(args) -> int:
@@ -28,6 +29,8 @@ def _run(args) -> int:
         g = gridmod.load(args.grid, smoke=args.smoke, check_data=not args.dry_run)
     except gridmod.GridError as e:
         print(e, file=sys.stderr)
+        return 2
+    if not args.dry_run and _store_problem():
         return 2
     try:
         plan = planmod.make_plan(g, _run_options(args))
@@ -94,11 +97,25 @@ def _run_plan(plan, args) -> int:
     return 1
 
 
+def _store_problem() -> bool:
+    """The tracking store checked once before anything starts: True (and the one line that
+    says why printed) when it cannot be reached or written."""
+    from bench import tracking
+    from bench.run.preflight import store_problem
+
+    problem = store_problem(tracking.tracking_uri())
+    if problem:
+        print(f"{problem}; nothing was run", file=sys.stderr)
+    return problem is not None
+
+
 def _report(args) -> int:
     from bench import tracking
     from bench.report import build as report
     from bench.report import figures, frame, tables
 
+    if _store_problem():
+        return 2
     parent, grid, exp_id, sel = args.parent, None, None, args.selection
     if sel and not parent and _looks_like_run_id(sel):
         parent, sel = sel, None
@@ -141,6 +158,11 @@ def _report(args) -> int:
     fails = tables.failures(data.frame)
     if fails:
         print("Not finished:\n" + "\n".join(f"- {f}" for f in fails))
+    problem = name_problem(data.experiment)
+    if problem:  # a store's experiment named like a path: the report stays under --out
+        print(f"experiment {data.experiment!r}: its name {problem}; no report written",
+              file=sys.stderr)
+        return 2
     out = Path(args.out) / data.experiment
     figs = figures.all_figures(data, out / "figures", args.curves)
     written = report.write(data, out, figs, log=not args.no_log)

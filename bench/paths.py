@@ -5,10 +5,25 @@ from __future__ import annotations
 import fcntl
 import importlib.metadata
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+# a name that becomes a folder or an MLflow experiment (a grid's, a dataset card's): plain
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+
+
+def name_problem(name: object) -> str | None:
+    """None for a plain name; else why not: a grid or card name becomes an experiment and a
+    folder (reports/<name>/), and must not lead outside it."""
+    if isinstance(name, str) and PLAIN_NAME.fullmatch(name) and ".." not in name:
+        return None
+    return ("must be a plain name: letters, digits, '_', '.' and '-', starting with a letter "
+            "or digit, no '/' or '..' (it names an MLflow experiment and a folder under "
+            "reports/)")
 
 
 def datasets_dir() -> Path:

@@ -50,6 +50,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ from bench.data import (
     check_card,
     shipped_cards,
 )
-from bench.paths import grids_dir
+from bench.paths import grids_dir, name_problem
 from strategies.constraint import Constraint
 
 TOP_KEYS = {"name", "description", "axes", "defaults", "smoke", "run", "datasets", "tune"}
@@ -233,10 +234,12 @@ def _sections(doc: dict, where: str, problems: list[str]) -> tuple[str, dict[str
     bad = sorted(set(doc) - TOP_KEYS)
     if bad:
         problems.append(f"unknown top-level key(s) {bad}; allowed: {sorted(TOP_KEYS)}")
-    name = doc.get("name") or Path(where).stem
-    if not isinstance(name, str):
-        problems.append(f"name = {name!r}: must be a string")
-        name = Path(where).stem
+    name = doc.get("name")
+    msg = None if name is None else name_problem(name)
+    if msg:
+        problems.append(f"name = {name!r}: {msg}")
+    if name is None or msg:  # the file's name, made plain
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(where).stem).strip("._-") or "grid"
     sections = {}
     for key in ("datasets", "axes", "defaults", "smoke", "run"):
         sections[key] = doc.get(key, {})
@@ -325,6 +328,10 @@ def _cards(local: dict, problems: list[str]) -> dict[str, dict]:
     cards = {}
     for n, c in {**shipped_cards(), **local}.items():
         where = f"datasets.{n}" if n in local else f"datasets/{n}.toml"
+        msg = name_problem(n)
+        if msg:
+            problems.append(f"{where}: dataset name {n!r} {msg}")
+            continue
         if not isinstance(c, dict):
             problems.append(f"{where} = {c!r}: a dataset card is a table ([{where}])")
             continue

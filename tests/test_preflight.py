@@ -1,0 +1,92 @@
+"""A tracking store that is not there or cannot be written: refused before anything starts,
+in one line naming the URI, exit 2, nothing run (a real closed port on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+import pytest
+
+from bench import cli
+from bench.run.preflight import store_problem
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:  # bound, then closed: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_dead_tracking_server_is_refused_fast_in_one_line(tmp_path, monkeypatch, capsys):
+    uri = f"http://127.0.0.1:{_closed_port()}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    started = time.monotonic()
+    assert cli.main(["run", "default"]) == 2
+    assert cli.main(["report", "default"]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - started < 30
+    assert f"the tracking server {uri} could not be reached" in err
+    assert "unset MLFLOW_TRACKING_URI" in err and "Traceback" not in err
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.mark.parametrize("uri, says", [
+    ("sqlite:////proc/x/m.db", "its folder /proc/x does not exist"),
+    ("sqlite:////proc/m.db", "cannot be written: "),
+])
+def test_a_store_that_cannot_be_written_is_refused_in_one_line(uri, says, monkeypatch,
+                                                              capsys, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", "default"]) == 2
+    err = capsys.readouterr().err
+    assert says in err and uri in err and err.count("\n") == 1
+
+
+def test_a_store_that_is_there_passes(tmp_path):
+    assert store_problem(f"sqlite:///{tmp_path / 'mlflow.db'}") is None
+    assert store_problem(str(tmp_path / "mlruns")) is None
+    assert "does not exist" in store_problem(f"file://{tmp_path}/no/such/mlruns")
+
+
+# ---- names that become paths -------------------------------------------------------------
+GRID = """
+name = {name}
+[axes]
+framework = ["torch"]
+backbone = ["resnet18"]
+dataset = [{dataset}]
+{datasets}
+"""
+
+
+@pytest.mark.parametrize("name, dataset, datasets, says", [
+    ('"../../../../tmp/x"', '"digits"', "", "name = '../../../../tmp/x': must be a plain name"),
+    ('"a/b"', '"digits"', "", "name = 'a/b': must be a plain name"),
+    ('"ok"', '"../evil"', '[datasets."../evil"]\nsource = "digits"',
+     "datasets.../evil: dataset name '../evil' must be a plain name"),
+])
+def test_path_like_names_are_refused_before_any_work(name, dataset, datasets, says, tmp_path,
+                                                     monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "g.toml"
+    path.write_text(GRID.format(name=name, dataset=dataset, datasets=datasets))
+    assert cli.main(["run", str(path)]) == 2
+    assert says in capsys.readouterr().err
+    assert not (tmp_path / "mlflow.db").exists()  # nothing written
+
+
+def test_a_report_is_never_written_outside_its_folder(tmp_path, monkeypatch, capsys):
+    from bench import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    tracking.client().create_experiment("../escaped")  # made by someone else's tool
+    assert cli.main(["report", "../escaped", "--out", str(tmp_path / "reports")]) == 2
+    assert "no report written" in capsys.readouterr().err
+    assert not (tmp_path / "escaped").exists()
