@@ -84,8 +84,6 @@ class Study:
         return [[e, _median(v)] for e, v in sorted(by_epoch.items())] or None
 
     def ask_round(self) -> list[RunSpec]:
-        import optuna  # noqa: F401 - the distributions below need it loaded
-
         space = self.tune.space_for(self.base.strategy)
         dists = {k: s.distribution() for k, s in space.items()}
         n = min(self.tune.round_size, self.tune.trials - len(self.asked))
@@ -192,13 +190,12 @@ def make_studies(grid: Grid) -> list[Study]:
     for base in grid.specs:
         space = tune.space_for(base.strategy)
         if tune.sampler_kind(base.strategy) == "grid":
-            sampler = _GridSampler({k: list(s.values) for k, s in space.items()},
+            sampler = grid_sampler({k: list(s.values) for k, s in space.items()},
                                    seed=tune.seed)
         else:
             sampler = optuna.samplers.TPESampler(seed=tune.seed,
                                                  n_startup_trials=max(1, tune.trials // 2))
-        direction = tune.direction
-        studies.append(Study(base, tune, optuna.create_study(direction=direction,
+        studies.append(Study(base, tune, optuna.create_study(direction=tune.direction,
                                                              sampler=sampler)))
     return studies
 
@@ -217,7 +214,7 @@ def _grid_sampler_class():
     return GridSampler
 
 
-def _GridSampler(space: dict, seed: int):  # noqa: N802 - a class made on first use
+def grid_sampler(space: dict, seed: int):
     return _grid_sampler_class()(space, seed=seed)
 
 
