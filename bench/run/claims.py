@@ -1,5 +1,5 @@
 """A cell is claimed before it runs, so that two runners on one grid and one store (two
-terminals, two Ray drivers, a driver and its restarted self) never run it twice.
+terminals, two Ray drivers, a runner and its restarted self) never run it twice.
 
 The claim is the cell's own MLflow run. MLflow has no compare-and-set, so the claim is a
 write-then-read: create the run (RUNNING), then read every run of the same spec hash. If any

@@ -10,7 +10,7 @@ keeps its own resume (spec hashes, claims) and its parent and child runs.
 
 Faults: a task whose worker or node dies is retried once by Ray (max_retries=1); the retry
 takes over the first attempt's run (same Ray task id, bench/run/claims.py). A task that fails
-twice is recorded FAILED by the driver. Ctrl-C cancels every task (their processes end) and
+twice is recorded FAILED by the runner. Ctrl-C cancels every task (their processes end) and
 marks their runs KILLED.
 
 Ray is an optional extra (pip install 'tlbench[ray]'); only this module imports it, and only
@@ -30,7 +30,7 @@ from bench.run import claims
 from bench.run.execute import execute, run_names
 from bench.run.task import CellTask, Outcome, RunnerContext, Slot, Stop
 
-# the driver's environment that tasks get: where the store and the harness's files are
+# the runner's environment that tasks get: where the store and the harness's files are
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TLBENCH_CACHE", "TLBENCH_DATASETS",
                  "TLBENCH_FORKSERVER", "TLBENCH_CLAIM_STALE_S")
 LOCAL_STORES = ("sqlite:", "file:", "/", ".")  # reachable from one machine only
@@ -196,7 +196,7 @@ _WORKER: dict = {}  # this worker process's launcher and heartbeat, kept between
 
 
 def _task(task: CellTask, env: dict, events, threads: int | None) -> Outcome:
-    """One cell inside a Ray task: the driver's store and cache, the GPU Ray gave the task."""
+    """One cell inside a Ray task: the runner's store and cache, the GPU Ray gave the task."""
     import ray
 
     from bench.run.forkserver import Launcher

@@ -8,7 +8,7 @@ history.json) goes to the tracking store from that worker.
 
 For each cell: claim it (bench/run/claims.py; a cell another runner holds is left to it), find
 or make its `pretrained:` checkpoint, start its process (forked or fresh, bench/run/forkserver.py)
-with its slot's GPU and CPUs, stream the process's events into MLflow and to the driver's
+with its slot's GPU and CPUs, stream the process's events into MLflow and to the runner's
 console (bench/run/progress.py events), and record the outcome: FINISHED, FAILED with the error
 or the signal that ended the process, KILLED when the runner is stopped.
 """

@@ -59,7 +59,7 @@ class Slot:
 
 @dataclass
 class CellTask:
-    """One cell as the driver hands it to a slot or a Ray task (picklable)."""
+    """One cell as the runner hands it to a slot or a Ray task (picklable)."""
 
     exp_id: str
     parent: str
