@@ -146,3 +146,14 @@ def test_cpu_probe_without_an_interval_is_unknown():
     probe = CpuProbe()
     assert probe.share is None
     assert probe.tag().startswith("unknown: ")
+
+
+def test_a_loss_far_above_chance_is_divergence_even_when_it_fell():
+    """lr 1000 (issue 27): the loss falls from 3.1e6 to 1.8e6 and stays a million times
+    chance (ln 10 = 2.3): diverged. A loss near chance is not."""
+    rows = [{"epoch": 1, "train_loss": 3.1e6}, {"epoch": 2, "train_loss": 1.8e6}]
+    assert loop.diverged_tag(rows, num_classes=10).startswith(
+        "true: final train loss 1.8e+06 is over 10x the chance level ln 10")
+    assert loop.diverged_tag(rows[:1], num_classes=10).startswith("true")
+    near = [{"epoch": 1, "train_loss": 2.4}, {"epoch": 2, "train_loss": 2.3}]
+    assert loop.diverged_tag(near, num_classes=10) == "false"

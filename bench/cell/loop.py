@@ -48,6 +48,7 @@ a training step normalises with its batch's statistics.
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -214,12 +215,14 @@ class Training:
     bn_seconds: float = 0.0
     bn_layers: set[int] = field(default_factory=set)
     pruned: str = ""  # why a tuned trial stopped early (median pruning), else ""
+    num_classes: int = 0
 
 
 def train_phases(session: Session, spec: RunSpec, phases: list[tuple[registry.Phase, int]],
                  num_classes: int, n_train: int, ctx) -> Training:
     """Every phase's epochs, in order."""
-    training = Training(n_train, sum(e for _, e in phases), precise_bn_sample(spec, n_train))
+    training = Training(n_train, sum(e for _, e in phases), precise_bn_sample(spec, n_train),
+                        num_classes=num_classes)
     steps_per_epoch = -(-n_train // spec.batch_size)
     for phase, n_epochs in phases:
         lr = spec.lr * phase.lr_scale
@@ -322,7 +325,7 @@ def record(session: Session, training: Training, final: dict, ctx) -> None:
     final["contention_share"] = training.probe.share
     tags = {"feature_cache_used": _cache_tag(training.cache_labels),
             "train_rate_of": training.rate_of, "contended": training.probe.tag(),
-            "diverged": diverged_tag(training.history)}
+            "diverged": diverged_tag(training.history, training.num_classes)}
     # what a strategy's backend hook did (LoRA: its adapters, their merge for inference)
     tags.update(getattr(session, "notes", None) or {})
     if training.bn_sample is not None:
@@ -379,12 +382,25 @@ def test_topk(num_classes: int) -> int:
     return 5 if num_classes > 5 else 1
 
 
-def diverged_tag(history: list[dict]) -> str:
+CHANCE_FACTOR = 10  # a final train loss this many times chance's (ln K) is divergence
+
+
+def diverged_tag(history: list[dict], num_classes: int = 0) -> str:
     """`diverged`: 'true: ...' when the last epoch's train loss is above the first's (the
-    cell trained away from its start), else 'false'."""
+    cell trained away from its start) or far above the chance level of the task
+    (CHANCE_FACTOR x ln K: lr 1000 ends near 1e6 while its loss still fell), else 'false'.
+    A test accuracy at chance alone is not divergence: evaluation with BatchNorm statistics
+    that never caught up (the default grid's from-scratch trap) trains fine."""
+    if not history:
+        return "false"
+    last = history[-1]["train_loss"]
+    chance = math.log(num_classes) if num_classes > 1 else math.inf
+    if last > CHANCE_FACTOR * chance:
+        return (f"true: final train loss {last:.4g} is over {CHANCE_FACTOR}x the chance "
+                f"level ln {num_classes} = {chance:.3g}")
     if len(history) < 2:
         return "false"
-    first, last = history[0]["train_loss"], history[-1]["train_loss"]
+    first = history[0]["train_loss"]
     if last > first:
         return (f"true: final train loss {last:.4g} above the first epoch's {first:.4g} "
                 f"(epoch {history[-1]['epoch']} vs 1)")
