@@ -103,11 +103,15 @@ def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
         # a strategy run at several settings: the one chosen on validation, named
         strategies = [(f"{label} ({chosen[(key, fw, label)]})" if (key, fw, label) in chosen
                        else label, rows) for label, rows in by_label.items()]
+        # a strategy with a diverged cell is never a best or a runner-up: listed aside
         ranked = sorted(((summarize(finished_values(rows, metric)), label, rows)
-                         for label, rows in strategies if len(finished_rows(rows))),
+                         for label, rows in strategies
+                         if len(finished_rows(rows)) and not diverged_cells(rows)),
                         key=lambda t: -t[0]["mean"])
         skipped = [f"{label} ({group_status(rows)})" for label, rows in strategies
-                   if not len(finished_rows(rows))]
+                   if not len(finished_rows(rows))] + \
+            [f"{label} (diverged {DIVERGED})" for label, rows in strategies
+             if len(finished_rows(rows)) and diverged_cells(rows)]
         r = {**dict(zip(outer, key, strict=True)), "framework": fw,
              "best": None, "best_mean": math.nan, "runner_up": None,
              "runner_up_mean": math.nan, "margin": math.nan, "pairs": 0,

@@ -30,7 +30,7 @@ PARAM_DEFAULTS = {"p_select": "last", "p_device_kind": "cpu"}
 TRIAL = "trial"  # a tuned grid's trial cell: the search, never a result (bench/report/tuned.py)
 TUNED = "tuned"  # what a searched field reads in a final row: its value is the study's choice
 CONTENDED = "†"  # a speed figure taken while other processes used the machine
-DIVERGED = "‡"  # final train loss above the first epoch's (tag tlbench.diverged)
+DIVERGED = "‡"  # final train loss above the first epoch's or 10x chance (tag tlbench.diverged)
 DIVERGED_ERROR = "diverged at epoch"  # how a cell whose loss went NaN/inf fails
 
 
@@ -247,7 +247,7 @@ def contended_cells(rows: pd.DataFrame) -> int:
 
 
 def diverged_cells(rows: pd.DataFrame) -> int:
-    """Finished cells of the rows whose final train loss is above the first epoch's."""
+    """Finished cells of the rows tagged diverged (tlbench.diverged, bench/cell/loop.py)."""
     return int(tag_true(finished_rows(rows), "diverged").sum())
 
 

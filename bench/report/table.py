@@ -86,7 +86,8 @@ def diverged_footnote(df: pd.DataFrame) -> str:
     n = diverged_cells(cells_only(df))
     if not n:
         return ""
-    return f"{DIVERGED} diverged: final train loss above the first epoch's ({cells_phrase(n)})."
+    return (f"{DIVERGED} diverged: final train loss above the first epoch's or over 10x the "
+            f"chance level ({cells_phrase(n)}).")
 
 
 def _text(value) -> str:

@@ -277,7 +277,8 @@ def contention_sentence(done: pd.DataFrame) -> str:
 
 
 def divergence_sentence(cells: pd.DataFrame) -> str:
-    """Finished cells whose loss ended above the first epoch's; cells failed on NaN/inf."""
+    """Finished cells whose loss ended above the first epoch's or far above chance; cells
+    failed on NaN/inf."""
     done = finished_rows(cells)
     rec = int(tag_recorded(done, "diverged").sum())
     blew_up = int((status_labels(cells) == f"{tracking.FAILED} (diverged)").sum())
@@ -289,7 +290,8 @@ def divergence_sentence(cells: pd.DataFrame) -> str:
     n = diverged_cells(done)
     unrec = _unrecorded(rec, len(done))
     head = (f"{n} of {rec} finished cells diverged" + _paren(
-        "final train loss above the first epoch's", f"{DIVERGED} in the accuracy tables", unrec)
+        "final train loss above the first epoch's or over 10x the chance level",
+        f"{DIVERGED} in the accuracy tables", unrec)
         if n else "No finished cell diverged" + _paren(unrec))
     return f"{head}{failed}."
 
