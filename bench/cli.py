@@ -30,6 +30,8 @@ def _run(args) -> int:
     except gridmod.GridError as e:
         print(e, file=sys.stderr)
         return 2
+    for warning in g.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if not args.dry_run and _store_problem():
         return 2
     try:

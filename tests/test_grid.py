@@ -694,3 +694,19 @@ def test_editing_a_pretraining_source_card_makes_a_new_pretraining():
 def test_card_digests_are_not_a_grid_field():
     msg = problems(doc(defaults={"card_digests": "digits=0"}))
     assert "defaults.card_digests: not a grid field: it is computed from the dataset cards" in msg
+
+
+def test_a_class_too_small_for_the_split_is_named_before_the_run(tmp_path, capsys):
+    """Issue 27: one image of `lynx` with val and test fractions of 0.2 would be left out
+    of two parts without a word; the grid names it (a warning: the run goes on)."""
+    root = tmp_path / "pets"
+    for c, n in (("cat", 5), ("dog", 5), ("lynx", 1)):
+        (root / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (4, 4), (i, 2, 3)).save(root / c / f"{i}.png")
+    text = doc({"dataset": ["pets"]}, datasets={"pets": {"source": "image_folder",
+                                                        "root": str(root)}})
+    g = from_dict(text, "x.toml")
+    (warning,) = g.warnings
+    assert "class 'lynx' has 1 image(s)" in warning and "(train, val, test)" in warning
+    assert "out of 2 of them" in warning

@@ -12,6 +12,8 @@ import itertools
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
+
 from bench.config import pretrained
 from bench.config import spec as specmod
 from bench.config import tune as tunemod
@@ -348,6 +350,27 @@ def _check_param(p: registry.Param, v, info: bb.BackboneInfo) -> str | None:
     else:  # float, int, choice: the Param's own constraint
         return p.constraint.problem(v)
     return None
+
+
+def small_classes(card: dict) -> list[str]:
+    """An image folder's classes too small for its split: with fewer images than parts
+    (train, val, a held-out test), the stratified split leaves the class out of a part. A
+    warning per class, naming it and its count (the run goes on; the report's numbers then
+    lack that class in a part)."""
+    split = card.get("split", {})
+    if card.get("source") != "image_folder" or "train_size" in split:
+        return []
+    parts = ["train"] + (["val"] if split.get("val_fraction") else []) + \
+        (["test"] if split.get("test_fraction") and split.get("test") is None else [])
+    try:
+        _, labels, classes = scan_image_folder(card["root"], verify=False)
+    except DatasetError:
+        return []  # folder_problem says what is wrong
+    counts = np.bincount(labels, minlength=len(classes))
+    return [f"dataset {card['name']!r}: class {c!r} has {n} image(s), fewer than its split's "
+            f"{len(parts)} parts ({', '.join(parts)}): the split leaves it out of "
+            f"{len(parts) - n} of them; add images or drop the class folder"
+            for c, n in zip(classes, counts, strict=True) if n < len(parts)]
 
 
 def folder_problem(card: dict) -> str | None:

@@ -65,6 +65,7 @@ from bench.config.cells import (
     folder_problem,
     head_problems,
     searched_filled,
+    small_classes,
 )
 from bench.config.spec import RunSpec
 from bench.config.tune import Tune
@@ -117,6 +118,9 @@ class Grid:
     # what keeps the grid's data from being read here (an image folder not there yet), when
     # loaded with check_data=False (--dry-run lists the cells and says so; a run refuses)
     data_problems: tuple[str, ...] = ()
+    # what the run goes on with but the user should know first (an image folder's class
+    # too small for its split: bench/config/cells.py small_classes)
+    warnings: tuple[str, ...] = ()
     # the [tune] table (bench/config/tune.py): then `specs` are the studies' cells at the
     # trial seed, and bench/run/tune.py makes their trial and final cells
     tune: Tune | None = None
@@ -226,6 +230,7 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
                 description=str(doc.get("description", "")), smoke=smoke,
                 duplicates=len(specs) - len(unique),
                 data_problems=() if check_data else _data_problems(cards, used),
+                warnings=tuple(w for k in sorted(used) for w in small_classes(cards[k])),
                 tune=tune, **run)
 
 
