@@ -90,3 +90,44 @@ def test_a_report_is_never_written_outside_its_folder(tmp_path, monkeypatch, cap
     assert cli.main(["report", "../escaped", "--out", str(tmp_path / "reports")]) == 2
     assert "no report written" in capsys.readouterr().err
     assert not (tmp_path / "escaped").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_cell_at_lr_1000_is_tagged_diverged_in_both_frameworks(tmp_path, monkeypatch):
+    """Issue 27: from scratch at lr 1000 (Adam) the train loss ends orders of magnitude
+    above chance (ln 10): FINISHED, tagged diverged, in both frameworks."""
+    from bench import tracking
+    from bench.config import grid as gridmod
+    from bench.run import runner
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "lr1000.toml"
+    path.write_text("""
+name = "lr1000"
+[axes]
+framework = ["torch", "keras"]
+backbone = ["mobilenet_v3_small"]
+weights = ["none"]
+strategy = ["full"]
+dataset = ["digits"]
+[defaults]
+subset = 60
+image_size = 32
+batch_size = 16
+epochs = 1
+lr = 1000.0
+[run]
+device = "cpu"
+""")
+    result = runner.run_grid(gridmod.load(path), path.read_text())
+    runs = tracking.child_runs(result.experiment_id, result.parent_run_id)
+    tags = {r.data.params["framework"]: (r.info.status, r.data.tags.get("tlbench.diverged", ""),
+                                         r.data.tags.get("tlbench.error", "")) for r in runs}
+    assert set(tags) == {"torch", "keras"}
+    for fw, (status, diverged, _) in tags.items():
+        # one epoch: only the chance rule can say so (measured: 1.6e8 torch, 5.6e7 keras)
+        assert status == "FINISHED" and diverged.startswith("true") and \
+            "chance level ln 10" in diverged, (fw, status, diverged)
