@@ -59,10 +59,10 @@ class Plan:
             return described["executor"]
         return f"{self.executor.width} at once ({described['slots']})"
 
-    def look_up_finished(self, finished_hashes: set[str]) -> Plan:
-        """The cells to run and the cells skipped: a cell is skipped when the experiment
-        holds a FINISHED run of its hash (which names its device kind); none with rerun."""
-        done = set() if self.rerun else finished_hashes
+    def look_up_finished(self, done: set[str]) -> Plan:
+        """The cells to run and the cells skipped: a cell is skipped when `done` (the
+        experiment's FINISHED hashes, which name the device kind; empty with rerun) holds
+        its hash."""
         self.todo = [s for s in self.grid.specs if s.hash not in done]
         self.skipped = [s for s in self.grid.specs if s.hash in done]
         return self

@@ -21,10 +21,12 @@ Test metrics are never read here.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from bench import tracking
 from bench.config.grid import Grid
 from bench.config.spec import RunSpec
 from bench.config.tune import Tune
@@ -258,7 +260,6 @@ def results(runs: list, specs: list[RunSpec], parent: str | None = None,
     invocation, for --rerun): its newest FINISHED run, else its newest run; its validation
     metrics only, so a test metric cannot reach a choice even by mistake; with `curves`
     its per-epoch val_acc too (median pruning)."""
-    from bench import tracking
 
     wanted = {s.hash for s in specs}
     by_hash: dict[str, list] = {}
@@ -294,9 +295,6 @@ def record(studies: list[Study], parent: str, finals: dict[str, Result]) -> None
     """What each study chose, on the parent run (tuning.json: per study its sampler, trial
     counts by state, the chosen values and validation score, the trial runs, the cost) and
     on each final run (the trial run it re-runs, the study, the score that chose it)."""
-    import json
-
-    from bench import tracking
 
     records = [s.summary() for s in studies]
     tracking.log_text(parent, json.dumps(records, indent=1, default=str), "tuning.json")
