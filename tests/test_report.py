@@ -240,23 +240,26 @@ def test_methods_says_not_recorded_for_runs_older_than_the_records():
 
 def _contended_frame() -> pd.DataFrame:
     shared = "true: other processes used 45% of the CPU"
-    return pd.DataFrame(
-        [_recorded("torch", "full", 0, 0.90, 100.0, contention_share=0.45, t_contended=shared),
-         _recorded("torch", "feature_extraction", 0, 0.80, 400.0),
-         _recorded("keras", "full", 0, 0.86, 50.0),
-         _recorded("keras", "feature_extraction", 0, 0.81, 300.0)])
+    rows = [_recorded("torch", "full", 0, 0.90, 100.0, contention_share=0.45, t_contended=shared),
+            _recorded("torch", "feature_extraction", 0, 0.80, 400.0),
+            _recorded("keras", "full", 0, 0.86, 50.0),
+            _recorded("keras", "feature_extraction", 0, 0.81, 300.0)]
+    for r in rows:  # what frame.end_to_end derives from the epoch history: half the step
+        r["end_to_end_images_per_sec"] = r["train_images_per_sec"] / 2
+    return pd.DataFrame(rows)
 
 
 def test_throughput_and_cost_mark_contended_rates_and_keep_numbers_numeric():
     df = _contended_frame()
     t = tables.throughput_table(df)
     shown = t.display.set_index(["strategy", "framework"])
-    assert shown.loc[("full", "torch"), "train img/s"] == "100 †"
+    assert shown.loc[("full", "torch"), "step img/s"] == "100 †"
+    assert shown.loc[("full", "torch"), "end-to-end img/s"] == "50 †"
     assert shown.loc[("full", "torch"), "speed-up vs full"] == "1.00× †"
     # its own rate was timed alone, its speed-up is over a contended full fine-tuning
-    assert shown.loc[("feature_extraction", "torch"), "train img/s"] == "400"
+    assert shown.loc[("feature_extraction", "torch"), "step img/s"] == "400"
     assert shown.loc[("feature_extraction", "torch"), "speed-up vs full"] == "4.00× †"
-    assert shown.loc[("full", "keras"), "train img/s"] == "50"
+    assert shown.loc[("full", "keras"), "step img/s"] == "50"
     assert shown.loc[("feature_extraction", "keras"), "speed-up vs full"] == "6.00×"
     num = t.numeric.set_index(["p_strategy_label", "framework"])
     assert num.loc[("full", "torch"), "train_images_per_sec"] == 100.0  # a number, no mark
@@ -278,10 +281,10 @@ def test_throughput_and_cost_mark_contended_rates_and_keep_numbers_numeric():
 def test_tables_hold_numbers_with_marks_as_data_and_format_when_rendered():
     t = tables.throughput_table(_contended_frame())
     at = (t.cells["strategy"] == "full") & (t.cells["framework"] == "torch")
-    assert t.cells.loc[at, "train img/s"].item() == 100.0  # a number, its mark beside it
-    assert t.marks.loc[at, "train img/s"].item() == report_frame.CONTENDED
+    assert t.cells.loc[at, "step img/s"].item() == 100.0  # a number, its mark beside it
+    assert t.marks.loc[at, "step img/s"].item() == report_frame.CONTENDED
     assert t.cells.loc[at, "speed-up vs full"].item() == pytest.approx(1.0)
-    assert t.display.loc[at, "train img/s"].item() == "100 †"  # written only when shown
+    assert t.display.loc[at, "step img/s"].item() == "100 †"  # written only when shown
     acc = tables.accuracy_table(_diverged_frame())
     full = acc.cells.set_index("strategy").loc["full", "test_acc (torch)"]
     assert full["mean"] == pytest.approx(0.1) and full["n"] == 1  # the summary, not text
@@ -374,7 +377,7 @@ def test_pareto_leaves_contended_points_off_the_front():
     df = _contended_frame()
     df.loc[0, "test_acc"] = 0.99  # the contended cell would dominate every other one
     pts, x = figures.pareto_points(df)
-    assert x == "train_images_per_sec"
+    assert x == "end_to_end_images_per_sec"
     pts = pts.set_index(["p_strategy_label", "framework"])
     assert bool(pts.loc[("full", "torch"), "contended"])
     assert not pts.loc[("full", "torch"), "front"]
@@ -385,7 +388,7 @@ def test_pareto_leaves_contended_points_off_the_front():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "machine shared while timed (not on the front)" in labels
     hollow = [c for c in ax.collections if len(c.get_offsets())
-              and tuple(c.get_offsets()[0]) == (100.0, 0.99)]
+              and tuple(c.get_offsets()[0]) == (50.0, 0.99)]
     assert hollow and len(hollow[0].get_facecolor()) == 0  # no fill: drawn hollow
     plain = figures.pareto_points(df.assign(t_contended="false"))[0]
     assert plain.set_index(["p_strategy_label", "framework"]).loc[("full", "torch"), "front"]
@@ -553,6 +556,65 @@ def test_framework_delta_marks_a_contended_speed_ratio():
     assert num.loc["full", "speed_contended"] == 1
     assert "A marked speed ratio is no torch/keras difference: one side or both were " \
            "timed on a shared machine." in t.markdown()
+
+
+HEAD_ONLY = "head only (cached features)"
+
+
+def _cached_frame() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Feature extraction timed on cached features (its step: the head alone) beside full
+    fine-tuning, 320 train images, 2 epochs each; and the epochs' history."""
+    rows, hist = [], []
+    for fw, scale in (("torch", 1.0), ("keras", 2.0)):
+        for strategy, ips, epoch_s, cache_s, rate_of, cache in (
+                ("feature_extraction", 40000.0, 0.05, 5.0, HEAD_ONLY, "features"),
+                ("full", 150.0, 2.0, 0.0, "whole model", "off: every block trains")):
+            r = _recorded(fw, strategy, 0, 0.8, ips * scale, epochs_trained=2.0,
+                          epoch_seconds=epoch_s / scale, feature_cache_seconds=cache_s,
+                          epoch_train_images_per_sec=320 * scale / epoch_s,
+                          model_only_train_images_per_sec=ips * 1.5,
+                          inference_images_per_sec=900.0, t_train_rate_of=rate_of,
+                          t_feature_cache_used=cache)
+            rows.append(r)
+            hist += [{"run_id": r["run_id"], "key": "epoch_seconds", "step": e,
+                      "value": epoch_s / scale} for e in (1, 2)]
+    return pd.DataFrame(rows), pd.DataFrame(hist)
+
+
+@pytest.mark.timeout(30)
+def test_throughput_compares_end_to_end_and_marks_a_head_only_step_rate():
+    df, hist = _cached_frame()
+    df = report_frame.add_derived(df, hist)
+    e2e = df.set_index(["p_strategy", "p_framework"])["end_to_end_images_per_sec"]
+    # feature extraction: 2 epochs x 320 images over 2 x 0.05 s of head + 5 s of caching
+    assert e2e[("feature_extraction", "torch")] == pytest.approx(640 / 5.1)
+    assert e2e[("full", "torch")] == pytest.approx(640 / 4.0)
+    t = tables.throughput_table(df)
+    shown = t.display.set_index(["strategy", "framework"])
+    assert shown.loc[("feature_extraction", "torch"), "end-to-end img/s"] == "125"
+    assert shown.loc[("feature_extraction", "torch"), "speed-up vs full"] == "0.78×"
+    assert shown.loc[("feature_extraction", "torch"), "step img/s"] == "40,000 §"
+    assert shown.loc[("feature_extraction", "torch"), "model-only img/s"] == "60,000 §"
+    assert shown.loc[("full", "torch"), "step img/s"] == "150"  # the whole model: no mark
+    num = t.numeric.set_index(["p_strategy_label", "framework"])
+    assert num.loc[("feature_extraction", "torch"), "speedup_vs_full"] == pytest.approx(40000 / 150)
+    assert num.loc[("feature_extraction", "torch"), "part_rate"] == 1
+    assert ("§ step and model-only rates of the part that trains above a feature cache, not "
+            "of the whole model (2 cells; tag tlbench.train_rate_of: head only (cached "
+            "features))") in t.markdown()
+    assert r"40,000 $^{\S}$" in t.latex()
+    # the Pareto figure's x: end-to-end, never the head's rate
+    pts, x = figures.pareto_points(df)
+    assert x == "end_to_end_images_per_sec"
+    speed = pts.set_index(["p_strategy_label", "framework"])["speed"]
+    assert speed[("feature_extraction", "torch")] == pytest.approx(640 / 5.1)
+    fig = figures.pareto_figure(pts, "digits", figures.SPEEDS[x])
+    assert fig.axes[0].get_xlabel().startswith("end-to-end train images/s")
+    assert max(c.get_offsets()[:, 0].max() for c in fig.axes[0].collections
+               if len(c.get_offsets())) < 1000
+    # runs without an epoch history: a step rate, and only where it times the whole model
+    pts, x = figures.pareto_points(_cached_frame()[0])
+    assert x == "train_images_per_sec" and set(pts["p_strategy_label"]) == {"full"}
 
 
 # ---- a tiny real grid ------------------------------------------------------------------

@@ -18,7 +18,8 @@
                                   hollow; each series shifted on x by a fraction of a block
                                   so that none hides another; one y range for all panels,
                                   at least 0.2 wide, within [0, 1]; legends below the axes.
-    pareto_<dataset>              test accuracy vs train images/s (log), one point per
+    pareto_<dataset>              test accuracy vs end-to-end train images/s (log: epochs,
+                                  feature caching and precise BN counted), one point per
                                   configuration and framework: colour = configuration
                                   (legend: strategy and the params that vary, key=value),
                                   marker = framework, the Pareto front stepped and circled;
@@ -59,10 +60,13 @@ from bench.report.plot import (
 from strategies import backbones
 
 DEPTH_FAMILY = ("feature_extraction", "partial", "full")  # one line through these
-# x of the Pareto plot: data-fed when measured (a cell with fewer steps than the warm-up
-# has none), else model-only
-SPEEDS = {"train_images_per_sec": "train images/s (data-fed)",
-          "model_only_train_images_per_sec": "train images/s (model-only)"}
+# x of the Pareto plot: end-to-end (feature caching counted) when recorded; for runs
+# without it a step rate, data-fed (a cell with fewer steps than the warm-up has none) else
+# model-only, and then only of the cells whose step times the whole model
+SPEEDS = {"end_to_end_images_per_sec": "end-to-end train images/s (epochs + feature caching)",
+          "train_images_per_sec": "train images/s (data-fed step, whole-model cells only)",
+          "model_only_train_images_per_sec":
+              "train images/s (model-only step, whole-model cells only)"}
 
 
 def unfreeze_depth(strategy: str, depth, backbone: str) -> float:
@@ -102,10 +106,14 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
         speed = (done.groupby([*keys, "p_framework"])[col].mean() if col in done
                  else pd.Series(dtype=float))
         acc[col] = speed.reindex(idx).to_numpy() if len(speed) else math.nan
-    shared = done.assign(_shared=frame.tag_true(done, "contended"))
-    acc["contended"] = (shared.groupby([*keys, "p_framework"])["_shared"].any()
-                        .reindex(idx, fill_value=False).astype(bool).to_numpy()
-                        if len(shared) else False)
+    rate_of = done.get("t_train_rate_of", pd.Series(None, index=done.index, dtype=object))
+    flags = done.assign(_shared=frame.tag_true(done, "contended"),
+                        _part=rate_of.map(lambda v: isinstance(v, str) and v.strip()
+                                          not in ("", frame.WHOLE_MODEL)))
+    for col, flag in (("contended", "_shared"), ("part_rate", "_part")):
+        acc[col] = (flags.groupby([*keys, "p_framework"])[flag].any()
+                    .reindex(idx, fill_value=False).astype(bool).to_numpy()
+                    if len(flags) else False)
     acc["strategy"] = first["p_strategy"].reindex(idx).to_numpy()
     depth = first["p_strategy.depth"].reindex(idx).to_numpy() \
         if "p_strategy.depth" in first else [None] * len(acc)
@@ -332,14 +340,19 @@ def pareto_front(points: pd.DataFrame, x: str, y: str) -> pd.Series:
 
 
 def pareto_points(df: pd.DataFrame) -> tuple[pd.DataFrame, str | None]:
-    """One point per cell group and framework with finished cells and a speed: columns
-    speed, mean, contended, front. A point timed while the machine was shared is no
-    measurement: it is never on the front and puts no other point off it."""
+    """One point per cell group and framework with finished cells and a speed (SPEEDS: the
+    end-to-end rate; a step rate only for runs without one, and only where it times the
+    whole model): columns speed, mean, contended, front. A point timed while the machine
+    was shared is no measurement: it is never on the front and puts no other point off
+    it."""
     s = _summary_frame(df)
     x = next((c for c in SPEEDS if c in s and s[c].notna().any()), None)
     if x is None:
         return s.iloc[:0], None
-    s = s[(s["n"] > 0) & s[x].notna()].rename(columns={x: "speed"})
+    s = s[(s["n"] > 0) & s[x].notna()]
+    if x != next(iter(SPEEDS)):  # a step rate: only where it times the whole model
+        s = s[~s["part_rate"]]
+    s = s.rename(columns={x: "speed"})
     s["front"] = False
     for _, d in s.groupby("p_dataset"):
         measured = d[~d["contended"]]

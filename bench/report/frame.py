@@ -32,6 +32,8 @@ TUNED = "tuned"  # what a searched field reads in a final row: its value is the 
 CONTENDED = "†"  # a speed figure taken while other processes used the machine
 DIVERGED = "‡"  # final train loss above the first epoch's or 10x chance (tag tlbench.diverged)
 DIVERGED_ERROR = "diverged at epoch"  # how a cell whose loss went NaN/inf fails
+PART_RATE = "§"  # a step rate of the part above a feature cache (tag tlbench.train_rate_of)
+WHOLE_MODEL = "whole model"  # tlbench.train_rate_of of a cell whose rates time everything
 
 
 @dataclass
@@ -157,7 +159,8 @@ def histories(frame: pd.DataFrame, keys: tuple[str, ...] = CURVE_KEYS) -> pd.Dat
 
 
 def add_derived(frame: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
-    """trainable_fraction; time_to_best_s: the epoch seconds summed up to best_val_epoch."""
+    """trainable_fraction; time_to_best_s: the epoch seconds summed up to best_val_epoch;
+    train_seconds: every epoch's seconds summed; the end-to-end cost (end_to_end)."""
     df = frame.copy()
     if "trainable_params" in df and "total_params" in df:
         df["trainable_fraction"] = df["trainable_params"] / df["total_params"]
@@ -167,6 +170,38 @@ def add_derived(frame: pd.DataFrame, hist: pd.DataFrame) -> pd.DataFrame:
         merged = secs.join(best, on="run_id", how="inner")
         upto = merged[merged["step"] <= merged["best_val_epoch"]]
         df["time_to_best_s"] = df["run_id"].map(upto.groupby("run_id")["value"].sum())
+    if not secs.empty:
+        df["train_seconds"] = df["run_id"].map(secs.groupby("run_id")["value"].sum())
+    return end_to_end(df)
+
+
+CACHED = ("features", "prefix:")  # tlbench.feature_cache_used of a phase that cached
+
+
+def _column(df: pd.DataFrame, col: str) -> pd.Series:
+    return pd.to_numeric(df[col], errors="coerce") if col in df \
+        else pd.Series(float("nan"), index=df.index)
+
+
+def end_to_end(df: pd.DataFrame) -> pd.DataFrame:
+    """A cell's training as one waits for it, whatever its step rate times:
+    end_to_end_seconds = its epochs' training seconds + the feature cache's forward pass
+    (feature_cache_seconds: features of train, val and test, or a frozen prefix's output)
+    + precise BatchNorm's recalibrations; end_to_end_images_per_sec = the images its epochs
+    trained (train images x epochs) over those seconds. NaN where a part is not recorded
+    (no epoch history; a cell that cached but predates feature_cache_seconds)."""
+    if "train_seconds" not in df:
+        return df
+    df = df.copy()
+    cache_tag = df.get("t_feature_cache_used", pd.Series(None, index=df.index, dtype=object))
+    cached = cache_tag.map(lambda t: isinstance(t, str) and any(c in t for c in CACHED))
+    cache = _column(df, "feature_cache_seconds")
+    cache = cache.where(cache.notna() | cached, 0.0)  # nothing cached: no seconds to add
+    bn = _column(df, "precise_bn_seconds").fillna(0.0)
+    n_train = (_column(df, "epoch_train_images_per_sec") * _column(df, "epoch_seconds")).round()
+    df["end_to_end_seconds"] = _column(df, "train_seconds") + cache + bn
+    df["end_to_end_images_per_sec"] = (n_train * _column(df, "epochs_trained")
+                                       / df["end_to_end_seconds"])
     return df
 
 
@@ -249,6 +284,17 @@ def contended_cells(rows: pd.DataFrame) -> int:
 def diverged_cells(rows: pd.DataFrame) -> int:
     """Finished cells of the rows tagged diverged (tlbench.diverged, bench/cell/loop.py)."""
     return int(tag_true(finished_rows(rows), "diverged").sum())
+
+
+def part_rate_cells(rows: pd.DataFrame) -> int:
+    """Finished cells of the rows whose step rates time only the part above a feature cache
+    (tlbench.train_rate_of other than 'whole model': the head on cached features, the blocks
+    above a cached prefix)."""
+    col = finished_rows(rows).get("t_train_rate_of")
+    if col is None:
+        return 0
+    return int(col.map(lambda v: isinstance(v, str) and v.strip() not in ("", WHOLE_MODEL)
+                       ).sum())
 
 
 def finished_rows(rows: pd.DataFrame) -> pd.DataFrame:

@@ -16,10 +16,13 @@ import pandas as pd
 from bench.report.frame import (
     CONTENDED,
     DIVERGED,
+    PART_RATE,
+    WHOLE_MODEL,
     cells_only,
     diverged_cells,
     finished_rows,
     finished_values,
+    part_rate_cells,
     tag_recorded,
     tag_true,
 )
@@ -88,6 +91,26 @@ def diverged_footnote(df: pd.DataFrame) -> str:
         return ""
     return (f"{DIVERGED} diverged: final train loss above the first epoch's or over 10x the "
             f"chance level ({cells_phrase(n)}).")
+
+
+def part_rate_footnote(df: pd.DataFrame) -> str:
+    """The § footnote of a table with step rates ('' when every rate times the whole
+    model)."""
+    done = finished_rows(cells_only(df))
+    n = part_rate_cells(done)
+    if not n:
+        return ""
+    what = sorted({str(v) for v in done.get("t_train_rate_of", pd.Series(dtype=object))
+                   .dropna() if str(v).strip() not in ("", WHOLE_MODEL)})
+    return (f"{PART_RATE} step and model-only rates of the part that trains above a feature "
+            f"cache, not of the whole model ({cells_phrase(n)}; tag tlbench.train_rate_of: "
+            f"{'; '.join(what)}): no speed of the strategy. Compare cells by end-to-end "
+            f"img/s, which counts building the cache.")
+
+
+def marks(*pairs: tuple[bool, str]) -> str:
+    """The marks whose flag is set, in order, one space apart ('§ †')."""
+    return " ".join(m for flag, m in pairs if flag)
 
 
 def _text(value) -> str:

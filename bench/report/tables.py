@@ -15,6 +15,7 @@ from bench.report.compare import best_strategy_table, framework_delta_table, rel
 from bench.report.frame import (
     CONTENDED,
     DIVERGED_ERROR,
+    PART_RATE,
     cells_only,
     contended_cells,
     distinct_values,
@@ -24,6 +25,7 @@ from bench.report.frame import (
     frameworks,
     group_keys,
     not_finished,
+    part_rate_cells,
     tag_true,
 )
 from bench.report.groups import accuracy_cell, group_status, row_groups
@@ -41,6 +43,8 @@ from bench.report.table import (
     contended_footnote,
     diverged_footnote,
     header,
+    marks,
+    part_rate_footnote,
     unrecorded_footnote,
 )
 from bench.report.tuned import tuned_table
@@ -74,48 +78,66 @@ def accuracy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:
                  marks, notes)
 
 
-def throughput_table(df: pd.DataFrame) -> Table:
-    """Train images/s data-fed and model-only, inference images/s, and the speed-up of
-    each strategy over full fine-tuning of the same backbone (same framework, dataset,
-    weights and other keys but lr and weight decay). Input-bound shown when the cells report
-    it."""
-    keys = group_keys(df)
+RATES = ("end_to_end_images_per_sec", "train_images_per_sec",
+         "model_only_train_images_per_sec", "inference_images_per_sec")
+SPEEDUPS = {"end_to_end_images_per_sec": "end_to_end_speedup_vs_full",
+            "train_images_per_sec": "speedup_vs_full",
+            "model_only_train_images_per_sec": "model_only_speedup_vs_full"}
+
+
+def _throughput_numeric(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame, list]:
+    """One row per cell group and framework: the rates and seconds (means over finished
+    seeds), what they time, the counts of marked cells; and each group's rows."""
     rows_out, group_rows = [], []
     for kv, fw, rows in row_groups(df, keys):
         group_rows.append(rows)
-        r = {**dict(zip(keys, kv, strict=True)), "framework": fw,
-             "n": len(finished_rows(rows)), "cells": len(rows),
-             "strategy": rows["p_strategy"].iloc[0]}
-        for col in ("train_images_per_sec", "model_only_train_images_per_sec",
-                    "inference_images_per_sec"):
+        done = finished_rows(rows)
+        r = {**dict(zip(keys, kv, strict=True)), "framework": fw, "n": len(done),
+             "cells": len(rows), "strategy": rows["p_strategy"].iloc[0]}
+        for col in (*RATES, "end_to_end_seconds", "train_seconds", "feature_cache_seconds"):
             r[col] = finished_values(rows, col).mean()
-        for col, tag in (("input_bound", "input_bound"), ("feature_cache", "feature_cache_used")):
-            vals = finished_rows(rows).get(f"t_{tag}", pd.Series(dtype=object)).dropna()
+        for col, tag in (("input_bound", "input_bound"), ("feature_cache", "feature_cache_used"),
+                         ("rate_of", "train_rate_of")):
+            vals = done.get(f"t_{tag}", pd.Series(dtype=object)).dropna()
             r[col] = ",".join(sorted(set(vals))) if len(vals) else None
+        r["part_rate"] = part_rate_cells(rows)
         r["contended"] = contended_cells(rows)
-        r["contention_share"] = _max_share(finished_rows(rows))
+        r["contention_share"] = _max_share(done)
         r["not_finished"] = not_finished(rows)
         rows_out.append(r)
-    numeric = pd.DataFrame(rows_out)
-    if numeric.empty:
-        return Table("throughput", "Throughput", numeric)
-    # the step rate does not depend on the optimizer's settings: a strategy run at another
-    # lr than full fine-tuning still has full fine-tuning to compare its speed with
+    return pd.DataFrame(rows_out), group_rows
+
+
+def _speedups(numeric: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
+    """Each rate over full fine-tuning's of the same backbone and framework (same dataset,
+    weights and other keys but the strategy, lr and weight decay: the rate does not depend
+    on the optimizer's settings), and whether that reference was contended."""
     base_keys = [k for k in keys if k not in ("p_strategy_label", "p_lr", "p_weight_decay")]
     base_keys += ["framework"]
     full = numeric[numeric["strategy"] == "full"].copy()
     full["_plain"] = full["p_strategy_label"] != "full"  # prefer plain `full` as reference
-    full = full.sort_values("_plain").drop_duplicates(base_keys)
-    ref = full.set_index(base_keys)
+    ref = full.sort_values("_plain").drop_duplicates(base_keys).set_index(base_keys)
     idx = pd.MultiIndex.from_frame(numeric[base_keys]) if len(base_keys) > 1 \
         else pd.Index(numeric[base_keys[0]])
-    for col, out in (("train_images_per_sec", "speedup_vs_full"),
-                     ("model_only_train_images_per_sec", "model_only_speedup_vs_full")):
+    for col, out in SPEEDUPS.items():
         refv = ref[col].reindex(idx).to_numpy() if col in ref else np.nan
         numeric[out] = numeric[col].to_numpy() / refv
     # a speed-up is as contended as either of its two rates
     numeric["full_contended"] = ref["contended"].reindex(idx).fillna(0).astype(int).to_numpy()
-    numeric = numeric.drop(columns="strategy")
+    return numeric.drop(columns="strategy")
+
+
+def throughput_table(df: pd.DataFrame) -> Table:
+    """Per cell group and framework: end-to-end train images/s (epochs, feature caching and
+    precise BatchNorm counted: frame.end_to_end) and its speed-up over full fine-tuning of
+    the same backbone; the data-fed and model-only step rates, marked § where they time only
+    the part above a feature cache; inference images/s. Input-bound and feature cache shown
+    when the cells report them."""
+    keys = group_keys(df)
+    numeric, group_rows = _throughput_numeric(df, keys)
+    if numeric.empty:
+        return Table("throughput", "Throughput", numeric)
+    numeric = _speedups(numeric, keys)
     show_bound = numeric["input_bound"].notna().any()
     show_cache = numeric["feature_cache"].notna().any()
     shown = []
@@ -123,9 +145,8 @@ def throughput_table(df: pd.DataFrame) -> Table:
         d = {header(k): r[k] for k in keys}
         d["framework"] = r["framework"]
         if r["n"] == 0:
-            d.update({"train img/s": group_status(rows), "model-only img/s": "",
-                      "inference img/s": "", "speed-up vs full": "",
-                      "model-only speed-up": ""})
+            d.update({c: "" for c in THROUGHPUT_COLUMNS})
+            d[next(iter(THROUGHPUT_COLUMNS))] = group_status(rows)
         else:
             d.update(_throughput_cells(r))
         if show_bound:
@@ -133,30 +154,40 @@ def throughput_table(df: pd.DataFrame) -> Table:
         if show_cache:
             d["feature cache"] = r["feature_cache"]
         shown.append(d)
-    cells, marks, notes = cell_frames(shown)
-    return Table("throughput", "Throughput", numeric, cells,
-                 {"train img/s": RATE, "model-only img/s": RATE, "inference img/s": RATE,
-                  "speed-up vs full": TIMES, "model-only speed-up": TIMES},
-                 "Images/s, mean over seeds of each cell's median step rate (warm-up "
-                 "excluded). Data-fed: the training loop with its input pipeline; "
-                 "model-only: a synthetic batch already on the device. Speed-up: train "
-                 "images/s over full fine-tuning of the same backbone and framework"
-                 f"{_device_note(df)}. "
-                 "— : not measured (a cell with fewer training steps than the warm-up "
-                 "has no data-fed rate) or no full fine-tuning to compare with.",
-                 [contended_footnote(df, "A speed-up is marked when either of its rates is."),
-                  unrecorded_footnote(df)], marks, notes)
+    cells, marks_, notes = cell_frames(shown)
+    return Table("throughput", "Throughput", numeric, cells, THROUGHPUT_COLUMNS,
+                 "Images/s, means over seeds. End-to-end: the images a cell's epochs trained "
+                 "over the seconds they took, with the forward pass that built its feature "
+                 "cache (feature extraction: the features of train, val and test) and "
+                 "precise BatchNorm's recalibration where on: what to compare strategies by. "
+                 "Speed-up: end-to-end images/s over full fine-tuning of the same backbone "
+                 f"and framework{_device_note(df)}. Step: each cell's median data-fed "
+                 "training step rate (warm-up excluded); model-only: the same step on a "
+                 "synthetic batch already on the device; inference: the whole model. "
+                 "— : not measured (no epoch history; a cell with fewer training steps than "
+                 "the warm-up has no step rate) or no full fine-tuning to compare with.",
+                 [part_rate_footnote(df),
+                  contended_footnote(df, "A speed-up is marked when either of its rates is."),
+                  unrecorded_footnote(df)], marks_, notes)
+
+
+THROUGHPUT_COLUMNS = {"end-to-end img/s": RATE, "speed-up vs full": TIMES,
+                      "step img/s": RATE, "model-only img/s": RATE, "inference img/s": RATE}
 
 
 def _throughput_cells(r: pd.Series) -> dict:
-    """The rates of a row with finished cells, marked † where they were contended."""
-    own = CONTENDED if r["contended"] > 0 else ""
-    either = CONTENDED if r["contended"] > 0 or r["full_contended"] > 0 else ""
-    return {"train img/s": (r["train_images_per_sec"], own, r["not_finished"]),
-            "model-only img/s": (r["model_only_train_images_per_sec"], own),
-            "inference img/s": (r["inference_images_per_sec"], own),
-            "speed-up vs full": (r["speedup_vs_full"], either),
-            "model-only speed-up": (r["model_only_speedup_vs_full"], either)}
+    """The rates of a row with finished cells: † where contended, § where a step rate times
+    only the part above a feature cache."""
+    own = r["contended"] > 0
+    either = own or r["full_contended"] > 0
+    part = r["part_rate"] > 0
+    return {"end-to-end img/s": (r["end_to_end_images_per_sec"], marks((own, CONTENDED)),
+                                 r["not_finished"]),
+            "speed-up vs full": (r["end_to_end_speedup_vs_full"], marks((either, CONTENDED))),
+            "step img/s": (r["train_images_per_sec"], marks((part, PART_RATE), (own, CONTENDED))),
+            "model-only img/s": (r["model_only_train_images_per_sec"],
+                                 marks((part, PART_RATE), (own, CONTENDED))),
+            "inference img/s": (r["inference_images_per_sec"], marks((own, CONTENDED)))}
 
 
 def _device_note(df: pd.DataFrame) -> str:
