@@ -434,10 +434,8 @@ def test_accuracy_vs_depth_one_panel_per_backbone_and_weights():
     assert series["keras full[bn=frozen] lr=0.0001"].x == [9]
     assert series["torch two_stage[lr_scale=0.1] lr=0.001"].kind == "two_stage"
     assert [r.label for r in panel.references] == [
-        "from scratch: full, precise_bn=0 (torch) 0.098",
-        "from scratch: full, precise_bn=0 (keras) 0.098",
-        "from scratch: full, precise_bn=320 (torch) 0.740",
-        "from scratch: full, precise_bn=320 (keras) 0.740"]
+        "from scratch: full, precise_bn=0 (torch, keras) 0.098",
+        "from scratch: full, precise_bn=320 (torch, keras) 0.740"]
 
     fig = figures.depth_figures(df)["digits"]
     (ax,) = _visible(fig)
@@ -445,7 +443,7 @@ def test_accuracy_vs_depth_one_panel_per_backbone_and_weights():
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert set(legend) == set(series) | {r.label for r in panel.references}
     refs = [ln for ln in ax.get_lines() if ln.get_label().startswith("from scratch")]
-    assert len(refs) == 4 and all(len(set(ln.get_ydata())) == 1 for ln in refs)  # level
+    assert len(refs) == 2 and all(len(set(ln.get_ydata())) == 1 for ln in refs)  # level
     lo, hi = ax.get_ylim()  # the reference at chance and the interval of 0.69/0.71 inside
     assert 0 <= lo < 0.0975 - 0.01 and 0.92 < hi <= 1
 
@@ -466,7 +464,7 @@ def test_accuracy_vs_depth_shares_a_sensible_y_range_and_scratch_only_gets_a_pan
     two = pd.concat([df, other], ignore_index=True)
     panels = figures.depth_panels(two)["digits"]
     assert [p.weights for p in panels] == ["imagenet", "pretrained:mnist_a"]
-    assert all(len(p.references) == 4 for p in panels)  # scratch in each, no panel of its own
+    assert all(len(p.references) == 2 for p in panels)  # scratch in each, no panel of its own
     axes = _visible(figures.depth_figures(two)["digits"])
     assert len(axes) == 2 and axes[0].get_ylim() == axes[1].get_ylim()
     lo, hi = axes[0].get_ylim()
@@ -491,9 +489,9 @@ def test_pareto_and_curves_label_series_by_the_params_that_vary():
     assert {"torch", "keras", "Pareto front", "full weights=none lr=0.001 precise_bn=320",
             "full[bn=frozen] weights=imagenet lr=0.0001 precise_bn=0"} <= set(labels)
     assert ax.get_ylim()[1] - ax.get_ylim()[0] >= 0.1
-    hist = pd.DataFrame([{"run_id": r, "key": k, "step": e, "value": 0.5}
-                         for r in df["run_id"] for k in ("train_acc", "val_acc")
-                         for e in (1, 2)])
+    hist = pd.DataFrame([{"run_id": r, "key": k, "step": e, "value": 0.3 + 0.02 * i}
+                         for i, r in enumerate(df["run_id"]) for k in ("train_acc", "val_acc")
+                         for e in (1, 2)])  # no line on another: labels as they are
     data = report_frame.ReportData(df, hist, "x", "0")
     fig = curves.curve_figures(data)["digits"]
     assert fig.get_suptitle().startswith("backbone=mobilenet_v2, dataset=digits")
@@ -503,6 +501,63 @@ def test_pareto_and_curves_label_series_by_the_params_that_vary():
     assert len(legend) == len(set(legend)) == 8  # colour: 6 configurations; line: 2 frameworks
     assert {"full weights=none lr=0.001 precise_bn=320", "torch", "keras"} <= set(legend)
     assert len(left.get_lines()) == 12  # a line per configuration and framework
+
+
+def _lines_on_lines(ax) -> list[tuple]:
+    """(beneath, on top) for every pair of an axes' lines with the same points."""
+    lines = [ln for ln in ax.get_lines() if len(ln.get_xdata())]
+    return [(a, b) for i, a in enumerate(lines) for b in lines[i + 1:]
+            if list(a.get_xdata()) == list(b.get_xdata())
+            and np.allclose(a.get_ydata(), b.get_ydata(), atol=1e-3)]
+
+
+@pytest.mark.timeout(60)
+def test_a_learning_curve_on_another_stays_visible_and_says_same_as():
+    df = _default_like_frame()
+    # precise_bn recalibrates for evaluation only: from scratch, its train curve is the
+    # precise_bn=0 one to the last digit, its val curve is not
+    train = {0: [0.2, 0.4, 0.6], 320: [0.2, 0.4, 0.6]}
+    rows = []
+    for _, r in df.iterrows():
+        for e in (1, 2, 3):
+            bn = r["p_precise_bn"] if r["p_weights"] == "none" else None
+            acc = train[bn][e - 1] if bn is not None else r["test_acc"] - 0.05 * (3 - e)
+            acc += 0.03 * (r["p_framework"] == "keras")
+            val = acc - 0.1 if bn == 0 else acc
+            rows += [{"run_id": r["run_id"], "key": "train_acc", "step": e, "value": acc},
+                     {"run_id": r["run_id"], "key": "val_acc", "step": e, "value": val}]
+    data = report_frame.ReportData(df, pd.DataFrame(rows), "x", "0")
+    left, right = _visible(curves.curve_figures(data)["digits"])
+    pairs = _lines_on_lines(left)
+    assert len(pairs) == 2  # from scratch, precise_bn 0 and 320: torch, keras
+    for beneath, top in pairs:  # the one on top is a ring around the one beneath
+        assert top.get_markerfacecolor() == "none"
+        assert top.get_markersize() > beneath.get_markersize()
+        assert top.get_zorder() > beneath.get_zorder()
+        assert top.get_linewidth() < beneath.get_linewidth()  # beneath: both edges show
+    assert not _lines_on_lines(right)
+    legend = [t.get_text() for t in left.figure.legends[0].get_texts()]
+    scratch = "full weights=none lr=0.001 precise_bn="
+    assert f"{scratch}320 (train: same as {scratch}0)" in legend
+    assert f"{scratch}0" in legend  # the line beneath: its own label
+
+
+@pytest.mark.timeout(60)
+def test_from_scratch_references_at_one_value_are_one_line_naming_both():
+    df = _default_like_frame()
+    df.loc[(df["p_framework"] == "keras") & (df["p_precise_bn"] == 320)
+           & (df["p_weights"] == "none"), "test_acc"] = 0.73
+    (panel,) = figures.depth_panels(df)["digits"]
+    assert [r.label for r in panel.references] == [
+        "from scratch: full, precise_bn=0 (torch, keras) 0.098",
+        "from scratch: full, precise_bn=320 (torch) 0.740",
+        "from scratch: full, precise_bn=320 (keras) 0.730"]
+    (ax,) = _visible(figures.depth_figures(df)["digits"])
+    refs = [ln for ln in ax.get_lines() if ln.get_label().startswith("from scratch")]
+    levels = [ln.get_ydata()[0] for ln in refs]
+    assert len(levels) == len(set(levels)) == 3  # no line drawn on another
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "from scratch: full, precise_bn=0 (torch, keras) 0.098" in legend
 
 
 def _diverged_frame() -> pd.DataFrame:

@@ -12,12 +12,14 @@
                                   grid varies (lr, precise_bn ...) are separate series whose
                                   labels name it ("torch full[bn=frozen] lr=0.0001"). The
                                   backbone's from-scratch cells (weights none) are labelled
-                                  horizontal reference lines, a panel of their own only
-                                  where no pretrained cell of the backbone finished. Colour
-                                  = configuration; torch solid and filled, keras dashed and
-                                  hollow; each series shifted on x by a fraction of a block
-                                  so that none hides another; one y range for all panels,
-                                  at least 0.2 wide, within [0, 1]; legends below the axes.
+                                  horizontal reference lines (one line, its label naming
+                                  them all, where several show the same value), a panel
+                                  of their own only where no pretrained cell of the
+                                  backbone finished. Colour = configuration; torch solid
+                                  and filled, keras dashed and hollow; each series shifted
+                                  on x by a fraction of a block so that none hides
+                                  another; one y range for all panels, at least 0.2 wide,
+                                  within [0, 1]; legends below the axes.
     pareto_<dataset>              test accuracy vs end-to-end train images/s (log: epochs,
                                   feature caching and precise BN counted), one point per
                                   configuration and framework: colour = configuration
@@ -126,6 +128,7 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
 FW_SIDE = {"torch": -1, "keras": 1}
 KIND_MARKERS = {"depth": "o", "two_stage": "D", "reinit_top": "^"}
 REF_GREYS = ("0.15", "0.5", "0.35", "0.65")
+REF_LINE = {"torch": "--", "keras": ":"}  # a line naming several frameworks: dash-dot
 
 
 @dataclass
@@ -192,18 +195,29 @@ def _depth_series(p: pd.DataFrame, extras: list[str]) -> list[Series]:
 
 def _references(ref: pd.DataFrame, extras: list[str]) -> list[Series]:
     """From-scratch cells as labelled horizontal lines: 'from scratch: full, precise_bn=320
-    (torch) 0.747'."""
+    (torch) 0.747'. Lines at the same height as shown (3 decimals) are one line whose label
+    names them all ('... (torch, keras) 0.098'): two drawn on top of each other would show
+    as one."""
     ref = ref[ref["n"] > 0]
     shown = varying(ref, extras)
-    out = []
+    out: dict[str, list] = {}
     ref = ref.assign(fw_order=ref["framework"].map(lambda f: FW_ORDER.get(f, 9)))
     for _, r in ref.sort_values(["p_strategy_label", *extras, "fw_order"]).iterrows():
         params = kv(r, shown, ", ")
-        label = (f"from scratch: {r['p_strategy_label']}{', ' + params if params else ''} "
-                 f"({r['framework']}) {r['mean']:.3f}")
-        out.append(Series(label, r["framework"], "reference", [], [r["mean"]], [r["err"]],
-                          (r["p_strategy_label"], params)))
-    return out
+        what = f"{r['p_strategy_label']}{', ' + params if params else ''}"
+        out.setdefault(f"{r['mean']:.3f}", []).append((what, r))
+    lines = []
+    for level, rows in out.items():
+        whats = list(dict.fromkeys(w for w, _ in rows))
+        fws = ", ".join(dict.fromkeys(r["framework"] for _, r in rows))
+        label = "from scratch: " + ("; ".join(
+            f"{w} ({', '.join(r['framework'] for x, r in rows if x == w)})" for w in whats)
+            if len(whats) > 1 else f"{whats[0]} ({fws})") + f" {level}"
+        first = rows[0][1]
+        lines.append(Series(label, fws, "reference", [], [first["mean"]],
+                            [max(r["err"] for _, r in rows)],
+                            (first["p_strategy_label"], kv(first, shown, ", "))))
+    return lines
 
 
 def depth_panels(df: pd.DataFrame) -> dict[str, list[Panel]]:
@@ -258,7 +272,7 @@ def _draw_depth_panel(ax, panel: Panel, colors: dict, greys: dict) -> None:
                     mfc="white" if s.framework != "torch" else c, label=s.label)
     for r in panel.references:
         g = greys[r.config]
-        ax.axhline(r.y[0], color=g, lw=1.3, linestyle="--" if r.framework == "torch" else ":",
+        ax.axhline(r.y[0], color=g, lw=1.3, linestyle=REF_LINE.get(r.framework, "-."),
                    label=r.label)
     if panel.notes:
         ax.text(0.01, 0.01, "not finished: " + "; ".join(panel.notes), transform=ax.transAxes,
