@@ -38,6 +38,26 @@ from bench.paths import atomic_write_text, cache_dir, file_lock
 FORMAT_VERSION = 1
 SAMPLE_ROWS = 64
 
+# The tag `decoded_cache_used`: every value a cell can write starts with one of these forms
+# (form_of reads it back); the README lists them, a test holds the code to the list.
+USED_FORMS = {
+    "built": "built in <s> s: <n> images at <size> px, <MiB> MiB",
+    "reused": "reused: <n> images at <size> px, <MiB> MiB",
+    "not needed": "not needed: the dataset is arrays already, nothing to decode",
+    "failed": "failed, files decoded every epoch: <error>",
+    "off": "off: decoded_cache = false",
+}
+NOT_NEEDED = USED_FORMS["not needed"]
+OFF = USED_FORMS["off"]
+
+
+def form_of(note: str) -> str | None:
+    """The form (a key of USED_FORMS) a `decoded_cache_used` value is in, or None."""
+    for form in USED_FORMS:
+        if note == form or note.startswith((form + ":", form + ",", form + " in ")):
+            return form
+    return None
+
 
 class DecodedImages:
     """Some rows of a decoded cache, read from the memmap on demand: a split part's images.
@@ -179,7 +199,7 @@ def decoded_parts(parts: dict[str, tuple], size: int) -> tuple[dict[str, tuple],
     (one cache for the union of their files), and a note for the cell's tags. Parts of an
     array dataset, or of one whose cache cannot be written, are returned as they are."""
     if not any(isinstance(items, list) for items, _ in parts.values()):
-        return parts, "no files: an array dataset"
+        return parts, NOT_NEEDED
     files = sorted({f for items, _ in parts.values() if isinstance(items, list) for f in items})
     try:
         array, how = open_cache(files, size)
