@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import re
 import sys
+from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -15,7 +16,7 @@ from scipy import stats as scipy_stats
 
 from bench import cli, tracking
 from bench.config import grid as gridmod
-from bench.report import compare, curves, figures, plot, stats, table, tables
+from bench.report import compare, curves, figures, html, plot, stats, table, tables
 from bench.report import frame as report_frame
 from bench.report import text as report_text
 from bench.run import runner
@@ -119,7 +120,7 @@ def test_throughput_cost_delta_and_best_on_handmade_frame(handmade):
     assert thr.loc[("feature_extraction", "torch"), "speedup_vs_full"] == pytest.approx(4.0)
     assert thr.loc[("full", "keras"), "train_images_per_sec"] == pytest.approx(60.0)
     assert math.isnan(thr.loc[("partial[depth=2]", "torch"), "speedup_vs_full"])
-    shown = tables.throughput_table(handmade).display.set_index(["strategy", "framework"])
+    shown = tables.timing_table(handmade).display.set_index(["strategy", "framework"])
     assert shown.loc[("full", "torch"), "input-bound"] == "true"
     assert shown.loc[("full", "keras"), "input-bound"] == ""
     cost = tables.cost_table(handmade)
@@ -670,6 +671,91 @@ def test_throughput_compares_end_to_end_and_marks_a_head_only_step_rate():
     # runs without an epoch history: a step rate, and only where it times the whole model
     pts, x = figures.pareto_points(_cached_frame()[0])
     assert x == "train_images_per_sec" and set(pts["p_strategy_label"]) == {"full"}
+
+
+class _Tables(HTMLParser):
+    """The tables of an HTML page: their rows of cell texts, and whether each sits in a
+    box that scrolls (a div of class table-scroll); the links and the page's CSS."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.links, self.style, self._divs = [], [], "", []
+        self._cell = self._in_style = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "div":
+            self._divs.append(a.get("class", ""))
+        elif tag == "table":
+            self.tables.append({"scroll": "table-scroll" in self._divs, "rows": []})
+        elif tag == "tr":
+            self.tables[-1]["rows"].append([])
+        elif tag in ("td", "th"):
+            self._cell = ""
+        elif tag == "a":
+            self.links.append([a.get("href"), ""])
+        self._in_style = tag == "style"
+
+    def handle_endtag(self, tag):
+        if tag == "div":
+            self._divs.pop()
+        elif tag in ("td", "th"):
+            self.tables[-1]["rows"][-1].append(self._cell)
+            self._cell = None
+        self._in_style = False
+
+    def handle_data(self, data):
+        if self._in_style:
+            self.style += data
+        if self._cell is not None:
+            self._cell += data
+        if self.links and self.links[-1][1] == "":
+            self.links[-1][1] = data
+
+
+def _min_width_px(rows: list[list[str]], px_per_char: int = 8, pad_px: int = 20) -> int:
+    """A table's narrowest width in a browser: each column as wide as its longest word."""
+    widths = [max(len(w) for w in (cell.split() or [""])) for cell in rows[0]]
+    for row in rows[1:]:
+        widths = [max(w, *(len(x) for x in (c.split() or [""])))
+                  for w, c in zip(widths, row, strict=True)]
+    return sum(w * px_per_char + pad_px for w in widths)
+
+
+def _default_like_report(tmp_path) -> _Tables:
+    """report.html of the default grid's shape with the tags the cells write."""
+    df = _default_like_frame().assign(p_backbone="efficientnet_lite0")
+    fe = df["p_strategy"] == "feature_extraction"
+    df["t_train_rate_of"] = np.where(fe, HEAD_ONLY, "whole model")
+    df["t_input_bound"] = "false (arrays resident)"
+    df["t_feature_cache_used"] = np.where(
+        fe, "features", "head=features; finetune=off: the bottom 6 blocks' output not cached: "
+        "torch.fx cannot trace efficientnet_lite0 (TraceError: symbolically traced "
+        "variables cannot be used as inputs to control flow)")
+    for col in ("model_only_train_images_per_sec", "inference_images_per_sec",
+                "end_to_end_images_per_sec"):
+        df[col] = df["train_images_per_sec"] * 1.07
+    data = report_frame.ReportData(df, report_frame.empty_history(), "default", "0")
+    md = report_text.report_markdown(data, tables.all_tables(df), {})
+    (tmp_path / "tables").mkdir()
+    for name in ("accuracy", "throughput", "timing"):
+        for ext in ("md", "tex", "csv"):
+            (tmp_path / "tables" / f"{name}.{ext}").write_text("x")
+    page = _Tables()
+    page.feed(html.render(md, tmp_path, "Report: default"))
+    return page
+
+
+@pytest.mark.timeout(60)
+def test_report_html_tables_fit_a_1600_px_page_or_scroll(tmp_path):
+    page = _default_like_report(tmp_path)
+    body = int(re.search(r"body\{[^}]*max-width:(\d+)px", page.style).group(1))
+    assert body <= 1600 - 2 * 32  # the page, its margins and a scroll bar
+    assert re.search(r"\.table-scroll\{[^}]*overflow-x:auto", page.style)
+    assert page.tables and all(t["scroll"] for t in page.tables)  # never cut off
+    # each fits without scrolling: the rates apart from the long tags (timing)
+    assert any(t["rows"][0][-1] == "inference img/s" for t in page.tables)
+    assert all(_min_width_px(t["rows"]) <= body - 32 for t in page.tables)
 
 
 # ---- a tiny real grid ------------------------------------------------------------------

@@ -16,11 +16,16 @@ import markdown
 
 _IMAGE = re.compile(r'<img alt="([^"]*)" src="([^"]+)"\s*/?>')
 _LINK = re.compile(r'<a href="([^":#]+)">([^<]*)</a>')
-_STYLE = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;
-line-height:1.45;color:#222}table{border-collapse:collapse;margin:1em 0;font-size:.9em}
-th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th{background:#f3f3f3}
-td:first-child,th:first-child{text-align:left}img{max-width:100%;height:auto}
-code{background:#f3f3f3;padding:0 .2em}"""
+# a page as wide as the tables need on a 1600 px screen, its prose at a readable measure;
+# a table wider than the page scrolls inside its own box instead of being cut off
+BODY_PX = 1500
+_STYLE = f"""body{{font-family:system-ui,sans-serif;max-width:{BODY_PX}px;margin:2em auto;
+padding:0 1em;line-height:1.45;color:#222}}p,ul,ol,h1,h2,h3{{max-width:1100px}}
+.table-scroll{{overflow-x:auto;max-width:100%}}
+table{{border-collapse:collapse;margin:1em 0;font-size:.9em}}
+th,td{{border:1px solid #ccc;padding:.25em .6em;text-align:right}}th{{background:#f3f3f3}}
+td:first-child,th:first-child{{text-align:left}}img{{max-width:100%;height:auto}}
+code{{background:#f3f3f3;padding:0 .2em}}"""
 
 
 def render(md_text: str, folder: Path, title: str) -> str:
@@ -42,6 +47,8 @@ def render(md_text: str, folder: Path, title: str) -> str:
         return f"{text} (<code>{html.escape(target)}</code> in this run's artifacts)"
 
     body = _LINK.sub(link, _IMAGE.sub(image, body))
+    body = body.replace("<table>", '<div class="table-scroll"><table>') \
+        .replace("</table>", "</table></div>")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
             f"{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n{body}\n"
             f"</body></html>\n")

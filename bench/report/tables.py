@@ -131,15 +131,13 @@ def throughput_table(df: pd.DataFrame) -> Table:
     """Per cell group and framework: end-to-end train images/s (epochs, feature caching and
     precise BatchNorm counted: frame.end_to_end) and its speed-up over full fine-tuning of
     the same backbone; the data-fed and model-only step rates, marked § where they time only
-    the part above a feature cache; inference images/s. Input-bound and feature cache shown
-    when the cells report them."""
+    the part above a feature cache; inference images/s. What the cells timed, and the
+    seconds the end-to-end rate divides: timing_table."""
     keys = group_keys(df)
     numeric, group_rows = _throughput_numeric(df, keys)
     if numeric.empty:
         return Table("throughput", "Throughput", numeric)
     numeric = _speedups(numeric, keys)
-    show_bound = numeric["input_bound"].notna().any()
-    show_cache = numeric["feature_cache"].notna().any()
     shown = []
     for (_, r), rows in zip(numeric.iterrows(), group_rows, strict=True):
         d = {header(k): r[k] for k in keys}
@@ -149,10 +147,6 @@ def throughput_table(df: pd.DataFrame) -> Table:
             d[next(iter(THROUGHPUT_COLUMNS))] = group_status(rows)
         else:
             d.update(_throughput_cells(r))
-        if show_bound:
-            d["input-bound"] = r["input_bound"]
-        if show_cache:
-            d["feature cache"] = r["feature_cache"]
         shown.append(d)
     cells, marks_, notes = cell_frames(shown)
     return Table("throughput", "Throughput", numeric, cells, THROUGHPUT_COLUMNS,
@@ -188,6 +182,49 @@ def _throughput_cells(r: pd.Series) -> dict:
             "model-only img/s": (r["model_only_train_images_per_sec"],
                                  marks((part, PART_RATE), (own, CONTENDED))),
             "inference img/s": (r["inference_images_per_sec"], marks((own, CONTENDED)))}
+
+
+def timing_table(df: pd.DataFrame) -> Table:
+    """What the throughput table's rates rest on, per cell group and framework: the seconds
+    of training, of building the feature cache and end to end (means over seeds), what the
+    step rates time (tlbench.train_rate_of), and the input-bound and feature cache tags
+    where the cells record them. Apart from the rates so that each table fits a page."""
+    keys = group_keys(df)
+    numeric, group_rows = _throughput_numeric(df, keys)
+    if numeric.empty:
+        return Table("timing", "What the rates time", numeric)
+    show = {col: numeric[col].notna().any() for col in TIMING_TAGS.values()}
+    shown = []
+    for (_, r), rows in zip(numeric.iterrows(), group_rows, strict=True):
+        d = {**{header(k): r[k] for k in keys}, "framework": r["framework"]}
+        if r["n"] == 0:
+            d.update({c: "" for c in TIMING_COLUMNS})
+            d[next(iter(TIMING_COLUMNS))] = group_status(rows)
+        else:
+            shared = marks((r["contended"] > 0, CONTENDED))
+            d.update({"train s": (r["train_seconds"], shared, r["not_finished"]),
+                      "cache s": (r["feature_cache_seconds"], shared),
+                      "end-to-end s": (r["end_to_end_seconds"], shared)})
+        d.update({name: r[col] for name, col in TIMING_TAGS.items() if show[col]})
+        shown.append(d)
+    cells, marks_, notes = cell_frames(shown)
+    numeric = numeric[[*keys, "framework", "n", "cells", "train_seconds",
+                       "feature_cache_seconds", "end_to_end_seconds", "rate_of",
+                       "input_bound", "feature_cache", "contended", "not_finished"]]
+    return Table("timing", "What the rates time", numeric, cells, TIMING_COLUMNS,
+                 "Seconds, means over seeds. Train: the training epochs (evaluation "
+                 "excluded); cache: the forward pass that built the feature cache; "
+                 "end-to-end: both, with precise BatchNorm's recalibration where on (what "
+                 "end-to-end img/s divides by). Step rate of: what the step and model-only "
+                 "rates time (tag tlbench.train_rate_of); input-bound and feature cache: "
+                 "the cells' tags.",
+                 [contended_footnote(df, "The seconds of those cells are marked."),
+                  unrecorded_footnote(df)], marks_, notes)
+
+
+TIMING_COLUMNS = {"train s": SECONDS, "cache s": SECONDS, "end-to-end s": SECONDS}
+TIMING_TAGS = {"step rate of": "rate_of", "input-bound": "input_bound",
+               "feature cache": "feature_cache"}
 
 
 def _device_note(df: pd.DataFrame) -> str:
@@ -245,7 +282,7 @@ def all_tables(df: pd.DataFrame) -> list[Table]:
     relative = relative_table(df)
     tuned = tuned_table(df)
     return ([tuned] if tuned is not None else []) + \
-        [accuracy_table(df), throughput_table(df), cost_table(df),
+        [accuracy_table(df), throughput_table(df), timing_table(df), cost_table(df),
          framework_delta_table(df), best_strategy_table(df)] + \
         ([relative] if not relative.cells.empty else [])
 
