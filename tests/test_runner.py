@@ -119,7 +119,8 @@ def test_resume_skips_finished_cells(store, capsys):
     assert exp.tags[tracking.EXPERIMENT_KIND] == "custom_model_development"
     for r in runs["FINISHED"]:
         tags, strategy = r.data.tags, r.data.params["strategy_label"]
-        assert r.info.run_name == f"{strategy} · torch"  # one backbone, dataset, seed: left out
+        # short forms; one backbone, dataset, seed: left out (bench/tracking_names.py)
+        assert r.info.run_name == {"feature_extraction": "feat pt", "full": "full pt"}[strategy]
         assert tags["tlbench.label"] == f"torch/resnet18/{strategy}/digits[n=40]/seed0"
         assert tags["tlbench.config"].startswith(f"resnet18/{strategy}/digits[n=40] #")
         assert tags["mlflow.note.content"].startswith(tags["tlbench.label"])

@@ -55,9 +55,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import devices
+from bench import devices, tracking_names
 from bench.config import pretrained
-from bench.config import spec as specmod
 from bench.config.cells import (
     SPEC_FIELDS,
     check_tune,
@@ -88,7 +87,6 @@ SET_BY_RUNNER = {"device_kind": "it is set from run.device / --device (the kind 
                  "role": "it is set by a [tune] table (trial and final cells)",
                  "train_on": "it is set by tune.refit (the final cells of a [tune] table)"}
 REQUIRED_AXES = ("framework", "backbone", "dataset")
-RUN_NAME_LAST = ("framework", "backbone", "dataset", "subset", "seed")  # end of a run name
 
 
 class GridError(ValueError):
@@ -129,27 +127,11 @@ class Grid:
         return s.label(self.varying)
 
     def run_name(self, s: RunSpec) -> str:
-        """The cell's MLflow run name: what tells it apart from the grid's other cells first
-        (strategy, then the fields the grid varies), the framework, and the seed where seeds
-        vary: `partial[depth=3,bn=frozen] · imagenet · lr=0.001 · torch`. The UI's run list
-        cuts names at ~20 characters, so what is the same in every cell (the backbone and
-        dataset of a one-backbone, one-dataset grid) is left to the label (tag
-        tlbench.label, the run's description)."""
-        parts = [s.strategy_label]
-        for f in self.varying:
-            if f in RUN_NAME_LAST or f in ("strategy", "strategy_params"):
-                continue
-            v = getattr(s, f)
-            parts.append(str(v) if f == "weights" else f"{f}={specmod.format_value(v)}")
-        parts += [getattr(s, f) for f in ("backbone", "dataset") if f in self.varying]
-        if "subset" in self.varying:
-            parts.append(f"n={s.subset}")
-        parts.append(s.framework)
-        if "seed" in self.varying or s.role == "final":
-            parts.append(f"seed{s.seed}")
-        if s.role:
-            parts.append(s.role)
-        return " · ".join(parts)
+        """The cell's MLflow run name, told apart from the grid's other cells within the
+        ~25 characters the UI's run list shows: `partial[d3,bn=frz] pt`, `full scratch
+        pbn320 tf` (bench/tracking_names.py). The label (tag tlbench.label, the run's
+        description) keeps every field."""
+        return tracking_names.grid_run_name(self, s)
 
     def config(self, s: RunSpec) -> str:
         """What a cell is across frameworks and seeds (tag tlbench.config, MLflow's "Group
