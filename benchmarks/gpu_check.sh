@@ -2,7 +2,9 @@
 # The GPU check, one command on a machine with a CUDA GPU; everything it measures lands in
 # ${OUT:-reports/gpu_check}:
 #   1. the GPU benchmarks of `nox -s perf -- --device cuda` (ResNet-50 full fine-tuning at
-#      224 px, bf16, channels_last: data-fed and model-only images/s) and the input-pipeline
+#      224 px, bf16, channels_last: data-fed and model-only images/s; ViT-B/16 at 224 px,
+#      bf16 with scaled-dot-product attention: full fine-tuning against LoRA, VPT, adapters
+#      and BitFit, step time and peak memory) and the input-pipeline
 #      benchmarks (images/s per core from JPEG files and from the decoded cache);
 #   2. the gpu_check grid (bench/grids/gpu_check.toml: every strategy on the GPU path,
 #      offline) through the real runner and MLflow, then its report.

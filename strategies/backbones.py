@@ -13,7 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from strategies import transformers
 from strategies.constraint import lookup
+from strategies.transformers import TRANSFORMERS
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,10 @@ BACKBONES: dict[str, BackboneInfo] = {
         BackboneInfo("efficientnet_lite0", _EFFNET, ("torch", "keras"), "efficientnet"),
         BackboneInfo("convnext_tiny", ("stem", "stage1", "stage2", "stage3", "stage4"),
                      ("torch", "keras"), "convnext"),
+        # vision transformers (strategies/transformers.py): the patch embedding, then one
+        # named block per transformer block, the final LayerNorm with the top one
+        *(BackboneInfo(t.name, ("embed", *(f"block{i}" for i in range(1, t.layers + 1))),
+                       ("torch", "keras"), "vit") for t in TRANSFORMERS.values()),
     ]
 }
 
@@ -67,3 +73,9 @@ HEADS: dict[str, tuple[tuple[int, ...], float]] = {
 
 def get(name: str) -> BackboneInfo:
     return lookup(BACKBONES, name, "backbone")
+
+
+def image_problem(name: str, image_size: int) -> str | None:
+    """Why backbone `name` cannot take `image_size` images, or None (a transformer's patches
+    must tile the image)."""
+    return transformers.image_problem(name, image_size) if get(name).family == "vit" else None

@@ -19,13 +19,14 @@ BN_POLICIES = ("train", "frozen")
 Keras training=True); 'frozen' keeps them in inference mode, as the Keras transfer-learning
 guide recommends after unfreezing."""
 
-ONLY = ("all", "bias", "norm", "lora")
+ONLY = ("all", "bias", "norm", "lora", "prompt", "adapter")
 """Which parameters of a phase's trainable blocks train: all of them; the biases ('bias':
 every additive bias, the convolutions' and linear layers' and the norm layers' beta, which
 PyTorch names `bias` too); the normalisation layers' affine gamma and beta ('norm':
 BatchNorm, LayerNorm, GroupNorm); or the low-rank adapters the backend adds to them ('lora',
-with Phase.lora set: strategies/lora.py). The head trains whole, or not at all
-(Phase.train_head False)."""
+with Phase.lora set: strategies/lora.py); a vision transformer's prompt tokens ('prompt',
+VPT) or bottleneck adapters ('adapter'), which the model is built with (Strategy.additions).
+The head trains whole, or not at all (Phase.train_head False)."""
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,13 @@ class Strategy:
     # min_budget(params) says the fewest epochs it can train
     build_schedule: Callable[[dict, int, int | None], list[Phase]] | None = None
     min_budget: Callable[[dict], int] | None = None
+    # what the model is built with besides the backbone (vision transformers): {"prompts":
+    # (length, deep)} for VPT, {"adapters": width}; None = nothing
+    build_additions: Callable[[dict], dict] | None = None
+
+    def additions(self, params: dict) -> dict:
+        """The new modules the backends build into the model for this strategy."""
+        return self.build_additions(self.with_defaults(params)) if self.build_additions else {}
 
     def reinit_depth(self, params: dict) -> int | str:
         """How many top blocks start from random init instead of the loaded weights (0 =

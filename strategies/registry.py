@@ -34,7 +34,12 @@ plus, at most, a small hook per framework backend.
                                   (ULMFiT's gradual unfreezing): phases from the budget
     lora[rank=r,alpha=a,depth=k]  low-rank adapters on the convolutions and linear layers of
                                   the top k blocks, backbone frozen (Hu et al. 2022;
-                                  strategies/lora.py)
+                                  strategies/lora.py); on a vision transformer:
+                                  attention's query and value projections
+    vpt[length=n,deep=true]       n prompt tokens before every block (deep) or the first,
+                                  backbone frozen (Jia et al. 2022; vision transformers)
+    adapter[width=w]              a bottleneck after every block's MLP, backbone frozen
+                                  (Houlsby et al. 2019; vision transformers)
 """
 
 from __future__ import annotations
@@ -188,6 +193,18 @@ _BN_FROZEN = Param("bn", "choice", default="frozen", choices=BN_POLICIES,
                    help="BatchNorm running statistics while the biases / affine params train")
 
 
+def _transformers_only(method: str):
+    def problem(info) -> str | None:
+        if info.family != "vit":
+            from strategies.backbones import BACKBONES
+
+            vits = ", ".join(b.name for b in BACKBONES.values() if b.family == "vit")
+            return (f"{method} inserts into transformer blocks; {info.name} is a "
+                    f"{info.family} CNN (use a vision transformer: {vits})")
+        return None
+    return problem
+
+
 def _no_norm_layers(info) -> str | None:
     if info.family == "vgg":
         return (f"{info.name} has no normalisation layers: norm would train the head only "
@@ -282,4 +299,37 @@ register(Strategy(
     ),
     build_phases=lambda p: [Phase(p["depth"], bn="frozen", only="lora",
                                   lora=(int(p["rank"]), float(p["alpha"])), name="lora")],
+))
+
+
+register(Strategy(
+    name="vpt",
+    description=(
+        "Visual Prompt Tuning (Jia et al., ECCV 2022): `length` learnable tokens after the "
+        "class token, before the first block (shallow) or before every block (deep, each "
+        "block its own, replacing the previous block's); backbone frozen, head trained."
+    ),
+    params=(
+        Param("length", "int", default=10, minimum=1, maximum=200,
+              help="prompt tokens per prompted block"),
+        Param("deep", "choice", default=True, choices=(True, False),
+              help="a prompt before every block (VPT-deep) or only the first (VPT-shallow)"),
+    ),
+    build_phases=lambda p: [Phase(ALL, bn="frozen", only="prompt", name="prompt")],
+    build_additions=lambda p: {"prompts": (int(p["length"]), bool(p["deep"]))},
+    backbone_problem=_transformers_only("vpt"),
+))
+
+register(Strategy(
+    name="adapter",
+    description=(
+        "Bottleneck adapters (Houlsby et al., ICML 2019; the Pfeiffer placement): in every "
+        "block the MLP's output y becomes y + up(GELU(down(y))), width `width`, up at zero so "
+        "training starts from the loaded model; backbone frozen, head trained."
+    ),
+    params=(Param("width", "int", default=8, minimum=1, maximum=4096,
+                  help="the adapters' bottleneck width"),),
+    build_phases=lambda p: [Phase(ALL, bn="frozen", only="adapter", name="adapter")],
+    build_additions=lambda p: {"adapters": int(p["width"])},
+    backbone_problem=_transformers_only("adapter"),
 ))

@@ -76,6 +76,11 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str],
                         f"framework {fw!r} (it has: {', '.join(info.frameworks)}); drop the "
                         f"pair with coupled axes \"framework, backbone\"")
         return []
+    size = values.get("image_size", SPEC_FIELDS["image_size"].default)
+    size_problem = bb.image_problem(backbone, int(size))
+    if size_problem:
+        problems.append(f"{loc('image_size')}: image_size = {size!r}: {size_problem}")
+        return []
     combos = _strategy_params(str(selector), info, loc("strategy"), problems)
     base = {k: v for k, v in values.items() if k != "strategy"}
     for k in ("lr", "weight_decay"):

@@ -160,6 +160,10 @@ class RunSpec:
     def params(self) -> dict:
         return dict(self.strategy_params)
 
+    def additions(self) -> dict:
+        """What the model is built with besides the backbone (VPT's prompts, adapters)."""
+        return _registry.get(self.strategy).additions(self.params)
+
     # ---- MLflow params -----------------------------------------------------------------
     def to_params(self) -> dict[str, str]:
         """Flat string params for MLflow: one key per field, `strategy.<k>` per parameter."""

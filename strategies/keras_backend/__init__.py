@@ -230,7 +230,7 @@ class KerasSession(BackboneHandling):
         self.spec = spec
         keras.mixed_precision.set_global_policy(POLICIES[spec.precision])
         self.kb = self.backbone = build(spec.backbone, spec.weights, num_classes, spec.head,
-                                        spec.image_size)
+                                        spec.image_size, spec.additions(), spec.seed)
         # spec.channels_last: nothing to do, Keras on TensorFlow is NHWC already
         self.trainer = Trainer(self.kb, self.device_type, topk=loop.test_topk(num_classes),
                                jit_compile=spec.compile, seed=spec.seed)

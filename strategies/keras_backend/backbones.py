@@ -48,7 +48,8 @@ import numpy as np
 
 from bench.paths import PackageFileError
 from strategies import backbones as catalog
-from strategies.keras_backend import efficientnet_lite
+from strategies import transformers
+from strategies.keras_backend import efficientnet_lite, vit
 from strategies.registry import top_blocks
 
 
@@ -249,9 +250,16 @@ def make_head(x, num_classes: int, kind: str):
 
 
 def build(name: str, weights: str, num_classes: int, head: str = "linear",
-          image_size: int = 224) -> KerasBackbone:
+          image_size: int = 224, additions: dict | None = None,
+          seed: int = 0) -> KerasBackbone:
     """The keras.applications backbone with its weights, pinnable BatchNorm/Dropout and the
-    new head; the model takes uint8 (N, size, size, 3) images."""
+    new head; the model takes uint8 (N, size, size, 3) images. A vision transformer:
+    keras_hub's ViT (vit.py), `additions` its prompts or adapters, drawn from `seed`."""
+    if catalog.get(name).family == "vit":
+        inp, features = vit.build_body(name, weights, image_size, additions or {}, seed)
+        bmap = BlockMap("keras_hub.ViTBackbone", "vit", vit.block_patterns(name),
+                        int(features.shape[-1]), "")
+        return _with_head(name, keras.Model(inp, features), bmap, num_classes, head)
     if name not in BLOCK_MAPS:
         raise KeyError(f"backbone {name!r} has no Keras block map; have: "
                        f"{', '.join(sorted(BLOCK_MAPS))}")
@@ -259,6 +267,11 @@ def build(name: str, weights: str, num_classes: int, head: str = "linear",
     base = _base_model(name, bmap, weights, image_size)
     body = _with_pinnable_layers(base, bmap.bn_momentum)
     del base
+    return _with_head(name, body, bmap, num_classes, head)
+
+
+def _with_head(name: str, body: keras.Model, bmap: BlockMap, num_classes: int,
+               head: str) -> KerasBackbone:
     logits = make_head(body.output, num_classes, head)
     model = keras.Model(body.inputs[0], logits, name=f"{name}_{head}")
     n_head = len(model.layers) - len(body.layers)
@@ -453,6 +466,8 @@ def load_backbone(kb: KerasBackbone, path: str | Path, head: bool = False) -> No
         variables.update(_head_variables(kb))
     else:
         arrays = {k: v for k, v in arrays.items() if k not in saved_head}
+    fresh = {p for p in set(variables) - set(arrays) if transformers.is_addition(p)}
+    variables = {p: v for p, v in variables.items() if p not in fresh}  # prompts, adapters
     missing = sorted(set(variables) - set(arrays))
     unexpected = sorted(set(arrays) - set(variables))
     wrong = [p for p in set(variables) & set(arrays)

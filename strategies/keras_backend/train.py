@@ -35,7 +35,7 @@ from strategies.keras_backend.backbones import (
     PinnableBatchNormalization,
     PinnableDropout,
 )
-from strategies.registry import Phase, block_lr_scales, phase_blocks
+from strategies.registry import ONLY, Phase, block_lr_scales, phase_blocks
 
 TORCH_ADAM_EPSILON = 1e-8  # torch.optim.Adam/AdamW's default (Keras': 1e-7)
 _AFFINE_NORMS = (keras.layers.BatchNormalization, keras.layers.LayerNormalization,
@@ -59,12 +59,18 @@ def selected(layer: keras.layers.Layer, variable, only: str) -> bool:
         return norm and variable.name in ("gamma", "beta")
     if only == "lora":
         return variable.name in lora.ADAPTER_NAMES
-    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm, lora")
+    if only == "prompt":  # VPT's tokens (keras_backend/vit.py Prompt)
+        return variable.name == "prompt"
+    if only == "adapter":  # the bottleneck adapters (vit.py Adapter)
+        return variable.name.startswith("adapter_")
+    raise ValueError(f"unknown only={only!r}; allowed: {', '.join(ONLY)}")
 
 
 def _sublayers(layer: keras.layers.Layer):
+    """The layer and every layer inside it: nested models (ConvNeXt's stem, downsampling) and
+    composite layers (keras_hub's transformer blocks: attention, MLP, LayerNorms)."""
     yield layer
-    for sub in getattr(layer, "layers", ()):  # nested models (ConvNeXt's stem, downsampling)
+    for sub in layer._flatten_layers(include_self=False, recursive=False):
         yield from _sublayers(sub)
 
 
@@ -86,8 +92,9 @@ def apply_phase(kb: KerasBackbone, phase: Phase, seed: int = 0) -> list:
         layer.trainable = trainable
         only = "all" if kb.owner[layer.name] == "head" else phase.only
         for sub in _sublayers(layer):
-            if trainable and not hasattr(sub, "layers"):  # a leaf: per-variable trainability
-                for v in sub.trainable_weights:  # layer.trainable = True made them all True
+            if trainable:  # per-variable trainability of the layer's own variables (a
+                # composite's too: keras_hub's class token sits on its embedding layer)
+                for v in sub._trainable_variables:  # trainable = True made them all True
                     v.trainable = selected(sub, v, only)
             if isinstance(sub, PinnableBatchNormalization):
                 sub.pinned = not trainable or phase.bn == "frozen"

@@ -136,7 +136,8 @@ class TorchSession(BackboneHandling):
     def build(self, spec: RunSpec, num_classes: int, parts: dict) -> None:
         self.spec = spec
         dev = self.device
-        self.tb = self.backbone = build(spec.backbone, spec.weights, num_classes, spec.head)
+        self.tb = self.backbone = build(spec.backbone, spec.weights, num_classes, spec.head,
+                                        spec.image_size, spec.additions(), spec.seed)
         self.tb.model.to(dev)
         if spec.channels_last:  # NHWC: tensor-core convolutions without transposes
             self.tb.model.to(memory_format=torch.channels_last)

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from strategies import backbones as catalog
+from strategies import transformers
 from strategies.registry import top_blocks
-from strategies.torch_backend import efficientnet_lite
+from strategies.torch_backend import efficientnet_lite, vit
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ class TorchBackbone:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     notes: dict[str, str] = field(default_factory=dict)  # tags a strategy's hook adds (lora)
+    image_size: int = 224  # what a transformer was built for (its position embeddings)
 
     def block_modules(self, block: str) -> list[nn.Module]:
         return [self.model.get_submodule(p) for p in self.block_map.blocks[block]]
@@ -121,10 +123,15 @@ def make_head(in_features: int, num_classes: int, kind: str) -> nn.Module:
     return nn.Sequential(*layers, nn.Linear(in_features, num_classes))
 
 
-def build(name: str, weights: str, num_classes: int, head: str = "linear") -> TorchBackbone:
-    """The torchvision model with its weights loaded and the new head in place."""
+def build(name: str, weights: str, num_classes: int, head: str = "linear",
+          image_size: int = 224, additions: dict | None = None,
+          seed: int = 0) -> TorchBackbone:
+    """The torchvision model with its weights loaded and the new head in place (a vision
+    transformer: transformers' ViT, `additions` its prompts or adapters, drawn from `seed`)."""
     import torchvision
 
+    if catalog.get(name).family == "vit":
+        return _build_vit(name, weights, num_classes, head, image_size, additions or {}, seed)
     if name not in BLOCK_MAPS:
         raise KeyError(f"backbone {name!r} has no PyTorch block map; have: "
                        f"{', '.join(sorted(BLOCK_MAPS))}")
@@ -154,6 +161,19 @@ def build(name: str, weights: str, num_classes: int, head: str = "linear") -> To
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, attr, make_head(bmap.features, num_classes, head))
     return TorchBackbone(name, model, bmap, mean, std)
+
+
+def _build_vit(name: str, weights: str, num_classes: int, head: str, image_size: int,
+               additions: dict, seed: int) -> TorchBackbone:
+    t = transformers.info(name)
+    net = vit.ViTNet(vit.vit_model(name, weights, image_size),
+                     make_head(t.hidden, num_classes, head))
+    if "prompts" in additions:
+        net.add_prompts(t, *additions["prompts"], seed=seed)
+    if "adapters" in additions:
+        net.add_adapters(t, additions["adapters"], seed=seed)
+    bmap = BlockMap(vit.block_prefixes(net), "head", t.hidden)
+    return TorchBackbone(name, net, bmap, t.mean, t.std, image_size=image_size)
 
 
 def load_weights_file(path: str) -> dict:
@@ -217,7 +237,8 @@ def load_backbone(tb: TorchBackbone, path: str | Path, head: bool = False) -> No
         raise ValueError(f"pretrained checkpoint {path} does not fit {tb.name}: "
                          f"{str(e).splitlines()[1].strip()}") from e
     headless = [k for k in missing if _under(k, [tb.block_map.classifier])]
-    missing = [k for k in missing if not _under(k, [tb.block_map.classifier])]
+    missing = [k for k in missing if not _under(k, [tb.block_map.classifier])
+               and not transformers.is_addition(k)]  # prompts, adapters: fresh
     if missing or unexpected:
         raise ValueError(f"pretrained checkpoint {path} does not fit {tb.name}: missing "
                          f"{missing[:5]}, unexpected {unexpected[:5]}")
@@ -232,7 +253,7 @@ def reinit_top_blocks(tb: TorchBackbone, depth: int | str) -> list[str]:
     own init, from a fresh model), parameters and BatchNorm statistics alike; return them."""
     top = top_blocks(list(tb.block_map.blocks), depth, tb.name)
     if top:
-        fresh = build(tb.name, "none", 1).model.state_dict()
+        fresh = build(tb.name, "none", 1, image_size=tb.image_size).model.state_dict()
         prefixes = [p for b in top for p in tb.block_map.blocks[b]]
         state = tb.model.state_dict()
         with torch.no_grad():

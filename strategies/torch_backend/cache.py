@@ -13,9 +13,11 @@ The tracer keeps every module without submodules opaque (a `call_module` node, r
 owned by its block), torch.nn's and others alike: EfficientNet-Lite0's SameConv2d computes
 TensorFlow's "SAME" padding from its input's size, which fx cannot trace through, and
 torchvision's StochasticDepth and LayerNorm2d run their own forward unchanged. Only modules
-with submodules are traced through. Tracing bakes such a module's `self.training` into the
-graph, so the suffix is traced with the model in the phase's training mode (bench's
-set_train_mode): it is used for training only; evaluation runs the whole model.
+with submodules are traced through, except transformers' modules (a ViT's embeddings and
+layers check their inputs' shapes in Python): each runs whole, as one node of its block.
+Tracing bakes such a module's `self.training` into the graph, so the suffix is traced with
+the model in the phase's training mode (bench's set_train_mode): it is used for training
+only; evaluation runs the whole model.
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ class _LeafTracer(fx.Tracer):
     the computation is the module's own forward, unchanged."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return next(m.children(), None) is None or super().is_leaf_module(
-            m, module_qualified_name)
+        return (next(m.children(), None) is None
+                or type(m).__module__.startswith("transformers.")
+                or super().is_leaf_module(m, module_qualified_name))
 
 
 def _trace(model: nn.Module) -> fx.GraphModule:

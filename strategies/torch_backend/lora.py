@@ -17,6 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from strategies import lora as common
+from strategies.transformers import TRANSFORMERS
+
+TRANSFORMER_TARGETS = ("q_proj", "v_proj")  # transformers' ViTAttention, in memory
 
 
 class _LoRA:
@@ -108,16 +111,20 @@ def adapters(model: nn.Module) -> list[_LoRA]:
 
 def install(tb, blocks: list[str], rank: int, alpha: float, seed: int) -> str | None:
     """Replace every non-grouped nn.Conv2d and every nn.Linear under `blocks` (input to
-    output order) by its LoRA wrapper, A drawn from the cell's seed; return the `lora` tag,
+    output order; a vision transformer: its attention's query and value projections only,
+    the paper's choice) by its LoRA wrapper, A drawn from the cell's seed; return the `lora` tag,
     or None when the blocks are adapted already (a later phase)."""
     if adapters(tb.model):
         return None
     gen = common.rng(seed)
+    targets = TRANSFORMER_TARGETS if tb.name in TRANSFORMERS else None
     adapted, skipped, n_params = {"conv": 0, "linear": 0}, 0, 0
     for block in blocks:
         for prefix in tb.block_map.blocks[block]:
             root = tb.model.get_submodule(prefix)
             for name, m in list(root.named_modules()):
+                if targets is not None and name.rsplit(".", 1)[-1] not in targets:
+                    continue
                 if _adaptable_conv(m) and m.groups == 1:
                     new, kind = LoRAConv2d.wrap(m, gen, rank, alpha), "conv"
                 elif type(m) is nn.Linear:

@@ -19,7 +19,7 @@ from torch import nn
 from bench.cell.loop import Diverged
 from bench.cell.timing import StepMeter
 from strategies.lora import ADAPTER_NAMES
-from strategies.registry import Phase, block_lr_scales, phase_blocks
+from strategies.registry import ONLY, Phase, block_lr_scales, phase_blocks
 from strategies.torch_backend import lora
 from strategies.torch_backend.backbones import TorchBackbone
 
@@ -36,7 +36,7 @@ def trainable_blocks(tb: TorchBackbone, phase: Phase) -> list[str]:
 def selected_parameters(module: nn.Module, only: str) -> list[nn.Parameter]:
     """The parameters of `module` a phase with `only` trains (registry.ONLY): every one, the
     biases (every parameter named `bias`: convolutions', linear layers', norm layers' beta),
-    or the norm layers' affine weight and bias."""
+    or the norm layers' affine weight and bias; LoRA's, VPT's or the adapters' own."""
     if only == "all":
         return list(module.parameters())
     if only == "bias":
@@ -47,7 +47,11 @@ def selected_parameters(module: nn.Module, only: str) -> list[nn.Parameter]:
     if only == "lora":
         return [p for n, p in module.named_parameters()
                 if n.rsplit(".", 1)[-1] in ADAPTER_NAMES]
-    raise ValueError(f"unknown only={only!r}; allowed: all, bias, norm, lora")
+    if only == "prompt":  # VPT's tokens (torch_backend/vit.py Prompt)
+        return [p for n, p in module.named_parameters() if n.rsplit(".", 1)[-1] == "prompt"]
+    if only == "adapter":  # the bottleneck adapters (vit.py Adapter, `adapter` submodules)
+        return [p for n, p in module.named_parameters() if "adapter" in n.split(".")]
+    raise ValueError(f"unknown only={only!r}; allowed: {', '.join(ONLY)}")
 
 
 def apply_phase(tb: TorchBackbone, phase: Phase, seed: int = 0) -> list[nn.Parameter]:
