@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 
 from bench import cli, tracking
 from bench.config import grid as gridmod
-from bench.report import compare, curves, figures, html, plot, stats, table, tables
+from bench.report import build, compare, curves, figures, html, plot, stats, table, tables
 from bench.report import frame as report_frame
 from bench.report import text as report_text
 from bench.run import runner
@@ -736,13 +736,9 @@ def _default_like_report(tmp_path) -> _Tables:
                 "end_to_end_images_per_sec"):
         df[col] = df["train_images_per_sec"] * 1.07
     data = report_frame.ReportData(df, report_frame.empty_history(), "default", "0")
-    md = report_text.report_markdown(data, tables.all_tables(df), {})
-    (tmp_path / "tables").mkdir()
-    for name in ("accuracy", "throughput", "timing"):
-        for ext in ("md", "tex", "csv"):
-            (tmp_path / "tables" / f"{name}.{ext}").write_text("x")
+    build.write(data, tmp_path, {}, log=False)  # runs.csv, tables/, report.md, report.html
     page = _Tables()
-    page.feed(html.render(md, tmp_path, "Report: default"))
+    page.feed((tmp_path / "report.html").read_text())
     return page
 
 
@@ -756,6 +752,31 @@ def test_report_html_tables_fit_a_1600_px_page_or_scroll(tmp_path):
     # each fits without scrolling: the rates apart from the long tags (timing)
     assert any(t["rows"][0][-1] == "inference img/s" for t in page.tables)
     assert all(_min_width_px(t["rows"]) <= body - 32 for t in page.tables)
+
+
+@pytest.mark.timeout(60)
+def test_report_html_links_its_files_relatively_and_says_where_they_work(tmp_path):
+    page = _default_like_report(tmp_path)
+    links = dict(page.links)
+    for name in ("accuracy", "throughput", "timing"):
+        for ext in ("md", "tex", "csv"):
+            assert links[f"tables/{name}.{ext}"] == f"{name}.{ext}"
+    for href in links:  # relative: they resolve beside the page, on disk or downloaded
+        assert not re.match(r"[a-z]+:|/", href) and (tmp_path / href).is_file(), href
+    assert links["runs.csv"] == "runs.csv"
+    text = re.sub(r"<[^>]+>", "", (tmp_path / "report.html").read_text())
+    assert "Files (in tables/ beside this report): throughput.md, throughput.tex, " \
+        "throughput.csv" in text
+    assert "in this run's artifacts" not in text
+    note = ("Links to files (tables/, runs.csv) open the files beside this page: in its "
+            "folder on disk{}. In the MLflow UI's artifact view they open nothing (the page "
+            "is shown there without a folder around it): pick the same path in the run's "
+            "artifact list.")
+    assert note.format("") in text
+    logged = re.sub(r"<[^>]+>", "", html.render("# R\n\n[a](runs.csv)\n", tmp_path, "R",
+                                                 run_id="abc123"))
+    assert note.format(" or in a copy of the MLflow run's artifacts (mlflow artifacts "
+                       "download -r abc123)") in logged
 
 
 # ---- a tiny real grid ------------------------------------------------------------------
@@ -884,7 +905,8 @@ def test_cli_writes_every_file_and_logs_report_to_parent(grid_store, capsys):
     assert "report.html" in arts and page.count('src="data:image/png;base64,') == \
         md.count("![")
     assert "<table>" in page and "6 cells of the 6 the grid expects" in page
-    assert "<code>tables/accuracy.csv</code> in this run's artifacts" in page
+    assert '<a href="tables/accuracy.csv">accuracy.csv</a>' in page  # beside it
+    assert f"mlflow artifacts download -r {result.parent_run_id}" in page
 
 
 @pytest.mark.slow

@@ -76,7 +76,9 @@ def write(data: ReportData, out: Path, figures: dict[str, list[str]],
             w.files += [out / p, (out / p).with_suffix(".svg")]
     md = report_markdown(data, tables, figures)
     (out / "report.md").write_text(md)
-    (out / "report.html").write_text(html.render(md, out, f"Report: {data.experiment}"))
+    run_id = data.parent["run_id"] if log and data.parent else None
+    (out / "report.html").write_text(html.render(md, out, f"Report: {data.experiment}",
+                                                 run_id))
     w.files += [out / "report.md", out / "report.html"]
     if log and data.parent:
         tracking.log_report(data.parent["run_id"], str(out))

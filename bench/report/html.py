@@ -1,9 +1,11 @@
-"""report.html: report.md as one self-contained page, for where relative files do not
-resolve. The MLflow UI shows a run's HTML artifact in a frame of its own: report.md's
-figures there are link text and its relative links lead nowhere. Here every figure is inline
-(a data: URI of its PNG) and every link to a file of the report names that file in the run's
-artifacts instead. report.md itself keeps its relative links: on disk, in a repository or a
-write-up that copies the folder, they resolve."""
+"""report.html: report.md as one self-contained page. Every figure is inline (a data: URI
+of its PNG), so the page shows whole wherever it is opened, the MLflow UI included. Links
+to the report's files (tables/, runs.csv) stay relative: they open the files beside the
+page, on disk (reports/<grid>/) or in a downloaded copy of the run's artifacts, which hold
+the same paths. The MLflow UI (3.x) shows an HTML artifact from a blob: URL in a frame
+sandboxed to scripts, where a relative link resolves to nothing, and it serves artifacts
+only as downloads, which such a frame may not start: there no link can open a file, so the
+page says where the file is instead."""
 
 from __future__ import annotations
 
@@ -28,8 +30,9 @@ td:first-child,th:first-child{{text-align:left}}img{{max-width:100%;height:auto}
 code{{background:#f3f3f3;padding:0 .2em}}"""
 
 
-def render(md_text: str, folder: Path, title: str) -> str:
-    """The HTML page of `md_text` (report.md of `folder`), figures inline."""
+def render(md_text: str, folder: Path, title: str, run_id: str | None = None) -> str:
+    """The HTML page of `md_text` (report.md of `folder`), figures inline, links relative;
+    `run_id`: the run whose artifacts the report is logged to."""
     body = markdown.markdown(md_text, extensions=["tables"])
 
     def image(m: re.Match) -> str:
@@ -40,15 +43,21 @@ def render(md_text: str, folder: Path, title: str) -> str:
         data = base64.b64encode(path.read_bytes()).decode()
         return f'<img alt="{alt}" src="data:image/png;base64,{data}"/>'
 
-    def link(m: re.Match) -> str:
-        target, text = m.group(1), m.group(2)
-        if not (folder / target).exists():
-            return m.group(0)
-        return f"{text} (<code>{html.escape(target)}</code> in this run's artifacts)"
-
-    body = _LINK.sub(link, _IMAGE.sub(image, body))
+    body = _IMAGE.sub(image, body)
     body = body.replace("<table>", '<div class="table-scroll"><table>') \
         .replace("</table>", "</table></div>")
+    if _LINK.search(body):
+        body = body.replace("</h1>", "</h1>\n" + _links_note(run_id), 1)
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>"
             f"{html.escape(title)}</title><style>{_STYLE}</style></head><body>\n{body}\n"
             f"</body></html>\n")
+
+
+def _links_note(run_id: str | None) -> str:
+    """Where the page's links to files work, and where they do not."""
+    copy = (f" or in a copy of the MLflow run's artifacts (<code>mlflow artifacts download "
+            f"-r {html.escape(run_id)}</code>)" if run_id else "")
+    return (f'<p class="note"><em>Links to files (tables/, runs.csv) open the files beside '
+            f"this page: in its folder on disk{copy}. In the MLflow UI's artifact view they "
+            f"open nothing (the page is shown there without a folder around it): pick the "
+            f"same path in the run's artifact list.</em></p>\n")

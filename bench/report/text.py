@@ -328,8 +328,8 @@ def report_markdown(data: ReportData, tables: list[Table], figures: dict[str, li
                  "tuned": "sensitivity"}
     for t in tables:
         out.append(t.markdown())
-        out.append(f"Files: [md](tables/{t.name}.md), [tex](tables/{t.name}.tex), "
-                   f"[csv](tables/{t.name}.csv)\n")
+        out.append(f"Files (in tables/ beside this report): [{t.name}.md](tables/{t.name}.md), "
+                   f"[{t.name}.tex](tables/{t.name}.tex), [{t.name}.csv](tables/{t.name}.csv)\n")
         for png in figures.get(fig_after.get(t.name, ""), []):
             out.append(f"![{Path(png).stem}]({png})\n")
     if not any(t.name == "relative" for t in tables):  # never missing without a word
