@@ -602,6 +602,39 @@ def test_accuracy_tables_mark_a_diverged_cell_and_failures_stay_readable():
            "(listed below)." in text
 
 
+@pytest.mark.timeout(30)
+def test_relative_and_framework_delta_compare_no_diverged_cell():
+    df = _diverged_frame()  # torch full diverged (0.10); keras feature extraction failed
+    df = pd.concat([df, pd.DataFrame([
+        _recorded("torch", "partial", 0, 0.84, 200.0, depth=2),
+        _recorded("keras", "partial", 0, 0.70, 90.0, depth=2,
+                  t_diverged="true: final train loss 40 over 10x the chance level"),
+        _recorded("keras", "feature_extraction", 1, 0.78, 300.0)])], ignore_index=True)
+    delta = compare.framework_delta_table(df)
+    shown = delta.display.set_index("strategy")
+    assert shown.loc["full", "torch − keras"] == "torch diverged: not compared ‡"
+    assert shown.loc["partial[depth=2]", "torch − keras"] == "keras diverged: not compared ‡"
+    assert shown.loc["full", "paired over seeds"] == ""
+    assert shown.loc["feature_extraction", "torch − keras"] == "+0.020"  # neither diverged
+    num = delta.numeric.set_index("p_strategy_label")
+    assert not num.loc["full", "compared"] and num.loc["feature_extraction", "compared"]
+    assert "A group with a diverged cell (‡) is not compared." in delta.markdown()
+    rel = compare.relative_table(df)
+    shown = rel.display.set_index("strategy")
+    # torch: the baseline diverged, so no strategy is compared with it
+    assert shown.loc["feature_extraction", "test_acc − full (torch)"] == \
+        "full diverged: not compared ‡"
+    assert shown.loc["partial[depth=2]", "test_acc − full (torch)"] == \
+        "full diverged: not compared ‡"
+    # keras: full finished; partial diverged, feature extraction did not
+    assert shown.loc["partial[depth=2]", "test_acc − full (keras)"] == \
+        "partial[depth=2] diverged: not compared ‡"
+    assert shown.loc["feature_extraction", "test_acc − full (keras)"] == "no pair"
+    num = rel.numeric.set_index(["strategy", "framework"])
+    assert not num.loc[("partial[depth=2]", "keras"), "compared"]
+    assert num.loc[("feature_extraction", "keras"), "compared"]
+
+
 def test_framework_delta_marks_a_contended_speed_ratio():
     t = compare.framework_delta_table(_contended_frame())
     shown = t.display.set_index("strategy")

@@ -59,18 +59,24 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
         test = paired_test(by_seed(ra, metric), by_seed(rb, metric))
         speed = (finished_values(ra, "train_images_per_sec").mean()
                  / finished_values(rb, "train_images_per_sec").mean())
+        gone = diverged_side({a: ra, b: rb})
         r = {**dict(zip(keys, kv, strict=True)), f"{a}_mean": sa["mean"], f"{a}_n": sa["n"],
              f"{b}_mean": sb["mean"], f"{b}_n": sb["n"], "delta": sa["mean"] - sb["mean"],
              "paired_pairs": test["pairs"], "paired_mean_diff": test["mean_diff"],
              "p_value": test["p_value"], "train_speed_ratio": speed,
              "speed_contended": contended_cells(ra) + contended_cells(rb),
              f"{a}_diverged": diverged_cells(ra), f"{b}_diverged": diverged_cells(rb),
-             f"{a}_not_finished": not_finished(ra), f"{b}_not_finished": not_finished(rb)}
+             f"{a}_not_finished": not_finished(ra), f"{b}_not_finished": not_finished(rb),
+             "compared": bool(sa["n"] and sb["n"]) and not gone}
         numeric.append(r)
         d = {header(k): v for k, v in zip(keys, kv, strict=True)}
         d[f"{metric} {a}"] = accuracy_cell(sa, ra)
         d[f"{metric} {b}"] = accuracy_cell(sb, rb)
-        if sa["n"] and sb["n"]:
+        if sa["n"] and sb["n"] and gone:  # a diverged cell is no framework difference
+            d[f"{a} − {b}"] = (f"{gone} diverged: not compared", DIVERGED)
+            d["paired over seeds"] = ""
+            d[f"train speed {a}/{b}"] = (speed, CONTENDED if r["speed_contended"] > 0 else "")
+        elif sa["n"] and sb["n"]:
             d[f"{a} − {b}"] = r["delta"]
             d["paired over seeds"] = test
             d[f"train speed {a}/{b}"] = (speed, CONTENDED if r["speed_contended"] > 0 else "")
@@ -80,7 +86,8 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
             d[f"train speed {a}/{b}"] = ""
         shown.append(d)
     note = (f"{a} minus {b} for each cell group the grid runs in both frameworks; paired: "
-            f"mean difference over matching seeds and its paired t-test p-value.")
+            f"mean difference over matching seeds and its paired t-test p-value. A group "
+            f"with a diverged cell ({DIVERGED}) is not compared.")
     if not numeric:
         note = f"No cell group runs in both {a} and {b}."
     shared = contended_footnote(df, f"A marked speed ratio is no {a}/{b} difference: one "
@@ -153,6 +160,13 @@ def _ranked_cell(label: str, mean: float, rows: pd.DataFrame) -> tuple:
     return {"label": label, "mean": mean}, DIVERGED if diverged_cells(rows) > 0 else ""
 
 
+def diverged_side(sides: dict[str, pd.DataFrame]) -> str:
+    """'' when no side of a comparison has a diverged cell, else which ('torch', 'full',
+    'both')."""
+    gone = [name for name, rows in sides.items() if diverged_cells(rows)]
+    return "" if not gone else gone[0] if len(gone) == 1 else "both"
+
+
 NO_ADAPTATION = "no adaptation (the source model)"
 
 
@@ -180,12 +194,16 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
             arms.insert(0, (NO_ADAPTATION, base, source))
         for label, rows, column in arms:
             test = paired_test(by_seed(rows, column), b)
-            diverged = diverged_cells(base) + (diverged_cells(rows) if rows is not base else 0)
+            # a diverged cell on either side: no difference of strategies (as best strategy)
+            gone = diverged_side({label: rows, baseline: base} if rows is not base
+                                 else {baseline: base})
             numeric.append({**dict(zip(outer, key, strict=True)), "framework": fw,
                             "strategy": label, "baseline": baseline, **test,
-                            "diverged": diverged})
-            mark = DIVERGED if diverged else ""
-            shown.setdefault((key, label), {})[fw] = (test, mark)
+                            "diverged": diverged_cells(base) + (diverged_cells(rows)
+                                                                if rows is not base else 0),
+                            "compared": not gone})
+            shown.setdefault((key, label), {})[fw] = \
+                (f"{gone} diverged: not compared", DIVERGED) if gone else (test, "")
     fws = [fw for fw in frameworks(df) if any(fw in c for c in shown.values())]
     cells, marks, notes = cell_frames([
         {**{header(k): v for k, v in zip(outer, key, strict=True)}, "strategy": label,
@@ -195,7 +213,8 @@ def relative_table(df: pd.DataFrame, baseline: str = "full",
                  {f"{metric} − {baseline} ({fw})": RELATIVE for fw in fws},
                  f"Each strategy minus `{baseline}` on the seeds both ran (same dataset, "
                  f"backbone, weights and framework): mean difference ± standard error, the "
-                 f"paired t-test's p and the pairs (as Lee et al. 2023 plot Figure 2)."
+                 f"paired t-test's p and the pairs (as Lee et al. 2023 plot Figure 2). A "
+                 f"strategy or baseline with a diverged cell ({DIVERGED}) is not compared."
                  + (" No adaptation: the source model, head included, scored on the same "
                     "test split before any step (cells with head_init = source)."
                     if any(r["strategy"] == NO_ADAPTATION for r in numeric) else ""),
