@@ -704,6 +704,14 @@ def test_throughput_compares_end_to_end_and_marks_a_head_only_step_rate():
     # runs without an epoch history: a step rate, and only where it times the whole model
     pts, x = figures.pareto_points(_cached_frame()[0])
     assert x == "train_images_per_sec" and set(pts["p_strategy_label"]) == {"full"}
+    # torch/keras speed: end to end (keras caches as slowly, its head runs twice as fast)
+    delta = compare.framework_delta_table(df).display.set_index("strategy")
+    assert delta.loc["feature_extraction", "train speed torch/keras"] == \
+        f"{(640 / 5.1) / (640 / 5.05):.2f}×"
+    old = compare.framework_delta_table(_cached_frame()[0])
+    assert old.display.set_index("strategy").loc[
+        "feature_extraction", "train speed torch/keras"] == "0.50× §"
+    assert "§ step and model-only rates of the part" in old.markdown()
 
 
 class _Tables(HTMLParser):

@@ -11,6 +11,7 @@ import pandas as pd
 from bench.report.frame import (
     CONTENDED,
     DIVERGED,
+    PART_RATE,
     contended_cells,
     diverged_cells,
     finished_rows,
@@ -18,6 +19,7 @@ from bench.report.frame import (
     frameworks,
     group_keys,
     not_finished,
+    part_rate_cells,
 )
 from bench.report.groups import (
     accuracy_cell,
@@ -39,6 +41,8 @@ from bench.report.table import (
     contended_footnote,
     diverged_footnote,
     header,
+    marks,
+    part_rate_footnote,
 )
 
 
@@ -59,11 +63,13 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
         test = paired_test(by_seed(ra, metric), by_seed(rb, metric))
         speed = (finished_values(ra, "train_images_per_sec").mean()
                  / finished_values(rb, "train_images_per_sec").mean())
+        shown_speed = speed_ratio(ra, rb)
         gone = diverged_side({a: ra, b: rb})
         r = {**dict(zip(keys, kv, strict=True)), f"{a}_mean": sa["mean"], f"{a}_n": sa["n"],
              f"{b}_mean": sb["mean"], f"{b}_n": sb["n"], "delta": sa["mean"] - sb["mean"],
              "paired_pairs": test["pairs"], "paired_mean_diff": test["mean_diff"],
              "p_value": test["p_value"], "train_speed_ratio": speed,
+             "end_to_end_speed_ratio": shown_speed[0] if not shown_speed[2] else math.nan,
              "speed_contended": contended_cells(ra) + contended_cells(rb),
              f"{a}_diverged": diverged_cells(ra), f"{b}_diverged": diverged_cells(rb),
              f"{a}_not_finished": not_finished(ra), f"{b}_not_finished": not_finished(rb),
@@ -75,11 +81,11 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
         if sa["n"] and sb["n"] and gone:  # a diverged cell is no framework difference
             d[f"{a} − {b}"] = (f"{gone} diverged: not compared", DIVERGED)
             d["paired over seeds"] = ""
-            d[f"train speed {a}/{b}"] = (speed, CONTENDED if r["speed_contended"] > 0 else "")
+            d[f"train speed {a}/{b}"] = shown_speed[:2]
         elif sa["n"] and sb["n"]:
             d[f"{a} − {b}"] = r["delta"]
             d["paired over seeds"] = test
-            d[f"train speed {a}/{b}"] = (speed, CONTENDED if r["speed_contended"] > 0 else "")
+            d[f"train speed {a}/{b}"] = shown_speed[:2]
         else:
             d[f"{a} − {b}"] = "no pair"
             d["paired over seeds"] = ""
@@ -87,17 +93,33 @@ def framework_delta_table(df: pd.DataFrame, a: str = "torch", b: str = "keras",
         shown.append(d)
     note = (f"{a} minus {b} for each cell group the grid runs in both frameworks; paired: "
             f"mean difference over matching seeds and its paired t-test p-value. A group "
-            f"with a diverged cell ({DIVERGED}) is not compared.")
+            f"with a diverged cell ({DIVERGED}) is not compared. Train speed: the ratio of "
+            f"end-to-end images/s (the step rates' where a side has no epoch history).")
     if not numeric:
         note = f"No cell group runs in both {a} and {b}."
     shared = contended_footnote(df, f"A marked speed ratio is no {a}/{b} difference: one "
                                     f"side or both were timed on a shared machine.")
-    cells, marks, notes = cell_frames(shown)
+    cells, marks_, notes = cell_frames(shown)
+    part = marks_.map(lambda m: PART_RATE in m).to_numpy().any() if len(marks_) else False
     return Table("framework_delta", f"Framework delta ({a} − {b})", pd.DataFrame(numeric),
                  cells, {f"{metric} {a}": SUMMARY, f"{metric} {b}": SUMMARY,
                          f"{a} − {b}": SIGNED, "paired over seeds": PAIRED,
                          f"train speed {a}/{b}": TIMES},
-                 note, [shared, diverged_footnote(df)], marks, notes)
+                 note, [shared, diverged_footnote(df), part_rate_footnote(df) if part else ""],
+                 marks_, notes)
+
+
+def speed_ratio(ra: pd.DataFrame, rb: pd.DataFrame) -> tuple[float, str, bool]:
+    """(end-to-end images/s of `ra` over `rb`'s, its marks, False); where a side has no
+    end-to-end figure the step rates' ratio, True, marked § when a step times only the part
+    above a feature cache; † when a side was timed on a shared machine."""
+    rates = [finished_values(r, "end_to_end_images_per_sec").mean() for r in (ra, rb)]
+    step = any(pd.isna(v) for v in rates)
+    if step:
+        rates = [finished_values(r, "train_images_per_sec").mean() for r in (ra, rb)]
+    part = step and part_rate_cells(ra) + part_rate_cells(rb) > 0
+    shared = contended_cells(ra) + contended_cells(rb) > 0
+    return rates[0] / rates[1], marks((part, PART_RATE), (shared, CONTENDED)), step
 
 
 def best_strategy_table(df: pd.DataFrame, metric: str = "test_acc") -> Table:

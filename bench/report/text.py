@@ -79,8 +79,11 @@ def methods(data: ReportData) -> str:
         _tune_sentence(p),
         _test_split_sentence(cells),
         "Accuracy is top-1 on each cell's held-out test split; groups of seeds show mean, "
-        "std and a 95% t-interval (n=1: the single value). Throughput is the median step "
-        "rate after warm-up with the device synchronised before each clock read.",
+        "std and a 95% t-interval (n=1: the single value). Throughput compares cells end "
+        "to end (the images their epochs trained over the seconds of training, feature "
+        "caching and precise BatchNorm); a step rate is the median after warm-up with the "
+        "device synchronised before each clock read, and times only the part above a "
+        "feature cache where a cell cached one (§).",
     ]
     gaps = {s: int(c) for s, c in status.items() if s != tracking.FINISHED}
     if gaps:
