@@ -31,13 +31,35 @@ def tf_keras():
     return tf, keras
 
 
-def test_fit_vs_plain_model_fit(benchmark, device, report, tf_keras):
-    """MobileNetV2 from scratch, full fine-tuning, 32 px, batch 32, Adam, 8 steps an epoch,
-    one untimed epoch each first (tracing). The harness: strategies.keras_backend (its
-    model with pinnable BatchNorm and the uint8 preprocessing layer, compile_phase, the
+def _plain_model(keras, backbone: str, size: int):
+    """The architecture as a user would write it: keras.applications' MobileNetV2, or
+    keras_hub's ViTBackbone with the class token into the head."""
+    inp = keras.Input((size, size, 3), dtype="uint8")
+    if backbone == "mobilenet_v2":
+        x = keras.applications.mobilenet_v2.preprocess_input(keras.ops.cast(inp, "float32"))
+        base = keras.applications.MobileNetV2(include_top=False, weights=None, input_tensor=x,
+                                              pooling="avg")
+        return keras.Model(inp, keras.layers.Dense(10)(base.output))
+    from keras_hub.src.models.vit.vit_backbone import ViTBackbone
+    from keras_hub.src.utils.transformers import convert_vit
+
+    from strategies import transformers as tr
+
+    config = tr.info(backbone).config(size)
+    vit = ViTBackbone(**convert_vit.convert_backbone_config(config),
+                      layer_norm_epsilon=config["layer_norm_eps"])
+    x = (keras.ops.cast(inp, "float32") / 255.0 - 0.5) / 0.5
+    return keras.Model(inp, keras.layers.Dense(10)(vit(x)[:, 0]))
+
+
+@pytest.mark.parametrize("backbone", ["mobilenet_v2", "vit_tiny"])
+def test_fit_vs_plain_model_fit(benchmark, device, report, tf_keras, backbone):
+    """MobileNetV2 or vit_tiny from scratch, full fine-tuning, 32 px, batch 32, Adam, 8 steps
+    an epoch, one untimed epoch each first (tracing). The harness: strategies.keras_backend
+    (its model with pinnable BatchNorm and the uint8 preprocessing layer, compile_phase, the
     tf.data Batches pipeline, Trainer.train_epoch with the step meter's callback). Plain:
-    keras.applications.MobileNetV2 + Dense, compiled with Adam, `model.fit` on
-    from_tensor_slices(x, y).batch(32) of the same uint8 images."""
+    keras.applications.MobileNetV2 or keras_hub's ViTBackbone + Dense, compiled with Adam,
+    `model.fit` on from_tensor_slices(x, y).batch(32) of the same uint8 images."""
     tf, keras = tf_keras
     from bench.cell.timing import StepMeter
     from strategies.keras_backend import configure_device
@@ -53,16 +75,12 @@ def test_fit_vs_plain_model_fit(benchmark, device, report, tf_keras):
     labels = rng.integers(0, 10, n).astype(np.int32)
     keras.utils.set_random_seed(0)
 
-    kb = build("mobilenet_v2", "none", 10, "linear", size)
+    kb = build(backbone, "none", 10, "linear", size)
     trainer = Trainer(kb, device_type, jit_compile=False)
     trainer.compile_phase(Phase(ALL), "adam", 1e-3)
     batches = Batches(images, labels, size, batch, shuffle=True, seed=0)
 
-    inp = keras.Input((size, size, 3), dtype="uint8")
-    x = keras.applications.mobilenet_v2.preprocess_input(keras.ops.cast(inp, "float32"))
-    base = keras.applications.MobileNetV2(include_top=False, weights=None, input_tensor=x,
-                                          pooling="avg")
-    plain = keras.Model(inp, keras.layers.Dense(10)(base.output))
+    plain = _plain_model(keras, backbone, size)
     plain.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"], jit_compile=False)
@@ -89,5 +107,5 @@ def test_fit_vs_plain_model_fit(benchmark, device, report, tf_keras):
     benchmark.pedantic(harness_epoch, setup=timed_plain_epoch, rounds=6, iterations=1)
     harness = n / benchmark.stats.stats.median
     plain_rate = n / statistics.median(plain_times)
-    report("keras train epoch vs plain model.fit", harness_img_s=harness,
+    report(f"keras {backbone} train epoch vs plain model.fit", harness_img_s=harness,
            plain_img_s=plain_rate, ratio=harness / plain_rate, target=">= 0.95")
