@@ -712,6 +712,9 @@ def test_throughput_compares_end_to_end_and_marks_a_head_only_step_rate():
     assert old.display.set_index("strategy").loc[
         "feature_extraction", "train speed torch/keras"] == "0.50× §"
     assert "§ step and model-only rates of the part" in old.markdown()
+    # a group with no finished cell, its tags in pandas' string dtype: a count, never ''
+    failed = pd.DataFrame({"status": ["FAILED"], "t_train_rate_of": [HEAD_ONLY]}, dtype="string")
+    assert report_frame.part_rate_cells(failed) == 0
 
 
 class _Tables(HTMLParser):

@@ -111,7 +111,7 @@ def _summary_frame(df: pd.DataFrame) -> pd.DataFrame:
     rate_of = done.get("t_train_rate_of", pd.Series(None, index=done.index, dtype=object))
     flags = done.assign(_shared=frame.tag_true(done, "contended"),
                         _part=rate_of.map(lambda v: isinstance(v, str) and v.strip()
-                                          not in ("", frame.WHOLE_MODEL)))
+                                          not in ("", frame.WHOLE_MODEL)).astype(bool))
     for col, flag in (("contended", "_shared"), ("part_rate", "_part")):
         acc[col] = (flags.groupby([*keys, "p_framework"])[flag].any()
                     .reindex(idx, fill_value=False).astype(bool).to_numpy()

@@ -293,8 +293,9 @@ def part_rate_cells(rows: pd.DataFrame) -> int:
     col = finished_rows(rows).get("t_train_rate_of")
     if col is None:
         return 0
+    # astype: an empty object Series sums to '' (no finished row)
     return int(col.map(lambda v: isinstance(v, str) and v.strip() not in ("", WHOLE_MODEL)
-                       ).sum())
+                       ).astype(bool).sum())
 
 
 def finished_rows(rows: pd.DataFrame) -> pd.DataFrame:
