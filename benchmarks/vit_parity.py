@@ -1,13 +1,14 @@
 """How closely PyTorch and Keras agree on one transformer checkpoint: a figure per backbone.
 
-    python benchmarks/vit_parity.py [--out reports/vit_parity] [--backbones vit_tiny vit_b16]
-        [--folder BACKBONE=PATH ...]
+    python benchmarks/vit_parity.py [--out reports/vit_parity] [--backbones vit_tiny ...]
+        [--size PX] [--folder BACKBONE=PATH ...]
 
 For each backbone: a checkpoint folder in the Hugging Face layout (config.json +
 model.safetensors; `--folder` names a real one, e.g. a Hub snapshot; without it the script
 writes one with transformers' random init, seed 0), 16 images (seeded uint8) at the
-checkpoint's size, the class-token features and the logits of one linear head (seeded
-weights, the same numbers loaded into both) in PyTorch (this process) and in Keras (a
+checkpoint's size (DINOv2: 224 px, its 518 px position grid resized), the class-token
+features and the logits of one linear head (seeded weights, the same numbers for both) in
+PyTorch (this process) and in Keras (a
 subprocess: torch and tensorflow never share one). Writes <backbone>.png (Keras against
 PyTorch, every feature and logit, with the identity line and the largest difference) and
 parity.json / parity.md with max and mean |difference|.
@@ -27,6 +28,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from strategies import transformers as tr  # noqa: E402 - framework-free, after the path
 
 N_IMAGES, N_CLASSES = 16, 10
 
@@ -57,22 +59,20 @@ def _features_torch(name: str, folder: str, size: int, x: np.ndarray) -> np.ndar
 
 def _random_checkpoint(name: str, folder: Path) -> None:
     import torch
-    from transformers import ViTConfig, ViTModel
 
-    from strategies import transformers as tr
+    from strategies.torch_backend.vit import vit_model
 
     torch.manual_seed(0)
-    ViTModel(ViTConfig(**tr.info(name).config()), add_pooling_layer=False
-             ).save_pretrained(folder)
+    vit_model(name, "none", tr.info(name).image_size).save_pretrained(folder)
 
 
-def compare(name: str, folder: str | None, work: Path) -> dict:
-    from strategies import transformers as tr
-
+def compare(name: str, folder: str | None, work: Path, args_size: int | None = None) -> dict:
     if folder is None:
         folder = str(work / f"{name}_random")
         _random_checkpoint(name, Path(folder))
-    size = tr.read_config(Path(folder))["image_size"]
+    # DINOv2 is published at 518 px and used at 224: its position grid resized (37 -> 16)
+    size = args_size or (224 if tr.info(name).kind == "dinov2"
+                         else tr.read_config(Path(folder))["image_size"])
     x = np.random.default_rng(0).integers(0, 256, (N_IMAGES, size, size, 3), dtype=np.uint8)
     np.save(work / "x.npy", x)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -121,7 +121,8 @@ def plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=str(ROOT / "reports" / "vit_parity"))
-    ap.add_argument("--backbones", nargs="+", default=["vit_tiny", "vit_b16"])
+    ap.add_argument("--backbones", nargs="+", default=["vit_tiny", "vit_b16", "dinov2_s14"])
+    ap.add_argument("--size", type=int, help="image size (default: the checkpoint's)")
     ap.add_argument("--folder", action="append", default=[],
                     help="BACKBONE=PATH: a real checkpoint folder for that backbone")
     args = ap.parse_args(argv)
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.backbones:
-            r = compare(name, folders.get(name), Path(tmp))
+            r = compare(name, folders.get(name), Path(tmp), args.size)
             plot(r, out / f"{name}.png")
             results.append(r)
     (out / "parity.json").write_text(json.dumps(results, indent=1))

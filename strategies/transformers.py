@@ -44,16 +44,22 @@ class TransformerInfo:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str  # what the published weights are, for notes and the README
+    kind: str = "vit"  # transformers' model_type: vit (ViTModel) or dinov2 (Dinov2Model)
 
     def config(self, image_size: int | None = None) -> dict:
-        """transformers' ViTConfig fields for this architecture (random weights)."""
-        return {"model_type": "vit", "architectures": ["ViTModel"],
-                "image_size": image_size or self.image_size, "patch_size": self.patch_size,
-                "hidden_size": self.hidden, "num_hidden_layers": self.layers,
-                "num_attention_heads": self.heads, "intermediate_size": self.mlp,
-                "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
-                "attention_probs_dropout_prob": 0.0, "layer_norm_eps": 1e-12,
-                "qkv_bias": True, "num_channels": 3, "initializer_range": 0.02}
+        """transformers' config fields for this architecture (random weights)."""
+        common = {"image_size": image_size or self.image_size, "patch_size": self.patch_size,
+                  "hidden_size": self.hidden, "num_hidden_layers": self.layers,
+                  "num_attention_heads": self.heads, "hidden_act": "gelu",
+                  "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+                  "qkv_bias": True, "num_channels": 3, "initializer_range": 0.02}
+        if self.kind == "dinov2":  # LayerScale, a mask token, LayerNorm eps 1e-6
+            return {"model_type": "dinov2", "architectures": ["Dinov2Model"], **common,
+                    "mlp_ratio": self.mlp // self.hidden, "layer_norm_eps": 1e-6,
+                    "layerscale_value": 1.0, "drop_path_rate": 0.0, "use_swiglu_ffn": False,
+                    "use_mask_token": True}
+        return {"model_type": "vit", "architectures": ["ViTModel"], **common,
+                "intermediate_size": self.mlp, "layer_norm_eps": 1e-12}
 
 
 _HALF = (0.5, 0.5, 0.5)
@@ -67,6 +73,11 @@ TRANSFORMERS: dict[str, TransformerInfo] = {
         # 32x32 image (65 tokens); not DeiT-Ti (192 wide, 12 blocks)
         TransformerInfo("vit_tiny", "", 32, 4, 128, 6, 4, 256, _HALF, _HALF,
                         "none published: pretrain it (pretrained:<dataset>)"),
+        # Oquab et al. 2024's DINOv2 ViT-S/14 (self-supervised on LVD-142M), at 518 px as
+        # published; a cell at 224 px resizes its position embeddings (16x16 patches)
+        TransformerInfo("dinov2_s14", "facebook/dinov2-small", 518, 14, 384, 12, 6, 1536,
+                        (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                        "LVD-142M, self-supervised (facebook/dinov2-small)", kind="dinov2"),
     ]
 }
 
@@ -130,9 +141,10 @@ def read_config(folder: Path) -> dict:
 def check_fits(name: str, config: dict) -> None:
     """The checkpoint's architecture is `name`'s (not another width or depth)."""
     t = TRANSFORMERS[name]
-    want = {"hidden_size": t.hidden, "num_hidden_layers": t.layers,
-            "num_attention_heads": t.heads, "intermediate_size": t.mlp,
-            "patch_size": t.patch_size}
+    want = {"model_type": t.kind, "hidden_size": t.hidden, "num_hidden_layers": t.layers,
+            "num_attention_heads": t.heads, "patch_size": t.patch_size,
+            **({"mlp_ratio": t.mlp // t.hidden} if t.kind == "dinov2"
+               else {"intermediate_size": t.mlp})}
     bad = {k: (config.get(k), v) for k, v in want.items() if config.get(k) != v}
     if bad:
         raise ValueError(f"checkpoint config does not fit {name}: " + ", ".join(

@@ -49,15 +49,28 @@ CASES = {
 }
 
 
+def _write_checkpoint(name: str, folder) -> None:
+    """A checkpoint in the Hub's layout: transformers' random init saved by save_pretrained."""
+    from strategies.torch_backend.vit import vit_model
+
+    torch.manual_seed(1)
+    vit_model(name, "none", tr.info(name).image_size).save_pretrained(folder)
+    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from transformers import ViTConfig, ViTModel
-
     folder = tmp_path_factory.mktemp("vit_tiny_hub")
-    torch.manual_seed(1)
-    ViTModel(ViTConfig(**tr.info("vit_tiny").config()), add_pooling_layer=False
-             ).save_pretrained(folder)
-    assert sorted(os.listdir(folder)) == ["config.json", "model.safetensors"]
+    _write_checkpoint("vit_tiny", folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def dinov2(tmp_path_factory):
+    """DINOv2 ViT-S/14's architecture at its published 518 px, random weights; run at 56 px
+    (4x4 patches: the position embeddings resized from 37x37)."""
+    folder = tmp_path_factory.mktemp("dinov2_hub")
+    _write_checkpoint("dinov2_s14", folder)
     return folder
 
 
@@ -65,8 +78,8 @@ def _images(size: int) -> np.ndarray:
     return np.random.default_rng(size).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
 
 
-def _torch_features(folder, size: int, additions=None) -> np.ndarray:
-    tb = backbones.build("vit_tiny", str(folder), 5, image_size=size, additions=additions)
+def _torch_features(folder, size: int, additions=None, name: str = "vit_tiny") -> np.ndarray:
+    tb = backbones.build(name, str(folder), 5, image_size=size, additions=additions)
     tb.model.eval()
     x = torch.from_numpy(_images(size)).permute(0, 3, 1, 2).float() / 255
     x = (x - torch.tensor(tb.mean)[:, None, None]) / torch.tensor(tb.std)[:, None, None]
@@ -83,16 +96,18 @@ KERAS = textwrap.dedent("""
     from strategies.keras_backend.train import apply_phase
     from strategies.keras_backend import lora
     folder, sizes, cases = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+    backbone = BACKBONE
     out = {"features": {}, "sets": {}}
     for size in sizes:
         x = np.random.default_rng(size).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
-        kb = build("vit_tiny", folder, 5, image_size=size)
+        kb = build(backbone, folder, 5, image_size=size)
         feats = keras.Model(kb.model.inputs, kb.model.get_layer("vit_norm").output)
         out["features"][str(size)] = feats(x).numpy().tolist()
-    x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    size = sizes[0]
+    x = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
     for case, (name, params) in cases.items():
         strat = registry.get(name)
-        kb = build("vit_tiny", folder, 5, image_size=32, additions=strat.additions(params))
+        kb = build(backbone, folder, 5, image_size=size, additions=strat.additions(params))
         (phase, _), = strat.phases(params, 1, len(kb.blocks))
         trained = {v.path for v in apply_phase(kb, phase, seed=0)}
         owner = kb.weight_owner()
@@ -115,12 +130,24 @@ KERAS = textwrap.dedent("""
 """)
 
 
+def _keras(backbone: str, folder, sizes, cases) -> dict:
+    return keras_script_results(
+        KERAS.replace("sys.argv[1]", repr(str(folder)))
+        .replace("sys.argv[2]", repr(json.dumps(sizes)))
+        .replace("sys.argv[3]", repr(json.dumps(cases))).replace("BACKBONE", repr(backbone)))
+
+
 @pytest.fixture(scope="module")
 def keras_side(checkpoint):
-    return keras_script_results(
-        KERAS.replace("sys.argv[1]", repr(str(checkpoint)))
-        .replace("sys.argv[2]", repr(json.dumps(SIZES)))
-        .replace("sys.argv[3]", repr(json.dumps(CASES))))
+    return _keras("vit_tiny", checkpoint, SIZES, CASES)
+
+
+DINO_CASES = {k: CASES[k] for k in ("full", "bitfit", "norm", "lora", "vpt_deep", "adapter")}
+
+
+@pytest.fixture(scope="module")
+def keras_dinov2(dinov2):
+    return _keras("dinov2_s14", dinov2, [56], DINO_CASES)
 
 
 @pytest.mark.timeout(300)
@@ -149,6 +176,20 @@ def test_torch_side_is_transformers_vitmodel_and_its_interpolation(checkpoint):
             1e-5 if size != 32 else 1e-7)
 
 
+@pytest.mark.timeout(400)
+def test_dinov2_same_features_and_trainable_sets_in_both_frameworks(dinov2, keras_dinov2):
+    assert keras_dinov2["rc"] == 0, keras_dinov2["stderr"]
+    ours = _torch_features(dinov2, 56, name="dinov2_s14")
+    theirs = np.array(keras_dinov2["features"]["56"], dtype=np.float32)
+    assert ours.shape == theirs.shape == (3, 384)
+    assert np.abs(ours - theirs).max() < FEATURE_TOL
+    for case, (name, params) in DINO_CASES.items():
+        counts = _torch_counts(dinov2, name, params, "dinov2_s14", 56)
+        assert counts == keras_dinov2["sets"][case]["counts"], case
+        assert counts["head"] == 384 * 5 + 5
+    assert keras_dinov2["sets"]["lora"]["merged"] == 24  # query and value in 12 blocks
+
+
 def test_position_resize_is_torchs_bicubic():
     pos = np.random.default_rng(0).normal(size=(1, 1 + 7 * 7, 6)).astype(np.float32)
     for grid in (4, 7, 12):
@@ -161,9 +202,10 @@ def test_position_resize_is_torchs_bicubic():
                                                                           pos[:, :1])
 
 
-def _torch_counts(folder, name: str, params: dict) -> dict:
+def _torch_counts(folder, name: str, params: dict, backbone: str = "vit_tiny",
+                  size: int = 32) -> dict:
     strat = registry.get(name)
-    tb = backbones.build("vit_tiny", str(folder), 5, image_size=32,
+    tb = backbones.build(backbone, str(folder), 5, image_size=size,
                          additions=strat.additions(params))
     (phase, _), = strat.phases(params, 1, len(tb.block_map.blocks))
     trained = {id(p) for p in apply_phase(tb, phase, seed=0)}

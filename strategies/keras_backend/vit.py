@@ -84,8 +84,9 @@ class Adapter(keras.layers.Layer):
 
 
 class Block(keras.layers.Layer):
-    """keras_hub's ViTEncoderBlock; with an adapter, its call with the adapter on the MLP's
-    output inside the residual branch (as PyTorch's hook on ViTLayer.mlp)."""
+    """keras_hub's transformer block; with an adapter, the block's own call with the adapter
+    on the MLP's output inside the residual branch (as PyTorch's hook on the layer's mlp):
+    ViTEncoderBlock, or DINOv2's layer with its LayerScale after the adapted MLP."""
 
     def __init__(self, inner, adapter: Adapter | None = None, **kwargs):
         super().__init__(**kwargs)
@@ -95,6 +96,9 @@ class Block(keras.layers.Layer):
         b = self.inner
         if self.adapter is None:
             return b(x)
+        if hasattr(b, "layer_scale1"):  # keras_hub's DINOV2Layer (drop path: rate 0)
+            h = b.layer_scale1(b.attention(b.norm1(x))) + x
+            return h + b.layer_scale2(self.adapter(b.mlp(b.norm2(h))))
         h = b.layer_norm_1(x)
         h = b.dropout(b.mha(h, h)) + x
         return h + self.adapter(b.mlp(b.layer_norm_2(h)))
@@ -135,42 +139,49 @@ class _Loader:
 
 
 def keras_hub_backbone(name: str, weights: str, image_size: int):
-    """keras_hub's ViTBackbone for `name` at `image_size`, with the checkpoint's weights
-    (imagenet: the published folder; a path: that folder) or keras_hub's random init."""
-    from keras_hub.src.models.vit.vit_backbone import ViTBackbone
-    from keras_hub.src.utils.transformers import convert_vit
+    """keras_hub's backbone for `name` at `image_size` (ViTBackbone, DINOV2Backbone) with the
+    checkpoint's weights (imagenet: the published folder; a path: that folder) or keras_hub's
+    random init; and its parts: (embedding, blocks, final LayerNorm)."""
+    from keras_hub.src.utils.transformers import convert_dinov2, convert_vit
 
     t = tr.info(name)
     random = weights == "none" or weights.startswith("pretrained:")
     folder = None if random else tr.published_folder(name) if weights == "imagenet" else weights
     config = t.config(image_size) if random else tr.read_config(folder)
     tr.check_fits(name, config)
-    kwargs = convert_vit.convert_backbone_config({**config, "image_size": image_size})
-    backbone = ViTBackbone(**kwargs, layer_norm_epsilon=config.get("layer_norm_eps", 1e-12))
+    convert = convert_dinov2 if t.kind == "dinov2" else convert_vit
+    # at the cell's size: keras_hub's own resize (TensorFlow's bicubic for DINOv2) never runs;
+    # the loader hands it the position embeddings resized as PyTorch's are
+    kwargs = convert.convert_backbone_config({**config, "image_size": image_size})
+    if t.kind == "vit":  # keras_hub's converter leaves ViT's epsilon at its 1e-6 default
+        kwargs["layer_norm_epsilon"] = config.get("layer_norm_eps", 1e-12)
+    backbone = convert.backbone_cls(**kwargs)
     if folder is not None:
         with _Loader(folder, image_size // t.patch_size) as loader:
-            convert_vit.convert_weights(backbone, loader, config)
-    return backbone
+            convert.convert_weights(backbone, loader, config)
+    if t.kind == "dinov2":
+        return backbone, (backbone.embeddings, backbone.encoder.layers, backbone.layernorm)
+    return backbone, (backbone.layers[1], backbone.layers[2].encoder_layers,
+                      backbone.layers[2].layer_norm)
 
 
 def build_body(name: str, weights: str, image_size: int, additions: dict, seed: int):
     """(input, features) of the transformer, layers named for the block map."""
     t = tr.info(name)
-    hub = keras_hub_backbone(name, weights, image_size)
-    embed, encoder = hub.layers[1], hub.layers[2]
+    _, (embed, blocks, norm) = keras_hub_backbone(name, weights, image_size)
     inp = keras.Input((image_size, image_size, 3), dtype="uint8", name="image")
     x = Normalize(t.mean, t.std, name="preprocess")(inp)
     x = Embed(embed, name="vit_embed")(x)
     prompts = additions.get("prompts")
     gen_p, gen_a = tr.rng(seed, "vpt"), tr.rng(seed, "adapter")
-    for i, inner in enumerate(encoder.encoder_layers):
+    for i, inner in enumerate(blocks):
         if prompts and (i == 0 or prompts[1]):
             x = Prompt(tr.prompt_init(gen_p, prompts[0], t), prompts[0] if i else 0,
                        name=f"vit_prompt{i + 1}")(x)
         adapter = (Adapter(tr.adapter_init(gen_a, additions["adapters"], t.hidden),
                            name=f"vit_adapter{i + 1}") if "adapters" in additions else None)
         x = Block(inner, adapter, name=f"vit_block{i + 1}")(x)
-    return inp, ClassToken(encoder.layer_norm, name="vit_norm")(x)
+    return inp, ClassToken(norm, name="vit_norm")(x)
 
 
 def block_patterns(name: str) -> dict[str, tuple[str, ...]]:

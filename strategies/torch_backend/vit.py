@@ -61,7 +61,8 @@ def _add_adapter_hook(module, inputs, output):
 class ViTNet(nn.Module):
     def __init__(self, vit, head: nn.Module):
         super().__init__()
-        self.embeddings, self.layers, self.layernorm = vit.embeddings, vit.layers, vit.layernorm
+        layers = vit.layers if hasattr(vit, "layers") else vit.encoder.layer  # Dinov2Model
+        self.embeddings, self.layers, self.layernorm = vit.embeddings, layers, vit.layernorm
         self.head = head
         self.prompts = nn.ModuleDict()
 
@@ -93,19 +94,22 @@ def vit_model(name: str, weights: str, image_size: int):
     (weights='imagenet'), a checkpoint folder (a path), or random ('none', 'pretrained:...'
     which load_backbone fills). Another size than the checkpoint's: the position embeddings
     resized once (strategies/transformers.py)."""
-    from transformers import ViTConfig, ViTModel
+    import transformers
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # no "some weights were not initialised" for the pooler
+    hf_logging.disable_progress_bar()
     t = tr.info(name)
+    cls, config_cls = ((transformers.Dinov2Model, transformers.Dinov2Config) if t.kind ==
+                       "dinov2" else (transformers.ViTModel, transformers.ViTConfig))
+    extra = {} if t.kind == "dinov2" else {"add_pooling_layer": False}
     if weights == "none" or weights.startswith("pretrained:"):
         torch.manual_seed(0)  # transformers' init draws from torch's global generator
-        return ViTModel(ViTConfig(**tr.info(name).config(image_size)), add_pooling_layer=False)
+        return cls(config_cls(**t.config(image_size)), **extra)
     folder = tr.published_folder(name) if weights == "imagenet" else weights
     config = tr.read_config(folder)
     tr.check_fits(name, config)
-    model = ViTModel.from_pretrained(str(folder), add_pooling_layer=False,
-                                     attn_implementation="sdpa")
+    model = cls.from_pretrained(str(folder), attn_implementation="sdpa", **extra)
     if config["image_size"] != image_size:
         pos = model.embeddings.position_embeddings.detach().numpy()
         grid = image_size // t.patch_size
