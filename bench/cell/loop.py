@@ -8,8 +8,12 @@ frameworks cannot drift apart. Framework-free: nothing here imports torch or ten
 Throughput (bench.cell.timing): `train_images_per_sec` is the last phase's data-fed rate (median
 over its steps, warm-up excluded, device synchronised before each clock read);
 `model_only_train_images_per_sec` is the same train step on a synthetic batch already on the
-device; a cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only rate is tagged
-`input_bound`, with the data path that fed it (`data_path`).
+device, timed over as many steps as the data-fed median had (`model_only_steps`, 10 to 30); a
+cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only rate is tagged
+`input_bound`, with the data path that fed it (`data_path`). A data-fed rate above the
+model-only one (by more than the medians' noise) cannot be a measurement of the same steps: the
+tag `rate_check` says `suspect: ...` and the cell's log gets a warning. Each timed window has
+its own CpuProbe (`contention_share`, `contention_share_model_only`; `contended` names both).
 
 Decoded cache (`decoded_cache`, on by default): a file dataset's images are decoded and
 resized once into a memory-mapped array (bench/data/decoded.py), shared by every cell at that
@@ -50,6 +54,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -59,24 +64,21 @@ from bench import checkpoints
 from bench import data as bdata
 from bench.cell.contention import CpuProbe
 from bench.cell.session import OrderCheck, Session
-from bench.cell.timing import StepMeter
+from bench.cell.timing import (  # noqa: F401 - DATA_PATHS, INPUT_BOUND_RATIO: read as loop.*
+    DATA_PATHS,
+    INPUT_BOUND_RATIO,
+    StepMeter,
+    input_bound_tag,
+    model_only_steps,
+    rate_check,
+)
 from bench.config.spec import RunSpec
 from bench.data import decoded
 from strategies import backbones as bb
 from strategies import registry
 
 WARMUP_STEPS = 3  # steps excluded from every throughput median
-MODEL_ONLY_STEPS = 10
-INPUT_BOUND_RATIO = 0.9
-# Session.data_path -> the words the input_bound tag uses for it
-DATA_PATHS = {
-    "resident": "arrays resident",
-    "arrays-resized-per-batch": "arrays resized every batch",
-    "files": "files decoded every epoch",
-    "decoded-resident": "decoded cache, resident",
-    "decoded-per-batch": "decoded cache, read per batch",
-}
-RESIDENT_PATHS = ("resident", "decoded-resident")  # nothing read from disk per batch
+MODEL_ONLY_STEPS = 10  # timed model-only steps at least (as many as the data-fed median's, to 30)
 FEATURE_CACHE_MB = 1024  # cached inputs held on the device at most (TLBENCH_FEATURE_CACHE_MB)
 
 
@@ -209,7 +211,8 @@ class Training:
     epoch: int = 0
     steps: list[int] = field(default_factory=lambda: [0])  # optimizer steps so far
     meter: StepMeter | None = None  # the current phase's: the last one's at the end
-    probe: CpuProbe = field(default_factory=CpuProbe)
+    probe: CpuProbe = field(default_factory=CpuProbe)  # over the data-fed timed steps
+    model_only_probe: CpuProbe = field(default_factory=CpuProbe)  # over the model-only ones
     cache_labels: dict[str, str] = field(default_factory=dict)  # phase -> feature cache
     cache_seconds: float = 0.0
     rate_of: str = "whole model"  # what the train rates measure
@@ -314,18 +317,26 @@ def evaluate_test(session: Session, training: Training, num_classes: int) -> dic
 
 def measure_model_only(session: Session, training: Training, final: dict) -> None:
     """Model-only train and inference rates into `final`. After the test evaluation, on the
-    last phase's trainable set: it cannot touch a reported accuracy."""
-    training.probe.begin()
-    final.update(session.model_only_rates(MODEL_ONLY_STEPS, WARMUP_STEPS))
-    training.probe.end()
+    last phase's trainable set: it cannot touch a reported accuracy. Timed over as many steps
+    as the data-fed median had (MODEL_ONLY_STEPS to 30): a median of 10 steps, taken in one
+    burst at the cell's end, read a momentary slowdown as the model's speed, and the data-fed
+    rate came out above it. Its own CpuProbe: a busy machine in that short window is not
+    diluted by the long data-fed one."""
+    steps = model_only_steps(training.meter, MODEL_ONLY_STEPS)
+    training.model_only_probe.begin()
+    final.update(session.model_only_rates(steps, WARMUP_STEPS))
+    training.model_only_probe.end()
+    final["model_only_steps"] = steps
 
 
 def record(session: Session, training: Training, final: dict, ctx) -> None:
     """The final tags, metrics and history."""
     final["feature_cache_seconds"] = training.cache_seconds
     final["contention_share"] = training.probe.share
+    final["contention_share_model_only"] = training.model_only_probe.share
     tags = {"feature_cache_used": _cache_tag(training.cache_labels),
-            "train_rate_of": training.rate_of, "contended": training.probe.tag(),
+            "train_rate_of": training.rate_of,
+            "contended": contended_tag(training.probe, training.model_only_probe),
             "diverged": diverged_tag(training.history, training.num_classes)}
     # what a strategy's backend hook did (LoRA: its adapters, their merge for inference)
     tags.update(getattr(session, "notes", None) or {})
@@ -335,7 +346,12 @@ def record(session: Session, training: Training, final: dict, ctx) -> None:
         tags["precise_bn"] = (f"{layers} BatchNorm layers from {len(training.bn_sample)} "
                               f"train images" if layers else "no BatchNorm layer trains")
     tags["input_bound"] = input_bound_tag(session.data_path, final["train_images_per_sec"],
-                                          final.get("model_only_train_images_per_sec"))
+                                          final.get("model_only_train_images_per_sec"),
+                                          WARMUP_STEPS)
+    tags["rate_check"] = rate_check(final["train_images_per_sec"],
+                                    final.get("model_only_train_images_per_sec"))
+    if tags["rate_check"].startswith("suspect"):  # into the cell's log (cell.log)
+        print(f"WARNING: {tags['rate_check']}", file=sys.stderr, flush=True)
     ctx.set_tags(tags)
     final["wall_seconds"] = ctx.elapsed()
     final["peak_memory_mb"] = session.peak_memory_mb()
@@ -343,21 +359,15 @@ def record(session: Session, training: Training, final: dict, ctx) -> None:
     ctx.artifact("history.json", json.dumps(training.history, indent=1))
 
 
-def input_bound_tag(data_path: str, data_fed: float | None,
-                    model_only: float | None) -> str:
-    """`input_bound`: 'true' or 'false' (the data-fed rate under INPUT_BOUND_RATIO of the
-    model-only rate), the ratio, and the data path that fed the cell. Resident data reads
-    nothing per batch: a gap there is the per-batch work around the step (preprocessing,
-    augmentation, copies, the loop), which the tag says, so 'true' does not read as a
-    contradiction of 'resident'."""
-    fed_by = DATA_PATHS.get(data_path, data_path)
-    if not (data_fed and model_only):
-        return (f"unknown: the last phase ran no steps past the {WARMUP_STEPS} warm-up steps "
-                f"({fed_by})")
-    bound = data_fed < INPUT_BOUND_RATIO * model_only
-    if bound and data_path in RESIDENT_PATHS:
-        fed_by += ": nothing is read per batch, the gap is the work around each step"
-    return f"{str(bound).lower()} at {data_fed / model_only:.2f}x model-only ({fed_by})"
+def contended_tag(data_fed: CpuProbe, model_only: CpuProbe) -> str:
+    """`contended`: true when other processes took more than CONTENDED_SHARE of the machine
+    in either timed window (the data-fed steps, the model-only steps), with both shares."""
+    tags = [data_fed.tag(), model_only.tag()]
+    if model_only.share is None:
+        return tags[0]
+    verdict = "true" if any(t.startswith("true") for t in tags) else tags[0].split(":")[0]
+    return (f"{verdict}: data-fed steps: {tags[0].split(': ', 1)[1]}; model-only steps: "
+            f"{tags[1].split(': ', 1)[1]}")
 
 
 def _train_epoch(session: Session, meter: StepMeter, steps: list[int], epoch: int, on_step,

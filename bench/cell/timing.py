@@ -68,3 +68,60 @@ def measure(fn: Callable[[], object], n_items: int, steps: int = 10, warmup: int
         fn()
         meter.step(n_items)
     return meter.median
+
+
+# ---- what the two train rates say, side by side (tags input_bound and rate_check) ----------
+INPUT_BOUND_RATIO = 0.9
+# Session.data_path -> the words the input_bound tag uses for it
+DATA_PATHS = {
+    "resident": "arrays resident",
+    "arrays-resized-per-batch": "arrays resized every batch",
+    "files": "files decoded every epoch",
+    "decoded-resident": "decoded cache, resident",
+    "decoded-per-batch": "decoded cache, read per batch",
+}
+RESIDENT_PATHS = ("resident", "decoded-resident")  # nothing read from disk per batch
+MODEL_ONLY_MAX_STEPS = 30
+# a data-fed rate this much above the model-only one is beyond the two medians' noise
+RATE_TOLERANCE = 0.05
+
+
+def model_only_steps(meter: StepMeter | None, least: int) -> int:
+    """Timed model-only steps: as many as the data-fed median had, `least` to
+    MODEL_ONLY_MAX_STEPS, so the two medians rest on comparable samples."""
+    n = len(meter.rates) if meter is not None else 0
+    return max(least, min(n, MODEL_ONLY_MAX_STEPS))
+
+
+def input_bound_tag(data_path: str, data_fed: float | None, model_only: float | None,
+                    warmup: int = 3) -> str:
+    """`input_bound`: 'true' or 'false' (the data-fed rate under INPUT_BOUND_RATIO of the
+    model-only rate), the ratio, and the data path that fed the cell. Resident data reads
+    nothing per batch: a gap there is the per-batch work around the step (preprocessing,
+    augmentation, copies, the loop), which the tag says, so 'true' does not read as a
+    contradiction of 'resident'."""
+    fed_by = DATA_PATHS.get(data_path, data_path)
+    if not (data_fed and model_only):
+        return (f"unknown: the last phase ran no steps past the {warmup} warm-up steps "
+                f"({fed_by})")
+    bound = data_fed < INPUT_BOUND_RATIO * model_only
+    if bound and data_path in RESIDENT_PATHS:
+        fed_by += ": nothing is read per batch, the gap is the work around each step"
+    return f"{str(bound).lower()} at {data_fed / model_only:.2f}x model-only ({fed_by})"
+
+
+def rate_check(data_fed: float | None, model_only: float | None) -> str:
+    """`rate_check`: a data-fed loop does the model's work and more (the input), so its rate
+    cannot honestly exceed the model-only rate. 'ok: ...' when it does not (or by no more
+    than RATE_TOLERANCE, the medians' noise), 'suspect: ...' with a sentence when it does,
+    'unknown: ...' when a rate is missing."""
+    if not (data_fed and model_only):
+        return "unknown: a train rate is missing (no steps past the warm-up)"
+    ratio = data_fed / model_only
+    if ratio <= 1 + RATE_TOLERANCE:
+        return (f"ok: data-fed {data_fed:.4g} <= model-only {model_only:.4g} images/s "
+                f"({ratio:.2f}x, tolerance {RATE_TOLERANCE:.0%})")
+    return (f"suspect: the data-fed rate {data_fed:.4g} images/s is {ratio:.2f}x the "
+            f"model-only rate {model_only:.4g}, though it does the same steps plus the input; "
+            f"one of the two was measured off its steady state (a busy machine in one timed "
+            f"window: see contended), so neither is the cell's speed")
