@@ -7,15 +7,14 @@ MLFLOW_TRACKING_URI points somewhere else (a shared server, another folder).
 Tags written on every cell run (prefix `tlbench.`): spec_hash, framework, backbone,
 strategy, dataset, device, git_commit, versions; its owner's host, pid and heartbeat (a
 cell's run is its claim, bench/run/claims.py); slot, cuda_visible_devices, cpus; on failure
-`error`. The parent
-run holds the grid file (grid.toml), the cells it expects (cells.json) and the tag
-device_kind (what its cells were stamped with), and, once
-`bench report` has run, report.md with its tables/ and figures/. A pretraining run (kind
+`error`. The parent run holds the grid file (grid.toml), the cells it expects (cells.json),
+the tag device_kind, its summary and comparison.json once it ends (bench/summary.py), and,
+once `bench report` has run, report.md with its tables/ and figures/. A pretraining run (kind
 `pretrain`) holds its checkpoint and sidecar under checkpoint/ and the tags checkpoint_key
 and checkpoint_sha256, which other nodes find it by (bench/config/pretrained.py: publish, fetch).
 
-The reporter's read helpers (bottom of this file) return plain rows; the report modules
-(bench/report*.py) never touch MLflow objects.
+The reporter's read helpers (bottom of this file) return plain rows (bench/report/ never
+touches MLflow objects).
 """
 
 from __future__ import annotations
@@ -24,21 +23,18 @@ import contextlib
 import json
 import logging
 import os
-import socket
-import subprocess
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from bench.config.spec import RunSpec
-from bench.paths import ROOT, file_lock
+from bench.paths import file_lock
+from bench.provenance import host_tags
 
 TAG = "tlbench."
 PARENT_TAG = "mlflow.parentRunId"
 FINISHED, FAILED, KILLED, RUNNING = "FINISHED", "FAILED", "KILLED", "RUNNING"
 CELLS_ARTIFACT = "cells.json"  # on a parent run: the grid's cells (hash, name, params)
-
-
 SYSTEM_METRICS_INTERVAL_S = 1.0  # a sample a second, each logged: a 10 s cell gets ~10
 
 _READY: set[str] = set()  # tracking URIs whose store this process has opened once
@@ -118,37 +114,6 @@ def open_experiment(name: str, create: bool = True) -> tuple[str | None, bool]:
     return exp.experiment_id, False
 
 
-def _git(*args: str) -> str:
-    """A git command's output in the project's checkout; "" where there is none."""
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True,
-                             timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return ""
-    return out.stdout.strip() if out.returncode == 0 else ""
-
-
-def git_commit() -> str:
-    commit = _git("rev-parse", "--short", "HEAD")
-    return commit + ("-dirty" if commit and _git("status", "--porcelain", "-uno") else "")
-
-
-def _full_commit() -> str:
-    return _git("rev-parse", "HEAD")
-
-
-def _host_tags() -> dict[str, str]:
-    """Who owns the run (bench/run/claims.py): host, process, last heartbeat; and the code (also
-    in MLflow's own source tags, which fill the UI's "Source" and "Git commit")."""
-    tags = {TAG + "host": socket.gethostname(), TAG + "pid": str(os.getpid()),
-            TAG + "heartbeat": f"{time.time():.0f}", TAG + "git_commit": git_commit(),
-            "mlflow.source.type": "LOCAL"}
-    commit = _full_commit()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-    return tags
-
-
 def source_name(grid) -> str:
     """The command that made a grid's runs, as the UI's "Source" column shows it."""
     try:
@@ -174,12 +139,13 @@ def start_parent(exp_id: str, grid, n_todo: int, grid_text: str,
                              TAG + "grid_path": grid.path, TAG + "smoke": str(grid.smoke),
                              TAG + "device_kind": grid.device_kind or "cpu",
                              TAG + "cells": str(len(grid.specs)), TAG + "todo": str(n_todo),
-                             "mlflow.note.content": grid.description, **_host_tags(),
+                             "mlflow.note.content": grid.description, **host_tags(TAG),
                              "mlflow.source.name": source_name(grid),
                              **{TAG + k: str(v) for k, v in (tags or {}).items()}})
     c.log_text(run.info.run_id, grid_text, "grid.toml")
     # the cells this invocation expects, so a report can name the ones that never ran
     c.log_text(run.info.run_id, json.dumps(cell_list(grid), indent=1), CELLS_ARTIFACT)
+    _PARENTS.add(run.info.run_id)
     return run.info.run_id
 
 
@@ -204,7 +170,7 @@ def start_cell(exp_id: str, parent_id: str, spec: RunSpec, label: str, device: s
             TAG + "backbone": spec.backbone, TAG + "strategy": spec.strategy_label,
             TAG + "dataset": spec.dataset, TAG + "device_requested": device,
             "mlflow.note.content": f"{label}\n\ncell {spec.hash} of `{spec.name}`",
-            **_host_tags()}
+            **host_tags(TAG)}
     if kind == "pretrain" or spec.role:  # a tuned grid's trial or final cell
         tags[TAG + "role"] = "pretrain" if kind == "pretrain" else spec.role
     run = c.create_run(exp_id, run_name=run_name or label,
@@ -240,7 +206,7 @@ def log_inputs(run_id: str, inputs: list[dict]) -> None:
     from mlflow.exceptions import MlflowException
 
     datasets = [DatasetInput(Dataset(d["name"], d["digest"], d["source_type"], d["source"],
-                                     profile=d.get("profile")),
+                                     schema=d.get("schema"), profile=d.get("profile")),
                              tags=[InputTag("mlflow.data.context", d["context"])])
                 for d in inputs]
     # A store keeps one row per (experiment, name, digest) and makes it on first use: two
@@ -266,8 +232,28 @@ def log_file(run_id: str, path: str) -> None:
     client().log_artifact(run_id, path)
 
 
+_PARENTS: set[str] = set()  # grid invocations this process started (start_parent)
+
+
 def end_run(run_id: str, status: str) -> None:
+    """End a run; a grid invocation's parent first gets its summary of its cells, read back
+    from the store (bench/summary.py: per framework and strategy, and the comparison table)."""
+    if run_id in _PARENTS:
+        _summarise_parent(run_id)
     client().set_terminated(run_id, status=status)
+
+
+def _summarise_parent(run_id: str) -> None:
+    import pandas as pd
+
+    from bench import summary
+
+    exp_id = client().get_run(run_id).info.experiment_id
+    metrics, table = summary.parent_metrics([run_row(r) for r in child_runs(exp_id, run_id)])
+    if metrics:
+        log_metrics(run_id, metrics)
+    if table:  # the Artifacts tab shows it as a table
+        client().log_table(run_id, data=pd.DataFrame(table), artifact_file=summary.COMPARISON)
 
 
 def delete_run(run_id: str) -> None:
@@ -382,14 +368,22 @@ def active_experiments() -> list:
 
 def ui_links(base_url: str) -> list[tuple[str, str]]:
     """(experiment name, the link that opens its runs in the UI's model-training view) for
-    every experiment a grid ran in, newest first."""
+    every experiment a grid ran in, newest first; after each, where its latest invocation
+    logged one, the link to that parent's comparison table (bench/summary.py)."""
     exps = [e for e in active_experiments()
             if e.tags.get(EXPERIMENT_KIND) == "custom_model_development" or e.name != "Default"]
     exps.sort(key=lambda e: e.last_update_time or 0, reverse=True)
     # workflowType: the UI's GenAI / Model training switch (kept in the browser otherwise, and
     # GenAI in a fresh one)
-    return [(e.name, f"{base_url.rstrip('/')}/#/experiments/{e.experiment_id}/runs"
-                     f"?workflowType=machine_learning") for e in exps]
+    base, ml, out = f"{base_url.rstrip('/')}/#/experiments", "?workflowType=machine_learning", []
+    for e in exps:
+        out.append((e.name, f"{base}/{e.experiment_id}/runs{ml}"))
+        parent = latest_parent(e.experiment_id)
+        if parent is not None and "comparison.json" in parent.data.tags.get(
+                "mlflow.loggedArtifacts", ""):
+            out.append((f"{e.name} comparison", f"{base}/{e.experiment_id}/runs/"
+                        f"{parent.info.run_id}/artifactPath/comparison.json{ml}"))
+    return out
 
 
 def find_checkpoint_runs(key: str, limit: int = 5) -> list:

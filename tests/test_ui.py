@@ -39,3 +39,66 @@ def test_short_forms_read_as_documented():
     assert names == ["2stage[d3,lrs=0.1] pt", "feat pt", "full scratch pbn320 pt",
                      "full scratch pt", "full[bn=frz] lr1e-4 pt", "partial[d3,bn=frz] pt"]
     assert tracking_names.number(0.0005) == "5e-4" and tracking_names.number(0.1) == "0.1"
+
+
+def _record_default_grid_invocation(accs: dict[tuple[str, str], tuple[float, float]]):
+    """The default grid's parent and cells written through bench.tracking (no training):
+    each cell FINISHED with the (val, test) accuracies given for its (framework, config),
+    the from-scratch cell without precise_bn diverged-free at chance, one Keras cell FAILED."""
+    from bench import tracking
+
+    g = gridmod.load("default", check_data=False)
+    exp = tracking.experiment_id(g.name)
+    parent = tracking.start_parent(exp, g, len(g.specs), "name = 'default'")
+    for s in g.specs:
+        rid = tracking.start_cell(exp, parent, s, g.label(s), "cpu",
+                                  tags={"config": g.config(s)}, run_name=g.run_name(s))
+        val, test = accs[(s.framework, g.run_name(s).rsplit(" ", 1)[0])]
+        tracking.log_metrics(rid, {"best_val_acc": val, "test_acc": test,
+                                   "train_images_per_sec": 100.0, "trainable_params": 1e6})
+        failed = s.framework == "keras" and s.strategy == "partial"
+        tracking.set_tags(rid, {"diverged": "true: final train loss 9" if test < 0.11
+                                else "false"})
+        tracking.end_run(rid, tracking.FAILED if failed else tracking.FINISHED)
+    tracking.end_run(parent, tracking.FINISHED)
+    return tracking.client().get_run(parent), g
+
+
+@pytest.mark.timeout(60)
+def test_the_parent_run_sums_up_per_framework_and_strategy(store):
+    """Through the MLflow API: the parent holds, per framework and strategy, the test accuracy
+    of the configuration best on validation, and the counts; and the comparison table."""
+    import json
+
+    from bench import tracking
+
+    per_config = {"feat": (0.80, 0.78), "partial[d3,bn=frz]": (0.90, 0.88),
+                  "full[bn=frz] lr1e-4": (0.92, 0.85), "2stage[d3,lrs=0.1]": (0.91, 0.90),
+                  "full scratch": (0.50, 0.097), "full scratch pbn320": (0.60, 0.55)}
+    accs = {(fw, k): v for fw in ("torch", "keras") for k, v in per_config.items()}
+    parent, g = _record_default_grid_invocation(accs)
+    m = parent.data.metrics
+    # full: three configurations; the best on validation (bn=frozen at 1e-4, val 0.92) is
+    # reported with its test accuracy, not the best test accuracy among them
+    assert m["test_acc/torch/full:imagenet"] == pytest.approx(0.85)
+    assert m["test_acc/torch/full:none"] == pytest.approx(0.55)  # precise_bn 320 wins on val
+    assert m["cells/torch/full:none"] == 2 and m["diverged/torch/full:none"] == 1
+    assert m["test_acc/torch/two_stage:imagenet"] == pytest.approx(0.90)
+    assert m["failed/keras/partial:imagenet"] == 1 and m["finished/keras/partial:imagenet"] == 0
+    assert "test_acc/keras/partial:imagenet" not in m  # nothing finished: no number
+    assert sum(v for k, v in m.items() if k.startswith("cells/")) == len(g.specs)
+    # the comparison table: one row per configuration and framework, as an MLflow table
+    path = tracking.download_artifact(parent.info.run_id, "comparison.json", store / "dl")
+    table = json.loads(path.read_text())
+    assert len(table["data"]) == len(g.specs)
+    rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
+    scratch = [r for r in rows if r["framework"] == "torch" and r["weights"] == "none"]
+    assert sorted(r["test_acc"] for r in scratch) == pytest.approx([0.097, 0.55])
+    logged = json.loads(parent.data.tags["mlflow.loggedArtifacts"])
+    assert {"path": "comparison.json", "type": "table"} in logged
+    # `bench ui` prints, after the experiment's runs, the link that opens this table
+    links = dict(tracking.ui_links("http://127.0.0.1:5000"))
+    assert links["default comparison"] == (
+        f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/"
+        f"{parent.info.run_id}/artifactPath/comparison.json?workflowType=machine_learning")
+
