@@ -1,4 +1,6 @@
-"""Run names for the MLflow UI's run list, which shows about NAME_WIDTH characters of a name.
+"""What the MLflow UI shows of a cell: its run name (input_schema: its Datasets panel).
+
+The run list shows about NAME_WIDTH characters of a name.
 
 A name tells a cell apart from the grid's other cells within that width: the strategy in a
 short form (`feat`, `partial[d3,bn=frz]`, `2stage[d3,lrs=0.1]`), then each field the grid
@@ -12,6 +14,7 @@ shipped grid's names are unique within NAME_WIDTH characters.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -190,3 +193,12 @@ def compact_blocks(text: str) -> str:
     block11 -> b11."""
     return re.sub(r"\bstage(\d+)", r"s\1", re.sub(r"\bblock(\d+)", r"b\1", text)
                   ).replace("top_conv", "top")
+
+
+def input_schema(size: int, num_classes: int) -> str:
+    """A split part's schema as MLflow's Datasets panel shows it (a table of columns): what
+    reaches the model, images at the cell's size and integer labels."""
+    return json.dumps({"mlflow_colspec": [
+        {"name": f"image: uint8 RGB {size}x{size}x3", "type": "binary", "required": True},
+        {"name": f"label: class index 0..{num_classes - 1}", "type": "long",
+         "required": True}]})

@@ -136,6 +136,10 @@ def test_resume_skips_finished_cells(store, capsys):
         assert all(d.name == "digits" and d.source_type == "sklearn_digits"
                    for d in by_part.values())
         assert json.loads(by_part["train"].profile)["num_rows"] == r.data.metrics["n_train"]
+        # the Datasets panel's schema: columns, not "No schema available"
+        cols = json.loads(by_part["train"].schema)["mlflow_colspec"]
+        assert [c["name"] for c in cols] == ["image: uint8 RGB 16x16x3",
+                                             "label: class index 0..9"]
         seen.append({k: d.digest for k, d in by_part.items()})
     assert seen[0] == seen[1] and len(set(seen[0].values())) == 3
     parent = c.get_run(first.parent_run_id)

@@ -102,3 +102,26 @@ def test_the_parent_run_sums_up_per_framework_and_strategy(store):
         f"http://127.0.0.1:5000/#/experiments/{parent.info.experiment_id}/runs/"
         f"{parent.info.run_id}/artifactPath/comparison.json?workflowType=machine_learning")
 
+
+@pytest.mark.timeout(60)
+def test_dataset_inputs_carry_a_schema_the_datasets_panel_shows(store):
+    """The Datasets panel renders `mlflow_colspec` schemas as a table of columns (MLflow 3's
+    ExperimentViewDatasetSchema); without one it says "No schema available"."""
+    import json
+
+    from bench import tracking
+    from bench.data import check_card, dataset_inputs, prepare, shipped_cards
+
+    card = check_card(shipped_cards()["digits"], "digits")
+    exp = tracking.experiment_id("schema")
+    rid = tracking.client().create_run(exp).info.run_id
+    inputs = [{**d, "schema": tracking_names.input_schema(32, 10)}
+              for d in dataset_inputs(card, prepare(card, 0, 40), 0, 40)]
+    tracking.log_inputs(rid, inputs)
+    got = tracking.client().get_run(rid).inputs.dataset_inputs
+    assert len(got) == 3
+    for d in got:
+        cols = json.loads(d.dataset.schema)["mlflow_colspec"]
+        assert [(c["name"], c["type"]) for c in cols] == [
+            ("image: uint8 RGB 32x32x3", "binary"), ("label: class index 0..9", "long")]
+        assert json.loads(d.dataset.source)["split"]  # the split rule, as the source

@@ -60,7 +60,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from bench import checkpoints
+from bench import checkpoints, tracking_names
 from bench import data as bdata
 from bench.cell.contention import CpuProbe
 from bench.cell.session import OrderCheck, Session
@@ -153,8 +153,9 @@ def prepare_device(session: Session, spec: RunSpec, ctx) -> None:
 def load_data(spec: RunSpec, card: dict, ctx) -> tuple[dict, int]:
     """The split parts (through the decoded cache when on) and the number of classes."""
     prepared = bdata.prepare(card, spec.seed, spec.subset, spec.train_on)
-    ctx.log_inputs(bdata.dataset_inputs(card, prepared, spec.seed, spec.subset))
     num_classes = prepared.source.num_classes
+    ctx.log_inputs([{**d, "schema": tracking_names.input_schema(spec.image_size, num_classes)}
+                    for d in bdata.dataset_inputs(card, prepared, spec.seed, spec.subset)])
     parts = {k: prepared.part(k) for k in ("train", "val", "test")}
     if spec.decoded_cache:
         t0 = time.perf_counter()
