@@ -1,9 +1,10 @@
 """Vision transformers for the PyTorch backend, built with transformers' ViT modules.
 
-`ViTNet` holds transformers' `ViTModel` parts as its own children, `embeddings`, `layers`
-(one ViTLayer per block) and `layernorm`, and runs them in a plain loop, then the new head on
-the class token: the same computation as `ViTModel(...).last_hidden_state[:, 0]` (tested),
-with two places the parameter-efficient methods hook into:
+`ViTNet` holds the parts of transformers' `ViTModel` (or `Dinov2Model`) as its own children,
+`embeddings`, `layers` (one ViTLayer / Dinov2Layer per block) and `layernorm`, and runs them
+in a plain loop, then the new head on the class token: the same computation as the model's
+`last_hidden_state[:, 0]` (tested), with two places the parameter-efficient methods hook
+into:
 
 - VPT (Jia et al., ECCV 2022): `prompts.block<i>` holds block i's prompt tokens, inserted
   after the class token before the block runs; deep prompts replace the previous block's,
@@ -12,10 +13,11 @@ with two places the parameter-efficient methods hook into:
   inside its residual branch (Houlsby/Pfeiffer placement: after the MLP), by a forward hook
   on `layers.<i>.mlp`.
 
-Both start as the identity on the loaded weights (prompts do change the tokens, adapters
-start at zero: strategies/transformers.py) and are created when the model is built, so the
-block map knows them. Weights: a checkpoint folder read by `ViTModel.from_pretrained` (the
-published ones from the Hub cache) or transformers' own random init (weights = 'none').
+Adapters start as the identity (their up projection at zero); prompts add tokens, so a VPT
+model's class token differs from the backbone's from the first step, as in the paper. Both
+are drawn from the cell's seed (strategies/transformers.py) when the model is built, so the
+block map knows them. Weights: a checkpoint folder read by `from_pretrained` (the published
+ones from the Hub cache) or transformers' own random init from the cell's seed ('none').
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def vit_model(name: str, weights: str, image_size: int):
                        "dinov2" else (transformers.ViTModel, transformers.ViTConfig))
     extra = {} if t.kind == "dinov2" else {"add_pooling_layer": False}
     if weights == "none" or weights.startswith("pretrained:"):
-        torch.manual_seed(0)  # transformers' init draws from torch's global generator
+        # transformers' init draws from torch's global generator: the cell seeded it
         return cls(config_cls(**t.config(image_size)), **extra)
     folder = tr.published_folder(name) if weights == "imagenet" else weights
     config = tr.read_config(folder)
