@@ -24,9 +24,10 @@ import statistics
 from collections import defaultdict
 
 COMPARISON = "comparison.json"  # the parent run's table artifact
-TABLE_COLUMNS = ("framework", "strategy", "config", "weights", "seeds", "test_acc",
-                 "best_val_acc", "train_images_per_sec", "trainable_params", "finished",
-                 "failed", "diverged")
+# the numbers first: the UI's table shows about five columns before it scrolls
+TABLE_COLUMNS = ("framework", "strategy", "weights", "test_acc", "best_val_acc", "seeds",
+                 "train_images_per_sec", "trainable_params", "finished", "failed", "diverged",
+                 "config")
 
 
 def _mean(values: list[float]) -> float | None:
