@@ -25,14 +25,27 @@ from collections import defaultdict
 
 COMPARISON = "comparison.json"  # the parent run's table artifact
 # the numbers first: the UI's table shows about five columns before it scrolls
-TABLE_COLUMNS = ("framework", "strategy", "weights", "test_acc", "best_val_acc", "seeds",
+# (`cell`: the run name without the framework and seed, which tells configurations apart)
+TABLE_COLUMNS = ("framework", "cell", "test_acc", "best_val_acc", "seeds",
                  "train_images_per_sec", "trainable_params", "finished", "failed", "diverged",
-                 "config")
+                 "strategy", "weights", "config")
+DIGITS = 4  # accuracies and rates rounded for reading
 
 
 def _mean(values: list[float]) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.fmean(values) if values else None
+
+
+def _short(row: dict) -> str:
+    """The run name less its framework and seed words (`full scratch pbn320`)."""
+    words = str(row.get("run_name") or "").split()
+    return " ".join(w for w in words if w not in ("pt", "tf", "torch", "keras")
+                    and not (w[:1] == "s" and w[1:].isdigit())) or str(row.get("label"))
+
+
+def _round(v):
+    return round(v, DIGITS) if isinstance(v, float) else v
 
 
 def is_summarised(row: dict) -> bool:
@@ -57,7 +70,8 @@ def configurations(rows: list[dict]) -> list[dict]:
                                                                   str(kv[0][1]))):
         done = [c for c in cells if c["status"] == "FINISHED"]
         out.append({
-            "framework": fw, "strategy": cells[0].get("t_strategy"), "config": config,
+            "framework": fw, "cell": _short(cells[0]),
+            "strategy": cells[0].get("t_strategy"), "config": config,
             "weights": cells[0].get("p_weights"), "seeds": len(done),
             "test_acc": _mean([c.get("test_acc") for c in done]),
             "best_val_acc": _mean([c.get("best_val_acc") for c in done]),
@@ -94,4 +108,4 @@ def parent_metrics(rows: list[dict]) -> tuple[dict[str, float], list[dict]]:
         if configs:  # chosen on validation, reported on test
             best = max(configs, key=lambda r: r["best_val_acc"])
             metrics[f"test_acc/{suffix}"] = best["test_acc"]
-    return metrics, [{k: r[k] for k in TABLE_COLUMNS} for r in table]
+    return metrics, [{k: _round(r[k]) for k in TABLE_COLUMNS} for r in table]

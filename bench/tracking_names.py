@@ -202,3 +202,15 @@ def input_schema(size: int, num_classes: int) -> str:
         {"name": f"image: uint8 RGB {size}x{size}x3", "type": "binary", "required": True},
         {"name": f"label: class index 0..{num_classes - 1}", "type": "long",
          "required": True}]})
+
+
+def input_profile(inp: dict) -> str:
+    """A split part's profile with its card and split rule added: the Datasets panel shows a
+    profile's fields (it does not show the source)."""
+    profile, source = json.loads(inp.get("profile") or "{}"), json.loads(inp["source"])
+    split = source.get("split")
+    rule = (", ".join(f"{k} {v}" for k, v in split.items()) if isinstance(split, dict)
+            else str(split))
+    subset = f", subset {source['subset']}" if source.get("subset") else ""
+    return json.dumps({**profile, "card": f"{source.get('card')} ({source.get('source')})",
+                       "split rule": f"{rule}, seed {source.get('seed')}{subset}"})

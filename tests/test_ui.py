@@ -94,6 +94,7 @@ def test_the_parent_run_sums_up_per_framework_and_strategy(store):
     rows = [dict(zip(table["columns"], r, strict=True)) for r in table["data"]]
     scratch = [r for r in rows if r["framework"] == "torch" and r["weights"] == "none"]
     assert sorted(r["test_acc"] for r in scratch) == pytest.approx([0.097, 0.55])
+    assert sorted(r["cell"] for r in scratch) == ["full scratch", "full scratch pbn320"]
     logged = json.loads(parent.data.tags["mlflow.loggedArtifacts"])
     assert {"path": "comparison.json", "type": "table"} in logged
     # `bench ui` prints, after the experiment's runs, the link that opens this table
@@ -115,7 +116,8 @@ def test_dataset_inputs_carry_a_schema_the_datasets_panel_shows(store):
     card = check_card(shipped_cards()["digits"], "digits")
     exp = tracking.experiment_id("schema")
     rid = tracking.client().create_run(exp).info.run_id
-    inputs = [{**d, "schema": tracking_names.input_schema(32, 10)}
+    inputs = [{**d, "schema": tracking_names.input_schema(32, 10),
+               "profile": tracking_names.input_profile(d)}
               for d in dataset_inputs(card, prepare(card, 0, 40), 0, 40)]
     tracking.log_inputs(rid, inputs)
     got = tracking.client().get_run(rid).inputs.dataset_inputs
@@ -125,3 +127,7 @@ def test_dataset_inputs_carry_a_schema_the_datasets_panel_shows(store):
         assert [(c["name"], c["type"]) for c in cols] == [
             ("image: uint8 RGB 32x32x3", "binary"), ("label: class index 0..9", "long")]
         assert json.loads(d.dataset.source)["split"]  # the split rule, as the source
+        profile = json.loads(d.dataset.profile)  # and in the profile, which the panel shows
+        assert profile["card"] == "digits (sklearn_digits)" and profile["num_classes"] == 10
+        assert profile["split rule"] == ("test_fraction 0.2, val_fraction 0.2, seed 0, "
+                                         "subset 40")

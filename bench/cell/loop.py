@@ -154,7 +154,8 @@ def load_data(spec: RunSpec, card: dict, ctx) -> tuple[dict, int]:
     """The split parts (through the decoded cache when on) and the number of classes."""
     prepared = bdata.prepare(card, spec.seed, spec.subset, spec.train_on)
     num_classes = prepared.source.num_classes
-    ctx.log_inputs([{**d, "schema": tracking_names.input_schema(spec.image_size, num_classes)}
+    ctx.log_inputs([{**d, "schema": tracking_names.input_schema(spec.image_size, num_classes),
+                     "profile": tracking_names.input_profile(d)}
                     for d in bdata.dataset_inputs(card, prepared, spec.seed, spec.subset)])
     parts = {k: prepared.part(k) for k in ("train", "val", "test")}
     if spec.decoded_cache:
