@@ -699,6 +699,10 @@ def test_throughput_compares_end_to_end_and_marks_a_head_only_step_rate():
     assert speed[("feature_extraction", "torch")] == pytest.approx(640 / 5.1)
     fig = figures.pareto_figure(pts, "digits", figures.SPEEDS[x])
     assert fig.axes[0].get_xlabel().startswith("end-to-end train images/s")
+    fig.canvas.draw()  # tick labels as a reader sees them: plain numbers, no 2x10^2
+    ticks = [t.get_text() for t in fig.axes[0].get_xticklabels(minor=True)
+             + fig.axes[0].get_xticklabels()]
+    assert any(ticks) and all(re.fullmatch(r"[\d,]*", t) for t in ticks), ticks
     assert max(c.get_offsets()[:, 0].max() for c in fig.axes[0].collections
                if len(c.get_offsets())) < 1000
     # runs without an epoch history: a step rate, and only where it times the whole model
