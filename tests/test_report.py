@@ -559,6 +559,13 @@ def test_from_scratch_references_at_one_value_are_one_line_naming_both():
     assert len(levels) == len(set(levels)) == 3  # no line drawn on another
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "from scratch: full, precise_bn=0 (torch, keras) 0.098" in legend
+    # 0.097 and 0.100: 3 px apart on a panel, one line naming each value
+    df.loc[(df["p_framework"] == "keras") & (df["p_precise_bn"] == 0)
+           & (df["p_weights"] == "none"), "test_acc"] = 0.1
+    (panel,) = figures.depth_panels(df)["digits"]
+    assert panel.references[0].label == \
+        "from scratch: full, precise_bn=0 (torch 0.098, keras 0.100)"
+    assert panel.references[0].y[0] == pytest.approx((0.0975 + 0.1) / 2)
 
 
 def _diverged_frame() -> pd.DataFrame:

@@ -193,31 +193,43 @@ def _depth_series(p: pd.DataFrame, extras: list[str]) -> list[Series]:
     return out
 
 
+REF_CLOSE = 0.005  # reference lines nearer than this (accuracy) would show as one
+
+
 def _references(ref: pd.DataFrame, extras: list[str]) -> list[Series]:
     """From-scratch cells as labelled horizontal lines: 'from scratch: full, precise_bn=320
-    (torch) 0.747'. Lines at the same height as shown (3 decimals) are one line whose label
-    names them all ('... (torch, keras) 0.098'): two drawn on top of each other would show
-    as one."""
+    (torch) 0.747'. Cells within REF_CLOSE of each other are one line whose label names them
+    all ('... (torch, keras) 0.098', or '(torch 0.097, keras 0.100)'): two drawn on top of
+    each other would show as one."""
     ref = ref[ref["n"] > 0]
     shown = varying(ref, extras)
-    out: dict[str, list] = {}
+    groups: list[list] = []
     ref = ref.assign(fw_order=ref["framework"].map(lambda f: FW_ORDER.get(f, 9)))
     for _, r in ref.sort_values(["p_strategy_label", *extras, "fw_order"]).iterrows():
         params = kv(r, shown, ", ")
         what = f"{r['p_strategy_label']}{', ' + params if params else ''}"
-        out.setdefault(f"{r['mean']:.3f}", []).append((what, r))
-    lines = []
-    for level, rows in out.items():
-        whats = list(dict.fromkeys(w for w, _ in rows))
-        fws = ", ".join(dict.fromkeys(r["framework"] for _, r in rows))
-        label = "from scratch: " + ("; ".join(
-            f"{w} ({', '.join(r['framework'] for x, r in rows if x == w)})" for w in whats)
-            if len(whats) > 1 else f"{whats[0]} ({fws})") + f" {level}"
-        first = rows[0][1]
-        lines.append(Series(label, fws, "reference", [], [first["mean"]],
-                            [max(r["err"] for _, r in rows)],
-                            (first["p_strategy_label"], kv(first, shown, ", "))))
-    return lines
+        near = next((g for g in groups if abs(g[0][1]["mean"] - r["mean"]) < REF_CLOSE), None)
+        if near is None:
+            groups.append(near := [])
+        near.append((what, r))
+    return [_reference_line(rows, shown) for rows in groups]
+
+
+def _reference_line(rows: list[tuple], shown: list[str]) -> Series:
+    """One line for from-scratch cells at (nearly) one level, at their mean."""
+    one = len({f"{r['mean']:.3f}" for _, r in rows}) == 1
+
+    def who(w: str) -> str:
+        return ", ".join(r["framework"] + ("" if one else f" {r['mean']:.3f}")
+                         for x, r in rows if x == w)
+    whats = list(dict.fromkeys(w for w, _ in rows))
+    level = sum(r["mean"] for _, r in rows) / len(rows)
+    label = "from scratch: " + "; ".join(f"{w} ({who(w)})" for w in whats) \
+        + (f" {rows[0][1]['mean']:.3f}" if one else "")
+    first = rows[0][1]
+    return Series(label, ", ".join(dict.fromkeys(r["framework"] for _, r in rows)),
+                  "reference", [], [level], [max(r["err"] for _, r in rows)],
+                  (first["p_strategy_label"], kv(first, shown, ", ")))
 
 
 def depth_panels(df: pd.DataFrame) -> dict[str, list[Panel]]:
