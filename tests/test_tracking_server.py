@@ -67,8 +67,10 @@ def test_grid_records_and_resumes_through_a_tracking_server(server_store):
 
     parent = c.get_run(first.parent_run_id)
     assert parent.info.status == "FINISHED"
-    assert {"grid.toml", "cells.json"} <= {a.path for a in c.list_artifacts(
+    # the comparison table (bench/summary.py) goes through the server like any artifact
+    assert {"grid.toml", "cells.json", "comparison.json"} <= {a.path for a in c.list_artifacts(
         first.parent_run_id)}
+    assert parent.data.metrics["cells/torch/full"] == 1
     assert tracking.grid_text(first.parent_run_id) == path.read_text()
     assert {e["hash"] for e in tracking.expected_cells(first.parent_run_id)} == \
         {s.hash for s in g.specs}
