@@ -198,7 +198,7 @@ def test_no_store_is_not_created(tmp_path, monkeypatch, capsys):
     assert f"0 measured, {n} modelled" in out
     # one row per framework, backbone and strategy: 3 datasets x 3 seeds of resnet50 full
     assert "| 32 |" in out and "| torch | resnet50 | full | 9 |" in out
-    assert "| keras | resnet50 | full | 9 |" in out and "| **all** | | | 630 |" in out
+    assert "| keras | resnet50 | full | 9 |" in out and "| **all** | | | 756 |" in out
     assert cli.main(["plan", "gpu", "--from", "gpu"]) == 2
     assert "--from 'gpu': no MLflow experiment" in capsys.readouterr().err
     assert not (tmp_path / "mlflow.db").exists()

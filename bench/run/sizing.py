@@ -76,6 +76,13 @@ BACKBONE_GFLOPS = {
     "efficientnet_b0": 0.39,
     "efficientnet_lite0": 0.4,
     "convnext_tiny": 4.5,
+    # vision transformers: timm's/torchvision's model cards at 224 px (ViT-B/16 17.6;
+    # DINOv2 ViT-S/14, 256 patches, ~6.1); vit_tiny (4x4 patches) counted at its 32 px
+    # (0.058 GMACs) scaled by the pixel ratio, as the CNNs are: its attention grows with the
+    # square of the tokens, so a 224 px vit_tiny would cost far more than this says
+    "vit_b16": 17.6,
+    "dinov2_s14": 6.1,
+    "vit_tiny": 2.8,
 }
 
 MAX_SPEEDUP = 4.0
