@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from bench.config import grid as gridmod
-from bench.paths import name_problem
+from bench.paths import REPORT_MARKER, name_problem, report_out_problem
 
 
 def _run(args) -> int:
@@ -99,6 +99,17 @@ def _run_plan(plan, args) -> int:
     return 1
 
 
+def _out_problem(folder: Path, whole: bool = True) -> bool:
+    """Where a report would go is refused, in one line, unless missing, empty or a previous
+    report's folder (checked before any work); whole=False: --out itself, which holds one
+    folder per experiment, need only be a folder (or missing)."""
+    problem = report_out_problem(folder) if whole else \
+        report_out_problem(folder / "x") if not folder.is_dir() else None
+    if problem:
+        print(f"{problem}; no report written", file=sys.stderr)
+    return problem is not None
+
+
 def _store_problem() -> bool:
     """The tracking store checked once before anything starts: True (and the one line that
     says why printed) when it cannot be reached or written."""
@@ -116,7 +127,7 @@ def _report(args) -> int:
     from bench.report import build as report
     from bench.report import figures, frame, tables
 
-    if _store_problem():
+    if _out_problem(Path(args.out), whole=False) or _store_problem():
         return 2
     parent, grid, exp_id, sel = args.parent, None, None, args.selection
     if sel and not parent and _looks_like_run_id(sel):
@@ -154,6 +165,9 @@ def _report(args) -> int:
         ref = tracking.get_run(parent) if parent else tracking.latest_parent(exp_id)
         kind = (ref.data.tags.get(tracking.TAG + "device_kind") if ref else None) or "cpu"
         expected = tracking.cell_list(grid.with_device_kind(kind))
+    experiment = tracking.client().get_experiment(exp_id).name
+    if name_problem(experiment) is None and _out_problem(Path(args.out) / experiment):
+        return 2
     data = frame.load(exp_id, parent, expected)
     data.command = "python -m bench report " + " ".join(args.argv)
     print(tables.compact(data.frame))
@@ -168,6 +182,8 @@ def _report(args) -> int:
     out = Path(args.out) / data.experiment
     figs = figures.all_figures(data, out / "figures", args.curves)
     written = report.write(data, out, figs, log=not args.no_log)
+    (out / REPORT_MARKER).write_text("written by python -m bench report; it may rewrite "
+                                     "this folder\n")
     print(f"report: {out / 'report.md'} ({len(written.files)} files in {out}/: runs.csv, "
           f"runs.parquet, tables/*.md|tex|csv, figures/*.png|svg)", file=sys.stderr)
     if written.logged_to:

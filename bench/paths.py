@@ -26,6 +26,28 @@ def name_problem(name: object) -> str | None:
             "reports/)")
 
 
+# written into every report folder: what marks a folder `bench report` may rewrite
+REPORT_MARKER = ".tlbench-report"
+
+
+def report_out_problem(folder: Path) -> str | None:
+    """None when `bench report` may write into `folder`: missing, empty, or holding a previous
+    report (its marker, or a report.md from before the marker); else one line why not. An
+    existing file or a folder of someone else's files is never written over."""
+    if not folder.exists():
+        parent = next((p for p in folder.parents if p.exists()), None)
+        if parent is not None and not parent.is_dir():
+            return f"--out: {parent} is a file, not a folder; give a folder"
+        return None
+    if not folder.is_dir():
+        return f"--out: {folder} is a file, not a folder; give a folder"
+    if not any(folder.iterdir()) or (folder / REPORT_MARKER).is_file() \
+            or (folder / "report.md").is_file():
+        return None
+    return (f"--out: {folder} holds files no report wrote (no {REPORT_MARKER}); give an "
+            f"empty or missing folder, or one that holds a previous report")
+
+
 def datasets_dir() -> Path:
     return Path(os.environ.get("TLBENCH_DATASETS", ROOT / "datasets"))
 

@@ -131,3 +131,54 @@ device = "cpu"
         # one epoch: only the chance rule can say so (measured: 1.6e8 torch, 5.6e7 keras)
         assert status == "FINISHED" and diverged.startswith("true") and \
             "chance level ln 10" in diverged, (fw, status, diverged)
+
+
+# ---- --out of bench report ---------------------------------------------------------------
+def _one_finished_run(tmp_path, monkeypatch):
+    """A store with experiment 'tiny' and one finished run (no cells trained)."""
+    from bench import tracking
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(tmp_path)
+    client = tracking.client()
+    run = client.create_run(client.create_experiment("tiny"), tags={
+        "tlbench.label": "full", "tlbench.role": "cell"})
+    for key, value in {"framework": "torch", "backbone": "resnet18", "strategy": "full",
+                       "strategy_label": "full", "weights": "none", "dataset": "digits",
+                       "seed": "0"}.items():
+        client.log_param(run.info.run_id, key, value)
+    client.log_metric(run.info.run_id, "test_acc", 0.5)
+    client.set_terminated(run.info.run_id)
+
+
+@pytest.mark.parametrize("make, says", [
+    (lambda out: out.write_text("mine"), "is a file, not a folder"),
+    (lambda out: (out / "tiny").mkdir(parents=True) or (out / "tiny" / "notes.txt")
+     .write_text("mine"), "holds files no report wrote"),
+])
+def test_report_out_that_is_not_a_report_folder_is_refused(make, says, tmp_path,
+                                                           monkeypatch, capsys):
+    _one_finished_run(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    make(out)
+    capsys.readouterr()  # the store's own set-up lines
+    before = sorted(p.name for p in out.rglob("*")) if out.is_dir() else out.read_text()
+    assert cli.main(["report", "tiny", "--all", "--no-log", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "no report written" in err and err.count("\n") == 1
+    after = sorted(p.name for p in out.rglob("*")) if out.is_dir() else out.read_text()
+    assert after == before
+
+
+@pytest.mark.timeout(300)
+def test_report_rewrites_its_own_folder(tmp_path, monkeypatch, capsys):
+    from bench.paths import REPORT_MARKER
+
+    _one_finished_run(tmp_path, monkeypatch)
+    out = tmp_path / "out"
+    (out / "tiny").mkdir(parents=True)  # empty: allowed
+    assert cli.main(["report", "tiny", "--all", "--no-log", "--out", str(out)]) == 0
+    assert (out / "tiny" / REPORT_MARKER).is_file() and (out / "tiny" / "report.md").is_file()
+    (out / "tiny" / "report.md").write_text("stale")
+    assert cli.main(["report", "tiny", "--all", "--no-log", "--out", str(out)]) == 0
+    assert (out / "tiny" / "report.md").read_text() != "stale"
