@@ -99,7 +99,7 @@ def test_block_maps_match_catalog():
 
 
 def test_build_unknown_backbone():
-    with pytest.raises(KeyError, match="no PyTorch block map"):
+    with pytest.raises(KeyError, match="unknown backbone 'resnet1000'; known: .*resnet18"):
         build("resnet1000", "none", NUM_CLASSES)
 
 
