@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bench.config import grid as gridmod
 from bench.paths import REPORT_MARKER, name_problem, report_out_problem
+from bench.run.preflight import bound_http_retries
 
 
 def _run(args) -> int:
@@ -72,11 +73,17 @@ def _run_plan(plan, args) -> int:
     from bench import tracking
     from bench.report import frame, tables
     from bench.run import runner
+    from bench.run.preflight import StoreDown
 
     g = plan.grid
     runner.install_sigterm_handler()
     try:
         result = runner.run_plan(plan, Path(g.path).read_text())
+    except StoreDown as e:
+        print(f"{e}: the grid stopped; cells that finished before are safely recorded there. "
+              f"Start the server again and rerun `python -m bench run {args.grid}` to resume "
+              f"(finished cells are skipped)", file=sys.stderr)
+        return 3
     except KeyboardInterrupt:
         print("\ninterrupted: the running cells are marked KILLED; finished cells are kept "
               "and will be skipped when the grid is started again", file=sys.stderr)
@@ -329,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     u.set_defaults(fn=_ui)
     argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
+    bound_http_retries()  # a server that dies mid-command costs seconds, not minutes
     args.argv = argv[1:]
     return args.fn(args)
 

@@ -14,12 +14,15 @@ import io
 import json
 import os
 import pty
+import signal
+import socket
 import struct
 import subprocess
 import sys
 import termios
 import threading
 import time
+import urllib.request
 from fcntl import ioctl
 from pathlib import Path
 
@@ -312,3 +315,84 @@ def test_progress_on_a_terminal_with_the_table_redirected_to_a_file(store):
     (cell,) = tracking.cell_runs(tracking.experiment_id("tty", create=False), "FINISHED")
     assert "system/cpu_utilization_percentage" in cell.data.metrics
     assert json.loads(cell.data.tags["tlbench.versions"])  # a real cell reported its versions
+
+
+# ---- a tracking server that dies mid-grid ------------------------------------------------
+def _start_server(root: Path, port: int) -> subprocess.Popen:
+    """`mlflow server` on `port` with a sqlite store and artifacts under `root`; returns
+    once it answers /health."""
+    uri = f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    with (root / "server.log").open("a") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port",
+             str(port), "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+            cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{uri}/health", timeout=2):
+                return proc
+        except OSError:
+            assert proc.poll() is None, (root / "server.log").read_text()[-2000:]
+            time.sleep(0.25)
+    raise AssertionError(f"mlflow server on {uri} did not start")
+
+
+def _kill_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(500)
+def test_a_server_that_dies_mid_grid_stops_the_grid_and_the_next_run_resumes(tmp_path,
+                                                                            monkeypatch):
+    """Issue 27: the server is killed once the first cell finished; the runner ends within
+    90 s, non-zero, with one line naming the URI; with the server back on the same store,
+    the next invocation runs the rest and every cell ends exactly once FINISHED."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    (tmp_path / "server").mkdir()
+    path = write_grid(tmp_path, "dies", '["feature_extraction", "full", "partial[depth=1]"]',
+                      epochs=3)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP_REQUEST")}
+    env.update(PYTHONPATH=str(ROOT), MLFLOW_TRACKING_URI=uri,
+               TLBENCH_CACHE=str(tmp_path / "cache"))
+    cmd = [sys.executable, "-m", "bench", "run", str(path)]
+    server = _start_server(tmp_path / "server", port)
+    try:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        err: list[str] = []
+        killed_at = None
+        for line in proc.stderr:  # the runner's progress: kill the server at the first result
+            err.append(line)
+            if killed_at is None and "FINISHED" in line:
+                _kill_server(server)
+                killed_at = time.monotonic()
+        rc = proc.wait(60)
+        ended_at = time.monotonic()
+        shown = "".join(err)
+        assert killed_at is not None, shown[-3000:]
+        assert rc not in (0, None) and ended_at - killed_at < 90, (rc, shown[-3000:])
+        said = [line for line in err if "stopped answering mid-grid" in line]
+        assert len(said) == 1 and uri in said[0] and "resume" in said[0], shown[-3000:]
+        assert "Traceback" not in shown, shown[-3000:]
+
+        server = _start_server(tmp_path / "server", port)
+        again = subprocess.run(cmd, cwd=tmp_path, env=env, stdin=subprocess.DEVNULL,
+                               capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stderr[-3000:]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        finished = tracking.cell_runs(tracking.experiment_id("dies", create=False), "FINISHED")
+        hashes = [r.data.tags["tlbench.spec_hash"] for r in finished]
+        assert len(hashes) == 3 and len(set(hashes)) == 3, hashes
+    finally:
+        _kill_server(server)

@@ -17,7 +17,9 @@ import threading
 import time
 from collections.abc import Callable
 
+from bench import tracking
 from bench.run.execute import execute
+from bench.run.preflight import server_down
 from bench.run.task import Outcome, RunnerContext, Slot, Stop
 from bench.tracking import FAILED
 
@@ -28,6 +30,7 @@ class LocalPool:
     def __init__(self, slots: list[Slot], launcher):
         self.slots = slots
         self.launcher = launcher
+        self.store_down: str | None = None  # why the tracking server stopped answering
 
     @property
     def width(self) -> int:
@@ -60,17 +63,24 @@ class LocalPool:
         def work(slot: Slot) -> None:
             while True:
                 with lock:
-                    task = todo.popleft() if todo and not ctx.stop.stopped else None
+                    task = todo.popleft() if todo and not ctx.stop.stopped \
+                        and self.store_down is None else None
                     if task is None:
                         idle.append(slot)
                         break
                 try:
-                    results.put(execute(task, slot, ctx))
+                    outcome = execute(task, slot, ctx)
                 except BaseException as e:  # noqa: BLE001 - the runner's failure ends one cell
                     msg = f"{type(e).__name__} in the runner: {e}"
                     ctx.events({"event": "done", "index": task.index, "head": task.head,
                                 "status": FAILED, "text": f"FAILED  {msg[:200]}"})
-                    results.put(Outcome(task.spec, FAILED, error=msg))
+                    outcome = Outcome(task.spec, FAILED, error=msg)
+                results.put(outcome)
+                why = server_down(tracking.tracking_uri()) if outcome.status == FAILED \
+                    else None  # a dead tracking server, or only this cell?
+                if why:
+                    with lock:
+                        self.store_down = self.store_down or why
             # stays until every slot is done: what a cell started from this thread (a fresh
             # fork server) lives as long as the thread
             all_done.wait()

@@ -4,6 +4,7 @@ and ends in a traceback; a store in a folder that is not there ends in one too."
 
 from __future__ import annotations
 
+import os
 import tempfile
 import urllib.error
 import urllib.parse
@@ -11,6 +12,39 @@ import urllib.request
 from pathlib import Path
 
 REACH_TIMEOUT_S = 5.0
+
+# MLflow's own defaults (7 retries, backoff factor 2, 120 s a request) make one call to a
+# server that died wait minutes; these bound it to a few seconds for a refused connection
+# (retries after 1, 2 s) and 3 x 30 s for one that hangs. A user's own settings win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def bound_http_retries() -> None:
+    """Set HTTP_DEFAULTS for this process and the ones it starts, where the user has not."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+class StoreDown(RuntimeError):
+    """The tracking server stopped answering while a grid ran: the grid stops asking."""
+
+    def __init__(self, uri: str, why: str):
+        super().__init__(f"the tracking server {uri} stopped answering mid-grid ({why})")
+        self.uri, self.why = uri, why
+
+
+def server_down(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> str | None:
+    """Why the tracking server at `uri` does not answer now (None when it does, or when the
+    store is no server): asked after a cell failed, to tell a dead server from a bad cell."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        return str(getattr(e, "reason", None) or e)
 
 
 def store_problem(uri: str, timeout_s: float = REACH_TIMEOUT_S) -> str | None:

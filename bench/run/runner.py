@@ -25,6 +25,7 @@ from bench.config.spec import RunSpec
 from bench.run import claims, tune
 from bench.run.forkserver import Launcher
 from bench.run.plan import Options, Plan, make_plan
+from bench.run.preflight import StoreDown, bound_http_retries
 from bench.run.progress import Progress
 from bench.run.task import HELD, SKIPPED, CellTask, Outcome
 
@@ -61,6 +62,7 @@ def run_plan(plan: Plan, grid_text: str, stream=sys.stderr) -> GridResult:
     the grid's experiment, take over runs whose owner died, start the parent run, hand the
     cells to the plan's executor (closed when the grid ends), record the outcome. A grid
     with a [tune] table runs its studies (bench/run/tune.py) under the one parent run."""
+    bound_http_retries()
     grid, executor = plan.grid, plan.executor
     exp_id, restored = tracking.open_experiment(grid.name)
     closed = claims.take_over(exp_id)
@@ -132,6 +134,8 @@ class Invocation:
         killed = kind is not None and issubclass(kind, KeyboardInterrupt)
         self.heartbeat.close()
         self.plan.executor.close()
+        if kind is not None and issubclass(kind, StoreDown):
+            return  # nothing to record it in: the next invocation takes the parent over
         _record_parent(self.parent, self.outcomes,
                        tracking.KILLED if killed else tracking.FINISHED)
 
@@ -147,6 +151,9 @@ class Invocation:
         new: list[Outcome] = []
         self.plan.executor.run(tasks, self.progress, self.heartbeat, new.append)
         self.outcomes += new
+        down = getattr(self.plan.executor, "store_down", None)
+        if down:  # the grid stops asking for cells; finished ones are in the store
+            raise StoreDown(tracking.tracking_uri(), down)
         self.ran_here |= {o.spec.hash for o in new if o.status == tracking.FINISHED}
         return new
 
