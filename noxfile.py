@@ -26,7 +26,7 @@ import nox
 
 ROOT = Path(__file__).parent
 ENV = ROOT / ".nox" / "tlbench"
-EXTRAS = "torch,keras,ray,test,lint"
+EXTRAS = "torch,keras,ray,test,lint,docs"
 nox.options.sessions = ["tests"]
 
 
