@@ -1,4 +1,4 @@
-"""Sessions: tests, bench, report, ui, perf, lint.
+"""Sessions: tests, bench, report, ui, perf, docs, samples, lint.
 
     nox -s bench                      # the offline default grid (bench/grids/default.toml)
     nox -s bench -- path/to/grid.toml # another grid; add --smoke, --dry-run, --device cuda:1
@@ -9,6 +9,8 @@
     nox -s perf                       # benchmarks/: the harness's overheads as ratios
     nox -s perf -- --device cuda      # ... plus the GPU benchmark (ResNet-50, 224 px, bf16)
     nox -s perf -- -k scale           # scheduling overhead (local, Ray), --parallel 2
+    nox -s docs                       # the documentation site into site/ (--strict)
+    nox -s samples -- default         # regenerate reports/sample/default from the code
     nox -s lint
 
 Every session shares one environment, .nox/tlbench, installed from pyproject.toml and
@@ -90,6 +92,23 @@ def perf(session: nox.Session) -> None:
     benchmarks/gpu_check.sh runs it with the gpu_check grid)."""
     _run(session, "-m", "pytest", "benchmarks", "--benchmark-only", "-p", "no:cacheprovider",
          "--benchmark-columns=median,min,max,rounds", *session.posargs)
+
+
+@nox.session(python=False)
+def docs(session: nox.Session) -> None:
+    """The documentation site (MkDocs Material) into site/, built --strict: a broken link or
+    a page missing from the navigation fails; `-- serve` serves it on 127.0.0.1:8000."""
+    if session.posargs[:1] == ["serve"]:
+        _run(session, "-m", "mkdocs", "serve", *session.posargs[1:])
+    else:
+        _run(session, "-m", "mkdocs", "build", "--strict", *session.posargs)
+
+
+@nox.session(python=False)
+def samples(session: nox.Session) -> None:
+    """Regenerate a committed report under reports/sample/ from the code: runs its grid in a
+    fresh store and reports it there (`-- default`, `-- tuned`; `-- --list` names them)."""
+    _run(session, "-m", "bench.report.sample", *session.posargs)
 
 
 @nox.session(python=False)
