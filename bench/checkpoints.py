@@ -10,11 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench.config.pretrained import WeightsError, is_pretrained
-from bench.paths import atomic_write_text, cache_dir, file_lock
+from bench.paths import atomic_write_text, cache_dir, file_lock, inside
+
+# a spec hash (letters and digits, never '/' or '.'): all a checkpoint's files are named by
+KEY = re.compile(r"[0-9A-Za-z]{8,64}")
 
 
 def sha256_file(path: Path) -> str:
@@ -31,6 +35,11 @@ class Checkpoint:
 
     key: str
 
+    def __post_init__(self):
+        if not isinstance(self.key, str) or not KEY.fullmatch(self.key):
+            raise WeightsError(f"checkpoint key {self.key!r} must be a spec hash (8 to 64 "
+                               f"letters and digits): it names files under {self.folder}")
+
     @classmethod
     def of(cls, pspec) -> Checkpoint:
         return cls(pspec.hash[:20])
@@ -41,11 +50,11 @@ class Checkpoint:
 
     @property
     def path(self) -> Path:
-        return self.folder / f"{self.key}.ckpt"
+        return inside(self.folder, self.folder / f"{self.key}.ckpt")
 
     @property
     def meta_path(self) -> Path:
-        return self.folder / f"{self.key}.json"
+        return inside(self.folder, self.folder / f"{self.key}.json")
 
     @property
     def partial_path(self) -> Path:

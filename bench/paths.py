@@ -48,6 +48,15 @@ def report_out_problem(folder: Path) -> str | None:
             f"empty or missing folder, or one that holds a previous report")
 
 
+def inside(folder: Path, path: Path) -> Path:
+    """`path`, once resolved, if it lies under `folder` (resolved); else ValueError: what a
+    cache or the reporter writes never leads out of the folder it owns."""
+    resolved = path.resolve()
+    if not resolved.is_relative_to(folder.resolve()):
+        raise ValueError(f"{path} resolves to {resolved}, outside {folder}; refused")
+    return resolved
+
+
 def datasets_dir() -> Path:
     return Path(os.environ.get("TLBENCH_DATASETS", ROOT / "datasets"))
 

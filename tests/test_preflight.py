@@ -182,3 +182,43 @@ def test_report_rewrites_its_own_folder(tmp_path, monkeypatch, capsys):
     (out / "tiny" / "report.md").write_text("stale")
     assert cli.main(["report", "tiny", "--all", "--no-log", "--out", str(out)]) == 0
     assert (out / "tiny" / "report.md").read_text() != "stale"
+
+
+# ---- pretraining names and cache keys ------------------------------------------------------
+@pytest.mark.parametrize("weights", ["pretrained:../../x", "pretrained:a/b",
+                                     "pretrained:digits/../digits"])
+def test_a_path_like_pretraining_source_is_refused_at_grid_load(weights, tmp_path,
+                                                               monkeypatch, capsys):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "g.toml"
+    path.write_text(GRID.format(name='"pt"', dataset='"digits"', datasets="").replace(
+        "[axes]", f"[axes]\nweights = [{weights!r}]".replace("'", '"')))
+    assert cli.main(["run", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"axes.weights: weights = {weights!r}: unknown source dataset" in err
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("key", ["../../../x", "a/b" * 4, ".." * 5, "", "k" * 65])
+def test_a_checkpoint_key_that_is_no_hash_is_refused(key, tmp_path, monkeypatch):
+    from bench import checkpoints
+    from bench.config.pretrained import WeightsError
+
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(WeightsError, match="must be a spec hash"):
+        checkpoints.Checkpoint(key)
+    ok = checkpoints.Checkpoint("0123abcd" * 2)
+    assert ok.path.parent == (tmp_path / "cache" / "pretrained").resolve()
+
+
+def test_a_cache_file_linked_outside_its_folder_is_refused(tmp_path, monkeypatch):
+    from bench import checkpoints
+
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    ckpt = checkpoints.Checkpoint("0123abcd" * 2)
+    ckpt.folder.mkdir(parents=True)
+    (ckpt.folder / f"{ckpt.key}.ckpt").symlink_to(tmp_path / "elsewhere.ckpt")
+    with pytest.raises(ValueError, match="outside"):
+        ckpt.path
