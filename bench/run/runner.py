@@ -193,24 +193,13 @@ def _record_parent(parent: str, outcomes: list[Outcome], status: str) -> None:
 
 
 def summary_metrics(outcomes: list[Outcome]) -> dict[str, float]:
-    """What the parent run's row shows in the UI: the cells this invocation ran by outcome,
-    and their test accuracy (best, mean; per framework where it ran several)."""
+    """The parent run's counts of this invocation's cells by outcome. No accuracy across
+    cells: a mean over unlike strategies reads as nothing (bench/summary.py logs the true
+    summaries, per framework and strategy, when the parent ends)."""
     ran = [o for o in outcomes if o.status not in (SKIPPED, HELD)]
-    out = {"cells_finished": sum(o.status == tracking.FINISHED for o in ran),
-           "cells_failed": sum(o.status != tracking.FINISHED for o in ran),
-           "cells_skipped": sum(o.status in (SKIPPED, HELD) for o in outcomes)}
-    accs: dict[str, list[float]] = {}
-    for o in ran:
-        if o.status == tracking.FINISHED and "test_acc" in o.metrics:
-            accs.setdefault(o.spec.framework, []).append(o.metrics["test_acc"])
-    every = [a for v in accs.values() for a in v]
-    if every:
-        out.update(test_acc_best=max(every), test_acc_mean=sum(every) / len(every))
-    if len(accs) > 1:
-        for fw, v in sorted(accs.items()):
-            out[f"test_acc_best_{fw}"] = max(v)
-            out[f"test_acc_mean_{fw}"] = sum(v) / len(v)
-    return out
+    return {"cells_finished": sum(o.status == tracking.FINISHED for o in ran),
+            "cells_failed": sum(o.status != tracking.FINISHED for o in ran),
+            "cells_skipped": sum(o.status in (SKIPPED, HELD) for o in outcomes)}
 
 
 def _say_restored(grid: Grid, exp_id: str, rerun: bool, stream) -> None:
