@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -15,14 +16,15 @@ import time
 import psutil
 import pytest
 import ray
-from test_faults import write_grid
+from test_faults import _kill_server, _start_server, write_grid
 
 from bench import tracking
 from bench.config import grid as gridmod
 from bench.paths import ROOT
-from bench.run import cluster, pool, runner
+from bench.run import claims, cluster, pool, runner
 from bench.run.forkserver import Launcher
 from bench.run.plan import on_device
+from bench.run.preflight import HTTP_DEFAULTS, StoreDown
 from bench.run.task import Slot
 
 pytestmark = pytest.mark.slow
@@ -171,3 +173,58 @@ def test_a_cpu_cell_holds_the_cores_ray_gave_it_for_its_whole_run(store, ray_loc
     assert {r.data.tags["tlbench.cuda_visible_devices"] for r in runs} == {"(unset)"}
     first, second = sorted((r.info for r in runs), key=lambda i: i.start_time)
     assert first.end_time <= second.start_time  # one after the other
+
+
+@pytest.mark.timeout(600)
+def test_a_server_that_dies_mid_grid_stops_the_ray_grid_and_the_next_run_resumes(
+        tmp_path, monkeypatch, ray_local):
+    """Issue 27 on Ray: the tracking server is killed once the first cell finished; the
+    driver stops handing out cells and raises StoreDown within 90 s; with the server back on
+    the same store, the next invocation takes over the cells the dead server left RUNNING
+    (their workers live on: their silent heartbeat says so) and every cell ends FINISHED
+    exactly once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("TLBENCH_CACHE", str(tmp_path / "cache"))
+    for key, value in HTTP_DEFAULTS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(claims, "STALE_S", 5.0)
+    (tmp_path / "server").mkdir()
+    path = write_grid(tmp_path, "raydies", '["feature_extraction", "full", "partial[depth=1]"]',
+                      epochs=6)
+    g = on_device(gridmod.load(path), "cpu")
+    server = _start_server(tmp_path / "server", port)
+    killed_at: list[float] = []
+
+    def kill_after_first_finished():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            exp_id = tracking.experiment_id("raydies", create=False)
+            if exp_id and tracking.cell_runs(exp_id, "FINISHED"):
+                _kill_server(server)
+                killed_at.append(time.monotonic())
+                return
+            time.sleep(0.3)
+
+    try:
+        watcher = threading.Thread(target=kill_after_first_finished, daemon=True)
+        watcher.start()
+        with pytest.raises(StoreDown) as stopped:
+            runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
+        assert killed_at and time.monotonic() - killed_at[0] < 90
+        assert uri in str(stopped.value)
+
+        server = _start_server(tmp_path / "server", port)
+        time.sleep(claims.STALE_S + 1)  # the cells the dead server left RUNNING fall silent
+        again = runner.run_grid(g, path.read_text(), stream=sys.stdout, executor=executor(g))
+        assert {o.status for o in again.outcomes} <= {"FINISHED", "SKIPPED"}, again.outcomes
+        finished = tracking.cell_runs(tracking.experiment_id("raydies", create=False),
+                                      "FINISHED")
+        hashes = [r.data.tags["tlbench.spec_hash"] for r in finished]
+        assert len(hashes) == 3 and len(set(hashes)) == 3, hashes
+    finally:
+        _kill_server(server)

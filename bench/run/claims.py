@@ -92,7 +92,8 @@ def dead_owner(run, task_id: str = "") -> str | None:
     host, pid = tags.get(TAG + "host"), tags.get(TAG + "pid", "")
     if task_id and tags.get(TAG + "ray_task_id") == task_id:
         return f"an earlier attempt of Ray task {task_id} (its worker died)"
-    if host == socket.gethostname():
+    # a Ray worker outlives its tasks (its pid says nothing of the cell): its heartbeat does
+    if host == socket.gethostname() and not tags.get(TAG + "ray_task_id"):
         return None if _alive(pid) else f"its runner (pid {pid} on {host}) is gone"
     beat = tags.get(TAG + "heartbeat")
     last = float(beat) if beat else run.info.start_time / 1000

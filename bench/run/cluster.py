@@ -28,11 +28,15 @@ from bench import devices, tracking
 from bench.config.grid import Grid
 from bench.run import claims
 from bench.run.execute import execute, run_names
+from bench.run.preflight import HTTP_DEFAULTS, server_down
 from bench.run.task import CellTask, Outcome, RunnerContext, Slot, Stop
 
 # the runner's environment that tasks get: where the store and the harness's files are
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TLBENCH_CACHE", "TLBENCH_DATASETS",
-                 "TLBENCH_FORKSERVER", "TLBENCH_CLAIM_STALE_S")
+                 "TLBENCH_FORKSERVER", "TLBENCH_CLAIM_STALE_S",
+                 # bounded by the driver (bench/run/preflight.py): a worker's cell gives up
+                 # on a dead server in seconds, as a local one does
+                 *HTTP_DEFAULTS)
 LOCAL_STORES = ("sqlite:", "file:", "/", ".")  # reachable from one machine only
 
 
@@ -60,6 +64,7 @@ class RayExecutor:
         gpu = (grid.device_kind or "").startswith("cuda:")
         self.gpus_per_cell = (1 if gpu else 0) if gpus_per_cell is None else gpus_per_cell
         self.cpus_per_cell = cpus_per_cell
+        self.store_down: str | None = None  # why the tracking server stopped answering
         res = self.ray.cluster_resources()
         self.nodes = len([n for n in self.ray.nodes() if n.get("Alive")])
         self.width = int(min(res.get("GPU", 0) // self.gpus_per_cell if self.gpus_per_cell
@@ -118,7 +123,15 @@ class RayExecutor:
                 _drain(events, events_to)
                 for ref in done:
                     task = pending.pop(ref)
-                    on_outcome(self._outcome(ref, task, events_to))
+                    outcome = self._outcome(ref, task, events_to)
+                    on_outcome(outcome)
+                    why = server_down(tracking.tracking_uri()) \
+                        if outcome.status == tracking.FAILED else None
+                    if why:  # a dead tracking server, not this cell: stop asking for more
+                        self.store_down = why
+                        for other in pending:
+                            ray.cancel(other, force=True)
+                        pending.clear()
             _drain(events, events_to)
         except KeyboardInterrupt:
             for ref in pending:
@@ -130,11 +143,21 @@ class RayExecutor:
 
     def _outcome(self, ref, task: CellTask, events_to: Callable[[dict], None]) -> Outcome:
         """The task's outcome; a task Ray could not finish (its worker died twice, it was
-        cancelled) is recorded FAILED on its run (made here if the task made none)."""
+        cancelled) is recorded FAILED on its run (made here if the task made none); one the
+        tracking store cannot hear of any more (the server died) is FAILED here only."""
         try:
             return self.ray.get(ref)
         except Exception as e:  # noqa: BLE001 - ray.exceptions.*: recorded on the cell's run
             error = f"{type(e).__name__} (Ray): {str(e).strip().splitlines()[-1][:500]}"
+        try:
+            run_id = self._record_failed(ref, task, error)
+        except Exception as e:  # noqa: BLE001 - the store is down: the next run takes it over
+            run_id, error = None, f"{error}; not recorded: {type(e).__name__}: {e}"[:800]
+        events_to({"event": "done", "index": task.index, "head": task.head,
+                   "status": tracking.FAILED, "text": f"FAILED  {error[:200]}"})
+        return Outcome(task.spec, tracking.FAILED, run_id, error)
+
+    def _record_failed(self, ref, task: CellTask, error: str) -> str | None:
         task_id = ref.task_id().hex()
         runs = [r for r in tracking.runs_for_hash(task.exp_id, task.spec.hash)
                 if r.data.tags.get(tracking.TAG + "ray_task_id") == task_id
@@ -149,9 +172,7 @@ class RayExecutor:
         if run_id:
             tracking.set_tags(run_id, {"error": error})
             tracking.end_run(run_id, tracking.FAILED)
-        events_to({"event": "done", "index": task.index, "head": task.head,
-                   "status": tracking.FAILED, "text": f"FAILED  {error[:200]}"})
-        return Outcome(task.spec, tracking.FAILED, run_id, error)
+        return run_id
 
 
 def _drain(queue, events: Callable[[dict], None]) -> None:
