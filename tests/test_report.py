@@ -1091,3 +1091,26 @@ def test_a_swept_lr_is_chosen_per_strategy_on_validation_never_on_test():
     assert row["runner_up"] == "partial (lr=0.001)"
     assert row["runner_up_mean"] == pytest.approx(0.80)
     assert "best mean validation accuracy" in t.markdown()
+
+
+@pytest.mark.timeout(30)
+def test_throughput_marks_a_data_fed_rate_above_model_only():
+    """Issue 25: a cell tagged tlbench.rate_check 'suspect: ...' (its data-fed rate above
+    its model-only one) has both step rates marked ¶ with a footnote; a cell checked ok
+    has no mark."""
+    df, hist = _cached_frame()
+    df["t_rate_check"] = "ok"
+    odd = (df["p_strategy"] == "full") & (df["p_framework"] == "keras")
+    df.loc[odd, "t_rate_check"] = "suspect: the data-fed rate 300 images/s is 1.33x the " \
+                                  "model-only rate 225"
+    t = tables.throughput_table(report_frame.add_derived(df, hist))
+    shown = t.display.set_index(["strategy", "framework"])
+    assert shown.loc[("full", "keras"), "step img/s"].endswith(" ¶")
+    assert shown.loc[("full", "keras"), "model-only img/s"].endswith(" ¶")
+    assert "¶" not in shown.loc[("full", "keras"), "end-to-end img/s"]  # not a step rate
+    assert "¶" not in shown.loc[("full", "torch"), "step img/s"]
+    assert t.numeric.set_index(["p_strategy_label", "framework"]).loc[
+        ("full", "keras"), "rate_suspect"] == 1
+    assert "¶ data-fed step rate above the model-only rate (1 cell; tag " \
+           "tlbench.rate_check)" in t.markdown()
+    assert r"$^{\P}$" in t.latex()

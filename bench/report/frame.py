@@ -33,6 +33,7 @@ CONTENDED = "†"  # a speed figure taken while other processes used the machine
 DIVERGED = "‡"  # final train loss above the first epoch's or 10x chance (tag tlbench.diverged)
 DIVERGED_ERROR = "diverged at epoch"  # how a cell whose loss went NaN/inf fails
 PART_RATE = "§"  # a step rate of the part above a feature cache (tag tlbench.train_rate_of)
+SUSPECT_RATE = "¶"  # a data-fed rate above the model-only one (tag tlbench.rate_check suspect)
 WHOLE_MODEL = "whole model"  # tlbench.train_rate_of of a cell whose rates time everything
 
 
@@ -284,6 +285,17 @@ def contended_cells(rows: pd.DataFrame) -> int:
 def diverged_cells(rows: pd.DataFrame) -> int:
     """Finished cells of the rows tagged diverged (tlbench.diverged, bench/cell/loop.py)."""
     return int(tag_true(finished_rows(rows), "diverged").sum())
+
+
+def suspect_rate_cells(rows: pd.DataFrame) -> int:
+    """Finished cells of the rows whose data-fed step rate sits above their model-only rate
+    (tlbench.rate_check 'suspect: ...', bench/cell/timing.py): the two did not time the
+    same work, so neither is a measurement of the strategy."""
+    col = finished_rows(rows).get("t_rate_check")
+    if col is None:
+        return 0
+    return int(col.map(lambda v: isinstance(v, str) and v.startswith("suspect"))
+               .astype(bool).sum())  # astype: an empty object Series sums to ''
 
 
 def part_rate_cells(rows: pd.DataFrame) -> int:

@@ -1,19 +1,19 @@
 """A table's text as a LaTeX booktabs table through pandas' Styler; † and ‡ as superscript
-daggers, § as a superscript section sign."""
+daggers, § and ¶ as superscript section and paragraph signs."""
 
 from __future__ import annotations
 
 import pandas as pd
 from pandas.api.types import is_numeric_dtype
 
-from bench.report.frame import CONTENDED, DIVERGED, PART_RATE
+from bench.report.frame import CONTENDED, DIVERGED, PART_RATE, SUSPECT_RATE
 
 _TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#",
         "_": r"\_", "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}",
         "^": r"\textasciicircum{}", "±": r"$\pm$", "×": r"$\times$", "−": "$-$", "—": "--",
         "–": "--", CONTENDED: r"$^{\dagger}$", DIVERGED: r"$^{\ddagger}$",
-        PART_RATE: r"$^{\S}$"}
-MARKS = (CONTENDED, DIVERGED, PART_RATE)
+        PART_RATE: r"$^{\S}$", SUSPECT_RATE: r"$^{\P}$"}
+MARKS = (CONTENDED, DIVERGED, PART_RATE, SUSPECT_RATE)
 
 
 def tex_escape(text: object) -> str:

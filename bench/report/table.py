@@ -17,12 +17,14 @@ from bench.report.frame import (
     CONTENDED,
     DIVERGED,
     PART_RATE,
+    SUSPECT_RATE,
     WHOLE_MODEL,
     cells_only,
     diverged_cells,
     finished_rows,
     finished_values,
     part_rate_cells,
+    suspect_rate_cells,
     tag_recorded,
     tag_true,
 )
@@ -106,6 +108,18 @@ def part_rate_footnote(df: pd.DataFrame) -> str:
             f"cache, not of the whole model ({cells_phrase(n)}; tag tlbench.train_rate_of: "
             f"{'; '.join(what)}): no speed of the strategy. Compare cells by end-to-end "
             f"img/s, which counts building the cache.")
+
+
+def suspect_rate_footnote(df: pd.DataFrame) -> str:
+    """The ¶ footnote of a table with step rates ('' when no cell's data-fed rate sat above
+    its model-only rate)."""
+    n = suspect_rate_cells(finished_rows(cells_only(df)))
+    if not n:
+        return ""
+    return (f"{SUSPECT_RATE} data-fed step rate above the model-only rate ({cells_phrase(n)}; "
+            f"tag tlbench.rate_check): a loop that also reads its input cannot be faster than "
+            f"the model alone, so the two windows did not time the same work; read neither "
+            f"rate as the strategy's speed.")
 
 
 def marks(*pairs: tuple[bool, str]) -> str:

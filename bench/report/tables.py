@@ -16,6 +16,7 @@ from bench.report.frame import (
     CONTENDED,
     DIVERGED_ERROR,
     PART_RATE,
+    SUSPECT_RATE,
     cells_only,
     contended_cells,
     distinct_values,
@@ -26,6 +27,7 @@ from bench.report.frame import (
     group_keys,
     not_finished,
     part_rate_cells,
+    suspect_rate_cells,
     tag_true,
 )
 from bench.report.groups import accuracy_cell, group_status, row_groups
@@ -45,6 +47,7 @@ from bench.report.table import (
     header,
     marks,
     part_rate_footnote,
+    suspect_rate_footnote,
     unrecorded_footnote,
 )
 from bench.report.tuned import tuned_table
@@ -101,6 +104,7 @@ def _throughput_numeric(df: pd.DataFrame, keys: list[str]) -> tuple[pd.DataFrame
             vals = done.get(f"t_{tag}", pd.Series(dtype=object)).dropna()
             r[col] = ",".join(sorted(set(vals))) if len(vals) else None
         r["part_rate"] = part_rate_cells(rows)
+        r["rate_suspect"] = suspect_rate_cells(rows)
         r["contended"] = contended_cells(rows)
         r["contention_share"] = _max_share(done)
         r["not_finished"] = not_finished(rows)
@@ -160,7 +164,7 @@ def throughput_table(df: pd.DataFrame) -> Table:
                  "synthetic batch already on the device; inference: the whole model. "
                  "— : not measured (no epoch history; a cell with fewer training steps than "
                  "the warm-up has no step rate) or no full fine-tuning to compare with.",
-                 [part_rate_footnote(df),
+                 [part_rate_footnote(df), suspect_rate_footnote(df),
                   contended_footnote(df, "A speed-up is marked when either of its rates is."),
                   unrecorded_footnote(df)], marks_, notes)
 
@@ -171,16 +175,19 @@ THROUGHPUT_COLUMNS = {"end-to-end img/s": RATE, "speed-up vs full": TIMES,
 
 def _throughput_cells(r: pd.Series) -> dict:
     """The rates of a row with finished cells: † where contended, § where a step rate times
-    only the part above a feature cache."""
+    only the part above a feature cache, ¶ where the data-fed rate sat above model-only."""
     own = r["contended"] > 0
     either = own or r["full_contended"] > 0
     part = r["part_rate"] > 0
+    odd = r["rate_suspect"] > 0
     return {"end-to-end img/s": (r["end_to_end_images_per_sec"], marks((own, CONTENDED)),
                                  r["not_finished"]),
             "speed-up vs full": (r["end_to_end_speedup_vs_full"], marks((either, CONTENDED))),
-            "step img/s": (r["train_images_per_sec"], marks((part, PART_RATE), (own, CONTENDED))),
+            "step img/s": (r["train_images_per_sec"],
+                           marks((part, PART_RATE), (odd, SUSPECT_RATE), (own, CONTENDED))),
             "model-only img/s": (r["model_only_train_images_per_sec"],
-                                 marks((part, PART_RATE), (own, CONTENDED))),
+                                 marks((part, PART_RATE), (odd, SUSPECT_RATE),
+                                       (own, CONTENDED))),
             "inference img/s": (r["inference_images_per_sec"], marks((own, CONTENDED)))}
 
 
