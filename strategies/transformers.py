@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,10 +189,6 @@ def resize_position_embeddings(pos: np.ndarray, grid: int) -> np.ndarray:
     return np.concatenate([pos[:, :1], flat], axis=1)
 
 
-def env_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0", "false")
-
-
 # ---- parameter-efficient methods: shared initialisation ----------------------------------
 def is_addition(name: str) -> bool:
     """Whether a parameter (PyTorch name) or variable (Keras path) is a method's own, built
@@ -202,7 +197,6 @@ def is_addition(name: str) -> bool:
     parts = name.replace("/", ".").split(".")
     return parts[-1] == "prompt" or any(p == "adapter" or p.startswith("adapter_")
                                         for p in parts)
-
 
 
 def rng(seed: int, what: str) -> np.random.Generator:
