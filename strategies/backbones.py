@@ -12,6 +12,7 @@ refused at validation (resnet18 has no keras.applications counterpart).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from strategies import transformers
 from strategies.constraint import lookup
@@ -79,3 +80,13 @@ def image_problem(name: str, image_size: int) -> str | None:
     """Why backbone `name` cannot take `image_size` images, or None (a transformer's patches
     must tile the image)."""
     return transformers.image_problem(name, image_size) if get(name).family == "vit" else None
+
+
+def weights_path_problem(name: str, path: Path) -> str | None:
+    """Why backbone `name` cannot load `weights = "<path>"`, or None: a vision transformer
+    reads a checkpoint folder (config.json + model.safetensors), a CNN a weights file."""
+    if get(name).family == "vit":
+        return transformers.folder_problem(name, path)
+    if not path.is_file():
+        return f"{name} loads a weights file (a state dict); {path} is not a file"
+    return None

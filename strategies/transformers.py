@@ -137,6 +137,21 @@ def read_config(folder: Path) -> dict:
     return json.loads((Path(folder) / CONFIG).read_text())
 
 
+def folder_problem(name: str, folder: Path) -> str | None:
+    """Why `folder` is not a checkpoint `name` can load (the Hugging Face layout, the same
+    architecture), or None: what a grid's `weights = "<path>"` must be for a transformer."""
+    missing = [f for f in (CONFIG, WEIGHTS) if not (folder / f).is_file()]
+    if missing:
+        return (f"{name} loads a checkpoint folder in the Hugging Face layout ({CONFIG} and "
+                f"{WEIGHTS}, as save_pretrained writes it); {folder} has no "
+                f"{' or '.join(missing)}")
+    try:
+        check_fits(name, read_config(folder))
+    except (OSError, ValueError) as e:  # unreadable or not JSON; another architecture
+        return str(e)
+    return None
+
+
 def check_fits(name: str, config: dict) -> None:
     """The checkpoint's architecture is `name`'s (not another width or depth)."""
     t = TRANSFORMERS[name]

@@ -374,3 +374,33 @@ def test_a_backbone_checkpoint_loads_into_a_model_with_prompts_and_adapters(tmp_
     backbones.save_backbone(plain, tmp_path / "short.ckpt")
     with pytest.raises(ValueError, match="missing.*layers.5"):
         backbones.load_backbone(extra, tmp_path / "short.ckpt")
+
+
+def test_a_checkpoint_folder_is_a_transformers_weights_path(tmp_path, monkeypatch):
+    """`weights = "<path>"` for a transformer is a checkpoint folder (what its backends read);
+    a file, another architecture's folder, or a folder given to a CNN is refused at load."""
+    folder = tmp_path / "ckpt"
+    _write_checkpoint("vit_tiny", folder)
+    defaults = {"image_size": 32, "weights": str(folder)}
+    (spec,) = _grid({"backbone": ["vit_tiny"], "strategy": ["full"]}, defaults).specs
+    assert spec.weights == str(folder)
+    with pytest.raises(GridError) as e:  # a weights file, as a CNN takes
+        _grid({"backbone": ["vit_tiny"], "strategy": ["full"]},
+              {**defaults, "weights": str(folder / "model.safetensors")})
+    assert "weights = " in str(e.value) and "config.json and model.safetensors" in str(e.value)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    with pytest.raises(GridError) as e:  # another width
+        _grid({"backbone": ["vit_tiny"], "strategy": ["full"]}, defaults)
+    assert "hidden_size = 64 (expected 128)" in str(e.value)
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GridError) as e:
+        _grid({"backbone": ["resnet18"], "strategy": ["full"]}, defaults)
+    assert "resnet18 loads a weights file" in str(e.value)
+    monkeypatch.setenv("HOME", str(tmp_path))  # '~' is the user's folder on both sides
+    (spec,) = _grid({"backbone": ["vit_tiny"], "strategy": ["full"]},
+                    {**defaults, "weights": "~/ckpt"}).specs
+    tb = backbones.build("vit_tiny", spec.weights, 5, image_size=32)
+    assert torch.equal(tb.model.embeddings.cls_token,
+                       backbones.build("vit_tiny", str(folder), 5, image_size=32)
+                       .model.embeddings.cls_token)

@@ -81,6 +81,12 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str],
     if size_problem:
         problems.append(f"{loc('image_size')}: image_size = {size!r}: {size_problem}")
         return []
+    weights = str(values.get("weights", SPEC_FIELDS["weights"].default))
+    if weights not in ("imagenet", "none") and not pretrained.is_pretrained(weights):
+        path_problem = bb.weights_path_problem(backbone, Path(weights).expanduser())
+        if path_problem:
+            problems.append(f"{loc('weights')}: weights = {weights!r}: {path_problem}")
+            return []
     combos = _strategy_params(str(selector), info, loc("strategy"), problems)
     base = {k: v for k, v in values.items() if k != "strategy"}
     for k in ("lr", "weight_decay"):
@@ -276,9 +282,10 @@ def _check_field(f: str, v, cards: dict) -> str | None:
                     f"(or add a [datasets.{source}] table)")
         if cards[source]["source"] == "image_folder":
             return folder_problem(cards[source])
-    elif f == "weights" and v not in ("imagenet", "none") and not Path(v).expanduser().is_file():
+    elif f == "weights" and v not in ("imagenet", "none") and not Path(v).expanduser().exists():
         return ("allowed: 'imagenet', 'none', 'pretrained:<dataset>[epochs=..,seed=..,"
-                "subset=..,lr=..]' or the path of an existing weights file")
+                "subset=..,lr=..]' or the path of an existing weights file (a vision "
+                "transformer: a checkpoint folder)")
     return None
 
 

@@ -18,6 +18,8 @@ LayerNorm's epsilon is the checkpoint's (keras_hub's converter leaves its defaul
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 import numpy as np
 
@@ -146,7 +148,8 @@ def keras_hub_backbone(name: str, weights: str, image_size: int):
 
     t = tr.info(name)
     random = weights == "none" or weights.startswith("pretrained:")
-    folder = None if random else tr.published_folder(name) if weights == "imagenet" else weights
+    folder = (None if random else tr.published_folder(name) if weights == "imagenet"
+              else Path(weights).expanduser())
     config = t.config(image_size) if random else tr.read_config(folder)
     tr.check_fits(name, config)
     convert = convert_dinov2 if t.kind == "dinov2" else convert_vit

@@ -22,6 +22,8 @@ ones from the Hub cache) or transformers' own random init from the cell's seed (
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -108,7 +110,7 @@ def vit_model(name: str, weights: str, image_size: int):
     if weights == "none" or weights.startswith("pretrained:"):
         # transformers' init draws from torch's global generator: the cell seeded it
         return cls(config_cls(**t.config(image_size)), **extra)
-    folder = tr.published_folder(name) if weights == "imagenet" else weights
+    folder = tr.published_folder(name) if weights == "imagenet" else Path(weights).expanduser()
     config = tr.read_config(folder)
     tr.check_fits(name, config)
     model = cls.from_pretrained(str(folder), attn_implementation="sdpa", **extra)
