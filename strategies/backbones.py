@@ -82,10 +82,17 @@ def image_problem(name: str, image_size: int) -> str | None:
     return transformers.image_problem(name, image_size) if get(name).family == "vit" else None
 
 
-def weights_path_problem(name: str, path: Path) -> str | None:
-    """Why backbone `name` cannot load `weights = "<path>"`, or None: a vision transformer
-    reads a checkpoint folder (config.json + model.safetensors), a CNN a weights file."""
-    if get(name).family == "vit":
+def weights_problem(name: str, weights: str) -> str | None:
+    """Why backbone `name` cannot start from `weights`, or None: 'imagenet' needs published
+    weights (vit_tiny has none); a path is a checkpoint folder (config.json +
+    model.safetensors) for a vision transformer, a weights file for a CNN."""
+    vit = get(name).family == "vit"
+    if weights == "imagenet":
+        return transformers.published_problem(name) if vit else None
+    if weights == "none" or weights.startswith("pretrained:"):
+        return None
+    path = Path(weights).expanduser()
+    if vit:
         return transformers.folder_problem(name, path)
     if not path.is_file():
         return f"{name} loads a weights file (a state dict); {path} is not a file"

@@ -110,13 +110,22 @@ def hub_cache_dir() -> Path:
     return Path(constants.HF_HUB_CACHE)
 
 
+def published_problem(name: str) -> str | None:
+    """Why `name` has no `imagenet` weights (none published), or None."""
+    t = TRANSFORMERS[name]
+    if t.repo:
+        return None
+    return (f"{name} has no published weights; pretrain it (weights = "
+            f"'pretrained:<dataset>') or start from random ('none')")
+
+
 def published_folder(name: str) -> Path:
     """The folder holding `name`'s published checkpoint (config.json + model.safetensors),
     from the Hub's cache, downloaded into it when online."""
     t = TRANSFORMERS[name]
-    if not t.repo:
-        raise CheckpointUnavailable(f"{name} has no published weights ({t.source}); use "
-                                    f"weights = 'none' or 'pretrained:<dataset>'")
+    problem = published_problem(name)
+    if problem:
+        raise CheckpointUnavailable(problem)
     from huggingface_hub import hf_hub_download
 
     paths = []

@@ -322,7 +322,8 @@ def test_vit_b16_counts_match_the_published_ones():
 
 def _grid(axes: dict, defaults: dict | None = None):
     return from_dict({"axes": {"framework": ["torch"], "dataset": ["digits"], **axes},
-                      "defaults": defaults or {"image_size": 32}}, "x.toml")
+                      "defaults": defaults or {"image_size": 32, "weights": "none"}},
+                     "x.toml")
 
 
 def test_transformer_methods_and_sizes_are_checked_before_any_work():
@@ -404,3 +405,14 @@ def test_a_checkpoint_folder_is_a_transformers_weights_path(tmp_path, monkeypatc
     assert torch.equal(tb.model.embeddings.cls_token,
                        backbones.build("vit_tiny", str(folder), 5, image_size=32)
                        .model.embeddings.cls_token)
+
+
+def test_imagenet_weights_on_a_transformer_with_none_published_are_refused_at_load():
+    with pytest.raises(GridError) as e:
+        _grid({"backbone": ["vit_tiny"], "strategy": ["full"]},
+              {"image_size": 32, "weights": "imagenet"})
+    assert "weights = 'imagenet': vit_tiny has no published weights" in str(e.value)
+    assert "'pretrained:<dataset>'" in str(e.value)
+    (spec,) = _grid({"backbone": ["vit_b16"], "strategy": ["full"]},
+                    {"image_size": 224, "weights": "imagenet"}).specs  # published: fetched
+    assert spec.weights == "imagenet"                                # when the cell runs

@@ -82,12 +82,12 @@ def _cells(values: dict, where: dict, cards: dict, problems: list[str],
         problems.append(f"{loc('image_size')}: image_size = {size!r}: {size_problem}")
         return []
     weights = str(values.get("weights", SPEC_FIELDS["weights"].default))
-    if weights not in ("imagenet", "none") and not pretrained.is_pretrained(weights):
-        path_problem = bb.weights_path_problem(backbone, Path(weights).expanduser())
-        if path_problem:
-            problems.append(f"{loc('weights')}: weights = {weights!r}: {path_problem}")
-            return []
+    weights_problem = bb.weights_problem(backbone, weights)
+    if weights_problem:
+        problems.append(f"{loc('weights')}: weights = {weights!r}: {weights_problem}")
     combos = _strategy_params(str(selector), info, loc("strategy"), problems)
+    if weights_problem:
+        return []
     base = {k: v for k, v in values.items() if k != "strategy"}
     for k in ("lr", "weight_decay"):
         if k in base:
