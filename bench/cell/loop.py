@@ -9,7 +9,7 @@ Throughput (bench.cell.timing): `train_images_per_sec` is the last phase's data-
 over its steps, warm-up excluded, device synchronised before each clock read);
 `model_only_train_images_per_sec` is the same train step on a synthetic batch already on the
 device, timed over as many steps as the data-fed median had (`model_only_steps`, 10 to 30); a
-cell whose data-fed rate is under INPUT_BOUND_RATIO of its model-only rate is tagged
+cell whose data-fed rate is under timing.INPUT_BOUND_RATIO of its model-only rate is tagged
 `input_bound`, with the data path that fed it (`data_path`). A data-fed rate above the
 model-only one (by more than the medians' noise) cannot be a measurement of the same steps: the
 tag `rate_check` says `suspect: ...` and the cell's log gets a warning. Each timed window has
@@ -64,14 +64,7 @@ from bench import checkpoints, tracking_names
 from bench import data as bdata
 from bench.cell.contention import CpuProbe
 from bench.cell.session import OrderCheck, Session
-from bench.cell.timing import (  # noqa: F401 - DATA_PATHS, INPUT_BOUND_RATIO: read as loop.*
-    DATA_PATHS,
-    INPUT_BOUND_RATIO,
-    StepMeter,
-    input_bound_tag,
-    model_only_steps,
-    rate_check,
-)
+from bench.cell.timing import StepMeter, input_bound_tag, model_only_steps, rate_check
 from bench.config.spec import RunSpec
 from bench.data import decoded
 from strategies import backbones as bb

@@ -24,7 +24,7 @@ class Session(Protocol):
     weights, so after it only param_counts, peak_memory_mb and sync may come.
     """
 
-    data_path: str  # how the training images reach the model: a key of loop.DATA_PATHS
+    data_path: str  # how the training images reach the model: a key of timing.DATA_PATHS
     # optional: tags a strategy's backend hook adds (LoRA's adapters and their merge), read
     # after model_only_rates
     notes: dict[str, str]
