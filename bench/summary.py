@@ -79,7 +79,7 @@ def configurations(rows: list[dict]) -> list[dict]:
             "trainable_params": _mean([c.get("trainable_params") for c in done]),
             "finished": len(done), "failed": len(cells) - len(done),
             "diverged": sum(str(c.get("t_diverged", "")).startswith("true") for c in cells),
-            "_group": None, "_cells": len(cells)})
+            "_group": None})
     return out
 
 
