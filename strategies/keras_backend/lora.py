@@ -1,4 +1,4 @@
-"""LoRA for keras.applications backbones (strategies/lora.py has the method and its choices).
+"""LoRA for the Keras backbones (strategies/lora.py has the method and its choices).
 
 Keras 3's own LoRA, in place on the built layers (no model rebuild: names, owners and the
 functional graph stay as they were): `Conv2D.enable_lora` / `Dense.enable_lora` add
@@ -9,6 +9,10 @@ math, as the factorised form PyTorch runs). A is assigned from strategies/lora.p
 draw (Keras' he_uniform default replaced by the paper's init), B starts at zero. `merge`
 folds the delta into the kernel and turns LoRA off in the layer: it then computes as a
 plain Conv2D / Dense.
+
+A vision transformer (keras_hub): only its attention's query and value projections are
+adapted (EinsumDense, kernel (in, heads, head_dim)), by FlatLoRAEinsumDense: one A
+(in, rank) as PyTorch's adapter on the same projection, not Keras' own EinsumDense LoRA.
 """
 
 from __future__ import annotations
@@ -19,8 +23,6 @@ import numpy as np
 from strategies import lora as common
 
 ADAPTER_NAMES = ("lora_kernel_a", "lora_kernel_b")
-
-
 # a vision transformer: keras' MultiHeadAttention's query and value projections (EinsumDense)
 TRANSFORMER_TARGETS = ("query", "value")
 
@@ -40,8 +42,6 @@ class FlatLoRAEinsumDense(keras.layers.EinsumDense):
     kernel, as PyTorch's adapter on the same projection as one (out, in) matrix. Keras' own
     EinsumDense LoRA keeps the heads axis in A ((in, heads, rank): heads times the
     parameters), another method. Installed by switching a built layer's class (`enable`)."""
-
-    flat_lora = True
 
     @classmethod
     def enable(cls, la, rank: int, alpha: float) -> None:
@@ -77,8 +77,9 @@ def adapted_layers(model: keras.Model) -> list[keras.layers.Layer]:
 
 
 def install(kb, blocks: list[str], rank: int, alpha: float, seed: int) -> str | None:
-    """Enable LoRA on every Conv2D with groups == 1 and every Dense of `blocks` (model order),
-    A drawn from the cell's seed; add the adapters to kb.parameters; return the `lora` tag,
+    """Enable LoRA on every Conv2D with groups == 1 and every Dense of `blocks` (model order;
+    a vision transformer: its attention's query and value projections only), A drawn from
+    the cell's seed; add the adapters to kb.parameters; return the `lora` tag,
     or None when the model is adapted already (a later phase)."""
     if adapted_layers(kb.model):
         return None
