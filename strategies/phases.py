@@ -229,6 +229,8 @@ def frozen_bottom(phase: Phase, blocks: list[str] | tuple[str, ...], backbone: s
 def split_blocks(value: str) -> tuple[str, ...]:
     """A 'blocks' parameter's value, 'stem+stage1', as its names."""
     return tuple(b.strip() for b in str(value).split("+"))
+
+
 def block_lr_scales(blocks: list[str], phase: Phase) -> dict[str, float]:
     """Each named block's lr relative to the phase's lr, and the head's (1.0): the top block
     at lr_decay, the next at lr_decay**2, ... (timm's layer_decay counted in named blocks)."""

@@ -89,8 +89,6 @@ def get(name: str) -> Strategy:
     return lookup(STRATEGIES, name, "strategy", UnknownStrategy)
 
 
-
-
 def _gradual(p: dict, epochs: int, n_blocks: int | None) -> list[Phase]:
     """The head alone for `every` epochs, then one more top block every `every` epochs;
     the last phase takes what is left of the budget."""
@@ -286,10 +284,11 @@ register(Strategy(
 register(Strategy(
     name="lora",
     description=(
-        "LoRA (Hu et al., ICLR 2022) on a CNN: low-rank adapters W + (alpha/rank) B A on the "
-        "convolutions and linear layers of the top `depth` blocks (grouped/depthwise "
-        "convolutions left out), backbone frozen, BatchNorm in inference mode, the head "
-        "trained; merged into the weights for the inference-speed measurement."
+        "LoRA (Hu et al., ICLR 2022): low-rank adapters W + (alpha/rank) B A on the "
+        "convolutions and linear layers of the top `depth` blocks of a CNN (grouped/depthwise "
+        "convolutions left out), on a vision transformer's attention query and value "
+        "projections; backbone frozen, BatchNorm in inference mode, the head trained; merged "
+        "into the weights for the inference-speed measurement."
     ),
     params=(
         Param("rank", "int", default=4, minimum=1, maximum=256, help="the adapters' rank"),
