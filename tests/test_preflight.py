@@ -221,4 +221,4 @@ def test_a_cache_file_linked_outside_its_folder_is_refused(tmp_path, monkeypatch
     ckpt.folder.mkdir(parents=True)
     (ckpt.folder / f"{ckpt.key}.ckpt").symlink_to(tmp_path / "elsewhere.ckpt")
     with pytest.raises(ValueError, match="outside"):
-        ckpt.path
+        _ = ckpt.path  # resolving it refuses the link
