@@ -34,6 +34,7 @@ from bench.data import check_card, shipped_cards
 from bench.data.sources import package_file
 from bench.paths import ROOT
 from strategies import lite0_weights as lw
+from strategies import backbones as catalog
 from strategies import registry
 
 EGYPTIAN_CAT, TIGER_CAT, TABBY, ESPRESSO = 285, 282, 281, 967
@@ -181,8 +182,11 @@ def test_cell_backbone_has_the_weights_and_every_strategy_builds():
     bns = [la for la in kb.model.layers if isinstance(la, keras.layers.BatchNormalization)]
     assert bns and all(isinstance(la, PinnableBatchNormalization) for la in bns)
     assert {(la.epsilon, round(la.momentum, 6)) for la in bns} == {(1e-3, 0.99)}
+    info = catalog.get("efficientnet_lite0")
     for name in sorted(registry.STRATEGIES):
         strategy = registry.get(name)
+        if strategy.backbone_problem and strategy.backbone_problem(info):
+            continue  # vpt, adapter: refused at grid load on a CNN (test_grid covers it)
         trainer = Trainer(kb)
         for phase, _ in strategy.phases(strategy_test_params(strategy), epochs=2):
             params = trainer.compile_phase(phase, "adam", 1e-3)
@@ -191,7 +195,6 @@ def test_cell_backbone_has_the_weights_and_every_strategy_builds():
             assert {owners[v.path] for v in params} == expected, (name, phase)
 
 
-@pytest.mark.usefixtures("keras_side")
 @pytest.mark.usefixtures("keras_side")
 def test_weights_none_and_from_file(tmp_path):
     from strategies.keras_backend.backbones import build

@@ -5,7 +5,9 @@ data-fed rate come out above it, as it did unseen in the default grid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -57,15 +59,21 @@ class BusyModelOnly:
         return getattr(self.session, name)
 
     def model_only_rates(self, steps: int, warmup: int) -> dict[str, float]:
-        hogs = [subprocess.Popen([sys.executable, "-c", SPIN])
+        # Each spinner is started by a short-lived launcher and so is not this process's
+        # descendant: the probe counts this process tree's CPU as the cell's own, and would
+        # count child spinners as the cell's work, not as contention.
+        launch = ("import subprocess, sys\n"
+                  f"print(subprocess.Popen([sys.executable, '-c', {SPIN!r}]).pid)\n")
+        hogs = [int(subprocess.run([sys.executable, "-c", launch], capture_output=True,
+                                   text=True, check=True).stdout)
                 for _ in range(os.cpu_count() or 1)]
         time.sleep(0.5)  # started and spinning
         try:
             return self.session.model_only_rates(steps, warmup)
         finally:
-            for h in hogs:
-                h.kill()
-                h.wait()
+            for pid in hogs:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
 
 def _cell(tmp_path, monkeypatch, wrap=None) -> RecordingContext:
