@@ -213,7 +213,7 @@ def _no_norm_layers(info) -> str | None:
 register(Strategy(
     name="bitfit",
     description=(
-        "BitFit (Ben Zaken et al., ACL 2022) on a CNN: only the bias terms of every block "
+        "BitFit (Ben Zaken et al., ACL 2022): only the bias terms of every block "
         "(convolutions', linear layers', norm layers' beta) and the head train."
     ),
     params=(_BN_FROZEN,),
