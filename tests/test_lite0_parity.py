@@ -33,8 +33,8 @@ from bench.config.spec import RunSpec
 from bench.data import check_card, shipped_cards
 from bench.data.sources import package_file
 from bench.paths import ROOT
-from strategies import lite0_weights as lw
 from strategies import backbones as catalog
+from strategies import lite0_weights as lw
 from strategies import registry
 
 EGYPTIAN_CAT, TIGER_CAT, TABBY, ESPRESSO = 285, 282, 281, 967

@@ -140,6 +140,26 @@ def test_plan_rows_add_up(gpu_grid):
     assert more.wall_s > many.wall_s and more.overhead_share > many.overhead_share
 
 
+@pytest.mark.timeout(60)
+def test_a_tuned_grid_is_planned_with_its_trials_and_finals():
+    """petl: 84 studies, each 4 trials and 3 finals; a full fine-tuning study's finals refit
+    on train+val cost more than its trials."""
+    g = gridmod.load("petl")
+    p = sizing.estimate(g)
+    per_study = g.tune.trials + len(g.tune.final_seeds)
+    assert len(p.cells) == len(g.specs) * per_study
+    roles = [c.spec.role for c in p.cells]
+    assert roles.count("trial") == len(g.specs) * g.tune.trials
+    assert roles.count("final") == len(g.specs) * len(g.tune.final_seeds)
+    first_full = next(i for i, s in enumerate(g.specs) if s.strategy == "full")
+    study = p.cells[first_full * per_study:(first_full + 1) * per_study]
+    trial, final = study[0], study[-1]
+    assert {c.spec.seed for c in study[g.tune.trials:]} == set(g.tune.final_seeds)
+    if g.tune.refit == "train+val":
+        assert final.seconds > trial.seconds
+    assert f"{len(g.specs)} studies x" in sizing.render(p, (1,))
+
+
 # ---- measured costs from the store -----------------------------------------------------------
 def _record(exp_id, parent, spec, status, **metrics):
     rid = tracking.start_cell(exp_id, parent, spec, spec.name, "cuda")

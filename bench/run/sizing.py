@@ -179,8 +179,9 @@ def modelled_seconds(spec: RunSpec, sizes: Sizes,
         if isinstance(cached, tuple) and cached[0] == "features":
             units += (sizes.train + sizes.val) * FORWARD_SHARE  # once; the head is ~free
             continue
-        units += epochs * (sizes.train * step_cost(trained, n_blocks)
-                           + sizes.val * FORWARD_SHARE)
+        train, val = ((sizes.train + sizes.val, 0) if spec.train_on == "train+val"
+                      else (sizes.train, sizes.val))
+        units += epochs * (train * step_cost(trained, n_blocks) + val * FORWARD_SHARE)
     rate = train_rate(spec.backbone, images_per_s) * (224 / spec.image_size) ** 2
     return units / rate
 
@@ -313,7 +314,7 @@ def estimate(grid, experiment: str | None = None, overhead_s: float = SCHEDULING
     by_cell, similar = _lookup(experiment, must_exist) if experiment else ({}, {})
     sizes: dict[tuple[str, int], Sizes] = {}
     cells, kinds = [], set()
-    for s in grid.specs:
+    for s in planned_specs(grid):
         m = by_cell.get(_same_cell(s))
         if m is not None:
             cells.append(CellCost(s, m.seconds, m.startup, "measured"))
@@ -331,6 +332,22 @@ def estimate(grid, experiment: str | None = None, overhead_s: float = SCHEDULING
         cells.append(CellCost(s, modelled_seconds(s, sizes[key], images_per_s), STARTUP_S,
                               "modelled"))
     return Plan(grid, cells, overhead_s, images_per_s, experiment, tuple(sorted(kinds)))
+
+
+def planned_specs(grid) -> list[RunSpec]:
+    """The cells a grid runs: its specs; on a tuned grid each study's full budget, `trials`
+    trial cells at the base setting (their searched values are not known before the run)
+    and one final cell per final seed (an upper bound: a pruned trial stops early)."""
+    from bench.run.tune import TRIAL, final_spec
+
+    t = grid.tune
+    if t is None:
+        return list(grid.specs)
+    out = []
+    for s in grid.specs:
+        trial = dataclasses.replace(s, role=TRIAL, seed=t.trial_seed)
+        out += [trial] * t.trials + [final_spec(trial, seed, t.refit) for seed in t.final_seeds]
+    return out
 
 
 def _lookup(experiment: str, must_exist: bool):
@@ -370,6 +387,10 @@ def render(plan: Plan, gpus: tuple[int, ...]) -> str:
     g, counts = plan.grid, plan.counts()
     n = len(plan.cells)
     lines = [f"Plan for grid {g.name!r} ({Path(g.path).name}): {n} cells", ""]
+    if g.tune is not None:
+        lines[0] += (f" ({len(g.specs)} studies x ({g.tune.trials} trials + "
+                     f"{len(g.tune.final_seeds)} finals), trials costed at each study's base "
+                     f"setting, none pruned)")
     sources = [f"{counts['measured']} measured"]
     if counts["similar"]:
         sources.append(f"{counts['similar']} from runs of a similar cell (another seed or "
