@@ -295,6 +295,18 @@ def test_changing_the_declaration_changes_validation(monkeypatch):
     assert "defaults.epochs: epochs = 4: must be >= 5" in problems(doc(defaults={"epochs": 4}))
 
 
+@pytest.mark.timeout(30)
+def test_values_no_cell_is_built_from_are_checked_too():
+    """A default an axis overrides, and [smoke] without --smoke: refused at load all the same
+    (a typo must not hide behind an axis, nor wait for the first --smoke)."""
+    d = doc(defaults={"seed": "x"})
+    d["axes"]["seed"] = [0, 1]
+    assert "defaults.seed: seed = 'x': must be an integer" in problems(d)
+    msg = problems(doc(smoke={"epochs": "four"}))
+    assert "smoke.epochs: epochs = 'four': must be an integer" in msg
+    assert "smoke.epochs: epochs = 'four'" in problems(doc(smoke={"epochs": "four"}), smoke=True)
+
+
 def test_unknown_top_level_key():
     msg = problems(doc(bogus=1))
     assert "unknown top-level key(s) ['bogus']" in msg and "'axes'" in msg

@@ -40,6 +40,9 @@ def _parse(table, axes=None, has_val=True):
     ({"lr": "fast"}, {}, True, "tune.lr = 'fast': allowed: a list of values"),
     ({"partial": {"width": [1]}}, {}, True, "tune.partial.width: partial has no parameter"),
     ({"two_stage": {"lr_scale": [0.1]}}, {}, True, "strategy 'two_stage' is not in this grid"),
+    ({"lr": [0.0, 1e-3]}, {}, True, "tune.lr: the value 0.0 must be a number > 0"),
+    ({"weight_decay": {"range": [-0.1, 0.1]}, "trials": 2}, {}, True,
+     "tune.weight_decay: the value -0.1 must be a number >= 0"),
     ({"trials": 4}, {}, True, "tune: nothing is searched"),
     ({"lr": {"log": [1e-4, 1e-2]}}, {}, True, "tune.trials: required when a searched field "
                                              "is a range"),

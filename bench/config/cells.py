@@ -43,6 +43,7 @@ def expand(axes, defaults, overrides, cards, problems) -> tuple[list[RunSpec], t
         if "subset" in over and values.get("subset"):
             over["subset"] = min(values["subset"], over["subset"])
         values.update(over)
+        where.update({n: f"smoke.{n}" for n in over})
         if overrides and pretrained.is_pretrained(str(values.get("weights", ""))):
             values["weights"] = pretrained.shrink(values["weights"], overrides)
         specs += _cells(values, where, cards, problems, smoke_epochs=overrides.get("epochs"))

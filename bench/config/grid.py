@@ -66,7 +66,7 @@ from bench.config.cells import (
     searched_filled,
     small_classes,
 )
-from bench.config.spec import RunSpec
+from bench.config.spec import RunSpec, check_value
 from bench.config.tune import Tune
 from bench.data import (
     CardError,
@@ -191,6 +191,7 @@ def from_dict(doc: dict, where: str = "<grid>", smoke: bool = False,
     defaults = _scalars(sections["defaults"], "defaults", problems)
     smoke_over = {**SMOKE_DEFAULTS, **_scalars(sections["smoke"], "smoke", problems)}
     run = _run_table(sections["run"], problems)
+    _unexpanded_values(axes, defaults, {} if smoke else sections["smoke"], problems)
     _require_axes(axes, defaults, where, problems)
     specs, varying = expand(searched_filled(axes, doc.get("tune")), defaults,
                             smoke_over if smoke else {}, cards, problems)
@@ -234,6 +235,20 @@ def _sections(doc: dict, where: str, problems: list[str]) -> tuple[str, dict[str
             problems.append(f"{key} = {sections[key]!r}: must be a table ([{key}])")
             sections[key] = {}
     return name, sections
+
+
+def _unexpanded_values(axes: dict, defaults: dict, smoke: dict, problems: list[str]) -> None:
+    """Values no cell is built from, checked against their field's rule all the same: a
+    default an axis overrides, and [smoke]'s without --smoke (a grid that loads must not
+    fail later under --smoke, nor hide a typo behind an axis)."""
+    swept = {f for names in axes for f in names}  # keys: tuples of (coupled) field names
+    for table, values in (("defaults", {k: v for k, v in defaults.items() if k in swept}),
+                          ("smoke", smoke)):
+        for k, v in values.items():
+            if k in SPEC_FIELDS and k not in SET_BY_RUNNER and not isinstance(v, list):
+                msg = check_value(k, v)
+                if msg:
+                    problems.append(f"{table}.{k}: {k} = {v!r}: {msg}")
 
 
 def _require_axes(axes: dict, defaults: dict, where: str, problems: list[str]) -> None:

@@ -154,6 +154,7 @@ def parse(table: object, axes: dict, strategies: list[str], has_val: bool) -> Tu
             settings[key] = _setting(key, value, where, problems)
         elif key in SEARCHABLE:
             space[key] = _space(value, where, problems)
+            _field_rule(key, space[key], where, problems)
             if key in axes:
                 problems.append(f"{where}: {key} is searched and also an axis (axes.{key}); "
                                 f"search it or sweep it, not both")
@@ -249,6 +250,18 @@ def _space(value: object, where: str, problems: list[str]) -> Space:
     problems.append(f"{where} = {value!r}: allowed: a list of values, {{ log = [low, high] }} "
                     f"or {{ range = [low, high] }}")
     return Space()
+
+
+def _field_rule(name: str, space: Space, where: str, problems: list[str]) -> None:
+    """A searched RunSpec field's values (a list's, a range's bounds) keep the field's own
+    rule: lr = [0.0] would run trials at lr 0."""
+    from bench.config.spec import CONSTRAINTS
+
+    rule = CONSTRAINTS[name].with_kind(float)
+    for v in space.values or ((space.low, space.high) if space.low is not None else ()):
+        if rule.problem(v) is not None:
+            problems.append(f"{where}: the value {v!r} {rule.check(v)}")
+            return
 
 
 def _strategy_space(name: str, table: object, strategies: list[str],
