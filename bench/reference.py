@@ -32,6 +32,7 @@ from bench.config import selector as selectormod
 from bench.config import spec as specmod
 from bench.config import tune as tunemod
 from bench.data import cards as cardmod
+from bench.data import decoded
 from bench.data import sources as sourcemod
 from bench.paths import ROOT, datasets_dir
 from strategies import FRAMEWORKS, registry, transformers
@@ -773,6 +774,10 @@ def mlflow_page() -> str:
         f"## Tags of a cell\n\nThe harness's own tags carry the prefix "
         f"`{tracking.TAG}`; MLflow's (`mlflow.*`) are its own.\n\n"
         + _names_table(pick("tag", "cell"), "Tag"),
+        f"## Tag values in one vocabulary\n\n`{tracking.TAG}decoded_cache_used` (whether the "
+        f"image files were decoded once into a memmap) is in one of these forms "
+        f"(`bench/data/decoded.py` `USED_FORMS`; `form_of` reads a value back):\n\n"
+        + table(["Form", "Value"], [[k, f"`{v}`"] for k, v in decoded.USED_FORMS.items()]),
         "## Artifacts of a cell\n\n" + _names_table(pick("artifact", "cell"), "Artifact")
         + "\n\nAnd the cell's log (its process's output), under the log file's name.",
         "## Datasets and system metrics\n\n"
