@@ -10,7 +10,7 @@ time from asking for the cell's process to its backend being imported and ready 
 - spawned: a fresh interpreter's start-up (the process is stopped once it is ready).
 
 What the whole default grid pays, the server's import included, is read from its own run
-(MLflow `startup_seconds` over `cell_seconds`; the README has the numbers).
+(MLflow `startup_seconds` over `cell_seconds`; docs/concepts/perf.md has the numbers).
 
 Target (issue 6): under 5% of a default-grid cell.
 """

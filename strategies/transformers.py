@@ -42,7 +42,7 @@ class TransformerInfo:
     mlp: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    source: str  # what the published weights are, for notes and the README
+    source: str  # what the published weights are, for notes and the docs
     kind: str = "vit"  # transformers' model_type: vit (ViTModel) or dinov2 (Dinov2Model)
 
     def config(self, image_size: int | None = None) -> dict:

@@ -39,7 +39,7 @@ FORMAT_VERSION = 1
 SAMPLE_ROWS = 64
 
 # The tag `decoded_cache_used`: every value a cell can write starts with one of these forms
-# (form_of reads it back); the README lists them, a test holds the code to the list.
+# (form_of reads it back); the docs' generated MLflow reference lists them (bench/reference.py).
 USED_FORMS = {
     "built": "built in <s> s: <n> images at <size> px, <MiB> MiB",
     "reused": "reused: <n> images at <size> px, <MiB> MiB",

@@ -75,7 +75,7 @@ class RayExecutor:
             raise ClusterError(f"the Ray cluster has {self.nodes} nodes but the tracking store "
                                f"{uri} is on this machine only: start a shared `mlflow "
                                f"server` and set MLFLOW_TRACKING_URI=http://<host>:5000 on "
-                               f"every node (README: a cluster)")
+                               f"every node (docs: howto/ray.md)")
 
     @classmethod
     def connect(cls, address: str, grid: Grid, **kw) -> RayExecutor:
