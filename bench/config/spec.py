@@ -43,27 +43,34 @@ def _checked(default, **constraint):
 
 @dataclass(frozen=True)
 class RunSpec:
-    framework: str
-    backbone: str
+    framework: str  # which framework trains the cell: torch or keras
+    backbone: str  # a backbone of the catalogue (strategies/backbones.py)
     dataset: str
+    # a registered strategy (strategies/registry.py); its parameters are strategy_params
     strategy: str = "feature_extraction"
     strategy_params: tuple[tuple[str, object], ...] = ()
     weights: str = "imagenet"
     # samples drawn (stratified) from the dataset before splitting; 0 = all
     subset: int = _checked(0, minimum=0)
+    # the square input size in pixels every image is resized to (a vision transformer's
+    # must be a multiple of its patch size)
     image_size: int = _checked(224, minimum=8)
-    batch_size: int = _checked(32, minimum=1)
+    batch_size: int = _checked(32, minimum=1)  # training batch, images
+    # the cell's whole training budget, split over its strategy's phases
     epochs: int = _checked(10, minimum=1)
-    optimizer: str = _checked("adam", choices=OPTIMIZERS)
+    optimizer: str = _checked("adam", choices=OPTIMIZERS)  # the optimizer; sgd with momentum 0.9
+    # the learning rate (the head's; a phase or block may scale it: two_stage, llrd)
     lr: float = _checked(1e-3, minimum=0, exclusive=True)
-    weight_decay: float = _checked(0.0, minimum=0)
-    head: str = _checked("linear", choices=HEADS)
+    weight_decay: float = _checked(0.0, minimum=0)  # decoupled with adamw, L2 otherwise
+    head: str = _checked("linear", choices=HEADS)  # the new classifier on the features
     # "source": the head starts as the `pretrained:` source's trained head (same classes),
     # so a label shift is one the head must undo (Lee et al. 2023); "new": a fresh head
     head_init: str = _checked("new", choices=HEAD_INITS)
+    # training arithmetic: bf16 / fp16 autocast (mixed precision), fp32 everywhere
     precision: str = _checked("fp32", choices=PRECISIONS)
+    # per-batch random flips (and crops), seeded: a rerun draws the same
     augmentation: str = _checked("none", choices=AUGMENTATIONS)
-    seed: int = _checked(0, minimum=0)
+    seed: int = _checked(0, minimum=0)  # seeds the split, the init, the batch order, augmentation
     # BatchNorm statistics recomputed before every evaluation from this many training images
     # (0 = off: the running averages training left; bench/cell/loop.py)
     precise_bn: int = _checked(0, minimum=0)
