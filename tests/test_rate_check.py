@@ -62,8 +62,11 @@ class BusyModelOnly:
         # Each spinner is started by a short-lived launcher and so is not this process's
         # descendant: the probe counts this process tree's CPU as the cell's own, and would
         # count child spinners as the cell's work, not as contention.
+        # (the spinner must not hold the launcher's stdout, or reading it waits for the spin)
         launch = ("import subprocess, sys\n"
-                  f"print(subprocess.Popen([sys.executable, '-c', {SPIN!r}]).pid)\n")
+                  f"print(subprocess.Popen([sys.executable, '-c', {SPIN!r}], "
+                  "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, "
+                  "stderr=subprocess.DEVNULL).pid)\n")
         hogs = [int(subprocess.run([sys.executable, "-c", launch], capture_output=True,
                                    text=True, check=True).stdout)
                 for _ in range(os.cpu_count() or 1)]
