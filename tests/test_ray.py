@@ -30,6 +30,17 @@ from bench.run.task import Slot
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(10)
+def test_every_harness_variable_the_code_reads_reaches_a_ray_task():
+    """A TLBENCH_* variable set on the driver (a cache folder, the feature cache's budget)
+    must mean the same in a cell on another node."""
+    import re
+
+    read = {m for p in [*(ROOT / "bench").rglob("*.py"), *(ROOT / "strategies").rglob("*.py")]
+            for m in re.findall(r'"(TLBENCH_[A-Z_]+)"', p.read_text())}
+    assert read and read <= set(cluster.FORWARDED_ENV), sorted(read - set(cluster.FORWARDED_ENV))
+
+
 @pytest.fixture(scope="module")
 def ray_local():
     """`ray.init(num_cpus=2, num_gpus=2)`: two cells at once, each given one GPU slot."""

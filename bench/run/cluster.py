@@ -33,7 +33,7 @@ from bench.run.task import CellTask, Outcome, RunnerContext, Slot, Stop
 
 # the runner's environment that tasks get: where the store and the harness's files are
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "TLBENCH_CACHE", "TLBENCH_DATASETS",
-                 "TLBENCH_FORKSERVER", "TLBENCH_CLAIM_STALE_S",
+                 "TLBENCH_FORKSERVER", "TLBENCH_CLAIM_STALE_S", "TLBENCH_FEATURE_CACHE_MB",
                  # bounded by the driver (bench/run/preflight.py): a worker's cell gives up
                  # on a dead server in seconds, as a local one does
                  *HTTP_DEFAULTS)
