@@ -28,12 +28,16 @@ def test_the_readme_is_short():
 
 
 @pytest.mark.timeout(60)
-def test_the_readmes_example_grid_loads():
-    """The grid a newcomer copies is valid as written (its image folder aside)."""
-    (example,) = _blocks(README.read_text(), "toml")
-    g = gridmod.from_dict(tomllib.loads(example), "README.md", check_data=False)
-    assert g.specs
-    assert all("does not exist" in p for p in g.data_problems), g.data_problems
+def test_every_whole_grid_the_docs_show_loads():
+    """The grids a newcomer copies (any TOML block with an [axes] table, README and docs)
+    are valid as written, their image folders aside."""
+    grids = [(p.name, block) for p in [README, *sorted(DOCS.rglob("*.md"))]
+             for block in _blocks(p.read_text(), "toml") if "[axes]" in block]
+    assert any(name == "README.md" for name, _ in grids), "the README shows no grid"
+    for name, block in grids:
+        g = gridmod.from_dict(tomllib.loads(block), name, check_data=False)
+        assert g.specs, name
+        assert all("does not exist" in p for p in g.data_problems), (name, g.data_problems)
 
 
 @pytest.mark.timeout(10)
