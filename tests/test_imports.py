@@ -11,14 +11,23 @@ import pytest
 
 from bench.paths import ROOT
 
-BLOCK = """
+FRAMEWORKS = ("torch", "torchvision", "tensorflow", "keras")
+
+
+def blocking(*also: str) -> str:
+    """Code that makes importing the frameworks (and `also`) fail, to run first in a fresh
+    interpreter."""
+    return f"""
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'tensorflow', 'keras', 'ray'):
-            raise ImportError(f'{name} is blocked in this test')
+        if name.split('.')[0] in {FRAMEWORKS + also!r}:
+            raise ImportError(f'{{name}} is blocked in this test')
 sys.meta_path.insert(0, Block())
 """
+
+
+BLOCK = blocking("ray")
 
 
 def test_bench_imports_with_frameworks_blocked():

@@ -21,6 +21,7 @@ from dataclasses import fields
 
 import jsonschema
 import pytest
+from test_imports import blocking
 
 from bench import reference
 from bench.config import schema as schemamod
@@ -338,13 +339,7 @@ def test_reference_main_writes_every_page(tmp_path, pages):
 
 @pytest.mark.timeout(60)
 def test_pages_and_schema_are_made_without_a_framework():
-    code = """
-import sys
-class Block:
-    def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'torchvision', 'tensorflow', 'keras', 'mlflow'):
-            raise ImportError(f'{name} is blocked in this test')
-sys.meta_path.insert(0, Block())
+    code = blocking("mlflow") + """
 from bench.reference import PAGES
 from bench.config.schema import grid_schema
 assert all(make().startswith('# ') for make in PAGES.values()) and grid_schema()
