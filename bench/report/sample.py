@@ -4,7 +4,7 @@
                                               # fresh store and cache, reported into
                                               # reports/sample/default/ (~35 min, 2 cores)
     python -m bench.report.sample tuned       # the tuned grid (~10 min)
-    python -m bench.report.sample vit         # the vit grid (~50 min)
+    python -m bench.report.sample vit         # the vit grid (~26 min)
     python -m bench.report.sample vit_parity  # benchmarks/vit_parity.py (~2 min)
     python -m bench.report.sample default --tables   # only the tables, from its runs
     python -m bench.report.sample --check     # what no longer matches today's code
@@ -55,7 +55,7 @@ class Sample:
 SAMPLES = {s.name: s for s in (
     Sample("default", "default", minutes="~3 min on 2 idle cores"),
     Sample("tuned", "tuned", minutes="~10 min on 2 cores", run_args=("--parallel", "2")),
-    Sample("vit", "vit", minutes="~50 min on 2 cores", run_args=("--parallel", "2")),
+    Sample("vit", "vit", minutes="~26 min on 2 cores", run_args=("--parallel", "2")),
     Sample("vit_parity", None, ("benchmarks/vit_parity.py", "--out",
                                 str(SAMPLES_DIR / "vit_parity")), "~2 min"),
 )}
